@@ -1,0 +1,151 @@
+"""The default config tree. Every key has a comment; yaml files and ``KEY VALUE`` overrides change it.
+
+Use :func:`msgc.config.get_cfg` to get a copy; never edit ``_C`` in place.
+"""
+from .config import CfgNode as CN
+
+_C = CN()
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+# Device the model is built on: "cuda" or "cpu" ("cuda:1" etc. also work in a single process).
+_C.MODEL.DEVICE = "cuda"
+# Weights to start from: this project's checkpoint, a torchvision state dict or an original MSGC
+# release checkpoint (path or URL; the format is recognised from the file's contents). "" = none.
+_C.MODEL.WEIGHTS = ""
+# Number of classes of the classifier head.
+_C.MODEL.NUM_CLASSES = 1000
+# Label smoothing of the classification loss (the reference uses 0.1).
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.BACKBONE = CN()
+# Registered backbone name (see msgc.modeling.BACKBONE_REGISTRY), e.g. "msgc_resnet18".
+_C.MODEL.BACKBONE.NAME = "msgc_resnet18"
+# Width multiplier of the host network's channels (1.0 = the paper's networks).
+_C.MODEL.BACKBONE.WIDTH_MULT = 1.0
+# Stem: "imagenet" (the host's stride-4 stem) or "cifar" (3x3 conv with stride 1, no max-pool; for
+# small images such as CIFAR or the digits quickstart).
+_C.MODEL.BACKBONE.STEM = "imagenet"
+
+_C.MODEL.MSGC = CN()
+# Registered grouping name (msgc.modeling.GROUPING_REGISTRY): "msgc" (the paper), "prune" (one head:
+# dynamic channel pruning), "static" (fixed grouped convolution) or "dense" (the host network).
+_C.MODEL.MSGC.GROUPING = "msgc"
+# Registered attention name (msgc.modeling.ATTENTION_REGISTRY): "none" or "channel".
+_C.MODEL.MSGC.ATTENTION = "none"
+# Number of heads (groups) of each gated convolution; must divide the channel counts it gates.
+_C.MODEL.MSGC.HEADS = 4
+# Temperature of the gates' logistic-noise relaxation (the reference's eps = 2/3).
+_C.MODEL.MSGC.TEMPERATURE = 0.6666666666666666
+# Initial bias of the mask generators' last convolution: 2.0 opens nearly all gates at the start.
+_C.MODEL.MSGC.GATE_BIAS = 2.0
+# Weight lambda of the sparsity loss: lambda * (batch mean MACs / dense MACs - target) while the
+# batch is above the current target, else 0.
+_C.MODEL.MSGC.LOSS_WEIGHT = 30.0
+
+# ---------------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------------
+_C.INPUT = CN()
+# Side of the square training crop (RandomResizedCrop).
+_C.INPUT.TRAIN_SIZE = 224
+# Smallest scale of RandomResizedCrop's area range (torchvision's default 0.08).
+_C.INPUT.MIN_SCALE = 0.08
+# Horizontal flip during training.
+_C.INPUT.RANDOM_FLIP = True
+# Test: resize the shorter side to this, then center-crop TEST_SIZE.
+_C.INPUT.TEST_RESIZE = 256
+# Side of the square test crop.
+_C.INPUT.TEST_SIZE = 224
+# Per-channel mean and std (RGB, in [0, 1] units) for normalisation in the data pipeline.
+_C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
+_C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets and loader
+# ---------------------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Registered dataset name for training (see msgc.data.DATASET_REGISTRY).
+_C.DATASETS.TRAIN = "imagenet"
+# Registered dataset name for evaluation.
+_C.DATASETS.TEST = "imagenet"
+# Root folder of the dataset (for "imagenet": a folder with train/ and val/).
+_C.DATASETS.ROOT = "datasets/imagenet"
+
+_C.DATALOADER = CN()
+# Worker processes per data loader.
+_C.DATALOADER.NUM_WORKERS = 4
+# Skip corrupt images with a warning and a count in the log, instead of stopping with an error.
+_C.DATALOADER.SKIP_CORRUPT = False
+
+# ---------------------------------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+# Total training iterations.
+_C.SOLVER.MAX_ITER = 600000
+# Global batch size over all processes; must be divisible by the number of processes.
+_C.SOLVER.IMS_PER_BATCH = 256
+# Learning rate of the gate and attention generators; the host gets BASE_LR * PRETRAINED_LR_MULT.
+_C.SOLVER.BASE_LR = 0.075
+# Multiplier of BASE_LR for the (pretrained) host network's parameters.
+_C.SOLVER.PRETRAINED_LR_MULT = 0.2
+# SGD momentum and Nesterov.
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.NESTEROV = True
+# Weight decay of the host's convolution and linear weights.
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+# Weight decay of normalisation layers' parameters.
+_C.SOLVER.WEIGHT_DECAY_NORM = 0.0
+# Weight decay of the gate and attention generators' parameters.
+_C.SOLVER.WEIGHT_DECAY_GATES = 0.0
+# LR schedule (registered in msgc.solver.SCHEDULER_REGISTRY): "cosine", "multistep", ...
+_C.SOLVER.LR_SCHEDULER_NAME = "cosine"
+# Iterations at which "multistep" multiplies the LR by GAMMA.
+_C.SOLVER.STEPS = (300000, 500000)
+_C.SOLVER.GAMMA = 0.1
+# Linear warm-up: iterations and starting factor.
+_C.SOLVER.WARMUP_ITERS = 0
+_C.SOLVER.WARMUP_FACTOR = 0.001
+# Save a checkpoint every this many iterations (and at the end).
+_C.SOLVER.CHECKPOINT_PERIOD = 5000
+# Stop with an error when a loss is NaN or infinite.
+_C.SOLVER.CHECK_FINITE_LOSS = True
+
+_C.SOLVER.MAC_TARGET = CN()
+# MAC-target schedule (registered in msgc.solver.SCHEDULER_REGISTRY): "linear" or "cosine".
+_C.SOLVER.MAC_TARGET.NAME = "linear"
+# Final target of the model's MACs as a fraction of the dense host's.
+_C.SOLVER.MAC_TARGET.FINAL = 0.5
+# Training progress (0..1) at which the target starts to fall from 1.0, and where it reaches FINAL.
+_C.SOLVER.MAC_TARGET.PSTART = 0.0
+_C.SOLVER.MAC_TARGET.PSTOP = 0.5
+
+_C.SOLVER.AMP = CN()
+# Mixed precision through torch.amp.
+_C.SOLVER.AMP.ENABLED = False
+# "bfloat16" or "float16" (float16 uses a gradient scaler).
+_C.SOLVER.AMP.DTYPE = "bfloat16"
+
+# ---------------------------------------------------------------------------------------------------
+# Test
+# ---------------------------------------------------------------------------------------------------
+_C.TEST = CN()
+# Evaluate every this many iterations (0 = only at the end).
+_C.TEST.EVAL_PERIOD = 0
+# Global test batch size over all processes.
+_C.TEST.IMS_PER_BATCH = 100
+
+# ---------------------------------------------------------------------------------------------------
+# Misc
+# ---------------------------------------------------------------------------------------------------
+# Folder for checkpoints, logs, metrics.json and TensorBoard events.
+_C.OUTPUT_DIR = "./output"
+# Random seed; a negative value draws one from the clock (and logs it).
+_C.SEED = -1
+# torch.backends.cudnn.benchmark.
+_C.CUDNN_BENCHMARK = False
+# Console log period in iterations.
+_C.LOG_PERIOD = 20

@@ -1,0 +1,12 @@
+"""Models: registries, layers, backbones and the classifier built by :func:`build_model`."""
+from .attention import ATTENTION_REGISTRY, build_attention
+from .backbone import BACKBONE_REGISTRY, Backbone, build_backbone
+from .build import build_model
+from .classifier import Classifier
+from .grouping import GROUPING_REGISTRY, Grouping, build_grouping
+from .macs import Costs
+
+__all__ = [
+    "ATTENTION_REGISTRY", "BACKBONE_REGISTRY", "GROUPING_REGISTRY", "Backbone", "Classifier", "Costs", "Grouping",
+    "build_attention", "build_backbone", "build_grouping", "build_model",
+]

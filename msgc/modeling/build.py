@@ -1,0 +1,17 @@
+"""``build_model(cfg)``: the classifier of the config, on ``cfg.MODEL.DEVICE``."""
+import torch
+
+from .backbone import build_backbone
+from .classifier import Classifier
+
+__all__ = ["build_model"]
+
+
+def build_model(cfg):
+    """Build the :class:`Classifier` described by cfg on ``cfg.MODEL.DEVICE``.
+
+    Weights are not loaded here: use :class:`msgc.checkpoint.MSGCCheckpointer` with ``MODEL.WEIGHTS``.
+    """
+    model = Classifier(build_backbone(cfg), label_smoothing=cfg.MODEL.LABEL_SMOOTHING,
+                       mac_loss_weight=cfg.MODEL.MSGC.LOSS_WEIGHT)
+    return model.to(torch.device(cfg.MODEL.DEVICE))

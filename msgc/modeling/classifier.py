@@ -1,0 +1,73 @@
+"""The classification model: a backbone, the classification loss and the sparsity (MAC) loss."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .layers import Gate
+
+__all__ = ["Classifier"]
+
+
+class Classifier(nn.Module):
+    """Wraps a :class:`Backbone` with the paper's losses.
+
+    Eval mode: ``model(images)`` -> ``{"logits": N x classes, "macs": N}``.
+    Train mode: ``model(images, labels)`` -> ``{"loss_cls", "loss_macs"}`` plus detached metrics
+    (``mac_ratio``, ``mac_target``, ``gate_open``) under keys without the ``loss_`` prefix.
+    The MAC target is set from outside (the trainer's schedule) through :meth:`set_mac_target`.
+
+    Args:
+        backbone: the network.
+        label_smoothing: of the cross-entropy loss.
+        mac_loss_weight: lambda of ``lambda * (mean MACs / dense MACs - target)``, applied while the
+            batch's MAC ratio is at or above the target.
+    """
+
+    def __init__(self, backbone, label_smoothing: float = 0.1, mac_loss_weight: float = 30.0):
+        super().__init__()
+        self.backbone = backbone
+        self.label_smoothing = label_smoothing
+        self.mac_loss_weight = mac_loss_weight
+        self.register_buffer("mac_target", torch.tensor(1.0), persistent=False)
+
+    def set_mac_target(self, target: float):
+        """The current MAC target as a fraction of the dense host's MACs."""
+        self.mac_target.fill_(float(target))
+
+    def dense_macs(self, h: int, w: int) -> int:
+        """The dense host's MACs at input size h x w."""
+        return self.backbone.complexity(h, w).original
+
+    def forward(self, images, labels=None):
+        logits, macs = self.backbone(images)
+        if not self.training:
+            return {"logits": logits, "macs": macs.detach()}
+        if labels is None:
+            raise ValueError("a model in training mode needs labels: call model(images, labels), "
+                             "or model.eval() for inference")
+        return self.losses(logits, macs, labels, images.shape[-2:])
+
+    def losses(self, logits, macs, labels, size):
+        """Classification and sparsity losses, with the MAC metrics worth logging."""
+        num_classes = logits.size(1)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+            raise ValueError(f"label {bad} is out of range for MODEL.NUM_CLASSES={num_classes}")
+        loss_cls = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        ratio = macs.mean() / self.dense_macs(*size)
+        target = self.mac_target
+        if ratio.detach().item() >= target.item():
+            loss_macs = self.mac_loss_weight * (ratio - target)
+        else:
+            loss_macs = ratio.new_zeros(())
+        out = {"loss_cls": loss_cls, "loss_macs": loss_macs, "mac_ratio": ratio.detach(),
+               "mac_target": target.clone()}
+        gate_open = self.gate_open_ratio()
+        if gate_open is not None:
+            out["gate_open"] = gate_open
+        return out
+
+    def gate_open_ratio(self):
+        """Mean fraction of open gates over the gates of the last forward pass (None if no gate)."""
+        values = [m.last_open for m in self.modules() if isinstance(m, Gate) and hasattr(m, "last_open")]
+        return torch.stack(values).mean() if values else None

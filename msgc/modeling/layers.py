@@ -1,0 +1,139 @@
+"""Building blocks of MSGC: the gate, the mask and attention generators, and gated inputs.
+
+The generators map a block's pooled input (its *context*, ``N x C_in x 1 x 1``) to one value per
+sample, head and gated channel (``N x heads x C``). Their state-dict layout (``conv.0`` 1x1 conv,
+``conv.1`` BatchNorm, ``conv.3`` 1x1 conv) is the original MSGC release's, so its checkpoints load
+without renaming.
+"""
+import torch
+from torch import nn
+
+__all__ = [
+    "Gate",
+    "MaskGenerator",
+    "AttentionGenerator",
+    "generator_macs",
+    "gate_heads",
+    "gate_channels",
+]
+
+
+class Gate(nn.Module):
+    """Binary gate with logistic noise and a straight-through estimator.
+
+    Training: ``sigmoid((logits + log u - log(1 - u)) / temperature)`` with ``u ~ U(0, 1)``, thresholded
+    at 0.5 in the forward pass while the gradient is the soft value's. Eval: ``logits >= 0``, no noise.
+    """
+
+    def __init__(self, temperature: float = 2.0 / 3.0, eps: float = 1e-8):
+        super().__init__()
+        self.temperature = temperature
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            out = (logits >= 0).to(logits.dtype)
+        else:
+            u = torch.rand_like(logits)
+            noise = torch.log(u + self.eps) - torch.log(1 - u + self.eps)
+            soft = torch.sigmoid((logits + noise) / self.temperature)
+            hard = (soft >= 0.5).to(soft.dtype)
+            out = (hard - soft).detach() + soft
+        self.last_open = out.detach().mean()  # fraction of open gates in the last batch, for logging
+        return out
+
+    def extra_repr(self):
+        return f"temperature={self.temperature:.4g}"
+
+
+def generator_macs(in_channels: int, channels: int, heads: int, reduction: int) -> int:
+    """MACs of one generator per sample, as the reference counts them (the last conv's bias is free)."""
+    hidden = in_channels // reduction
+    return (in_channels + 1) * hidden + hidden * channels * heads
+
+
+class _Generator(nn.Module):
+    def __init__(self, in_channels, channels, heads, reduction, bias):
+        super().__init__()
+        hidden = in_channels // reduction
+        if hidden < 1:
+            raise ValueError(
+                f"generator over {in_channels} input channels with reduction {reduction} has no "
+                "hidden channel; use a wider layer or a smaller reduction"
+            )
+        self.in_channels, self.channels, self.heads, self.reduction = (
+            in_channels, channels, heads, reduction)
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels * heads, 1, bias=bias),
+        )
+        self.macs = generator_macs(in_channels, channels, heads, reduction)
+
+    def logits(self, context: torch.Tensor) -> torch.Tensor:
+        return self.conv(context).view(context.size(0), self.heads, self.channels)
+
+    def extra_repr(self):
+        return f"in={self.in_channels}, channels={self.channels}, heads={self.heads}"
+
+
+class MaskGenerator(_Generator):
+    """Context -> binary mask ``N x heads x channels``: which channels each head reads.
+
+    The last convolution's bias starts at ``gate_bias`` (2.0 in the paper), so training starts with
+    nearly every gate open.
+    """
+
+    def __init__(self, in_channels, channels, heads=1, reduction=4, temperature=2.0 / 3.0,
+                 gate_bias=2.0):
+        super().__init__(in_channels, channels, heads, reduction, bias=True)
+        nn.init.constant_(self.conv[3].bias, gate_bias)
+        self.gate = Gate(temperature)
+
+    def forward(self, context):
+        return self.gate(self.logits(context))
+
+
+class AttentionGenerator(_Generator):
+    """Context -> channel attention ``N x heads x channels``; starts as exactly 1 (weight 0, bias 1)."""
+
+    def __init__(self, in_channels, channels, heads=1, reduction=4):
+        super().__init__(in_channels, channels, heads, reduction, bias=True)
+        self.reset_output()
+
+    def reset_output(self):
+        nn.init.zeros_(self.conv[3].weight)
+        nn.init.ones_(self.conv[3].bias)
+
+    def forward(self, context):
+        return self.logits(context)
+
+
+def _scale(mask, att):
+    if mask is None:
+        return att
+    return mask if att is None else mask * att
+
+
+def gate_channels(x: torch.Tensor, mask=None, att=None) -> torch.Tensor:
+    """Multiply the channels of ``x`` (N x C x H x W) by a single-head mask and/or attention (N x 1 x C)."""
+    scale = _scale(mask, att)
+    if scale is None:
+        return x
+    return x * scale.view(x.size(0), x.size(1), 1, 1)
+
+
+def gate_heads(x: torch.Tensor, mask=None, att=None, heads: int = 1) -> torch.Tensor:
+    """The MSGC input: ``x`` repeated once per head, head i scaled by its mask (and attention).
+
+    ``x``: N x C x H x W; ``mask``/``att``: N x heads x C (or None: all ones). Returns
+    N x (heads*C) x H x W, head-major, the input of a convolution with ``groups=heads``. One broadcast
+    replaces the reference's loop over heads.
+    """
+    n, c, h, w = x.shape
+    scale = _scale(mask, att)
+    if scale is None:
+        return x.repeat(1, heads, 1, 1) if heads > 1 else x
+    heads = scale.size(1)
+    return (x.unsqueeze(1) * scale.view(n, heads, c, 1, 1)).view(n, heads * c, h, w)

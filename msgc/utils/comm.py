@@ -1,0 +1,63 @@
+"""Distributed helpers that do nothing (and need no process group) at world size 1."""
+import functools
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
+           "all_gather", "all_reduce_sum"]
+
+# set by msgc.engine.launch for the processes of one machine
+_LOCAL_RANK = 0
+
+
+def _on():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if _on() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _on() else 0
+
+
+def get_local_rank() -> int:
+    return _LOCAL_RANK
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def synchronize():
+    """Barrier across all processes (no-op at world size 1)."""
+    if get_world_size() > 1:
+        if dist.get_backend() == dist.Backend.NCCL and torch.cuda.is_available():
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+@functools.lru_cache()
+def _cpu_group():
+    """A gloo group for gathering Python objects, whatever the main backend is."""
+    return dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else dist.group.WORLD
+
+
+def all_gather(obj):
+    """Gather a picklable object from every process; returns a list indexed by rank."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj, group=_cpu_group())
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (returns it unchanged at world size 1)."""
+    if get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor

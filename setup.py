@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Install msgc: ``pip install -e .`` (add ``[detection]`` for the detection project)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="msgc",
+    version="0.1.0",
+    description="Middle Spectrum Grouped Convolution: a research framework on PyTorch",
+    python_requires=">=3.9",
+    packages=find_packages(exclude=("tests", "configs", "tools", "projects")),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        # fvcore and iopath are frozen since 2022; these versions are tested with torch 2.14.
+        "fvcore==0.1.5.post20221221",
+        "iopath==0.1.10",
+        "yacs>=0.1.8",
+        "tabulate>=0.9",
+        "tensorboard>=2.10",
+        "scikit-learn>=1.0",  # ships the real 8x8 digits used by the quickstart
+        "numpy",
+        "pillow",
+        "pyyaml",
+    ],
+    extras_require={
+        "detection": ["pycocotools>=2.0.6"],
+        "dev": ["pytest>=7", "pycocotools>=2.0.6"],
+    },
+)
