@@ -38,7 +38,6 @@ def test_inference_shards_are_exact_and_contiguous(size, world_size):
     assert sum(shards, []) == list(range(size))  # in order, so contiguous, no duplicate, nothing missing
     for rank, shard in enumerate(shards):
         assert len(InferenceSampler(size, rank=rank, world_size=world_size)) == len(shard)
-        assert shard == list(range(shard[0], shard[0] + len(shard))) if shard else True
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 

@@ -51,7 +51,7 @@ def build_dataset(cfg, name: str, split: str):
     return dataset
 
 
-def build_train_loader(cfg, rank=None, world_size=None) -> DataLoader:
+def build_train_loader(cfg, *, rank=None, world_size=None) -> DataLoader:
     """An endless loader of ``(images N x 3 x H x W, labels N long)`` batches of ``DATASETS.TRAIN``.
 
     ``N = SOLVER.IMS_PER_BATCH // world_size``: each process loads its share of the global batch from
@@ -70,7 +70,7 @@ def build_train_loader(cfg, rank=None, world_size=None) -> DataLoader:
     return _loader(cfg, dataset, BatchSampler(sampler, batch, drop_last=True), generator, persistent=True)
 
 
-def build_test_loader(cfg, name=None, rank=None, world_size=None) -> DataLoader:
+def build_test_loader(cfg, name=None, *, rank=None, world_size=None) -> DataLoader:
     """A loader over this process's exact shard of the test split of ``name`` (default DATASETS.TEST).
 
     Batches hold ``max(1, TEST.IMS_PER_BATCH // world_size)`` images; the last one may be smaller.
