@@ -59,6 +59,7 @@ def build_train_loader(cfg, *, rank=None, world_size=None) -> DataLoader:
     when negative). Workers get deterministic, per-process distinct seeds; with
     ``DATALOADER.NUM_WORKERS = 0`` augmentations use the global torch RNG, which the caller seeds.
     The loader has no length; iterate it and stop after the wanted number of iterations.
+    ``rank`` and ``world_size`` default to :mod:`msgc.utils.comm`'s (give them to simulate a process).
     """
     rank = comm.get_rank() if rank is None else rank
     world_size = comm.get_world_size() if world_size is None else world_size
