@@ -130,3 +130,16 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert code == 0, log
     assert "--resume: no checkpoint in" in log and "starting a new training from scratch" in log
     assert (out / "model_final.pth").exists()
+
+
+def test_torchrun_runs_train_net_unchanged(tmp_path):
+    out = tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(find_free_port())]
+    environ = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([*torchrun, _driver(tmp_path), *SMALL, "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "",
+                           "OUTPUT_DIR", str(out)], env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout
+    assert "Rank 0 of 2" in proc.stdout and (out / "log.txt.rank1").exists()
+    _assert_same_weights(_load(out / "weights_rank0.pth"), _load(out / "weights_rank1.pth"))

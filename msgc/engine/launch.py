@@ -78,10 +78,7 @@ def _run_under_torchrun(main_func, args, device, timeout):
         return main_func(*args)
     _use_device(device, comm._LOCAL_RANK, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     dist.init_process_group(_backend(device), init_method="env://", timeout=timeout)
-    try:
-        return main_func(*args)
-    finally:
-        dist.destroy_process_group()
+    return _run_and_leave(main_func, args)
 
 
 def _worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, device, timeout):
@@ -95,11 +92,20 @@ def _worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_u
     except Exception as e:
         raise RuntimeError(f"process {rank} of {world_size} could not join the process group at {dist_url}: "
                            f"{e}") from e
-    try:
-        comm.synchronize()
-        return main_func(*args)
-    finally:
-        dist.destroy_process_group()
+    comm.synchronize()
+    return _run_and_leave(main_func, args)
+
+
+def _run_and_leave(main_func, args):
+    """Run main, then leave the process group together with the others.
+
+    After an error the group is not destroyed: the other processes may be blocked in a collective
+    with this one, and tearing the group down under them can hang; the launcher ends them instead.
+    """
+    result = main_func(*args)
+    comm.synchronize()  # nobody tears down its connections while another still uses them
+    dist.destroy_process_group()
+    return result
 
 
 def _use_device(device: str, local_rank: int, per_machine: int):
