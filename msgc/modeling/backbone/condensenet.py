@@ -155,7 +155,7 @@ class MSGCDenseNet(Backbone):
         return total + Costs(main=self.head_macs(h, w))
 
     def forward_features(self, x):
-        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]))
+        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.features.init_conv(x)
         feats = OrderedDict(stem=x)
         state = (x, macs)
