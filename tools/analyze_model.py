@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -274,7 +275,9 @@ def fvcore_count(dense_model, size, original):
     x = torch.zeros(1, 3, size, size, device=_device(dense_model))
     analysis = FlopCountAnalysis(_Logits(dense_model.backbone), x)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    flops = analysis.total()
+    with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns of its deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        flops = analysis.total()
     return {"flops": flops, "mflops": round(flops / 1e6, 4), "by_operator": dict(analysis.by_operator()),
             "ratio_to_original": flops / original, "note": FVCORE_NOTE}
 
