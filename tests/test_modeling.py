@@ -80,9 +80,9 @@ def test_mask_generator_starts_open_and_attention_starts_at_one(cfg):
 @pytest.mark.parametrize("name", BACKBONES)
 def test_generators_get_gradients_in_training(cfg, name):
     model = build_model(small(cfg, name, attention="channel")).train()
-    losses = model(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    losses = model(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     model.set_mac_target(0.1)  # next pass applies the sparsity loss
-    losses = model(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    losses = model(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     assert losses["loss_macs"] > 0
     (losses["loss_cls"] + losses["loss_macs"]).backward()
     gens = [m for m in model.modules() if isinstance(m, MaskGenerator)]
@@ -95,9 +95,9 @@ def test_generators_get_gradients_in_training(cfg, name):
 def test_per_sample_macs_do_not_depend_on_the_batch(cfg, name, attention):
     torch.manual_seed(0)
     model = mix_gates(build_model(small(cfg, name, attention=attention))).eval()
-    x = torch.randn(5, 3, 32, 32) + 2 * torch.randn(5, 3, 1, 1)  # samples with different contexts
+    x = torch.randn(4, 3, 16, 16) + 2 * torch.randn(4, 3, 1, 1)  # samples with different contexts
     out = model(x)
-    assert out["logits"].shape == (5, 10) and out["macs"].shape == (5,)
+    assert out["logits"].shape == (4, 10) and out["macs"].shape == (4,)
     assert len(set(out["macs"].tolist())) > 1, "gates should differ between samples"
     for i in (0, 3):
         alone = model(x[i:i + 1])
@@ -108,19 +108,19 @@ def test_per_sample_macs_do_not_depend_on_the_batch(cfg, name, attention):
 @pytest.mark.parametrize("name", BACKBONES)
 def test_open_gates_cost_the_host_plus_generators(cfg, name):
     model = set_gates(build_model(small(cfg, name)), 10.0).eval()
-    macs = model(torch.randn(2, 3, 32, 32))["macs"]
-    costs = model.backbone.complexity(32, 32)
+    macs = model(torch.randn(2, 3, 16, 16))["macs"]
+    costs = model.backbone.complexity(16, 16)
     assert torch.allclose(macs, torch.full((2,), float(costs.original + costs.gen), dtype=macs.dtype))
 
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_closed_gates_cost_main_and_generators_only(cfg, name):
     model = set_gates(build_model(small(cfg, name)), -10.0).eval()
-    macs = model(torch.randn(2, 3, 32, 32))["macs"]
-    costs = model.backbone.complexity(32, 32)
+    macs = model(torch.randn(2, 3, 16, 16))["macs"]
+    costs = model.backbone.complexity(16, 16)
     expected = costs.main + costs.gen
     if name == "msgc_mobilenetv2":  # closed projections make the expansions unread: the bonus
-        pwdw = sum(t["pwdw"] for t, _, _ in _block_terms(model.backbone, 32))
+        pwdw = sum(t["pwdw"] for t, _, _ in _block_terms(model.backbone, 16))
         expected -= pwdw
     assert torch.allclose(macs, torch.full((2,), float(expected), dtype=macs.dtype), rtol=1e-6)
 
@@ -137,8 +137,8 @@ def _block_terms(backbone, size):
 def test_dense_grouping_costs_exactly_the_host(cfg, name):
     model = build_model(small(cfg, name, grouping="dense")).eval()
     assert not any(isinstance(m, MaskGenerator) for m in model.modules())
-    macs = model(torch.randn(2, 3, 32, 32))["macs"]
-    assert torch.allclose(macs, torch.full((2,), float(model.dense_macs(32, 32)), dtype=macs.dtype))
+    macs = model(torch.randn(2, 3, 16, 16))["macs"]
+    assert torch.allclose(macs, torch.full((2,), float(model.dense_macs(16, 16)), dtype=macs.dtype))
 
 
 def test_static_grouping_is_a_grouped_convolution(cfg):
@@ -184,7 +184,7 @@ def test_label_out_of_range_is_an_error(cfg):
 def test_mac_loss_follows_the_reference(cfg):
     """loss_macs = lambda * (mean MACs / dense - target) while at or above the target, else 0."""
     model = build_model(small(cfg, "msgc_resnet18")).train()
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     torch.manual_seed(1)
     out = model(x, y)
     assert out["loss_macs"] == 0  # target 1.0 and fewer MACs than the host
