@@ -57,7 +57,8 @@ def default_setup(cfg, args=None):
     - creates ``cfg.OUTPUT_DIR``; logs to the console (rank 0) and ``OUTPUT_DIR/log.txt``;
     - resolves ``SEED``: a negative seed is drawn once and shared by all ranks, and written into cfg so
       that ``config.yaml`` and every checkpoint record it; each rank seeds with ``SEED + rank``;
-    - writes ``OUTPUT_DIR/config.yaml`` (rank 0) and sets ``cudnn.benchmark``.
+    - writes ``OUTPUT_DIR/config.yaml`` (rank 0), sets ``cudnn.benchmark`` and the CPU threads
+      (``NUM_THREADS``).
 
     Call it before ``cfg.freeze()``.
     """
@@ -79,6 +80,8 @@ def default_setup(cfg, args=None):
             f.write(cfg.dump())
         logger.info("Full config saved to %s", path)
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    if cfg.NUM_THREADS > 0:
+        torch.set_num_threads(cfg.NUM_THREADS)
 
 
 def _resolve_seed(cfg):
