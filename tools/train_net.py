@@ -27,7 +27,7 @@ import os
 
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import get_cfg
-from msgc.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from msgc.engine import DefaultTrainer, default_argument_parser, default_setup, exit_on_user_error, launch
 from msgc.utils import comm
 
 logger = logging.getLogger("msgc.train_net")
@@ -81,6 +81,7 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser(epilog=__doc__).parse_args()
-    device = load_config(args).MODEL.DEVICE  # the launcher needs it: NCCL for GPUs, gloo for the CPU
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), device=device)
+    with exit_on_user_error():  # bad input: one line, no traceback
+        device = load_config(args).MODEL.DEVICE  # the launcher needs it: NCCL for GPUs, gloo for the CPU
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,), device=device)

@@ -24,6 +24,8 @@ def _flat_keys(node, prefix=""):
 
 
 def _unknown_key_message(key, valid, where):
+    groups = {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    valid = [k for k in valid if k not in groups]  # suggest keys that hold values, not their groups
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     if not close:  # also try the last component, e.g. MODEL.HEADS -> MODEL.MSGC.HEADS
         last = key.rsplit(".", 1)[-1]

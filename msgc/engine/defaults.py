@@ -4,6 +4,7 @@
 :class:`DefaultTrainer` and overriding its ``build_*`` class methods, or by registering hooks.
 """
 import argparse
+import contextlib
 import itertools
 import logging
 import os
@@ -27,7 +28,7 @@ from ..utils.logger import setup_logger
 from . import hooks
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "default_setup", "create_ddp_model", "broadcast_buffers", "skip_batches",
+__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "create_ddp_model", "broadcast_buffers", "skip_batches",
            "DefaultTrainer"]
 
 logger = logging.getLogger("msgc.engine")
@@ -49,6 +50,24 @@ def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.1 MODEL.DEVICE cpu")
     return parser
+
+
+# Errors that bad input raises (a config key, a path, a file, a value): the command line shows their
+# message alone, in one line. Other exceptions are bugs and keep their traceback.
+USER_ERRORS = (KeyError, ValueError, OSError)
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Turn a bad-input error into a one-line message and exit status 2 (``MSGC_DEBUG=1``: traceback)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if os.environ.get("MSGC_DEBUG"):
+            raise
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg} (MSGC_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 def default_setup(cfg, args=None):
