@@ -56,6 +56,7 @@ class DenseLayer(GatedBlock):
 
     def forward(self, x_macs):
         x, macs = x_macs
+        n = x.size(0)
         y = self.conv_1.relu(self.conv_1.norm(x))
         ctx = self.context(y)
         m1 = self.maskgen1(ctx) if self.maskgen1 is not None else None
@@ -63,17 +64,11 @@ class DenseLayer(GatedBlock):
         a2 = self.attgen2(ctx) if self.attgen2 is not None else None
         y = self.conv_1.conv(gate_channels(y, m1))
         y = self.conv_2.conv(gate_heads(self.conv_2.relu(self.conv_2.norm(y)), m2, a2, self.heads))
-        return torch.cat([x, y], 1), self.add_macs(macs, x, m1, m2)
-
-    def add_macs(self, macs, x, m1, m2):
-        """``macs`` plus this layer's per-sample MACs as the paper counts them, from the layer input
-        ``x`` (its size) and the masks (None: all open). The deployed layer calls it too."""
-        n = x.size(0)
         t, _, _ = self.terms(x.size(2), x.size(3))
         dgc1 = mask_mean(m1, n, x) * t["dgc1"]
         dgc = dgc1 + mask_mean(m2, n, x) * t["dgc2"]
         bonus = unread_fraction(m2, n, x) * dgc1.detach()
-        return macs + (t["main"] + t["gen"]) + dgc - bonus
+        return torch.cat([x, y], 1), macs + (t["main"] + t["gen"]) + dgc - bonus
 
 
 class _Stage(nn.Sequential):

@@ -63,6 +63,7 @@ class InvertedResidual(GatedBlock):
 
     def forward(self, x_macs):
         x, macs = x_macs
+        n = x.size(0)
         ctx = self.context(x)
         m = self.maskgen(ctx) if self.maskgen is not None else None
         a = self.attgen(ctx) if self.attgen is not None else None
@@ -72,15 +73,9 @@ class InvertedResidual(GatedBlock):
         out = self.conv[-1](self.conv[-2](gate_heads(out, m, a, self.heads)))
         if self.use_res_connect:
             out = x + out
-        return out, self.add_macs(macs, x, m)
-
-    def add_macs(self, macs, x, m):
-        """``macs`` plus this block's per-sample MACs as the paper counts them, from the block input
-        ``x`` (its size) and the mask (None: all open). The deployed block calls it too."""
-        n = x.size(0)
         t, _, _ = self.terms(x.size(2), x.size(3))
         dyn = mask_mean(m, n, x) * t["dgc"] - unread_fraction(m, n, x) * t["pwdw"]
-        return macs + (t["main"] + t["gen"]) + dyn
+        return out, macs + (t["main"] + t["gen"]) + dyn
 
 
 class MSGCMobileNetV2(Backbone):

@@ -68,6 +68,7 @@ class BasicBlock(GatedBlock):
 
     def forward(self, x_macs):
         x, macs = x_macs
+        n = x.size(0)
         ctx = self.context(x)
         m1 = self.maskgen1(ctx) if self.maskgen1 is not None else None
         m2 = self.maskgen2(ctx) if self.maskgen2 is not None else None
@@ -79,17 +80,11 @@ class BasicBlock(GatedBlock):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(out + identity)
 
-        return out, self.add_macs(macs, x, m1, m2)
-
-    def add_macs(self, macs, x, m1, m2):
-        """``macs`` plus this block's per-sample MACs as the paper counts them, from the block input
-        ``x`` (its size) and the masks (None: all open). The deployed block calls it too."""
-        n = x.size(0)
         t, _, _ = self.terms(x.size(2), x.size(3))
         dgc1 = mask_mean(m1, n, x) * t["dgc1"]
         dgc = dgc1 + mask_mean(m2, n, x) * t["dgc2"]
         bonus = unread_fraction(m2, n, x) * dgc1.detach()
-        return macs + (t["main"] + t["gen"]) + dgc - bonus
+        return out, macs + (t["main"] + t["gen"]) + dgc - bonus
 
 
 class Bottleneck(GatedBlock):
@@ -135,6 +130,7 @@ class Bottleneck(GatedBlock):
 
     def forward(self, x_macs):
         x, macs = x_macs
+        n = x.size(0)
         ctx = self.context(x)
         m1 = self.maskgen1(ctx) if self.maskgen1 is not None else None
         m2 = self.maskgen2(ctx) if self.maskgen2 is not None else None
@@ -147,16 +143,11 @@ class Bottleneck(GatedBlock):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(out + identity)
 
-        return out, self.add_macs(macs, x, m1, m2, m3)
-
-    def add_macs(self, macs, x, m1, m2, m3):
-        """``macs`` plus this block's per-sample MACs as the paper counts them (see BasicBlock)."""
-        n = x.size(0)
         t, _, _ = self.terms(x.size(2), x.size(3))
         dgc1 = mask_mean(m1, n, x) * t["dgc1"]
         dgc = dgc1 + mask_mean(m2, n, x) * t["dgc2"] + mask_mean(m3, n, x) * t["dgc3"]
         bonus = unread_fraction(m2, n, x) * dgc1.detach() + self._bonus3(m2, m3, t["dgc2"])
-        return macs + (t["main"] + t["gen"]) + dgc - bonus
+        return out, macs + (t["main"] + t["gen"]) + dgc - bonus
 
     def _bonus3(self, m2, m3, dgc2):
         """conv2's output channels that conv3 does not read: each head's share of them is skipped."""
