@@ -53,9 +53,9 @@ class DeployedResNet(nn.Module):
         self.stem_costs, self.head_macs = net._stem_costs, net.head_macs
 
     def forward_sample(self, image):
-        """One 1 x 3 x H x W image -> (1 x classes logits, paper MACs (1,), executed MACs)."""
+        """One 1 x 3 x H x W image -> (1 x classes logits, paper MACs, executed MACs)."""
         stem = self.stem_costs(image.size(2), image.size(3))[0]
-        macs = image.new_full((1,), float(stem), dtype=torch.float64)
+        macs = float(stem)
         x, h, w, _ = self.stem(_image(image), image.size(2), image.size(3))
         x.relu_()
         if self.maxpool:
@@ -84,7 +84,7 @@ class DeployedMobileNetV2(nn.Module):
 
     def forward_sample(self, image):
         stem = self.stem_macs(image.size(2), image.size(3))[0]
-        macs = image.new_full((1,), float(stem), dtype=torch.float64)
+        macs = float(stem)
         x, h, w, _ = self.stem(_image(image), image.size(2), image.size(3))
         x.clamp_(0, 6)
         executed = stem
@@ -125,7 +125,7 @@ class DeployedDenseNet(nn.Module):
 
     def forward_sample(self, image):
         stem = self.stem_macs(image.size(2), image.size(3))[0]
-        macs = image.new_full((1,), float(stem), dtype=torch.float64)
+        macs = float(stem)
         x, h, w, _ = self.stem(_image(image), image.size(2), image.size(3))
         executed = stem
         for i, (stage, width) in enumerate(zip(self.stages, self.widths)):

@@ -14,7 +14,7 @@ DEPLOY_REGISTRY.__doc__ = """
 Registry of deployed backbones, keyed by the source backbone's class name (``MSGCResNet``, ...).
 
 An entry is constructed as ``entry(backbone)`` from a backbone in eval mode and is a module with
-``forward_sample(image) -> (logits 1 x classes, macs float32 tensor (1,), executed int)`` for one
+``forward_sample(image) -> (logits 1 x classes, macs float, executed int)`` for one
 ``1 x 3 x H x W`` image: ``macs`` equal to the eval model's (the paper's count) and ``executed`` the MACs
 it ran, counted from the shapes it ran with.
 """
@@ -54,7 +54,7 @@ class DeployedClassifier(nn.Module):
                 logits.append(out)
                 macs.append(m)
                 executed.append(e)
-        return {"logits": torch.cat(logits), "macs": torch.cat(macs),
+        return {"logits": torch.cat(logits), "macs": torch.tensor(macs, dtype=torch.float64),
                 "executed_macs": torch.tensor(executed, dtype=torch.float64)}
 
 

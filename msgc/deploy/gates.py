@@ -1,6 +1,7 @@
 """A block's gates for one sample, turned into the index sets the deployed kernels run on."""
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,55 +13,75 @@ __all__ = ["BlockGates", "HeadSets"]
 
 
 class HeadSets:
-    """The open channels of a ``heads x C`` mask, per head and together.
+    """The open channels of a ``heads x C`` boolean mask, per head and together (index work in numpy:
+    these arrays are small and numpy's per-call cost is a fraction of torch's).
 
     Attributes:
-        mask: the float mask ``1 x heads x C`` (None: every channel open), for the paper's MAC count.
         idx: per head, its open channels (None: all C of them).
         union: channels that some head reads (None: all).
         pos: per head, its channels numbered within ``union`` (the columns of a tensor that holds
             only the union's channels; None: all, in order).
+        open: per head, the number of open channels (None: no mask, all open).
+        mean: the mask's mean (the paper's fraction of the gated work done); 1.0 without a mask.
+        unread: the fraction of channels that no head reads; 0.0 without a mask.
     """
 
     def __init__(self, mask: Optional[torch.Tensor], heads: int, channels: int):
         self.heads, self.channels = heads, channels
         if mask is None:
-            self.mask, self.idx, self.union, self.pos, self.counts = None, [None] * heads, None, [None] * heads, None
+            self.idx, self.union, self.pos, self.open = [None] * heads, None, [None] * heads, None
+            self.mean, self.unread, self._cols, self._m = 1.0, 0.0, None, None
             return
-        self.mask = mask.unsqueeze(0).float()
-        self.counts = mask.sum(1).tolist()
-        cols = mask.nonzero()[:, 1]
-        self.idx = [None if k == channels else t for k, t in zip(self.counts, torch.split(cols, self.counts))]
+        m = self._m = mask.numpy()
+        self.open = m.sum(1).tolist()
+        rows, cols = np.nonzero(m)
+        self._cols = cols
+        self.mean = sum(self.open) / (heads * channels)
+        self.idx = self._split(cols)
         if heads == 1:
             self.union, self.pos = self.idx[0], [None]
+            self.unread = (channels - self.open[0]) / channels
             return
-        union = mask.any(0)
-        self.union = union.nonzero()[:, 0]
-        if self.union.numel() == channels:
+        read = m.any(0)
+        n_read = int(read.sum())
+        self.unread = (channels - n_read) / channels
+        if n_read == channels:
             self.union, self.pos = None, self.idx
         else:
-            number = union.cumsum(0) - 1
-            self.pos = [number if i is None else number.index_select(0, i) for i in self.idx]
+            self.union = torch.from_numpy(np.flatnonzero(read))
+            self.pos = self._split((np.cumsum(read) - 1)[cols])
+
+    def _split(self, values) -> List[Optional[torch.Tensor]]:
+        t, out, start = torch.from_numpy(values), [], 0
+        for k in self.open:
+            out.append(None if k == self.channels else t[start:start + k])
+            start += k
+        return out
 
     def scales(self, att: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Per head, the attention of its open channels (att: heads x C, or None)."""
         if att is None:
             return [None] * self.heads
-        return [a if i is None else a.index_select(0, i) for a, i in zip(att, self.idx)]
+        if self._cols is None:
+            return list(att)
+        flat = self._cols + np.repeat(np.arange(self.heads) * self.channels, self.open)
+        values, out, start = att.reshape(-1).index_select(0, torch.from_numpy(flat)), [], 0
+        for i, k in enumerate(self.open):
+            out.append(att[i] if k == self.channels else values[start:start + k])
+            start += k
+        return out
 
     def rows_per_head(self, heads: int) -> List[Optional[torch.Tensor]]:
         """For a one-head mask over the outputs of a ``heads``-group convolution: each group's open
         outputs, numbered within the group (None: all open)."""
-        if self.mask is None:
+        if self._m is None:
             return [None] * heads
-        per = self.channels // heads
-        local = self.mask.view(heads, per) > 0
-        counts = local.sum(1).tolist()
-        cols = local.nonzero()[:, 1]
-        return [None if k == per else t for k, t in zip(counts, torch.split(cols, counts))]
+        return HeadSets(torch.from_numpy(self._m[0].reshape(heads, -1)), heads, self.channels // heads).idx
 
+    def open_per_group(self, heads: int) -> List[int]:
+        """For a one-head mask: the number of open channels in each of ``heads`` equal groups."""
+        return self._m[0].reshape(heads, -1).sum(1).tolist()
 
-_MASKS = (MaskGenerator, StaticMask)
 
 
 class BlockGates(nn.Module):

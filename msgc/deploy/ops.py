@@ -49,8 +49,19 @@ def to_image(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(1, h, w, x.size(1)).permute(0, 3, 1, 2)
 
 
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def _out_size(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def conv2d(x, weight, bias, stride=1, padding=0, groups=1):
+    """``F.conv2d``, sent straight to oneDNN on the CPU: PyTorch's own heuristic routes batch-1
+    convolutions with small inputs (under 20480 elements) to a slower im2col kernel."""
+    if _ONEDNN and x.device.type == "cpu":
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], groups)
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
 
 class FoldedConv(nn.Module):
@@ -77,7 +88,7 @@ class FoldedConv(nn.Module):
             out = torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
             ho, wo = h, w
         else:
-            out = F.conv2d(to_image(x, h, w), self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+            out = conv2d(to_image(x, h, w), self.weight, self.bias, self.stride, self.padding, self.groups)
             ho, wo = out.shape[2:]
             out = to_matrix(out)
         n = out.size(0) * self.out_channels
@@ -88,8 +99,12 @@ class HeadConv(nn.Module):
     """A k x k convolution with ``heads`` groups whose heads read per-sample subsets of the input.
 
     Head ``i`` computes its output channels (all, or a chosen subset) from the input channels
-    ``in_idx[i]`` only; nothing is computed for closed channels. One oneDNN convolution per head, on
-    the gathered input (channels-last) and the gathered weights.
+    ``in_idx[i]`` only; nothing is computed for closed channels. One convolution per head, on the
+    gathered input (channels-last) and the gathered weights. With stride 1 the weights are kept
+    input-channel first (``in x out x k x k``, flipped) and each head runs as the equivalent
+    transposed convolution: the gather then copies whole contiguous rows, which matters at 7x7 and
+    14x14, where a batch-1 convolution is bound by reading its weights. Strided convolutions keep
+    ``out x k x k x in`` and gather columns.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int):
@@ -98,9 +113,14 @@ class HeadConv(nn.Module):
         out, cin, k = weight.size(0), weight.size(1), weight.size(2)
         self.heads, self.per_head, self.in_channels, self.kernel = heads, out // heads, cin, k
         self.stride, self.padding = conv.stride[0], conv.padding[0]
+        self.transposed = self.stride == 1 and 2 * self.padding == k - 1
         self.bn = bn is not None
-        self.register_buffer("weight", weight.permute(0, 2, 3, 1).reshape(heads, out // heads, k * k, cin)
-                             .contiguous(), persistent=False)
+        weight = weight.view(heads, out // heads, cin, k, k)
+        if self.transposed:  # heads x in x out x k x k, spatially flipped
+            weight = weight.flip(3, 4).transpose(1, 2)
+        else:  # heads x out x (k*k) x in
+            weight = weight.permute(0, 1, 3, 4, 2).reshape(heads, out // heads, k * k, cin)
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.view(heads, -1).contiguous(), persistent=False)
 
     def forward(self, x, h, w, pos: Sequence[Optional[torch.Tensor]], idx: Sequence[Optional[torch.Tensor]],
@@ -128,28 +148,44 @@ class HeadConv(nn.Module):
         return out, ho, wo, macs
 
     def _head(self, x, h, w, ho, wo, i, pos, idx, scale, rows):
-        weight, bias = self.weight[i], None if self.bias is None else self.bias[i]
-        if rows is not None:
-            weight = weight.index_select(0, rows)
-            bias = None if bias is None else bias.index_select(0, rows)
-        n_out, cin = weight.size(0), self.in_channels if idx is None else idx.numel()
+        bias = None if self.bias is None else self.bias[i]
+        if rows is not None and bias is not None:
+            bias = bias.index_select(0, rows)
+        n_out = self.per_head if rows is None else rows.numel()
+        cin = self.in_channels if idx is None else idx.numel()
         if cin == 0 or n_out == 0:  # a head with every input closed outputs its bias
             out = x.new_zeros(ho * wo, n_out) if bias is None else bias.expand(ho * wo, n_out).contiguous()
             return out, ho * wo * n_out * self.bn
-        if idx is not None:
-            weight = weight.reshape(-1, self.in_channels).index_select(1, idx)
         xs = x if pos is None else x.index_select(1, pos)
+        weight = self._gather(i, idx, rows)
         macs = ho * wo * n_out * (cin * self.kernel ** 2 + self.bn)
         if scale is not None:
             if weight.numel() <= xs.numel():
-                weight = weight.reshape(-1, cin) * scale
-                macs += weight.numel()
+                weight = weight * (scale.view(-1, 1, 1, 1) if self.transposed else scale)
             else:
                 xs = xs * scale
-                macs += xs.numel()
-        weight = weight.reshape(n_out, self.kernel, self.kernel, cin).permute(0, 3, 1, 2)
-        out = F.conv2d(to_image(xs, h, w), weight, bias, self.stride, self.padding)
+            macs += min(weight.numel(), xs.numel())
+        if self.transposed:
+            out = F.conv_transpose2d(to_image(xs, h, w), weight, bias, 1, self.padding)
+        else:
+            weight = weight.view(n_out, self.kernel, self.kernel, cin).permute(0, 3, 1, 2)
+            out = conv2d(to_image(xs, h, w), weight, bias, self.stride, self.padding)
         return to_matrix(out), macs
+
+    def _gather(self, i, idx, rows):
+        """Head i's weights for the given inputs and output rows, in this conv's layout."""
+        weight = self.weight[i]
+        if self.transposed:  # in x out x k x k
+            if idx is not None and rows is not None:  # one pass over (in, out) pairs
+                pairs = (idx[:, None] * self.per_head + rows[None, :]).view(-1)
+                k = self.kernel
+                return weight.view(-1, k, k).index_select(0, pairs).view(idx.numel(), rows.numel(), k, k)
+            if idx is not None:
+                weight = weight.index_select(0, idx)
+            return weight if rows is None else weight.index_select(1, rows)
+        if rows is not None:  # out x k*k x in
+            weight = weight.index_select(0, rows)
+        return weight if idx is None else weight.reshape(-1, self.in_channels).index_select(1, idx)
 
 
 class PointHeadConv(nn.Module):
@@ -223,7 +259,7 @@ class DepthwiseConv(nn.Module):
         ho, wo = _out_size(h, self.kernel, self.stride, self.padding), _out_size(w, self.kernel, self.stride, self.padding)
         if c == 0:
             return x.new_zeros(ho * wo, 0), ho, wo, 0
-        out = F.conv2d(to_image(x, h, w), weight, bias, self.stride, self.padding, 1, c)
+        out = conv2d(to_image(x, h, w), weight, bias, self.stride, self.padding, c)
         return to_matrix(out), ho, wo, ho * wo * c * (self.kernel ** 2 + self.bn)
 
 
