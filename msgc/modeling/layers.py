@@ -157,7 +157,7 @@ def gated_conv(conv: nn.Conv2d, x: torch.Tensor, mask=None, att=None) -> torch.T
     scale = _scale(mask, att)
     n, c, h, w = x.shape
     kernel = conv.kernel_size[0] * conv.kernel_size[1]
-    if scale is None or heads == 1 or n == 1 or c * kernel >= heads * h * w:
+    if scale is None or heads == 1 or c * kernel >= heads * h * w:
         return conv(gate_heads(x, mask, att, heads))
     out_channels = conv.out_channels
     weight = conv.weight.view(1, heads, out_channels // heads, c, *conv.kernel_size)
