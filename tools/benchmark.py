@@ -55,7 +55,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per run")
     parser.add_argument("--iters", type=int, default=50, help="timed steps per run")
-    parser.add_argument("--batches", type=int, default=8, help="distinct random batches cycled through")
+    parser.add_argument("--batches", type=int, default=0,
+                        help="cycle through this many random batches (default 0: a new batch every step, "
+                        "as in deployment; repeated batches let oneDNN reuse kernels built for their "
+                        "shapes)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared machine; "
                         "use with --threads 1, CPU only)")
@@ -118,15 +121,15 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
 
 
-def runners(cfg, args, model, batches, labels):
-    """name -> (step function taking a batch index, description)."""
+def runners(cfg, args, model):
+    """name -> (step function taking (images, labels), description)."""
     out = {}
     for mode in args.mode:
         if mode == "train":
             opt = sgd(model)
 
-            def step(i, opt=opt):
-                losses = model.train()(batches[i], labels[i])
+            def step(x, y, opt=opt):
+                losses = model.train()(x, y)
                 loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -134,44 +137,57 @@ def runners(cfg, args, model, batches, labels):
 
             out["train"] = (step, "forward + backward + SGD step")
         elif mode == "eval":
-            def step(i):
+            def step(x, y):
                 with torch.no_grad():
-                    model.eval()(batches[i])
+                    model.eval()(x)
 
             out["eval"] = (step, "eval mode (closed channels multiplied by 0)")
         else:
             deployed = deploy(model.eval())
-            out["deploy"] = (lambda i: deployed(batches[i]), "msgc.deploy.deploy(model)")
+            out["deploy"] = (lambda x, y, d=deployed: d(x), "msgc.deploy.deploy(model)")
     if args.compare_dense:
         train = args.mode == ["train"]
         host, what = dense_host(cfg, train)
         if train:
             opt = sgd(host)
 
-            def step(i):
-                loss = torch.nn.functional.cross_entropy(host(batches[i]), labels[i])
+            def step(x, y):
+                loss = torch.nn.functional.cross_entropy(host(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
         else:
-            def step(i):
+            def step(x, y):
                 with torch.no_grad():
-                    host(batches[i])
+                    host(x)
         out["dense"] = (step, what)
     return out
 
 
-def measure(runs, args, device):
-    """Warm-up, then ``iters`` rounds in which every run takes one timed step. -> name: [ms]."""
+def batch_source(args, cfg, size, device):
+    """step number -> (images, labels): new random ones each step, or cycled through ``--batches``."""
+    def make():
+        return (torch.randn(args.batch_size, 3, size, size, device=device),
+                torch.randint(cfg.MODEL.NUM_CLASSES, (args.batch_size,), device=device))
+
+    if args.batches <= 0:
+        return lambda r: make()
+    fixed = [make() for _ in range(args.batches)]
+    return lambda r: fixed[r % len(fixed)]
+
+
+def measure(runs, args, batches, device):
+    """Warm-up, then ``iters`` rounds in which every run takes one timed step on the round's batch.
+    -> name: [ms]."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {name: [] for name in runs}
     for r in range(args.warmup + args.iters):
+        x, y = batches(r)
         for name, (step, _) in runs.items():
-            i = r % args.batches
             sync()
             t = clock()
-            step(i)
+            step(x, y)
             sync()
             if r >= args.warmup:
                 times[name].append((clock() - t) * 1e3)
@@ -185,7 +201,7 @@ def summary(ms):
 
 
 def mac_stats(model, runs, batches, size):
-    """Per-sample MACs (mean over the batches) of the model and of its deployed version."""
+    """Per-sample MACs (mean over a few batches) of the model and of its deployed version."""
     dense = model.dense_macs(size, size)
     out = {"dense": {"macs": dense, "mac_ratio": 1.0}}
     model.eval()
@@ -208,12 +224,11 @@ def main(argv=None):
     device = torch.device(args.device)
     size = args.size or (cfg.INPUT.TRAIN_SIZE if args.mode == ["train"] else cfg.INPUT.TEST_SIZE)
     model = build(cfg, args)
-    batches = [torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(args.batches)]
-    labels = [torch.randint(cfg.MODEL.NUM_CLASSES, (args.batch_size,), device=device) for _ in batches]
-    runs = runners(cfg, args, model, batches, labels)
-    macs = mac_stats(model, runs, batches, size)
-    times = measure(runs, args, device)
-    result = {"config": args.config_file, "opts": args.opts, "device": str(device),
+    batches = batch_source(args, cfg, size, device)
+    runs = runners(cfg, args, model)
+    macs = mac_stats(model, runs, [batches(r)[0] for r in range(max(1, min(args.batches or 4, 4)))], size)
+    times = measure(runs, args, batches, device)
+    result = {"config": args.config_file, "opts": args.opts, "device": str(device), "batches": args.batches,
               "threads": torch.get_num_threads(), "clock": args.clock, "batch_size": args.batch_size, "size": size,
               "torch": torch.__version__, "runs": {}}
     for name, (_, what) in runs.items():

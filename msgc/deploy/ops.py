@@ -99,13 +99,22 @@ class HeadConv(nn.Module):
     """A k x k convolution with ``heads`` groups whose heads read per-sample subsets of the input.
 
     Head ``i`` computes its output channels (all, or a chosen subset) from the input channels
-    ``in_idx[i]`` only; nothing is computed for closed channels. One convolution per head, on the
-    gathered input (channels-last) and the gathered weights. With stride 1 the weights are kept
-    input-channel first (``in x out x k x k``, flipped) and each head runs as the equivalent
-    transposed convolution: the gather then copies whole contiguous rows, which matters at 7x7 and
-    14x14, where a batch-1 convolution is bound by reading its weights. Strided convolutions keep
-    ``out x k x k x in`` and gather columns.
+    ``idx[i]`` only; nothing is computed for closed channels. One convolution per head on the gathered
+    input and weights, with a kernel chosen by the feature map's size:
+
+    - 28x28 and larger (compute-bound, small weights): oneDNN's convolution, channels-last;
+    - smaller (a batch-1 convolution is bound by reading its weights): an im2col/col2im + GEMM kernel
+      (PyTorch's native one). oneDNN builds a kernel for every new shape, 0.3 ms for a convolution and
+      1 ms for a transposed one on this CPU, and a gated head's shape changes with every sample; the
+      GEMM kernels cost nothing to set up.
+
+    Stride-1 convolutions keep their weights input-channel first (``in x out x k x k``, spatially
+    flipped: the equivalent transposed convolution's layout), so that gathering the open inputs copies
+    whole contiguous rows; strided ones keep ``out x k x k x in`` and gather columns.
     """
+
+    #: smallest input area (pixels) run by oneDNN
+    LARGE = 28 * 28
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int):
         super().__init__()
@@ -139,15 +148,17 @@ class HeadConv(nn.Module):
         """
         k, s, p = self.kernel, self.stride, self.padding
         ho, wo = _out_size(h, k, s, p), _out_size(w, k, s, p)
+        large = h * w >= self.LARGE or not _ONEDNN or x.device.type != "cpu"
         outs, macs = [], 0
         for i in range(self.heads):
-            out, m = self._head(x, h, w, ho, wo, i, pos[i], idx[i], scale[i], None if rows is None else rows[i])
+            out, m = self._head(x, h, w, ho, wo, large, i, pos[i], idx[i], scale[i],
+                                None if rows is None else rows[i])
             outs.append(out)
             macs += m
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         return out, ho, wo, macs
 
-    def _head(self, x, h, w, ho, wo, i, pos, idx, scale, rows):
+    def _head(self, x, h, w, ho, wo, large, i, pos, idx, scale, rows):
         bias = None if self.bias is None else self.bias[i]
         if rows is not None and bias is not None:
             bias = bias.index_select(0, rows)
@@ -165,12 +176,21 @@ class HeadConv(nn.Module):
             else:
                 xs = xs * scale
             macs += min(weight.numel(), xs.numel())
-        if self.transposed:
-            out = F.conv_transpose2d(to_image(xs, h, w), weight, bias, 1, self.padding)
+        k = self.kernel
+        if self.transposed and not large:
+            image = xs.t().contiguous().view(1, cin, h, w)
+            out = torch._C._nn.slow_conv_transpose2d(image, weight, [k, k], bias, [1, 1], [self.padding] * 2)
+            return out.view(n_out, -1).t().contiguous(), macs
+        if self.transposed:  # back to out x in x k x k
+            weight = weight.flip(2, 3).transpose(0, 1)
         else:
-            weight = weight.view(n_out, self.kernel, self.kernel, cin).permute(0, 3, 1, 2)
-            out = conv2d(to_image(xs, h, w), weight, bias, self.stride, self.padding)
-        return to_matrix(out), macs
+            weight = weight.view(n_out, k, k, cin).permute(0, 3, 1, 2)
+        if large:
+            return to_matrix(conv2d(to_image(xs, h, w), weight, bias, self.stride, self.padding)), macs
+        image = xs.t().contiguous().view(1, cin, h, w)
+        out = torch.ops.aten._slow_conv2d_forward(image, weight.contiguous(), [k, k], bias, [self.stride] * 2,
+                                                  [self.padding] * 2)
+        return out.view(n_out, -1).t().contiguous(), macs
 
     def _gather(self, i, idx, rows):
         """Head i's weights for the given inputs and output rows, in this conv's layout."""
