@@ -177,6 +177,21 @@ def test_deployed_model_refuses_training(cfg):
     assert not list(deployed.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore:The tensor attributes:UserWarning")
+def test_graph_capture_is_a_clear_error(cfg):
+    """Per-sample shapes cannot be captured in a graph: the deployed model says so, and the source
+    model (eval mode) traces and exports instead."""
+    model = small(cfg, "msgc_resnet18").eval()
+    deployed, x = deploy(model), images(1)
+    with pytest.raises(RuntimeError, match="cannot be traced"):
+        torch.jit.trace(deployed, x, strict=False)
+    with pytest.raises(RuntimeError, match="cannot be scripted"):
+        torch.jit.script(deployed)
+    exported = torch.export.export(model, (x,))
+    y = images(1, seed=7)
+    torch.testing.assert_close(exported.module()(y)["logits"], model(y)["logits"])
+
+
 class _OddMask(nn.Module):
     macs = 0
 

@@ -20,6 +20,11 @@ it ran, counted from the shapes it ran with.
 """
 
 
+_NO_GRAPH = ("a deployed model cannot be {}: which channels it computes, and so its tensor shapes, depend "
+             "on each sample's gates; trace or export the source model in eval mode instead (the same "
+             "outputs, computed with masks at full width)")
+
+
 class DeployedClassifier(nn.Module):
     """Inference-only classifier that computes only what the gates keep, one sample at a time.
 
@@ -41,7 +46,14 @@ class DeployedClassifier(nn.Module):
                                "again with msgc.deploy.deploy(model.eval())")
         return super().train(False)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NO_GRAPH.format("scripted (torch.jit.script)"))
+
     def forward(self, images: torch.Tensor, labels=None):
+        if torch.jit.is_tracing():
+            raise RuntimeError(_NO_GRAPH.format("traced (torch.jit.trace)"))
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_NO_GRAPH.format("compiled or exported (torch.compile, torch.export)"))
         if labels is not None:
             raise RuntimeError("a deployed model is inference-only and takes no labels: call model(images); "
                                "train the source model instead")
