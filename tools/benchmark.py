@@ -258,7 +258,8 @@ def report(result):
     for name, r in result["runs"].items():
         executed = r.get("executed_macs")
         rows.append([name, f"{r['median_ms']:.2f}", f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}", f"{r['min_ms']:.2f}",
-                     f"{r['macs'] / 1e6:.1f}" if "macs" in r else "", f"{r['mac_ratio']:.3f}" if "mac_ratio" in r else "",
+                     f"{r['macs'] / 1e6:.1f}" if "macs" in r else "",
+                     f"{r['mac_ratio']:.3f}" if "mac_ratio" in r else "",
                      "" if executed is None else f"{executed / 1e6:.1f}", r["what"]])
     head = (f"{result['config']} {' '.join(result['opts'])}: {result['device']}, {result['threads']} threads, "
             f"{result['clock']} clock, "

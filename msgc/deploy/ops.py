@@ -8,11 +8,11 @@ one per output element because the paper counts one, activations and additions a
 
 Weights are stored once, at deploy time, in the layout that makes a sample's gather cheap:
 
-- a k x k convolution keeps ``out x (k*k) x in`` ("OHWI") per head: gathering the open input channels
-  along the last axis gives oneDNN's channels-last weight layout directly, and selecting output
-  channels (the bonus) is a row gather;
-- a 1x1 convolution keeps ``in x out`` per head: the open inputs are whole contiguous rows, and the
-  gathered block is the right operand of ``addmm`` as it is.
+- a stride-1 k x k convolution keeps ``in x out x k x k`` per head (spatially flipped: the layout of
+  the equivalent transposed convolution), so the open inputs' weights are whole contiguous rows;
+  strided ones keep ``out x (k*k) x in`` ("OHWI") and gather columns;
+- a 1x1 convolution keeps ``in x out`` per head: the open inputs are contiguous rows, and the gathered
+  block is the right operand of ``addmm`` as it is.
 
 Attention is folded into whichever operand is smaller for that layer: the gathered weights, or the
 gathered input columns (an exact rewrite either way, since the attention scales input channels).
@@ -276,7 +276,8 @@ class DepthwiseConv(nn.Module):
             weight = weight.index_select(0, idx)
             bias = None if bias is None else bias.index_select(0, idx)
         c = weight.size(0)
-        ho, wo = _out_size(h, self.kernel, self.stride, self.padding), _out_size(w, self.kernel, self.stride, self.padding)
+        k, s, p = self.kernel, self.stride, self.padding
+        ho, wo = _out_size(h, k, s, p), _out_size(w, k, s, p)
         if c == 0:
             return x.new_zeros(ho * wo, 0), ho, wo, 0
         out = conv2d(to_image(x, h, w), weight, bias, self.stride, self.padding, c)
