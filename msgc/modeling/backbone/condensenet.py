@@ -9,7 +9,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..layers import AttentionGenerator, gate_channels, gate_heads
+from ..layers import AttentionGenerator, gate_channels, gated_conv
 from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock, mask_mean, unread_fraction
 from .build import BACKBONE_REGISTRY
@@ -63,7 +63,7 @@ class DenseLayer(GatedBlock):
         m2 = self.maskgen2(ctx) if self.maskgen2 is not None else None
         a2 = self.attgen2(ctx) if self.attgen2 is not None else None
         y = self.conv_1.conv(gate_channels(y, m1))
-        y = self.conv_2.conv(gate_heads(self.conv_2.relu(self.conv_2.norm(y)), m2, a2, self.heads))
+        y = gated_conv(self.conv_2.conv, self.conv_2.relu(self.conv_2.norm(y)), m2, a2)
         t, _, _ = self.terms(x.size(2), x.size(3))
         dgc1 = mask_mean(m1, n, x) * t["dgc1"]
         dgc = dgc1 + mask_mean(m2, n, x) * t["dgc2"]

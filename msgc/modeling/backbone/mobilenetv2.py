@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.models._utils import _make_divisible
 
-from ..layers import AttentionGenerator, gate_heads
+from ..layers import AttentionGenerator, gated_conv
 from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock, mask_mean, unread_fraction
 from .build import BACKBONE_REGISTRY
@@ -70,7 +70,7 @@ class InvertedResidual(GatedBlock):
         out = x
         for layer in self.conv[:-2]:
             out = layer(out)
-        out = self.conv[-1](self.conv[-2](gate_heads(out, m, a, self.heads)))
+        out = self.conv[-1](gated_conv(self.conv[-2], out, m, a))
         if self.use_res_connect:
             out = x + out
         t, _, _ = self.terms(x.size(2), x.size(3))

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..layers import AttentionGenerator, gate_channels, gate_heads
+from ..layers import AttentionGenerator, gate_channels, gated_conv
 from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock, mask_mean, unread_fraction
 from .build import BACKBONE_REGISTRY
@@ -76,7 +76,7 @@ class BasicBlock(GatedBlock):
         a2 = self.attgen2(ctx) if self.attgen2 is not None else None
 
         out = self.relu(self.bn1(self.conv1(gate_channels(x, m1, a1))))
-        out = self.bn2(self.conv2(gate_heads(out, m2, a2, self.heads)))
+        out = self.bn2(gated_conv(self.conv2, out, m2, a2))
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(out + identity)
 
@@ -138,7 +138,7 @@ class Bottleneck(GatedBlock):
         a2 = self.attgen2(ctx) if self.attgen2 is not None else None
 
         out = self.relu(self.bn1(self.conv1(gate_channels(x, m1))))
-        out = self.relu(self.bn2(self.conv2(gate_heads(out, m2, a2, self.heads))))
+        out = self.relu(self.bn2(gated_conv(self.conv2, out, m2, a2)))
         out = self.bn3(self.conv3(gate_channels(out, m3)))
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(out + identity)

@@ -1,0 +1,319 @@
+"""Inference kernels of the deployed networks: one sample, channels-last, only the open channels.
+
+A feature map travels between deployed layers as a 2D matrix ``HW x C`` (the channels-last layout
+of a ``1 x C x H x W`` tensor) with its height and width beside it. Selecting channels is then a
+column gather, and a 1x1 convolution a matrix product. Every op returns the MACs it executed, counted
+from the shapes it ran with the paper's cost model (a multiply-add is one MAC, a folded BatchNorm costs
+one per output element because the paper counts one, activations and additions are free).
+
+Weights are stored once, at deploy time, in the layout that makes a sample's gather cheap:
+
+- a stride-1 k x k convolution keeps ``in x out x k x k`` per head (spatially flipped: the layout of
+  the equivalent transposed convolution), so the open inputs' weights are whole contiguous rows;
+  strided ones keep ``out x (k*k) x in`` ("OHWI") and gather columns;
+- a 1x1 convolution keeps ``in x out`` per head: the open inputs are contiguous rows, and the gathered
+  block is the right operand of ``addmm`` as it is.
+
+Attention is folded into whichever operand is smaller for that layer: the gathered weights, or the
+gathered input columns (an exact rewrite either way, since the attention scales input channels).
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "fold_bn", "to_matrix", "to_image", "FoldedConv", "HeadConv", "PointHeadConv", "DepthwiseConv",
+    "Generators",
+]
+
+
+def fold_bn(weight: torch.Tensor, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A convolution weight (out first) and the eval-mode BatchNorm after it -> (weight, bias)."""
+    weight = weight.detach().float()
+    if bn is None:
+        return weight.clone(), None
+    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    bias = bn.bias.detach().float() - bn.running_mean.float() * scale
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), bias
+
+
+def to_matrix(x: torch.Tensor) -> torch.Tensor:
+    """``1 x C x H x W`` channels-last tensor -> ``HW x C`` view."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.size(1))
+
+
+def to_image(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``HW x C`` matrix -> ``1 x C x H x W`` channels-last view."""
+    return x.view(1, h, w, x.size(1)).permute(0, 3, 1, 2)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _out_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def conv2d(x, weight, bias, stride=1, padding=0, groups=1):
+    """``F.conv2d``, sent straight to oneDNN on the CPU: PyTorch's own heuristic routes batch-1
+    convolutions with small inputs (under 20480 elements) to a slower im2col kernel."""
+    if _ONEDNN and x.device.type == "cpu":
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], groups)
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+
+
+class FoldedConv(nn.Module):
+    """A dense convolution with its BatchNorm folded in (the host's ungated convolutions)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None):
+        super().__init__()
+        weight, bias = fold_bn(conv.weight, bn)
+        self.stride, self.padding, self.groups = conv.stride[0], conv.padding[0], conv.groups
+        self.kernel = conv.kernel_size[0]
+        self.pointwise = self.kernel == 1 and self.stride == 1 and self.groups == 1
+        if self.pointwise:  # in x out, the right operand of addmm
+            weight = weight.flatten(1).t()
+        else:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        self.register_buffer("weight", weight.contiguous() if self.pointwise else weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.in_per_group, self.out_channels = conv.in_channels // conv.groups, conv.out_channels
+        self.bn = bn is not None
+
+    def forward(self, x: torch.Tensor, h: int, w: int):
+        """(HW x C_in, h, w) -> (HoWo x C_out, ho, wo, executed MACs)."""
+        if self.pointwise:
+            out = torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+            ho, wo = h, w
+        else:
+            out = conv2d(to_image(x, h, w), self.weight, self.bias, self.stride, self.padding, self.groups)
+            ho, wo = out.shape[2:]
+            out = to_matrix(out)
+        n = out.size(0) * self.out_channels
+        return out, ho, wo, n * (self.in_per_group * self.kernel ** 2 + self.bn)
+
+
+class HeadConv(nn.Module):
+    """A k x k convolution with ``heads`` groups whose heads read per-sample subsets of the input.
+
+    Head ``i`` computes its output channels (all, or a chosen subset) from the input channels
+    ``idx[i]`` only; nothing is computed for closed channels. One convolution per head on the gathered
+    input and weights, with a kernel chosen by the feature map's size:
+
+    - 28x28 and larger (compute-bound, small weights): oneDNN's convolution, channels-last;
+    - smaller (a batch-1 convolution is bound by reading its weights): an im2col/col2im + GEMM kernel
+      (PyTorch's native one). oneDNN builds a kernel for every new shape, 0.3 ms for a convolution and
+      1 ms for a transposed one on this CPU, and a gated head's shape changes with every sample; the
+      GEMM kernels cost nothing to set up.
+
+    Stride-1 convolutions keep their weights input-channel first (``in x out x k x k``, spatially
+    flipped: the equivalent transposed convolution's layout), so that gathering the open inputs copies
+    whole contiguous rows; strided ones keep ``out x k x k x in`` and gather columns.
+    """
+
+    #: smallest input area (pixels) run by oneDNN
+    LARGE = 28 * 28
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int):
+        super().__init__()
+        weight, bias = fold_bn(conv.weight, bn)  # out x in_per_head x k x k
+        out, cin, k = weight.size(0), weight.size(1), weight.size(2)
+        self.heads, self.per_head, self.in_channels, self.kernel = heads, out // heads, cin, k
+        self.stride, self.padding = conv.stride[0], conv.padding[0]
+        self.transposed = self.stride == 1 and 2 * self.padding == k - 1
+        self.bn = bn is not None
+        weight = weight.view(heads, out // heads, cin, k, k)
+        if self.transposed:  # heads x in x out x k x k, spatially flipped
+            weight = weight.flip(3, 4).transpose(1, 2)
+        else:  # heads x out x (k*k) x in
+            weight = weight.permute(0, 1, 3, 4, 2).reshape(heads, out // heads, k * k, cin)
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.view(heads, -1).contiguous(), persistent=False)
+
+    def forward(self, x, h, w, pos: Sequence[Optional[torch.Tensor]], idx: Sequence[Optional[torch.Tensor]],
+                scale: Sequence[Optional[torch.Tensor]], rows: Optional[Sequence[Optional[torch.Tensor]]] = None):
+        """Run every head.
+
+        Args:
+            x: HW x C input matrix.
+            pos: per head, the columns of ``x`` it reads (None: all of them, in order).
+            idx: per head, the same channels in the convolution's input numbering (None: all).
+            scale: per head, attention for those channels (None: none).
+            rows: per head, which of its output channels to compute (None: all).
+
+        Returns:
+            (HoWo x C_out matrix with the heads' outputs side by side, ho, wo, executed MACs).
+        """
+        k, s, p = self.kernel, self.stride, self.padding
+        ho, wo = _out_size(h, k, s, p), _out_size(w, k, s, p)
+        large = h * w >= self.LARGE or not _ONEDNN or x.device.type != "cpu"
+        outs, macs = [], 0
+        for i in range(self.heads):
+            out, m = self._head(x, h, w, ho, wo, large, i, pos[i], idx[i], scale[i],
+                                None if rows is None else rows[i])
+            outs.append(out)
+            macs += m
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        return out, ho, wo, macs
+
+    def _head(self, x, h, w, ho, wo, large, i, pos, idx, scale, rows):
+        bias = None if self.bias is None else self.bias[i]
+        if rows is not None and bias is not None:
+            bias = bias.index_select(0, rows)
+        n_out = self.per_head if rows is None else rows.numel()
+        cin = self.in_channels if idx is None else idx.numel()
+        if cin == 0 or n_out == 0:  # a head with every input closed outputs its bias
+            out = x.new_zeros(ho * wo, n_out) if bias is None else bias.expand(ho * wo, n_out).contiguous()
+            return out, ho * wo * n_out * self.bn
+        xs = x if pos is None else x.index_select(1, pos)
+        weight = self._gather(i, idx, rows)
+        macs = ho * wo * n_out * (cin * self.kernel ** 2 + self.bn)
+        if scale is not None:
+            if weight.numel() <= xs.numel():
+                weight = weight * (scale.view(-1, 1, 1, 1) if self.transposed else scale)
+            else:
+                xs = xs * scale
+            macs += min(weight.numel(), xs.numel())
+        k = self.kernel
+        if self.transposed and not large:
+            image = xs.t().contiguous().view(1, cin, h, w)
+            out = torch._C._nn.slow_conv_transpose2d(image, weight, [k, k], bias, [1, 1], [self.padding] * 2)
+            return out.view(n_out, -1).t().contiguous(), macs
+        if self.transposed:  # back to out x in x k x k
+            weight = weight.flip(2, 3).transpose(0, 1)
+        else:
+            weight = weight.view(n_out, k, k, cin).permute(0, 3, 1, 2)
+        if large:
+            return to_matrix(conv2d(to_image(xs, h, w), weight, bias, self.stride, self.padding)), macs
+        image = xs.t().contiguous().view(1, cin, h, w)
+        out = torch.ops.aten._slow_conv2d_forward(image, weight.contiguous(), [k, k], bias, [self.stride] * 2,
+                                                  [self.padding] * 2)
+        return out.view(n_out, -1).t().contiguous(), macs
+
+    def _gather(self, i, idx, rows):
+        """Head i's weights for the given inputs and output rows, in this conv's layout."""
+        weight = self.weight[i]
+        if self.transposed:  # in x out x k x k
+            if idx is not None and rows is not None:  # one pass over (in, out) pairs
+                pairs = (idx[:, None] * self.per_head + rows[None, :]).view(-1)
+                k = self.kernel
+                return weight.view(-1, k, k).index_select(0, pairs).view(idx.numel(), rows.numel(), k, k)
+            if idx is not None:
+                weight = weight.index_select(0, idx)
+            return weight if rows is None else weight.index_select(1, rows)
+        if rows is not None:  # out x k*k x in
+            weight = weight.index_select(0, rows)
+        return weight if idx is None else weight.reshape(-1, self.in_channels).index_select(1, idx)
+
+
+class PointHeadConv(nn.Module):
+    """A 1x1 (stride 1) convolution with ``heads`` groups on per-sample input subsets: ``addmm`` per head.
+
+    Keeps ``heads x in x out_per_head`` so that a head's open inputs are contiguous weight rows.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int):
+        super().__init__()
+        weight, bias = fold_bn(conv.weight, bn)
+        out, cin = weight.size(0), weight.size(1)
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1):
+            raise ValueError(f"PointHeadConv needs a 1x1 stride-1 convolution, got {conv}")
+        self.heads, self.per_head, self.in_channels, self.bn = heads, out // heads, cin, bn is not None
+        self.register_buffer("weight", weight.view(heads, out // heads, cin).transpose(1, 2).contiguous(),
+                             persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.view(heads, -1).contiguous(), persistent=False)
+
+    def forward(self, x, h, w, pos, idx, scale, rows=None):
+        """Same contract as :meth:`HeadConv.forward` (1x1: the spatial size is unchanged)."""
+        outs, macs = [], 0
+        for i in range(self.heads):
+            out, m = self._head(x, i, pos[i], idx[i], scale[i], None if rows is None else rows[i])
+            outs.append(out)
+            macs += m
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), h, w, macs
+
+    def _head(self, x, i, pos, idx, scale, rows):
+        weight, bias = self.weight[i], None if self.bias is None else self.bias[i]
+        if idx is not None:
+            weight = weight.index_select(0, idx)
+        if rows is not None:
+            weight = weight.index_select(1, rows)
+            bias = None if bias is None else bias.index_select(0, rows)
+        cin, n_out, hw = weight.size(0), weight.size(1), x.size(0)
+        macs = hw * n_out * (cin + self.bn)
+        if cin == 0 or n_out == 0:
+            out = x.new_zeros(hw, n_out) if bias is None else bias.expand(hw, n_out).contiguous()
+            return out, hw * n_out * self.bn
+        xs = x if pos is None else x.index_select(1, pos)
+        if scale is not None:
+            if weight.numel() <= xs.numel():
+                weight = weight * scale[:, None]
+                macs += weight.numel()
+            else:
+                xs = xs * scale
+                macs += xs.numel()
+        out = torch.mm(xs, weight) if bias is None else torch.addmm(bias, xs, weight)
+        return out, macs
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise k x k convolution (BatchNorm folded) run on a per-sample subset of its channels."""
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
+        super().__init__()
+        weight, bias = fold_bn(conv.weight, bn)
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.stride, self.padding, self.kernel = conv.stride[0], conv.padding[0], conv.kernel_size[0]
+        self.bn = bn is not None
+
+    def forward(self, x, h, w, idx: Optional[torch.Tensor]):
+        """x: HW x |idx| (the kept channels) -> (HoWo x |idx|, ho, wo, MACs)."""
+        weight, bias = self.weight, self.bias
+        if idx is not None:
+            weight = weight.index_select(0, idx)
+            bias = None if bias is None else bias.index_select(0, idx)
+        c = weight.size(0)
+        k, s, p = self.kernel, self.stride, self.padding
+        ho, wo = _out_size(h, k, s, p), _out_size(w, k, s, p)
+        if c == 0:
+            return x.new_zeros(ho * wo, 0), ho, wo, 0
+        out = conv2d(to_image(x, h, w), weight, bias, self.stride, self.padding, c)
+        return to_matrix(out), ho, wo, ho * wo * c * (self.kernel ** 2 + self.bn)
+
+
+class Generators(nn.Module):
+    """Every gate and attention generator of a block, evaluated together on the block's context.
+
+    Their first 1x1 convolutions (BatchNorm folded) are stacked into one matrix-vector product; each
+    second convolution is its own. Returns one ``heads x channels`` logit matrix per generator, in order.
+    MACs equal the generators' ``macs`` (the paper's count).
+    """
+
+    def __init__(self, generators: List[nn.Module]):
+        super().__init__()
+        firsts, biases, self.shapes, self.macs = [], [], [], 0
+        for g in generators:
+            w1, b1 = fold_bn(g.conv[0].weight.flatten(1), g.conv[1])
+            firsts.append(w1)
+            biases.append(b1)
+            self.shapes.append((g.heads, g.channels, w1.size(0)))
+            self.macs += g.macs
+        self.register_buffer("w1", torch.cat(firsts) if firsts else None, persistent=False)
+        self.register_buffer("b1", torch.cat(biases) if firsts else None, persistent=False)
+        for j, g in enumerate(generators):
+            self.register_buffer(f"w2_{j}", g.conv[3].weight.detach().float().flatten(1).contiguous(), persistent=False)
+            self.register_buffer(f"b2_{j}", g.conv[3].bias.detach().float().clone(), persistent=False)
+
+    def forward(self, context: torch.Tensor) -> List[torch.Tensor]:
+        if not self.shapes:
+            return []
+        hidden = torch.addmv(self.b1, self.w1, context).relu_()
+        out, start = [], 0
+        for j, (heads, channels, width) in enumerate(self.shapes):
+            logits = torch.addmv(getattr(self, f"b2_{j}"), getattr(self, f"w2_{j}"), hidden[start:start + width])
+            out.append(logits.view(heads, channels))
+            start += width
+        return out

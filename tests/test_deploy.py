@@ -1,0 +1,261 @@
+"""Deployment: the deployed network gives the eval model's outputs while computing only what the
+gates keep; the training path's per-sample-weight convolution equals the broadcast one; the benchmark
+tool runs end to end."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from msgc.deploy import deploy
+from msgc.modeling import GROUPING_REGISTRY, build_model
+from msgc.modeling.grouping import MSGCGrouping
+from msgc.modeling.layers import AttentionGenerator, MaskGenerator, gate_heads, gated_conv
+
+BACKBONES = ["msgc_resnet18", "msgc_resnet34", "msgc_resnet50", "msgc_resnet101", "msgc_mobilenetv2",
+             "msgc_condensenet"]
+GROUPINGS = ["msgc", "prune", "static", "dense"]
+SIZE = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: a second thread only adds synchronisation (and stalls on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(cfg, name, grouping="msgc", attention="none"):
+    cfg.MODEL.BACKBONE.NAME = name
+    cfg.MODEL.BACKBONE.WIDTH_MULT = 0.25 if "resnet" in name else 0.5
+    cfg.MODEL.BACKBONE.STEM = "cifar"
+    cfg.MODEL.MSGC.GROUPING = grouping
+    cfg.MODEL.MSGC.ATTENTION = attention
+    return build_model(cfg)
+
+
+def randomize(model, seed=0):
+    """BatchNorm statistics, gate logits centred on 0 (about half the gates close, differently for
+    each sample) and attention around 1, all random; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.4 + 0.8)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.4 + 0.3)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        for m in model.modules():
+            if isinstance(m, MaskGenerator):  # sensitive to the context, so that samples differ
+                m.conv[0].weight.normal_(0, 1.0, generator=g)
+                m.conv[1].running_var.fill_(0.01)
+                m.conv[3].weight.normal_(0, 1.0, generator=g)
+                m.conv[3].bias.zero_()
+            if isinstance(m, AttentionGenerator):
+                m.conv[3].weight.normal_(0, 0.1, generator=g)
+    return model.eval()
+
+
+def images(n=3, seed=1):
+    """Random images with per-sample colour offsets, so that pooled contexts (and gates) differ."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, SIZE, SIZE, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
+
+
+def check_same(model, x):
+    with torch.no_grad():
+        want = model(x)
+    got = deploy(model)(x)
+    assert want["logits"].abs().max() > 1e-2  # a difference below 1e-4 must mean something
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)
+    assert torch.equal(got["macs"], want["macs"])
+    return got
+
+
+@pytest.mark.parametrize("attention", ["none", "channel"])
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("name", BACKBONES)
+def test_deployed_equals_eval(cfg, name, grouping, attention):
+    model = randomize(small(cfg, name, grouping, attention))
+    got = check_same(model, images())
+    gap = (got["executed_macs"] / got["macs"] - 1).abs()
+    # tiny widths make the attention fold's count differ most (see test_executed_macs_at_full_size)
+    assert gap.max() < 0.05, gap
+    if grouping in ("msgc", "prune"):  # gates close some channels, differently for each sample
+        if "mobilenet" not in name:  # (random narrow MobileNetV2 blocks wash out sample differences)
+            assert len(set(got["macs"].tolist())) > 1
+        static = model.backbone.complexity(SIZE, SIZE)
+        assert got["macs"].max() < 0.95 * (static.main + static.dgc + static.gen)
+
+
+def _mask_generators(model):
+    return [m for m in model.modules() if isinstance(m, MaskGenerator)]
+
+
+@pytest.mark.parametrize("name", ["msgc_resnet18", "msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"])
+def test_head_with_every_gate_closed(cfg, name):
+    model = randomize(small(cfg, name, "msgc", "channel"))
+    closed = 0
+    with torch.no_grad():
+        for gen in _mask_generators(model):
+            if gen.heads > 1:  # close every channel of head 0 of every multi-head mask
+                gen.conv[3].bias.view(gen.heads, -1)[0] = -1e4
+                closed += 1
+    assert closed
+    x = images()
+    got = check_same(model, x)
+    ctx = {}  # and check on one block that head 0 really was closed in eval
+    gen = next(g for g in _mask_generators(model) if g.heads > 1)
+    hook = gen.register_forward_hook(lambda m, i, o: ctx.setdefault("mask", o))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    assert ctx["mask"][:, 0].sum() == 0 and ctx["mask"][:, 1:].sum() > 0
+    assert (got["executed_macs"] / got["macs"] - 1).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("name", ["msgc_resnet18", "msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"])
+def test_every_gate_open(cfg, name):
+    model = randomize(small(cfg, name, "msgc", "none"))
+    with torch.no_grad():
+        for gen in _mask_generators(model):
+            gen.conv[3].bias.fill_(1e4)
+    got = check_same(model, images(2))
+    # every gated convolution runs at full width: the paper's count is the dense host's plus the
+    # generators (and the context pooling)
+    static = model.backbone.complexity(SIZE, SIZE)
+    torch.testing.assert_close(got["macs"], torch.full((2,), float(static.main + static.dgc + static.gen),
+                                                        dtype=torch.float64))
+
+
+@pytest.mark.parametrize("config", ["msgc_r18_att", "msgc_r50", "msgc_mbv2_att", "msgc_condensenet"])
+def test_executed_macs_at_full_size(cfg, config):
+    """At the paper's sizes the MACs the deployed network runs agree with the paper's count within 2%
+    per sample (the gaps: attention folded into weights instead of multiplying activations, folded
+    BatchNorm on the computed channels only)."""
+    import os
+
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"{config}.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    model = randomize(build_model(cfg))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    got = check_same(model, x)
+    ratio = got["macs"] / model.dense_macs(224, 224)
+    assert (ratio < 0.9).all() and (ratio > 0.3).all()
+    assert (got["executed_macs"] / got["macs"] - 1).abs().max() < 0.02
+
+
+def test_batch_runs_sample_by_sample(cfg):
+    model = randomize(small(cfg, "msgc_resnet18", "msgc", "channel"))
+    deployed, x = deploy(model), images(4)
+    whole = deployed(x)
+    for i in range(4):
+        one = deployed(x[i:i + 1])
+        torch.testing.assert_close(one["logits"], whole["logits"][i:i + 1], rtol=0, atol=1e-6)
+        assert one["macs"].item() == whole["macs"][i].item()
+
+
+def test_deploy_refuses_a_training_model(cfg):
+    model = small(cfg, "msgc_resnet18").train()
+    with pytest.raises(ValueError, match="training mode.*model.eval"):
+        deploy(model)
+    with pytest.raises(ValueError, match="expected a msgc Classifier"):
+        deploy(nn.Linear(2, 2).eval())
+
+
+def test_deployed_model_refuses_training(cfg):
+    deployed = deploy(small(cfg, "msgc_resnet18").eval())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        deployed.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        deployed(images(2), torch.tensor([0, 1]))
+    deployed.eval()  # allowed: it already is
+    assert not deployed.training and not any(m.training for m in deployed.modules())
+    assert not list(deployed.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore:The tensor attributes:UserWarning")
+def test_graph_capture_is_a_clear_error(cfg):
+    """Per-sample shapes cannot be captured in a graph: the deployed model says so, and the source
+    model (eval mode) traces and exports instead."""
+    model = small(cfg, "msgc_resnet18").eval()
+    deployed, x = deploy(model), images(1)
+    with pytest.raises(RuntimeError, match="cannot be traced"):
+        torch.jit.trace(deployed, x, strict=False)
+    with pytest.raises(RuntimeError, match="cannot be scripted"):
+        torch.jit.script(deployed)
+    exported = torch.export.export(model, (x,))
+    y = images(1, seed=7)
+    torch.testing.assert_close(exported.module()(y)["logits"], model(y)["logits"])
+
+
+class _OddMask(nn.Module):
+    macs = 0
+
+    def __init__(self, channels, heads):
+        super().__init__()
+        self.heads, self.channels = heads, channels
+
+    def forward(self, context):
+        return context.new_ones(context.size(0), self.heads, self.channels)
+
+
+def test_unsupported_grouping_is_a_clear_error(cfg):
+    @GROUPING_REGISTRY.register("odd_for_deploy_test")
+    class OddGrouping(MSGCGrouping):
+        def head_mask(self, in_channels, channels, reduction):
+            return _OddMask(channels, self.heads)
+
+    try:
+        model = small(cfg, "msgc_resnet18", "odd_for_deploy_test").eval()
+        with pytest.raises(ValueError, match=r"layer1\.0\.maskgen2 is a _OddMask; deploy supports"):
+            deploy(model)
+    finally:
+        GROUPING_REGISTRY._obj_map.pop("odd_for_deploy_test")
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16, 4, 3, 1), (3, 16, 8, 9, 4, 3, 2), (2, 12, 24, 10, 4, 1, 1),
+                                   (2, 64, 64, 4, 4, 3, 1)])
+def test_gated_conv_equals_the_broadcast(shape):
+    """Both paths of the training-time MSGC convolution (per-sample weights where they are smaller, the
+    heads' broadcast input elsewhere; the last shape takes the broadcast) match conv(gate_heads(...)) in
+    values and gradients."""
+    n, c, o, h, heads, k, stride = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c * heads, o, k, stride, k // 2, groups=heads, bias=False)
+    x = torch.randn(n, c, h, h, requires_grad=True)
+    mask = (torch.rand(n, heads, c) > 0.5).float().requires_grad_()
+    att = torch.rand(n, heads, c, requires_grad=True)
+    want = conv(gate_heads(x, mask, att, heads))
+    got = gated_conv(conv, x, mask, att)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    inputs = (x, mask, att, conv.weight)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_tool_runs(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("MODEL:\n  BACKBONE:\n    NAME: msgc_resnet18\n    STEM: cifar\n    WIDTH_MULT: 0.25\n"
+                      "  NUM_CLASSES: 10\n  MSGC:\n    ATTENTION: channel\n")
+    result = tool.main(["--config-file", str(config), "--mode", "train", "eval", "deploy", "--compare-dense",
+                        "--size", "16", "--batch-size", "2", "--iters", "2", "--warmup", "1", "--batches", "2",
+                        "--threads", "1", "--json", "SOLVER.IMS_PER_BATCH", "2"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["runs"].keys() == {"train", "eval", "deploy", "dense"} == result["runs"].keys()
+    for run in printed["runs"].values():
+        assert run["n"] == 2 and 0 < run["min_ms"] <= run["median_ms"]
+    assert "MODEL.MSGC.GROUPING dense" in printed["runs"]["dense"]["what"]
+    assert 0.2 < printed["runs"]["deploy"]["mac_ratio"] < 0.95
+    assert set(printed["ratios"]) == {"deploy/dense", "eval/dense", "train/dense", "eval/deploy"}

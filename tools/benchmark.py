@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Time a model of a config in training, eval or deployed mode, beside its dense host.
+
+    python tools/benchmark.py --config-file CFG [--weights W] --device cpu|cuda --batch-size B \\
+        --mode train|eval|deploy [...] --compare-dense [--json] [KEY VALUE ...]
+
+Every run (each ``--mode`` given, and the dense host with ``--compare-dense``) is warmed up, then timed
+``--iters`` times, the runs taking turns round by round so that a busy machine slows them alike; GPU
+work is synchronised before each clock reading. Reported per run: median, quartiles and minimum in
+milliseconds per step, and MACs per sample. A step is one forward pass of a batch (eval, deploy, and
+the dense host with BatchNorm folded), or forward + backward + SGD step (train, and the dense host in
+training mode).
+
+The dense host is torchvision's network with the same width and number of classes (BatchNorm folded
+into the convolutions for inference), or, where torchvision has none (DenseNet-74, the cifar stem,
+ResNet width multipliers), this project's model with ``MODEL.MSGC.GROUPING dense``.
+
+Without ``--weights`` the model keeps random weights and every mask generator's last bias is set to
+``--gate-bias`` (0 by default): gate logits centred on 0 close about half of the gated channels, the
+operating point of the paper's models. ``MODEL.WEIGHTS`` of the config is ignored: only ``--weights``
+loads weights, so the tool never downloads anything by itself.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+from msgc.config import get_cfg
+from msgc.deploy import deploy
+from msgc.modeling import build_model
+from msgc.modeling.layers import MaskGenerator
+
+_TORCHVISION = {"msgc_resnet18": "resnet18", "msgc_resnet34": "resnet34", "msgc_resnet50": "resnet50",
+                "msgc_resnet101": "resnet101", "msgc_mobilenetv2": "mobilenet_v2"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
+    parser.add_argument("--weights", default="", help="checkpoint to load (default: random weights)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--mode", nargs="+", choices=("train", "eval", "deploy"), default=["deploy"],
+                        help="one or more of train, eval, deploy")
+    parser.add_argument("--compare-dense", action="store_true", help="also time the dense host")
+    parser.add_argument("--size", type=int, default=0, help="image side (default INPUT.TEST_SIZE, "
+                        "INPUT.TRAIN_SIZE for --mode train)")
+    parser.add_argument("--gate-bias", type=float, default=None,
+                        help="set mask generators' last bias (default 0 without --weights)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per run")
+    parser.add_argument("--iters", type=int, default=50, help="timed steps per run")
+    parser.add_argument("--batches", type=int, default=0,
+                        help="cycle through this many random batches (default 0: a new batch every step, "
+                        "as in deployment; repeated batches let oneDNN reuse kernels built for their "
+                        "shapes)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine; "
+                        "use with --threads 1, CPU only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE pairs")
+    return parser.parse_intermixed_args(argv)
+
+
+def setup(args):
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = args.device
+    cfg.MODEL.WEIGHTS = args.weights
+    cfg.freeze()
+    torch.set_num_threads(args.threads or os.cpu_count())
+    torch.manual_seed(args.seed)
+    return cfg
+
+
+def build(cfg, args):
+    model = build_model(cfg)
+    if args.weights:
+        from msgc.checkpoint import MSGCCheckpointer
+
+        MSGCCheckpointer(model).load(args.weights)
+    bias = args.gate_bias if args.gate_bias is not None else (None if args.weights else 0.0)
+    if bias is not None:
+        for m in model.modules():
+            if isinstance(m, MaskGenerator):
+                torch.nn.init.constant_(m.conv[3].bias, bias)
+    return model
+
+
+def dense_host(cfg, train):
+    """The dense host network and a description of it."""
+    b = cfg.MODEL.BACKBONE
+    name = _TORCHVISION.get(b.NAME)
+    width_ok = b.WIDTH_MULT == 1.0 or name == "mobilenet_v2"
+    if name is not None and b.STEM == "imagenet" and width_ok:
+        import torchvision
+
+        kwargs = {"width_mult": b.WIDTH_MULT} if name == "mobilenet_v2" else {}
+        net = getattr(torchvision.models, name)(num_classes=cfg.MODEL.NUM_CLASSES, **kwargs)
+        net = net.to(cfg.MODEL.DEVICE)
+        if train:
+            return net.train(), f"torchvision {name}"
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(net.eval()), f"torchvision {name}, BatchNorm folded"
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.MSGC.GROUPING = "dense"
+    cfg.MODEL.MSGC.ATTENTION = "none"
+    return build_model(cfg).train(train), f"{b.NAME} with MODEL.MSGC.GROUPING dense"
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+
+
+def runners(cfg, args, model):
+    """name -> (step function taking (images, labels), description)."""
+    out = {}
+    for mode in args.mode:
+        if mode == "train":
+            opt = sgd(model)
+
+            def step(x, y, opt=opt):
+                losses = model.train()(x, y)
+                loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            out["train"] = (step, "forward + backward + SGD step")
+        elif mode == "eval":
+            def step(x, y):
+                with torch.no_grad():
+                    model.eval()(x)
+
+            out["eval"] = (step, "eval mode (closed channels multiplied by 0)")
+        else:
+            deployed = deploy(model.eval())
+            out["deploy"] = (lambda x, y, d=deployed: d(x), "msgc.deploy.deploy(model)")
+    if args.compare_dense:
+        train = args.mode == ["train"]
+        host, what = dense_host(cfg, train)
+        if train:
+            opt = sgd(host)
+
+            def step(x, y):
+                loss = torch.nn.functional.cross_entropy(host(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        else:
+            def step(x, y):
+                with torch.no_grad():
+                    host(x)
+        out["dense"] = (step, what)
+    return out
+
+
+def batch_source(args, cfg, size, device):
+    """step number -> (images, labels): new random ones each step, or cycled through ``--batches``."""
+    def make():
+        return (torch.randn(args.batch_size, 3, size, size, device=device),
+                torch.randint(cfg.MODEL.NUM_CLASSES, (args.batch_size,), device=device))
+
+    if args.batches <= 0:
+        return lambda r: make()
+    fixed = [make() for _ in range(args.batches)]
+    return lambda r: fixed[r % len(fixed)]
+
+
+def measure(runs, args, batches, device):
+    """Warm-up, then ``iters`` rounds in which every run takes one timed step on the round's batch.
+    -> name: [ms]."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = {name: [] for name in runs}
+    for r in range(args.warmup + args.iters):
+        x, y = batches(r)
+        for name, (step, _) in runs.items():
+            sync()
+            t = clock()
+            step(x, y)
+            sync()
+            if r >= args.warmup:
+                times[name].append((clock() - t) * 1e3)
+    return times
+
+
+def summary(ms):
+    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(ms),
+            "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "n": len(ms)}
+
+
+def mac_stats(model, runs, batches, size):
+    """Per-sample MACs (mean over a few batches) of the model and of its deployed version."""
+    dense = model.dense_macs(size, size)
+    out = {"dense": {"macs": dense, "mac_ratio": 1.0}}
+    model.eval()
+    with torch.no_grad():
+        macs = torch.cat([model(b)["macs"] for b in batches]).mean().item()
+    for name in runs:
+        if name in ("eval", "train"):
+            out[name] = {"macs": macs, "mac_ratio": macs / dense}
+    if "deploy" in runs:
+        deployed = deploy(model)
+        executed = torch.cat([deployed(b)["executed_macs"] for b in batches]).mean().item()
+        out["deploy"] = {"macs": macs, "mac_ratio": macs / dense, "executed_macs": executed,
+                         "executed_ratio": executed / dense}
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = setup(args)
+    device = torch.device(args.device)
+    size = args.size or (cfg.INPUT.TRAIN_SIZE if args.mode == ["train"] else cfg.INPUT.TEST_SIZE)
+    model = build(cfg, args)
+    batches = batch_source(args, cfg, size, device)
+    runs = runners(cfg, args, model)
+    macs = mac_stats(model, runs, [batches(r)[0] for r in range(max(1, min(args.batches or 4, 4)))], size)
+    times = measure(runs, args, batches, device)
+    result = {"config": args.config_file, "opts": args.opts, "device": str(device), "batches": args.batches,
+              "threads": torch.get_num_threads(), "clock": args.clock, "batch_size": args.batch_size, "size": size,
+              "torch": torch.__version__, "runs": {}}
+    for name, (_, what) in runs.items():
+        result["runs"][name] = {"what": what, **summary(times[name]), **macs.get(name, {})}
+    result["ratios"] = ratios(result["runs"])
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(report(result))
+    return result
+
+
+def ratios(runs):
+    """Median-time ratios worth reading: each run against the dense host, eval against deploy."""
+    med = {k: v["median_ms"] for k, v in runs.items()}
+    out = {}
+    for name in ("deploy", "eval", "train"):
+        if name in med and "dense" in med:
+            out[f"{name}/dense"] = med[name] / med["dense"]
+    if "eval" in med and "deploy" in med:
+        out["eval/deploy"] = med["eval"] / med["deploy"]
+    return out
+
+
+def report(result):
+    rows = []
+    for name, r in result["runs"].items():
+        executed = r.get("executed_macs")
+        rows.append([name, f"{r['median_ms']:.2f}", f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}", f"{r['min_ms']:.2f}",
+                     f"{r['macs'] / 1e6:.1f}" if "macs" in r else "",
+                     f"{r['mac_ratio']:.3f}" if "mac_ratio" in r else "",
+                     "" if executed is None else f"{executed / 1e6:.1f}", r["what"]])
+    head = (f"{result['config']} {' '.join(result['opts'])}: {result['device']}, {result['threads']} threads, "
+            f"{result['clock']} clock, "
+            f"batch {result['batch_size']}, {result['size']}x{result['size']}, torch {result['torch']}")
+    table = tabulate(rows, headers=["run", "median ms", "p25-p75", "min", "MMACs/sample", "MAC ratio",
+                                    "executed MMACs", "what"])
+    lines = [head, table]
+    lines += [f"{k}: {v:.3f}" for k, v in result["ratios"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
