@@ -73,6 +73,11 @@ _C.DATASETS.TRAIN = "imagenet"
 _C.DATASETS.TEST = "imagenet"
 # Root folder of the dataset (for "imagenet": a folder with train/ and val/).
 _C.DATASETS.ROOT = "datasets/imagenet"
+# Keys of the "synthetic" dataset (random images for smoke tests and benchmarks):
+# Number of images of its train split.
+_C.DATASETS.SYNTHETIC_LENGTH = 64
+# Number of images of its test split.
+_C.DATASETS.SYNTHETIC_TEST_LENGTH = 64
 
 _C.DATALOADER = CN()
 # Worker processes per data loader.

@@ -1,0 +1,265 @@
+"""The built-in datasets: image folders (ImageNet and any other), CIFAR, scikit-learn's digits and
+synthetic data. Each is registered in :data:`DATASET_REGISTRY` and follows its contract.
+"""
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+
+from .build import DATASET_REGISTRY
+
+__all__ = ["CorruptImageError", "ImageFolderDataset", "TensorImageDataset", "SyntheticDataset",
+           "load_rgb", "digits_split"]
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptImageError(OSError):
+    """An image file that cannot be read or decoded."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Read an image file as an RGB PIL image; raises :class:`CorruptImageError` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for damaged or unknown files
+        raise CorruptImageError(f"cannot read image '{path}': {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------------------------
+def _subfolders(path: str) -> list:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset folder '{path}' does not exist")
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+
+
+class ImageFolderDataset(tv_datasets.ImageFolder):
+    """One split of an image-folder tree (``root/<class>/<image>``) with a given class list.
+
+    The labels come from ``classes`` rather than from the split's own folders, so that a test split
+    lacking a class still maps every class name to its training label; a folder not in ``classes`` is
+    an error. A class folder with no image is an error too: it usually means a broken copy.
+
+    A file that cannot be decoded raises :class:`CorruptImageError` naming it. With
+    ``skip_corrupt=True`` it is replaced by the next readable sample (so batches keep their size), a
+    warning names it the first time this process meets it, and ``skipped`` holds the corrupt paths
+    this process met (each data-loader worker has its own copy and its own warnings).
+
+    Args:
+        root: the split's folder.
+        classes: class names in label order (normally the sorted class folders of ``train/``).
+        transform: applied to each RGB PIL image.
+        skip_corrupt: skip corrupt images instead of raising.
+    """
+
+    def __init__(self, root: str, classes, transform=None, skip_corrupt: bool = False):
+        self._given_classes = list(classes)
+        self.skip_corrupt = skip_corrupt
+        self.skipped = set()
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        self._check_no_empty_class()
+
+    def find_classes(self, directory):
+        unknown = sorted(set(_subfolders(directory)) - set(self._given_classes))
+        if unknown:
+            raise ValueError(f"class folder '{os.path.join(directory, unknown[0])}' is not one of the "
+                             f"{len(self._given_classes)} classes of the training split")
+        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
+
+    def _check_no_empty_class(self):
+        counts = Counter(self.targets)
+        for name in _subfolders(self.root):
+            if counts[self.class_to_idx[name]] == 0:
+                raise ValueError(f"class folder '{os.path.join(self.root, name)}' has no images "
+                                 f"(extensions {', '.join(self.extensions)})")
+
+    def __getitem__(self, index):
+        for offset in range(len(self)):
+            path, label = self.samples[(index + offset) % len(self)]
+            try:
+                image = self.loader(path)
+            except CorruptImageError as e:
+                if not self.skip_corrupt:
+                    raise
+                self._note_skipped(path, e)
+                continue
+            return self.transform(image) if self.transform else image, label
+        raise CorruptImageError(f"every image under '{self.root}' is corrupt")
+
+    def _note_skipped(self, path, error):
+        if path not in self.skipped:
+            self.skipped.add(path)
+            logger.warning("DATALOADER.SKIP_CORRUPT: skipping %s; %d corrupt file(s) skipped so far in "
+                           "this process", error, len(self.skipped))
+
+
+def _folder_dataset(cfg, split, transform, test_folders):
+    """The ``train/`` folder of DATASETS.ROOT for "train", else the first of ``test_folders`` there."""
+    root = cfg.DATASETS.ROOT
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder '{root}' (DATASETS.ROOT) does not exist")
+    candidates = ["train"] if split == "train" else test_folders
+    folders = [os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))]
+    if not folders:
+        raise FileNotFoundError(f"dataset folder '{os.path.join(root, candidates[0])}' does not exist "
+                                f"(DATASETS.ROOT needs {' or '.join(c + '/' for c in candidates)} for "
+                                f"the {split} split)")
+    train_folder = os.path.join(root, "train")
+    class_source = train_folder if os.path.isdir(train_folder) else folders[0]
+    classes = _subfolders(class_source)
+    if not classes:
+        raise FileNotFoundError(f"dataset folder '{class_source}' has no class folders")
+    return ImageFolderDataset(folders[0], classes, transform, skip_corrupt=cfg.DATALOADER.SKIP_CORRUPT)
+
+
+@DATASET_REGISTRY.register("imagenet")
+def imagenet(cfg, split, transform):
+    """ImageNet as image folders: DATASETS.ROOT holds ``train/`` and ``val/`` (the test split)."""
+    return _folder_dataset(cfg, split, transform, ["val"])
+
+
+@DATASET_REGISTRY.register("imagefolder")
+def imagefolder(cfg, split, transform):
+    """Any image-folder tree: DATASETS.ROOT holds ``train/`` and ``val/`` (or ``test/``)."""
+    return _folder_dataset(cfg, split, transform, ["val", "test"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# CIFAR
+# ---------------------------------------------------------------------------------------------------
+def _cifar(dataset_class, folder, cfg, split, transform):
+    path = os.path.join(cfg.DATASETS.ROOT, folder)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"CIFAR folder '{path}' does not exist; put the extracted python version "
+                                f"of the dataset (https://www.cs.toronto.edu/~kriz/cifar.html) under "
+                                f"DATASETS.ROOT")
+    try:
+        return dataset_class(cfg.DATASETS.ROOT, train=split == "train", transform=transform, download=False)
+    except RuntimeError as e:
+        raise ValueError(f"CIFAR files in '{path}' are incomplete or corrupt: {e}") from e
+
+
+@DATASET_REGISTRY.register("cifar10")
+def cifar10(cfg, split, transform):
+    """CIFAR-10 from torchvision's files in DATASETS.ROOT (``cifar-10-batches-py/``); never downloads."""
+    return _cifar(tv_datasets.CIFAR10, "cifar-10-batches-py", cfg, split, transform)
+
+
+@DATASET_REGISTRY.register("cifar100")
+def cifar100(cfg, split, transform):
+    """CIFAR-100 from torchvision's files in DATASETS.ROOT (``cifar-100-python/``); never downloads."""
+    return _cifar(tv_datasets.CIFAR100, "cifar-100-python", cfg, split, transform)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-memory datasets: digits and synthetic
+# ---------------------------------------------------------------------------------------------------
+class TensorImageDataset(Dataset):
+    """Images held in memory as a ``N x 3 x H x W`` uint8 tensor, with int labels.
+
+    Args:
+        images: uint8 tensor ``N x 3 x H x W``.
+        labels: N integer labels.
+        classes: class names in label order.
+        transform: applied to each ``3 x H x W`` uint8 image.
+    """
+
+    def __init__(self, images: torch.Tensor, labels, classes, transform=None):
+        self.images, self.labels = images, [int(label) for label in labels]
+        self.classes, self.transform = list(classes), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        return self.transform(image) if self.transform else image, self.labels[index]
+
+
+# The digits split: stratified, this fraction held out for testing, drawn with this fixed seed.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+def digits_split():
+    """Indices ``(train, test)`` (sorted) of the fixed split of scikit-learn's 1797 digits.
+
+    The split is stratified by class with :data:`DIGITS_TEST_FRACTION` held out and seed
+    :data:`DIGITS_SPLIT_SEED`: 1437 training and 360 test images, the same on every machine.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    labels = load_digits().target
+    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
+                                   stratify=labels, random_state=DIGITS_SPLIT_SEED)
+    return np.sort(train), np.sort(test)
+
+
+@DATASET_REGISTRY.register("digits")
+def digits(cfg, split, transform):
+    """The real 8x8 handwritten digits that scikit-learn ships (no download), as 3-channel images.
+
+    Grey levels 0..16 become uint8 0..255, copied to three channels; the transforms of cfg.INPUT then
+    upscale them (e.g. INPUT.TRAIN_SIZE = INPUT.TEST_SIZE = INPUT.TEST_RESIZE = 32). Flipping digits
+    changes their meaning, so configs for them should set INPUT.RANDOM_FLIP False. The train/test split
+    is fixed: see :func:`digits_split`.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    index = digits_split()[0 if split == "train" else 1]
+    grey = torch.from_numpy(np.rint(data.images[index] * (255.0 / 16.0)).astype(np.uint8))
+    images = grey[:, None].expand(-1, 3, -1, -1).contiguous()
+    return TensorImageDataset(images, data.target[index], [str(d) for d in range(10)], transform)
+
+
+class SyntheticDataset(Dataset):
+    """Random uint8 images with random labels, each a function of ``(seed, index)`` only.
+
+    Meant for smoke tests and benchmarks: nothing to read from disk, any length, and the same items in
+    every process and every run.
+
+    Args:
+        length: number of items.
+        size: side of the square ``3 x size x size`` images.
+        num_classes: labels are drawn uniformly from ``[0, num_classes)``.
+        seed: seed of the items.
+        transform: applied to each uint8 image.
+    """
+
+    def __init__(self, length: int, size: int, num_classes: int, seed: int = 0, transform=None):
+        if length <= 0:
+            raise ValueError(f"synthetic dataset length must be positive, got {length}")
+        self.length, self.size, self.seed, self.transform = length, size, seed, transform
+        self.classes = [str(c) for c in range(num_classes)]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} is out of range for {self.length} items")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        image = torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=generator)
+        label = int(torch.randint(0, len(self.classes), (), generator=generator))
+        return self.transform(image) if self.transform else image, label
+
+
+@DATASET_REGISTRY.register("synthetic")
+def synthetic(cfg, split, transform):
+    """Random images of the configured input size with MODEL.NUM_CLASSES labels (seed 0 for train, 1 for
+    test); lengths DATASETS.SYNTHETIC_LENGTH and DATASETS.SYNTHETIC_TEST_LENGTH."""
+    if split == "train":
+        return SyntheticDataset(cfg.DATASETS.SYNTHETIC_LENGTH, cfg.INPUT.TRAIN_SIZE, cfg.MODEL.NUM_CLASSES,
+                                seed=0, transform=transform)
+    return SyntheticDataset(cfg.DATASETS.SYNTHETIC_TEST_LENGTH, cfg.INPUT.TEST_SIZE, cfg.MODEL.NUM_CLASSES,
+                            seed=1, transform=transform)

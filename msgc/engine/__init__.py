@@ -1,0 +1,9 @@
+"""Training: the hook-based loop, the default trainer and set-up, and multi-process launch."""
+from . import hooks
+from .defaults import DefaultTrainer, create_ddp_model, default_argument_parser, default_setup
+from .hooks import HookBase
+from .launch import launch
+from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+
+__all__ = ["AMPTrainer", "DefaultTrainer", "HookBase", "SimpleTrainer", "TrainerBase", "create_ddp_model",
+           "default_argument_parser", "default_setup", "hooks", "launch"]

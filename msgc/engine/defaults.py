@@ -1,0 +1,319 @@
+"""The default training set-up: command-line arguments, output folder and logging, and ``DefaultTrainer``.
+
+``tools/train_net.py`` shows how they fit together. Research code changes behaviour by subclassing
+:class:`DefaultTrainer` and overriding its ``build_*`` class methods, or by registering hooks.
+"""
+import argparse
+import itertools
+import logging
+import os
+import random
+import sys
+import weakref
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+from ..checkpoint import MSGCCheckpointer
+from ..evaluation import ClassificationEvaluator, inference_on_dataset, results_table
+from ..modeling import build_model
+from ..solver import build_lr_scheduler, build_mac_scheduler, build_optimizer
+from ..utils import comm
+from ..utils.events import default_writers
+from ..utils.file_io import PathManager
+from ..utils.logger import setup_logger
+from . import hooks
+from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+
+__all__ = ["default_argument_parser", "default_setup", "create_ddp_model", "skip_batches", "DefaultTrainer"]
+
+logger = logging.getLogger("msgc.engine")
+
+
+def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
+    """The arguments of ``tools/train_net.py``: config, resume/eval, processes and machines, overrides."""
+    parser = argparse.ArgumentParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to a yaml config")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT_DIR/last_checkpoint (model, optimizer, schedules, iteration)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS and exit")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="processes per machine: one per GPU, or CPU processes with MODEL.DEVICE cpu")
+    parser.add_argument("--num-machines", type=int, default=1, help="number of machines")
+    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank (0 .. num-machines-1)")
+    parser.add_argument("--dist-url", default="auto",
+                        help="tcp://<machine 0 address>:<port> where the processes meet; auto: a free local port")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.1 MODEL.DEVICE cpu")
+    return parser
+
+
+def default_setup(cfg, args=None):
+    """Prepare a run: output folder, logging, the seed, and a copy of the config.
+
+    - creates ``cfg.OUTPUT_DIR``; logs to the console (rank 0) and ``OUTPUT_DIR/log.txt``;
+    - resolves ``SEED``: a negative seed is drawn once and shared by all ranks, and written into cfg so
+      that ``config.yaml`` and every checkpoint record it; each rank seeds with ``SEED + rank``;
+    - writes ``OUTPUT_DIR/config.yaml`` (rank 0) and sets ``cudnn.benchmark``.
+
+    Call it before ``cfg.freeze()``.
+    """
+    rank = comm.get_rank()
+    output_dir = cfg.OUTPUT_DIR
+    if output_dir and comm.is_main_process():
+        PathManager.mkdirs(output_dir)
+    setup_logger(output_dir, distributed_rank=rank)
+    logger.info("Rank %d of %d; Python %s; torch %s", rank, comm.get_world_size(), sys.version.split()[0],
+                torch.__version__)
+    if args is not None:
+        logger.info("Command line arguments: %s", args)
+    _resolve_seed(cfg)
+    seed_all_rng(cfg.SEED + rank)
+    logger.info("Seed %d (this process: %d)", cfg.SEED, cfg.SEED + rank)
+    if output_dir and comm.is_main_process():
+        path = os.path.join(output_dir, "config.yaml")
+        with PathManager.open(path, "w") as f:
+            f.write(cfg.dump())
+        logger.info("Full config saved to %s", path)
+    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
+def _resolve_seed(cfg):
+    if cfg.SEED >= 0:
+        return
+    drawn = int.from_bytes(os.urandom(4), "little") % (2 ** 31)
+    seed = comm.all_gather(drawn)[0]  # rank 0's draw, for everyone
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SEED = seed
+    if frozen:
+        cfg.freeze()
+
+
+def seed_all_rng(seed: int):
+    """Seed Python's, NumPy's and torch's random generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def create_ddp_model(model, **kwargs):
+    """Wrap ``model`` in DistributedDataParallel when several processes run (else return it).
+
+    GPU models get ``device_ids=[local rank]``; CPU models get none (DDP rejects device ids for them).
+    """
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).device.type == "cuda":
+        kwargs.setdefault("device_ids", [comm.get_local_rank()])
+    return DistributedDataParallel(model, **kwargs)
+
+
+class DefaultTrainer(TrainerBase):
+    """The standard training of an msgc classifier, built from a config.
+
+    It builds the model, optimizer, LR and MAC-target schedules and checkpointer through the
+    ``build_*`` class methods (the override points), wraps the model in DistributedDataParallel when
+    several processes run, and trains with a :class:`SimpleTrainer` (or :class:`AMPTrainer` when
+    ``SOLVER.AMP.ENABLED``) that it composes. The hooks are listed, in order, in :meth:`build_hooks`.
+
+    Use::
+
+        trainer = DefaultTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()   # the final evaluation
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        _check_batch_size(cfg)
+        self.cfg = cfg
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        model = create_ddp_model(model)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = AMPTrainer(model, None, optimizer, cfg.SOLVER.AMP.DTYPE, cfg.SOLVER.CHECK_FINITE_LOSS)
+        else:
+            self._trainer = SimpleTrainer(model, None, optimizer, cfg.SOLVER.CHECK_FINITE_LOSS)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.mac_scheduler = self.build_mac_scheduler(cfg)
+        self.checkpointer = MSGCCheckpointer(
+            hooks.unwrap_model(model), cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), optimizer=optimizer,
+            scheduler=self.scheduler, mac_scheduler=self.mac_scheduler, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.last_eval_results = None
+        self.register_hooks(self.build_hooks())
+
+    @property
+    def model(self):
+        return self._trainer.model
+
+    @property
+    def optimizer(self):
+        return self._trainer.optimizer
+
+    @property
+    def data_loader(self):
+        return self._trainer.data_loader
+
+    def resume_or_load(self, resume: bool = True):
+        """Continue from ``OUTPUT_DIR/last_checkpoint`` when ``resume`` and one exists (model, optimizer,
+        schedules, iteration, hooks, grad scaler); otherwise load only the model from ``MODEL.WEIGHTS``."""
+        weights = self.cfg.MODEL.WEIGHTS
+        if resume and not self.checkpointer.has_checkpoint():
+            logger.warning("--resume: no checkpoint in %s (no last_checkpoint file); starting a new training%s",
+                           self.cfg.OUTPUT_DIR, f" from MODEL.WEIGHTS {weights}" if weights else " from scratch")
+            resume = False
+        extra = self.checkpointer.resume_or_load(weights, resume=resume)
+        if resume:
+            self.start_iter = int(extra.get("iteration", -1)) + 1
+            logger.info("Resuming at iteration %d", self.start_iter)
+
+    def build_hooks(self) -> list:
+        """The hooks, in the order they run at each step (see the comments)."""
+        cfg = self.cfg
+        model = hooks.unwrap_model(self.model)
+        out = [
+            hooks.IterationTimer(),
+            # before anything draws random numbers in the step
+            hooks.IterationSeed(cfg.SEED) if cfg.SEED >= 0 else None,
+            hooks.MACTargetSchedule(model, self.mac_scheduler) if hasattr(model, "set_mac_target") else None,
+            hooks.LRScheduler(),
+            # checkpoint before evaluating: a crash in the evaluation still leaves this iteration's checkpoint
+            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter, cfg=cfg),
+        ]
+        if cfg.DATASETS.TEST:
+            out.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(self.cfg, self.model)))
+            # after the evaluation, whose result it reads
+            out.append(hooks.BestCheckpointer(self.checkpointer, "val/top1", cfg=cfg))
+        if comm.is_main_process():
+            # last: writes everything the hooks above logged at this iteration, evaluation included
+            out.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
+        return out
+
+    def build_writers(self) -> list:
+        """Console, ``metrics.json`` and TensorBoard writers (main process only)."""
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter, self.cfg.SOLVER.IMS_PER_BATCH)
+
+    def train(self):
+        """Train from ``start_iter`` to ``SOLVER.MAX_ITER``; returns the last evaluation's results."""
+        if self._trainer.data_loader is None:
+            self._trainer.data_loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
+        super().train(self.start_iter, self.max_iter)
+        return self.last_eval_results
+
+    def run_step(self):
+        self._trainer.iter = self.iter
+        self._trainer.run_step()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(self._trainer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self._trainer.load_state_dict(state)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """The model (on ``MODEL.DEVICE``, weights not loaded). Override to use another model."""
+        model = build_model(cfg)
+        logger.info("Model:\n%s", model)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """The optimizer; the default is :func:`msgc.solver.build_optimizer` (the paper's groups)."""
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """The per-iteration LR scheduler: :func:`msgc.solver.build_lr_scheduler`."""
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_mac_scheduler(cls, cfg):
+        """The MAC-target scheduler: :func:`msgc.solver.build_mac_scheduler`."""
+        return build_mac_scheduler(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        """The endless training loader of this process, positioned at iteration ``start_iter``.
+
+        A resumed run then sees the batches the uninterrupted run would have seen (see
+        :func:`skip_batches`). An override must honour ``start_iter`` the same way.
+        """
+        from ..data import build_train_loader
+
+        return skip_batches(build_train_loader(cfg), start_iter)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name: str):
+        """The loader of this process's exact shard of a test dataset."""
+        from ..data import build_test_loader
+
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name: str, model):
+        """The evaluator of a test dataset: top-1/top-5 and MACs against ``model.dense_macs``."""
+        return ClassificationEvaluator(getattr(model, "dense_macs", None))
+
+    @classmethod
+    def test(cls, cfg, model, evaluator=None) -> dict:
+        """Evaluate ``model`` on ``DATASETS.TEST``; logs a table on the main process.
+
+        The evaluation runs on the module inside DistributedDataParallel: each process sees a shard of a
+        different size, which a DDP forward (it synchronises buffers) would not allow.
+        """
+        model = hooks.unwrap_model(model)
+        name = cfg.DATASETS.TEST
+        loader = cls.build_test_loader(cfg, name)
+        evaluator = evaluator or cls.build_evaluator(cfg, name, model)
+        results = inference_on_dataset(model, loader, evaluator)
+        if comm.is_main_process():
+            logger.info("Evaluation on %s:\n%s", name, results_table(results, name))
+        return results
+
+
+class _SkippingBatchSampler(Sampler):
+    """Yields the batches of ``batch_sampler`` after the first ``skip``."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+
+def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
+    """The same loader, starting after its first ``num_batches`` batches.
+
+    Only the batch sampler's indices are skipped: no image is read for the skipped batches, so
+    resuming late in a long run costs only the iteration over the skipped indices. Worker processes
+    keep their seeds; with ``DATALOADER.NUM_WORKERS 0`` the augmentations draw from the main process's
+    generator, which :class:`~msgc.engine.hooks.IterationSeed` makes a function of the iteration, and a
+    resumed run is then identical to an uninterrupted one.
+    """
+    if num_batches <= 0:
+        return loader
+    if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
+        raise TypeError("skip_batches needs a DataLoader built with a batch sampler; override "
+                        "build_train_loader(cfg, start_iter) to resume another kind of loader")
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return DataLoader(loader.dataset, batch_sampler=_SkippingBatchSampler(loader.batch_sampler, num_batches),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                      persistent_workers=loader.persistent_workers,
+                      multiprocessing_context=loader.multiprocessing_context, **extra)
+
+
+def _check_batch_size(cfg):
+    world = comm.get_world_size()
+    if cfg.SOLVER.IMS_PER_BATCH % world:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} does not divide over {world} "
+                         "processes: make the global batch a multiple of the number of processes")

@@ -1,0 +1,245 @@
+"""The hooks of a training run: timing, schedules, seeding, checkpoints, evaluation and writing metrics."""
+import datetime
+import logging
+import math
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..utils import comm
+from .train_loop import HookBase
+
+__all__ = ["IterationTimer", "LRScheduler", "MACTargetSchedule", "IterationSeed", "PeriodicCheckpointer",
+           "EvalHook", "BestCheckpointer", "PeriodicWriter", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model):
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class IterationTimer(HookBase):
+    """Logs each step's duration as ``time`` and the total training time at the end.
+
+    Args:
+        warmup_iters: first iterations left out of the reported speed (they include start-up costs).
+    """
+
+    def __init__(self, warmup_iters: int = 3):
+        self._warmup = warmup_iters
+        self._train_start = self._step_start = time.perf_counter()
+        self._steady = 0.0
+        self._steady_iters = 0
+
+    def before_train(self):
+        self._train_start = time.perf_counter()
+
+    def before_step(self):
+        self._step_start = time.perf_counter()
+
+    def after_step(self):
+        seconds = time.perf_counter() - self._step_start
+        if self.trainer.iter >= self.trainer.start_iter + self._warmup:
+            self._steady += seconds
+            self._steady_iters += 1
+        self.trainer.storage.put_scalar("time", seconds)
+
+    def after_train(self):
+        total = time.perf_counter() - self._train_start
+        if self._steady_iters:
+            logger.info("Overall training speed: %d iterations in %s (%.4f s/it)", self._steady_iters,
+                        datetime.timedelta(seconds=int(self._steady)), self._steady / self._steady_iters)
+        logger.info("Total training time: %s", datetime.timedelta(seconds=int(total)))
+
+
+class LRScheduler(HookBase):
+    """Logs the learning rate of every parameter group (``lr/<group name>``), then steps the scheduler.
+
+    Args:
+        optimizer, scheduler: default to the trainer's ``optimizer`` and ``scheduler``.
+    """
+
+    def __init__(self, optimizer=None, scheduler=None):
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+
+    def after_step(self):
+        optimizer = self._optimizer or self.trainer.optimizer
+        for i, group in enumerate(optimizer.param_groups):
+            self.trainer.storage.put_scalar(f"lr/{group.get('name', i)}", group["lr"], smoothing_hint=False)
+        (self._scheduler or self.trainer.scheduler).step()
+
+
+class MACTargetSchedule(HookBase):
+    """Sets the model's MAC target for each iteration: ``model.set_mac_target(scheduler.target())``.
+
+    Args:
+        model: the model (DistributedDataParallel is unwrapped); it must have ``set_mac_target``.
+        scheduler: a :class:`msgc.solver.MACTargetScheduler`, stepped after each iteration.
+    """
+
+    def __init__(self, model, scheduler):
+        model = unwrap_model(model)
+        if not hasattr(model, "set_mac_target"):
+            raise TypeError(f"{type(model).__name__} has no set_mac_target(): it cannot follow a MAC-target schedule")
+        self._model = model
+        self._scheduler = scheduler
+
+    def before_step(self):
+        self._model.set_mac_target(self._scheduler.target())
+
+    def after_step(self):
+        self._scheduler.step()
+
+
+class IterationSeed(HookBase):
+    """Re-seeds torch's random generators at each iteration from (seed, iteration, rank).
+
+    Random numbers drawn during a step (the gates' noise, dropout, augmentations drawn in the main
+    process) then depend only on the iteration, so a run resumed from a checkpoint draws exactly what the
+    uninterrupted run drew, on any number of processes.
+    """
+
+    def __init__(self, seed: int):
+        self._seed = int(seed)
+
+    def before_step(self):
+        mixed = (self._seed * 1_000_003 + self.trainer.iter) * 1009 + comm.get_rank()
+        torch.manual_seed(mixed % (2 ** 63))
+
+
+class PeriodicCheckpointer(HookBase):
+    """Saves ``<prefix>_<iter>`` every ``period`` iterations and ``model_final`` after the last one.
+
+    Only the main process writes (the checkpointer's ``save_to_disk``). Each save records the finished
+    iteration; ``save_kwargs`` (e.g. ``cfg=cfg``) are passed to every save.
+    """
+
+    def __init__(self, checkpointer, period: int, max_iter: int = None, file_prefix: str = "model", **save_kwargs):
+        self._checkpointer = checkpointer
+        self._period = int(period)
+        self._max_iter = max_iter
+        self._prefix = file_prefix
+        self._kwargs = save_kwargs
+
+    def after_step(self):
+        it = self.trainer.iter
+        max_iter = self._max_iter or self.trainer.max_iter
+        if it + 1 >= max_iter:
+            self._checkpointer.save(f"{self._prefix}_final", iteration=it, **self._kwargs)
+        elif self._period > 0 and (it + 1) % self._period == 0:
+            self._checkpointer.save(f"{self._prefix}_{it:07d}", iteration=it, **self._kwargs)
+
+
+class EvalHook(HookBase):
+    """Evaluates every ``period`` iterations and after the last one; logs results as ``val/<metric>``.
+
+    The results of the latest evaluation are kept in ``trainer.last_eval_results``.
+
+    Args:
+        period: iterations between evaluations; 0 evaluates only at the end.
+        eval_function: () -> {metric: number}; called on every process (it gathers across them).
+    """
+
+    def __init__(self, period: int, eval_function):
+        self._period = int(period)
+        self._func = eval_function
+
+    def _do_eval(self):
+        results = self._func()
+        for name, value in results.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"evaluation returned a non-finite or non-number '{name}': {value!r}")
+        self.trainer.storage.put_scalars(smoothing_hint=False, **{f"val/{k}": v for k, v in results.items()})
+        self.trainer.last_eval_results = results
+        comm.synchronize()
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if self._period > 0 and done % self._period == 0 and done < self.trainer.max_iter:
+            self._do_eval()
+
+    def after_train(self):
+        if self.trainer.iter >= self.trainer.max_iter:  # only after a complete run, not after a crash
+            self._do_eval()
+
+
+class BestCheckpointer(HookBase):
+    """Saves ``model_best`` when a new evaluation beats the best value of ``metric`` so far.
+
+    Register it after :class:`EvalHook`: it reads what the evaluation just logged. The best value
+    travels in checkpoints, so a resumed run only saves models better than those before the crash.
+
+    Args:
+        checkpointer: the trainer's checkpointer.
+        metric: the logged metric (``val/top1`` = validation top-1).
+        mode: "max" or "min".
+        file_prefix: name of the saved file.
+        save_kwargs: passed to the save (e.g. ``cfg=cfg``).
+    """
+
+    def __init__(self, checkpointer, metric: str = "val/top1", mode: str = "max", file_prefix: str = "model_best",
+                 **save_kwargs):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
+        self._checkpointer = checkpointer
+        self._metric = metric
+        self._mode = mode
+        self._prefix = file_prefix
+        self._kwargs = save_kwargs
+        self._seen = 0
+        self.best = None
+        self.best_iter = None
+
+    def _check(self):
+        storage = self.trainer.storage
+        count = storage.put_counts().get(self._metric, 0)
+        if count == self._seen:
+            return
+        self._seen = count
+        value, it = storage.latest()[self._metric]
+        if self.best is None or (value > self.best if self._mode == "max" else value < self.best):
+            logger.info("New best %s: %.4f at iteration %d (previous: %s); saving %s", self._metric, value, it,
+                        "none" if self.best is None else f"{self.best:.4f}", self._prefix)
+            self.best, self.best_iter = value, it
+            self._checkpointer.save(self._prefix, iteration=it, **self._kwargs)
+
+    def after_step(self):
+        self._check()
+
+    def after_train(self):
+        self._check()
+
+    def state_dict(self) -> dict:
+        return {} if self.best is None else {"best": self.best, "best_iter": self.best_iter}
+
+    def load_state_dict(self, state: dict):
+        self.best, self.best_iter = state.get("best"), state.get("best_iter")
+
+
+class PeriodicWriter(HookBase):
+    """Runs the event writers every ``period`` iterations, after the last iteration and at the end.
+
+    Register it last, so that it writes what every other hook logged at the same iteration.
+    """
+
+    def __init__(self, writers, period: int = 20):
+        self._writers = list(writers)
+        self._period = max(int(period), 1)
+
+    def _write(self):
+        for writer in self._writers:
+            writer.write()
+
+    def after_step(self):
+        done = self.trainer.iter + 1
+        if done % self._period == 0 or done == self.trainer.max_iter:
+            self._write()
+
+    def after_train(self):
+        self._write()
+        for writer in self._writers:
+            writer.close()

@@ -1,0 +1,70 @@
+"""The registered schedules (see ``SCHEDULER_REGISTRY`` for the contract)."""
+import math
+
+from fvcore.common.param_scheduler import ConstantParamScheduler, MultiStepParamScheduler, ParamScheduler
+
+from .build import SCHEDULER_REGISTRY
+
+__all__ = ["Ramp", "linear", "cosine", "multistep", "constant"]
+
+
+class Ramp(ParamScheduler):
+    """``begin`` until progress ``start``, a linear or cosine ramp to ``end`` at ``stop``, then ``end``.
+
+    The linear shape computes the reference implementation's MAC target exactly as it does
+    (``(p - start) / (stop - start) * (end - begin) + begin``, clamped at ``end``), so both give the
+    same floating-point values.
+    """
+
+    def __init__(self, begin: float, end: float, start: float = 0.0, stop: float = 1.0, shape: str = "linear"):
+        if not 0.0 <= start < stop:
+            raise ValueError(f"a schedule needs 0 <= start < stop, got start={start}, stop={stop}")
+        if shape not in ("linear", "cosine"):
+            raise ValueError(f"ramp shape must be 'linear' or 'cosine', got '{shape}'")
+        self.begin, self.end, self.start, self.stop, self.shape = begin, end, start, stop, shape
+
+    def __call__(self, where: float) -> float:
+        if where <= self.start:
+            return self.begin
+        if self.shape == "linear":
+            value = (where - self.start) / (self.stop - self.start) * (self.end - self.begin) + self.begin
+        else:
+            frac = min((where - self.start) / (self.stop - self.start), 1.0)
+            value = self.end + 0.5 * (self.begin - self.end) * (1.0 + math.cos(math.pi * frac))
+        return max(value, self.end) if self.end <= self.begin else min(value, self.end)
+
+
+def _mac_ramp(cfg, shape: str) -> Ramp:
+    t = cfg.SOLVER.MAC_TARGET
+    if not 0.0 < t.FINAL <= 1.0:
+        raise ValueError(f"SOLVER.MAC_TARGET.FINAL must be in (0, 1], got {t.FINAL}")
+    return Ramp(1.0, t.FINAL, t.PSTART, t.PSTOP, shape)
+
+
+@SCHEDULER_REGISTRY.register("linear")
+def linear(cfg, what: str) -> ParamScheduler:
+    """LR: linear decay from 1 to 0. MAC target: 1.0 until PSTART, linear to FINAL at PSTOP (the paper)."""
+    return Ramp(1.0, 0.0) if what == "lr" else _mac_ramp(cfg, "linear")
+
+
+@SCHEDULER_REGISTRY.register("cosine")
+def cosine(cfg, what: str) -> ParamScheduler:
+    """LR: half-cosine from 1 to 0 (the paper). MAC target: 1.0 until PSTART, half-cosine to FINAL at PSTOP."""
+    return Ramp(1.0, 0.0, shape="cosine") if what == "lr" else _mac_ramp(cfg, "cosine")
+
+
+@SCHEDULER_REGISTRY.register("multistep")
+def multistep(cfg, what: str) -> ParamScheduler:
+    """LR only: multiplied by SOLVER.GAMMA at each iteration of SOLVER.STEPS."""
+    if what != "lr":
+        raise ValueError("the 'multistep' schedule is for the learning rate only; use 'linear' or 'cosine' "
+                         "for SOLVER.MAC_TARGET.NAME")
+    steps = sorted(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
+    values = [cfg.SOLVER.GAMMA ** k for k in range(len(steps) + 1)]
+    return MultiStepParamScheduler(values, num_updates=cfg.SOLVER.MAX_ITER, milestones=steps)
+
+
+@SCHEDULER_REGISTRY.register("constant")
+def constant(cfg, what: str) -> ParamScheduler:
+    """LR: constant. MAC target: FINAL from the first iteration."""
+    return ConstantParamScheduler(1.0 if what == "lr" else cfg.SOLVER.MAC_TARGET.FINAL)

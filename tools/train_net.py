@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Train or evaluate an msgc classifier: an example of using the library, meant to be copied and changed.
+
+Examples::
+
+    # the quickstart: the digits on the CPU, a few minutes
+    python tools/train_net.py --config-file configs/quickstart.yaml
+
+    # ImageNet on the 8 GPUs of one machine; KEY VALUE pairs override the config
+    python tools/train_net.py --config-file configs/msgc_r50.yaml --num-gpus 8 OUTPUT_DIR output/r50
+
+    # continue an interrupted run from OUTPUT_DIR/last_checkpoint
+    python tools/train_net.py --config-file configs/msgc_r50.yaml --num-gpus 8 --resume
+
+    # evaluate weights (this project's, torchvision's or an original release checkpoint)
+    python tools/train_net.py --config-file configs/msgc_r50.yaml --eval-only MODEL.WEIGHTS model.pth
+
+    # two machines with 8 GPUs each (run on both, with --machine-rank 0 and 1)
+    python tools/train_net.py --config-file configs/msgc_r50.yaml --num-gpus 8 --num-machines 2 \\
+        --machine-rank 0 --dist-url tcp://<address of machine 0>:29500
+
+    # or under torchrun (then --num-gpus and friends are ignored)
+    torchrun --nproc-per-node 8 tools/train_net.py --config-file configs/msgc_r50.yaml
+"""
+import logging
+import os
+
+from msgc.checkpoint import MSGCCheckpointer
+from msgc.config import get_cfg
+from msgc.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from msgc.utils import comm
+
+logger = logging.getLogger("msgc.train_net")
+
+
+class Trainer(DefaultTrainer):
+    """Override ``build_*`` class methods or ``build_hooks`` here to change the training."""
+
+
+def load_config(args):
+    """The config of the command line: defaults, then the yaml file, then the KEY VALUE overrides."""
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def setup(args):
+    """The frozen config of this run, with the output folder, logging and seed prepared."""
+    cfg = load_config(args)
+    default_setup(cfg, args)
+    cfg.freeze()
+    return cfg
+
+
+def evaluate(cfg, resume: bool):
+    """Evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint of OUTPUT_DIR)."""
+    model = Trainer.build_model(cfg)
+    checkpointer = MSGCCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if resume and not checkpointer.has_checkpoint():
+        logger.warning("--resume: no checkpoint in %s; evaluating MODEL.WEIGHTS instead", cfg.OUTPUT_DIR)
+    if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
+        logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    return Trainer.test(cfg, model)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        return evaluate(cfg, args.resume)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        logger.info("Checkpoints, log.txt, metrics.json and TensorBoard events are in %s",
+                    os.path.abspath(cfg.OUTPUT_DIR))
+    return results
+
+
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    device = load_config(args).MODEL.DEVICE  # the launcher needs it: NCCL for GPUs, gloo for the CPU
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,), device=device)
