@@ -56,9 +56,10 @@ class COCOEvaluator:
     ``process(inputs, outputs)`` takes the batches of a test loader (``(images, targets)``, the
     targets carrying ``image_id``) and the model's outputs (:class:`MSGCDetector` in eval mode).
     ``evaluate()`` gathers every process's predictions to the main process, which computes AP,
-    AP50, AP75, APs, APm, APl (fractions; NaN where the set has no object of that size), ``mean_macs``,
-    ``dense_macs`` and their ratio ``mac_ratio``. With the exact test sampler every image is seen by
-    one process only; an image reported twice would still count once. Other processes return {}.
+    AP50, AP75, APs, APm, APl (fractions; one is left out when the set has no object of its size),
+    the backbone's mean MACs per image ``macs``, the dense host's ``dense_macs`` and their ratio
+    ``mac_ratio``; every process returns that dict. With the exact test sampler every image is seen by
+    one process only; an image reported twice would still count once.
 
     Args:
         json_file: the dataset's COCO json.
@@ -91,14 +92,16 @@ class COCOEvaluator:
         images = {}
         for part in comm.all_gather(self._images):
             images.update(part)
-        if not comm.is_main_process():
-            return {}
+        results = self._summarise(images) if comm.is_main_process() else None
+        return comm.all_gather(results)[0]  # the main process's results, on every process
+
+    def _summarise(self, images):
         if not images:
             raise RuntimeError(f"evaluation of '{self.name}' saw no image; was process() called?")
         results = self._box_ap(images)
-        macs = np.mean([v[1] for v in images.values()])
-        dense = np.mean([v[2] for v in images.values()])
-        results.update(mean_macs=float(macs), dense_macs=float(dense), mac_ratio=float(macs / dense))
+        macs = float(np.mean([v[1] for v in images.values()]))
+        dense = float(np.mean([v[2] for v in images.values()]))
+        results.update(macs=macs, dense_macs=dense, mac_ratio=macs / dense)
         logger.info("evaluation of '%s' on %d images: %s", self.name, len(images),
                     ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         return results
@@ -118,4 +121,7 @@ class COCOEvaluator:
             ev.summarize()
         summary = "\n".join(line for line in log.getvalue().splitlines() if line.startswith(" Average"))
         logger.info("COCOeval of '%s':\n%s", self.name, summary)
-        return OrderedDict((k, float(s) if s >= 0 else float("nan")) for k, s in zip(COCO_METRICS, ev.stats))
+        missing = [k for k, s in zip(COCO_METRICS, ev.stats) if s < 0]
+        if missing:
+            logger.info("'%s' has no object of the size of %s: left out of the results", self.name, ", ".join(missing))
+        return OrderedDict((k, float(s)) for k, s in zip(COCO_METRICS, ev.stats) if s >= 0)

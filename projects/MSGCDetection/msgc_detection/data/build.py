@@ -1,19 +1,19 @@
 """Datasets and loaders for detection: batches are ``(images, targets)`` lists, as torchvision's detectors take."""
-import itertools
 import logging
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from msgc.data.samplers import InferenceSampler, TrainingSampler
 from msgc.utils import comm
 
 from .catalog import resolve_dataset
 from .coco import CocoRecords, load_coco_json
 
-__all__ = ["DetectionDataset", "build_detection_dataset", "build_detection_train_loader",
-           "build_detection_test_loader", "TrainingSampler", "InferenceSampler"]
+__all__ = ["BatchList", "DetectionDataset", "build_detection_dataset", "build_detection_train_loader",
+           "build_detection_test_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,39 +51,29 @@ class DetectionDataset(Dataset):
         return image, {"boxes": boxes, "labels": torch.from_numpy(r["labels"].copy()), "image_id": r["image_id"]}
 
 
-class TrainingSampler(Sampler):
-    """Endless shuffled indices; every process draws the same permutations and keeps every world-th one."""
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed = size, seed
-        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        while True:
-            order = torch.randperm(self.size, generator=generator).tolist()
-            yield from itertools.islice(order, self.rank, None, self.world_size)
+def _move(obj, device, non_blocking):
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: _move(v, device, non_blocking) for k, v in obj.items()}
+    return obj
 
 
-class InferenceSampler(Sampler):
-    """This process's contiguous, unpadded slice of ``[0, size)``: over all processes each index once."""
+class BatchList(list):
+    """A list of images (or of targets) that moves to a device as a tensor does.
 
-    def __init__(self, size: int):
-        rank, world = comm.get_rank(), comm.get_world_size()
-        base, extra = divmod(size, world)
-        self.begin = rank * base + min(rank, extra)
-        self.end = self.begin + base + (rank < extra)
+    The core trainer and ``inference_on_dataset`` call ``images.to(device)`` and ``labels.to(device)``
+    on what a loader yields; detection batches are lists (images differ in size, targets are dicts),
+    so they answer that call themselves.
+    """
 
-    def __iter__(self):
-        return iter(range(self.begin, self.end))
-
-    def __len__(self):
-        return self.end - self.begin
+    def to(self, device, non_blocking: bool = False) -> "BatchList":
+        return BatchList(_move(x, device, non_blocking) for x in self)
 
 
 def collate_detection(batch):
-    """A list of ``(image, target)`` -> ``(images list, targets list)`` (images may differ in size)."""
-    return [b[0] for b in batch], [b[1] for b in batch]
+    """A list of ``(image, target)`` -> ``(images, targets)`` :class:`BatchList` s (sizes may differ)."""
+    return BatchList(b[0] for b in batch), BatchList(b[1] for b in batch)
 
 
 def build_detection_dataset(cfg, name: str, train: bool) -> DetectionDataset:
@@ -116,7 +106,7 @@ def build_detection_train_loader(cfg, dataset=None):
         dataset = build_detection_dataset(cfg, cfg.DATASETS.TRAIN, train=True)
     batch = _per_process(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
     seed = cfg.SEED if cfg.SEED >= 0 else 0
-    sampler = BatchSampler(TrainingSampler(len(dataset), seed), batch, drop_last=True)
+    sampler = BatchSampler(TrainingSampler(len(dataset), shuffle=True, seed=seed), batch, drop_last=True)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
                       collate_fn=collate_detection, generator=torch.Generator().manual_seed(seed + comm.get_rank()),
                       persistent_workers=cfg.DATALOADER.NUM_WORKERS > 0)

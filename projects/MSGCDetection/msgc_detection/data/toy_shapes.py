@@ -4,9 +4,9 @@ Four classes (circle, square, triangle, cross) of random colours, sizes (small a
 terms), positions and rotations, 1-5 per image without overlap, on four kinds of background texture
 (noisy gradients, stripes, checkerboards, blotches). Image ``i`` of a split depends only on
 ``(seed, split, i)``, so the set is the same on every machine. Boxes are the tight boxes of the drawn
-pixels. Run ``python -m msgc_detection.data.toy_shapes OUT_DIR`` or let the dataset catalog generate it.
+pixels. The dataset catalog generates it when a run needs it (``toy_shapes_train``/``toy_shapes_val``);
+``generate_toy_shapes(root)`` writes it anywhere.
 """
-import argparse
 import json
 import math
 import os
@@ -155,18 +155,3 @@ def generate_toy_shapes(root: str, num_train: int = 800, num_val: int = 100, siz
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("root", help="output folder (left alone if it already holds the set)")
-    parser.add_argument("--num-train", type=int, default=800)
-    parser.add_argument("--num-val", type=int, default=100)
-    parser.add_argument("--size", type=int, default=128, help="side of the square images")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(generate_toy_shapes(args.root, args.num_train, args.num_val, args.size, args.seed))
-
-
-if __name__ == "__main__":
-    main()
