@@ -6,6 +6,8 @@ import torch
 from fvcore.common.checkpoint import Checkpointer
 
 from ..utils.file_io import PathManager
+from .formats import (LOAD_INFO_KEY, CheckpointError, LoadInfo, check_fit, incompatible_keys_table,
+                      load_checkpoint_file)
 
 __all__ = ["MSGCCheckpointer"]
 
@@ -19,7 +21,17 @@ class MSGCCheckpointer(Checkpointer):
       ``os.replace``, then updates the ``last_checkpoint`` pointer the same way: a crash at any instant
       leaves the previous checkpoint loadable. Pass ``cfg=`` to store the config as a YAML string.
     - ``load(path_or_url)`` reads local paths and URLs (iopath) and recognises the file's format
-      itself (see :mod:`msgc.checkpoint.formats`). A shape mismatch is an error naming the key.
+      itself (see :mod:`msgc.checkpoint.formats`): this project's checkpoints, torchvision state dicts
+      and original MSGC release checkpoints.
+
+    Loads are checked before anything is copied, so a failed load leaves the model as it was. Host
+    tensors (everything but the ``maskgen*``/``attgen*`` generators) must match one to one: a host
+    tensor the file lacks, one the model lacks, or a shape mismatch is an error naming the file and
+    the key, because it means weights of another architecture (fvcore would skip such tensors with a
+    warning). Generator tensors may be absent from the file (torchvision weights have none; the
+    generators keep their initialisation) or unused (a gated checkpoint in a dense model); a table of
+    them is logged. For torchvision and release files the host keys checked are those of the model's
+    :class:`~msgc.modeling.Backbone` (the model may hold more, e.g. a detector's heads).
     """
 
     def __init__(self, model, save_dir: str = "", *, save_to_disk: bool = True, **checkpointables):
@@ -57,16 +69,37 @@ class MSGCCheckpointer(Checkpointer):
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def _load_file(self, f: str):
-        from .formats import load_checkpoint_file
+    def load(self, path: str, checkpointables=None):
+        """Load weights of any format msgc knows (see :mod:`msgc.checkpoint.formats`).
 
-        return load_checkpoint_file(f, self.model)
+        Returns the checkpoint's extras (those of :meth:`save`; nothing for foreign formats). Raises
+        :class:`~msgc.checkpoint.formats.CheckpointError` (a ValueError) naming the file when it is
+        unreadable, of an unknown format, or does not fit the model (a missing or unexpected host
+        tensor, or a shape mismatch); nothing is loaded then.
+        """
+        if path and "://" not in path and not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        self._source = path
+        return super().load(path, checkpointables=checkpointables)
+
+    def _load_file(self, f: str):
+        return load_checkpoint_file(f, self.model, display_path=getattr(self, "_source", None))
 
     def _load_model(self, checkpoint):
-        model_sd = self.model.state_dict()
-        for key, value in checkpoint["model"].items():
-            if key in model_sd and tuple(model_sd[key].shape) != tuple(value.shape):
-                raise ValueError(
-                    f"checkpoint key '{key}' has shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(model_sd[key].shape)}: the weights are for another architecture or width")
+        info = checkpoint.pop(LOAD_INFO_KEY, None) or LoadInfo("<checkpoint>", "msgc", "")
+        missing, unexpected = check_fit(self.model.state_dict(), checkpoint["model"], info)
+        self._last_load = (info, missing, unexpected, len(checkpoint["model"]) - len(unexpected))
         return super()._load_model(checkpoint)
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """One table of missing and unexpected keys (fit was checked before loading)."""
+        info, missing, unexpected, loaded = self._last_load
+        if not missing and not unexpected:
+            logger.info("Loaded %s (%s): %d tensors, all matched", info.path, info.format, loaded)
+            return
+        expected = info.format == "torchvision" and not unexpected
+        level = logging.INFO if expected else logging.WARNING
+        logger.log(
+            level, "Loaded %s (%s): %d tensors; %d generator tensors missing from the file keep their "
+            "initialisation, %d tensors of the file are not used:\n%s", info.path, info.format, loaded,
+            len(missing), len(unexpected), incompatible_keys_table(missing, unexpected))

@@ -1,0 +1,363 @@
+#!/usr/bin/env python
+"""MACs, parameters and gate statistics of the model of a config.
+
+    python tools/analyze_model.py --config-file CFG [KEY VALUE ...] [--num-images N] [--json]
+
+Prints, at the test size (``INPUT.TEST_SIZE``):
+
+- a table per stage of the dense host's MACs and the lowest reachable MACs (every head reading a
+  quarter of its channels, plus the generators), split like the reference's ``get_flops()``, with the
+  MACs and open-gate ratio measured over N images and the parameters of the host and generators;
+- the open-gate ratio of every mask generator over the same images;
+- the static totals in MMac (original, possible, main, dgc, gen), the numbers the paper's table uses;
+- fvcore's ``FlopCountAnalysis`` of the dense host as an independent cross-check of "original".
+
+Images come from the test loader when the test dataset exists (``--images test``), else they are
+random normal images (already "normalised"; ``--images random``). Weights are loaded from
+``MODEL.WEIGHTS`` when set: gate statistics of a randomly initialised model say little.
+``--json`` prints one JSON object instead, for scripts.
+"""
+import argparse
+import json
+import logging
+import sys
+from collections import OrderedDict
+
+import torch
+from tabulate import tabulate
+
+from msgc.checkpoint import MSGCCheckpointer
+from msgc.config import ConfigError, get_cfg
+from msgc.modeling import Costs, build_model
+from msgc.modeling.backbone.base import GatedBlock
+from msgc.modeling.layers import AttentionGenerator, MaskGenerator
+
+logger = logging.getLogger("analyze_model")
+
+FVCORE_NOTE = ("fvcore counts one multiply-add as one flop, so its total compares with 'original' "
+               "(it also skips element-wise ops such as ReLU and residual additions)")
+_COST_FIELDS = ("main", "dgc", "gen", "extra")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
+    parser.add_argument("--num-images", type=int, default=32, help="images over which gates are measured")
+    parser.add_argument("--images", choices=("auto", "test", "random"), default="auto",
+                        help="test loader, random normal images, or the test loader if its data exists")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
+    return parser.parse_args(argv)
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.info("MODEL.DEVICE=%s but CUDA is not available: analysing on the CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Structure: which gated block runs at which input size, and in which stage
+# ------------------------------------------------------------------------------------------------
+def gated_blocks(backbone, h, w):
+    """Run one image through the backbone and return its gated blocks in execution order.
+
+    Each entry is ``(name, block, (h_in, w_in), stage)``. A block belongs to the stage whose output it
+    produces or precedes; blocks after the last recognisable stage output go to the last stage.
+    """
+    names = {m: n for n, m in backbone.named_modules()}
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0][0].shape[-2:], out[0])))
+             for m in backbone.modules() if isinstance(m, GatedBlock)]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            feats, _ = backbone.forward_features(torch.zeros(1, 3, h, w, device=_device(backbone)))
+    finally:
+        backbone.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    stage_of_output = {id(t): name for name, t in feats.items()}
+    last_stage = next(reversed(feats))
+    out, pending = [], []
+    for mod, size, result in calls:
+        pending.append((names[mod], mod, tuple(size)))
+        stage = stage_of_output.get(id(result))
+        if stage is not None:
+            out += [p + (stage,) for p in pending]
+            pending = []
+    return out + [p + (last_stage,) for p in pending]
+
+
+def _device(module):
+    return next(module.parameters()).device
+
+
+def _params(modules):
+    """(host, generator) parameter counts of modules."""
+    gen_ids = {id(p) for m in modules for g in m.modules() if isinstance(g, (MaskGenerator, AttentionGenerator))
+               for p in g.parameters()}
+    params = {id(p): p for m in modules for p in m.parameters()}
+    gen = sum(p.numel() for i, p in params.items() if i in gen_ids)
+    return sum(p.numel() for p in params.values()) - gen, gen
+
+
+def _sub(a: Costs, b: Costs) -> Costs:
+    return Costs(*(getattr(a, f) - getattr(b, f) for f in _COST_FIELDS))
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement over images
+# ------------------------------------------------------------------------------------------------
+def image_batches(cfg, num_images, source, batch_size, size):
+    """(description, list of normalised image batches): the test loader's images or random ones."""
+    if source in ("auto", "test"):
+        try:
+            from msgc.data import build_test_loader
+
+            loader = build_test_loader(cfg)
+        except (ImportError, OSError, ValueError, KeyError) as e:
+            if source == "test":
+                raise
+            logger.info("no test data (%s): measuring on random normal images", e)
+        else:
+            batches, seen = [], 0
+            for images, _ in loader:
+                if seen >= num_images:
+                    break
+                batches.append(images[: num_images - seen])
+                seen += batches[-1].size(0)
+            return "test loader", batches
+    gen = torch.Generator().manual_seed(0)
+    return "random normal images", [torch.randn(min(batch_size, num_images - start), 3, size, size, generator=gen)
+                                    for start in range(0, num_images, batch_size)]
+
+
+def measure(model, batches, blocks):
+    """Mean per-sample MACs (whole model and per block) and mean open ratio of every mask generator."""
+    block_sum = {name: 0.0 for name, *_ in blocks}
+    gate_sum, count = OrderedDict(), 0
+    total = 0.0
+    module_names = {m: n for n, m in model.backbone.named_modules()}
+    hooks = []
+    for name, block, _, _ in blocks:
+        hooks.append(block.register_forward_hook(
+            lambda mod, inp, out, name=name: block_sum.__setitem__(
+                name, block_sum[name] + float((out[1] - inp[0][1]).sum()))))
+    for m in model.backbone.modules():
+        if isinstance(m, MaskGenerator):
+            gate_sum[module_names[m]] = 0.0
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out: gate_sum.__setitem__(
+                    module_names[mod], gate_sum[module_names[mod]] + float(out.flatten(1).mean(1).sum()))))
+    device = _device(model)
+    try:
+        with torch.no_grad():
+            for images in batches:
+                total += float(model(images.to(device))["macs"].sum())
+                count += images.size(0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if count == 0:
+        return None
+    return {"images": count, "macs": total / count,
+            "block_macs": {k: v / count for k, v in block_sum.items()},
+            "gate_open": OrderedDict((k, v / count) for k, v in gate_sum.items())}
+
+
+# ------------------------------------------------------------------------------------------------
+# Analysis
+# ------------------------------------------------------------------------------------------------
+def analyze(model, size, batches=None, fvcore_model=None):
+    """The numbers the tool prints, as a dict (see ``--json``); MACs per sample, exact integers where static.
+
+    Args:
+        model: a :class:`msgc.modeling.Classifier` (eval mode is set here).
+        size: square input side.
+        batches: an iterable of image batches for the measured columns (None or empty: none).
+        fvcore_model: the dense host, counted with fvcore's FlopCountAnalysis (None: skipped).
+    """
+    model.eval()
+    backbone = model.backbone
+    heads = backbone.heads
+    blocks = gated_blocks(backbone, size, size)
+    measured = measure(model, batches, blocks) if batches is not None else None
+    total = backbone.complexity(size, size)
+
+    stages = OrderedDict()
+    for name, block, (h, w), stage in blocks:
+        costs, _, _ = block.costs(h, w)
+        entry = stages.setdefault(stage, {"blocks": [], "costs": Costs()})
+        entry["blocks"].append((name, block))
+        entry["costs"] = entry["costs"] + costs
+
+    rows = []
+    for stage, entry in stages.items():
+        rows.append(_row(stage, entry["costs"], heads, [b for _, b in entry["blocks"]],
+                         [n for n, _ in entry["blocks"]], measured, backbone))
+    in_blocks = sum((e["costs"] for e in stages.values()), Costs())
+    other = _sub(total, in_blocks)
+    block_modules = [b for e in stages.values() for _, b in e["blocks"]]
+    rows.append(_other_row(other, backbone, block_modules, measured, rows))
+
+    host, gen = _params([backbone])
+    result = {
+        "input_size": [size, size],
+        "heads": heads,
+        "stages": rows,
+        "totals_macs": {k: v for k, v in total.as_dict(heads).items()},
+        "totals_mmac": {k: round(v / 1e6, 4) for k, v in total.as_dict(heads).items()},
+        "params": {"host": host, "generators": gen, "total": host + gen},
+    }
+    if measured is not None:
+        result["measured"] = {"images": measured["images"], "mean_macs": measured["macs"],
+                              "ratio_to_original": measured["macs"] / total.original}
+        result["gated_layers"] = _gate_rows(backbone, measured)
+    if fvcore_model is not None:
+        result["fvcore"] = fvcore_count(fvcore_model, size, total.original)
+    return result
+
+
+def _row(stage, costs, heads, modules, names, measured, backbone):
+    host, gen = _params(modules)
+    row = {"stage": stage, "blocks": len(modules), "original": costs.original,
+           "possible": costs.possible(heads), "main": costs.main, "dgc": costs.dgc, "gen": costs.gen,
+           "host_params": host, "gen_params": gen}
+    if measured is not None:
+        row["measured"] = sum(measured["block_macs"][n] for n in names)
+        opens = [v for k, v in measured["gate_open"].items() if any(k.startswith(n + ".") for n in names)]
+        row["gate_open"] = sum(opens) / len(opens) if opens else None
+    return row
+
+
+def _other_row(costs, backbone, block_modules, measured, rows):
+    host_all, gen_all = _params([backbone])
+    host_in = sum(r["host_params"] for r in rows)
+    gen_in = sum(r["gen_params"] for r in rows)
+    row = {"stage": "outside blocks (stem, transitions, head)", "blocks": 0, "original": costs.original,
+           "possible": costs.possible(backbone.heads), "main": costs.main, "dgc": costs.dgc,
+           "gen": costs.gen, "host_params": host_all - host_in, "gen_params": gen_all - gen_in}
+    if measured is not None:
+        row["measured"] = measured["macs"] - sum(r["measured"] for r in rows)
+        row["gate_open"] = None
+    return row
+
+
+def _gate_rows(backbone, measured):
+    rows = []
+    modules = dict(backbone.named_modules())
+    for name, ratio in measured["gate_open"].items():
+        gen = modules[name]
+        rows.append({"layer": name, "heads": gen.heads, "channels": gen.channels, "open": ratio})
+    return rows
+
+
+def fvcore_count(dense_model, size, original):
+    """fvcore's FlopCountAnalysis of the dense host's logits (one multiply-add = one flop)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    class _Logits(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, x):
+            return self.backbone(x)[0]
+
+    dense_model.eval()
+    x = torch.zeros(1, 3, size, size, device=_device(dense_model))
+    analysis = FlopCountAnalysis(_Logits(dense_model.backbone), x)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    flops = analysis.total()
+    return {"flops": flops, "mflops": round(flops / 1e6, 4), "by_operator": dict(analysis.by_operator()),
+            "ratio_to_original": flops / original, "note": FVCORE_NOTE}
+
+
+def dense_host(cfg):
+    """The config's model with grouping "dense" and no attention: the host network."""
+    dense = cfg.clone()
+    dense.MODEL.MSGC.GROUPING, dense.MODEL.MSGC.ATTENTION = "dense", "none"
+    return build_model(dense)
+
+
+# ------------------------------------------------------------------------------------------------
+# Printing
+# ------------------------------------------------------------------------------------------------
+def _m(v, digits=4):
+    return "-" if v is None else f"{v / 1e6:.{digits}f}"
+
+
+def format_report(result) -> str:
+    measured = "measured" in result
+    headers = ["stage", "blocks", "dense MMac", "possible MMac", "main", "dgc", "gen"]
+    if measured:
+        headers += ["measured MMac", "gates open"]
+    headers += ["host params (M)", "gen params (M)"]
+    rows = []
+    for r in result["stages"]:
+        row = [r["stage"], r["blocks"] or "", _m(r["original"]), _m(r["possible"]), _m(r["main"]),
+               _m(r["dgc"]), _m(r["gen"])]
+        if measured:
+            row += [_m(r["measured"]), "-" if r["gate_open"] is None else f"{100 * r['gate_open']:.1f}%"]
+        row += [_m(r["host_params"], 3), _m(r["gen_params"], 3)]
+        rows.append(row)
+    h, w = result["input_size"]
+    out = [f"Per stage at {h}x{w}, MACs per image ({result['heads']} heads; 'possible' = every head "
+           "reading 1/heads of its channels, generators included):",
+           tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)]
+    t = result["totals_mmac"]
+    p = result["params"]
+    out += ["", "Static totals (the reference's get_flops()), MMac:",
+            tabulate([[t["original"], t["possible"], t["main"], t["dgc"], t["gen"],
+                       f"{p['total'] / 1e6:.3f}"]],
+                     headers=["original", "possible", "main", "dgc", "gen", "params (M)"],
+                     tablefmt="pipe", floatfmt=".4f")]
+    if measured:
+        m = result["measured"]
+        out += ["", f"Measured over {m['images']} images ({result.get('image_source', '?')}): "
+                f"{m['mean_macs'] / 1e6:.4f} MMac per image, {100 * m['ratio_to_original']:.2f}% of original",
+                "", "Open gates per gated layer:",
+                tabulate([[g["layer"], g["heads"], g["channels"], f"{100 * g['open']:.1f}%"]
+                          for g in result["gated_layers"]],
+                         headers=["mask generator", "heads", "channels", "open"], tablefmt="pipe")]
+    if "fvcore" in result:
+        f = result["fvcore"]
+        ops = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(f["by_operator"].items(), key=lambda kv: -kv[1]))
+        out += ["", f"fvcore FlopCountAnalysis of the dense host: {f['mflops']:.4f} M flops "
+                f"({100 * f['ratio_to_original']:.2f}% of original; {ops}).", f"Note: {f['note']}."]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = setup_cfg(args)
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        MSGCCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    size = cfg.INPUT.TEST_SIZE
+    source, batches = image_batches(cfg, args.num_images, args.images, args.batch_size, size)
+    result = analyze(model, size, batches or None, dense_host(cfg))
+    result["config_file"] = args.config_file
+    result["model"] = cfg.MODEL.BACKBONE.NAME
+    if args.num_images > 0:
+        result["image_source"] = source
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_report(result))
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except (ValueError, ConfigError) as e:
+        sys.exit(f"error: {e}")
