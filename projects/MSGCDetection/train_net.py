@@ -35,6 +35,7 @@ from msgc.utils.logger import setup_logger  # noqa: E402
 from msgc_detection import (COCOEvaluator, DetectionCheckpointer, add_detection_config,  # noqa: E402
                             build_detection_dataset, build_detection_test_loader, build_detection_train_loader,
                             build_detector)
+from msgc_detection.config import check_detection_config  # noqa: E402
 from msgc_detection.solver import build_detection_optimizer  # noqa: E402
 
 logger = logging.getLogger("msgc_detection.train_net")
@@ -110,6 +111,7 @@ def load_config(args):
 
 def setup(args):
     cfg = load_config(args)
+    check_detection_config(cfg, comm.get_world_size())
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="msgc_detection")
     if cfg.NUM_THREADS > 0:
