@@ -376,3 +376,12 @@ def test_registered_dataset_with_missing_files_is_a_clear_error(tmp_path):
             build_detection_test_loader(small_cfg(DATASETS__ROOT=str(tmp_path)), "test_detection_missing")
     finally:
         DATASET_CATALOG._obj_map.pop("test_detection_missing")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(PROJECT, "configs"))))
+def test_every_config_loads_and_builds(name):
+    cfg = add_detection_config(get_cfg())
+    cfg.merge_from_file(os.path.join(PROJECT, "configs", name))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.WIDTH_MULT", 0.125])
+    model = build_detector(cfg)
+    assert model.num_classes == cfg.MODEL.NUM_CLASSES
