@@ -157,6 +157,16 @@ def test_eval_outputs_carry_per_image_macs():
         assert det["labels"].numel() == 0 or 0 <= det["labels"].min() <= det["labels"].max() < 4
 
 
+@pytest.mark.parametrize("name", ["faster_rcnn", "retinanet"])
+def test_an_image_without_boxes_trains_as_a_negative(name):
+    features = ["res3", "res4", "res5"] if name == "retinanet" else ["res2", "res3", "res4", "res5"]
+    model = build_detector(small_cfg(MODEL__DETECTOR__NAME=name, MODEL__DETECTOR__IN_FEATURES=features)).train()
+    images, targets = images_and_targets()
+    targets[0] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    out = model(images, targets)
+    assert all(torch.isfinite(v) for v in out.values())
+
+
 def test_bad_targets_are_clear_errors_not_torchvision_asserts():
     model = build_detector(small_cfg()).train()
     images, targets = images_and_targets()
