@@ -14,6 +14,7 @@ sys.path.insert(0, PROJECT)
 from msgc.checkpoint import MSGCCheckpointer  # noqa: E402
 from msgc.config import get_cfg  # noqa: E402
 from msgc.modeling import build_model  # noqa: E402
+from msgc.modeling.layers import MaskGenerator  # noqa: E402
 from msgc_detection import (COCOEvaluator, DetectionCheckpointer, add_detection_config,  # noqa: E402
                             build_detection_test_loader, build_detection_train_loader, build_detector,
                             generate_toy_shapes, map_classification_state_dict, register_coco_instances)
@@ -121,6 +122,14 @@ def test_freeze_at_and_frozen_batchnorm():
     assert not any(p.requires_grad for m in (body.conv1, body.layer1) for p in m.parameters())
     assert all(p.requires_grad for p in body.layer2.parameters())
     assert all(p.requires_grad for p in model.detector.rpn.parameters())
+
+    # trained BatchNorm in the host, frozen in the gates' generators (each image's gates its own)
+    model = build_detector(small_cfg(MODEL__DETECTOR__NORM="BN", MODEL__DETECTOR__GATE_NORM="FrozenBN"))
+    generators = [m for m in model.backbone.modules() if isinstance(m, MaskGenerator)]
+    assert generators and all(isinstance(g.conv[1], FrozenBatchNorm2d) for g in generators)
+    assert isinstance(model.backbone.bn1, nn.BatchNorm2d) and isinstance(model.backbone.layer1[0].bn2, nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="GATE_NORM must be"):
+        build_detector(small_cfg(MODEL__DETECTOR__GATE_NORM="GN"))
 
 
 # ------------------------------------------------------------------ losses

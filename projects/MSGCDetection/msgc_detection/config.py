@@ -44,6 +44,10 @@ def _add_model_keys(cfg):
     # a pretrained backbone with few images per process), "BN" (trained; for training from scratch
     # with several images per process) or "SyncBN" (BN with statistics over all processes).
     det.NORM = "FrozenBN"
+    # Normalisation of the gate generators' BatchNorm, which sees one pooled value per image: "" = as
+    # NORM, or "FrozenBN". With few images per process a trained BatchNorm makes each image's gates
+    # depend on the other images of its batch; "FrozenBN" keeps it fixed (at identity from scratch).
+    det.GATE_NORM = ""
     # Anchor sizes in input pixels, one list per FPN level (finest first; Faster R-CNN has one level
     # more than IN_FEATURES from a max-pool, RetinaNet two, P6 and P7).
     det.ANCHOR_SIZES = [[32], [64], [128], [256], [512]]

@@ -13,6 +13,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from msgc.modeling import build_backbone
+from msgc.modeling.layers import AttentionGenerator, MaskGenerator
 from msgc.modeling.backbone.resnet import MSGCResNet
 from msgc.utils import comm
 
@@ -146,16 +147,26 @@ def _check_in_features(body, in_features):
                          "needs each stage at twice the stride of the one before")
 
 
+def _normalise(module: nn.Module, norm: str, key: str) -> nn.Module:
+    if norm == "FrozenBN":
+        return convert_frozen_batchnorm(module)
+    if norm == "SyncBN":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module) if comm.get_world_size() > 1 else module
+    if norm != "BN":
+        raise ValueError(f"{key} must be 'FrozenBN', 'BN' or 'SyncBN', got '{norm}'")
+    return module
+
+
 def build_msgc_fpn(cfg, extra: str) -> MSGCFPN:
     """The configured MSGC backbone without its classifier, normalised and frozen as configured, with an FPN."""
+    det = cfg.MODEL.DETECTOR
     body = drop_classifier(build_backbone(cfg))
-    norm = cfg.MODEL.DETECTOR.NORM
-    if norm == "FrozenBN":
-        body = convert_frozen_batchnorm(body)
-    elif norm == "SyncBN":
-        if comm.get_world_size() > 1:
-            body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
-    elif norm != "BN":
-        raise ValueError(f"MODEL.DETECTOR.NORM must be 'FrozenBN', 'BN' or 'SyncBN', got '{norm}'")
-    freeze_stages(body, cfg.MODEL.DETECTOR.FREEZE_AT)
-    return MSGCFPN(body, cfg.MODEL.DETECTOR.IN_FEATURES, cfg.MODEL.DETECTOR.FPN_CHANNELS, extra)
+    if det.GATE_NORM not in ("", "FrozenBN"):
+        raise ValueError(f"MODEL.DETECTOR.GATE_NORM must be '' (as NORM) or 'FrozenBN', got '{det.GATE_NORM}'")
+    if det.GATE_NORM == "FrozenBN":
+        for m in body.modules():
+            if isinstance(m, (MaskGenerator, AttentionGenerator)):
+                m.conv = convert_frozen_batchnorm(m.conv)
+    body = _normalise(body, det.NORM, "MODEL.DETECTOR.NORM")
+    freeze_stages(body, det.FREEZE_AT)
+    return MSGCFPN(body, det.IN_FEATURES, det.FPN_CHANNELS, extra)
