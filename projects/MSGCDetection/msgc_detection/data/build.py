@@ -1,0 +1,121 @@
+"""Datasets and loaders for detection: batches are ``(images, targets)`` lists, as torchvision's detectors take."""
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+from msgc.data.samplers import InferenceSampler, TrainingSampler
+from msgc.utils import comm
+
+from .catalog import resolve_dataset
+from .coco import CocoRecords, load_coco_json
+
+__all__ = ["BatchList", "DetectionDataset", "build_detection_dataset", "build_detection_train_loader",
+           "build_detection_test_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+class DetectionDataset(Dataset):
+    """Items ``(image, target)``: a float 3 x H x W tensor in [0, 1] and ``boxes``, ``labels``, ``image_id``.
+
+    Args:
+        coco: the checked records of a COCO json (see :func:`load_coco_json`).
+        flip: flip each image horizontally (with its boxes) with probability 1/2.
+    """
+
+    def __init__(self, coco: CocoRecords, flip: bool = False):
+        self.coco, self.flip = coco, flip
+        self.records = coco.records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        r = self.records[index]
+        try:
+            with Image.open(r["file_name"]) as f:
+                image = np.asarray(f.convert("RGB"))
+        except OSError as e:
+            raise OSError(f"cannot read image {r['file_name']}: {e}") from None
+        if image.shape[:2] != (r["height"], r["width"]):
+            raise ValueError(f"{r['file_name']} is {image.shape[1]}x{image.shape[0]} but {self.coco.json_file} "
+                             f"says {r['width']}x{r['height']}; its boxes would not fit the image")
+        image = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255)
+        boxes = torch.from_numpy(r["boxes"].copy())
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+            boxes = torch.stack([r["width"] - boxes[:, 2], boxes[:, 1], r["width"] - boxes[:, 0], boxes[:, 3]], 1)
+        return image, {"boxes": boxes, "labels": torch.from_numpy(r["labels"].copy()), "image_id": r["image_id"]}
+
+
+def _move(obj, device, non_blocking):
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: _move(v, device, non_blocking) for k, v in obj.items()}
+    return obj
+
+
+class BatchList(list):
+    """A list of images (or of targets) that moves to a device as a tensor does.
+
+    The core trainer and ``inference_on_dataset`` call ``images.to(device)`` and ``labels.to(device)``
+    on what a loader yields; detection batches are lists (images differ in size, targets are dicts),
+    so they answer that call themselves.
+    """
+
+    def to(self, device, non_blocking: bool = False) -> "BatchList":
+        return BatchList(_move(x, device, non_blocking) for x in self)
+
+
+def collate_detection(batch):
+    """A list of ``(image, target)`` -> ``(images, targets)`` :class:`BatchList` s (sizes may differ)."""
+    return BatchList(b[0] for b in batch), BatchList(b[1] for b in batch)
+
+
+def build_detection_dataset(cfg, name: str, train: bool) -> DetectionDataset:
+    """The catalog dataset ``name`` with the checks and skips of :func:`load_coco_json`."""
+    json_file, image_root = resolve_dataset(name, cfg.DATASETS.ROOT)
+    coco = load_coco_json(json_file, image_root, cfg.MODEL.NUM_CLASSES,
+                          filter_empty=train and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                          skip_missing=cfg.DATALOADER.SKIP_CORRUPT)
+    logger.info("dataset '%s': %d images, %d boxes, %d classes", name, len(coco.records),
+                sum(len(r["labels"]) for r in coco.records), len(coco.category_ids))
+    dataset = DetectionDataset(coco, flip=train and cfg.INPUT.RANDOM_FLIP)
+    dataset.name = name
+    return dataset
+
+
+def _per_process(total: int, what: str) -> int:
+    world = comm.get_world_size()
+    if total % world:
+        raise ValueError(f"{what}={total} is not divisible by the {world} processes")
+    return total // world
+
+
+def build_detection_train_loader(cfg, dataset=None):
+    """An endless loader of ``(images, targets)`` batches of ``DATASETS.TRAIN`` for this process.
+
+    Each process loads ``SOLVER.IMS_PER_BATCH / world size`` images per batch from its shard of one
+    shuffled order seeded by ``cfg.SEED`` (0 when negative), the same on every process.
+    """
+    if dataset is None:
+        dataset = build_detection_dataset(cfg, cfg.DATASETS.TRAIN, train=True)
+    batch = _per_process(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
+    seed = cfg.SEED if cfg.SEED >= 0 else 0
+    sampler = BatchSampler(TrainingSampler(len(dataset), shuffle=True, seed=seed), batch, drop_last=True)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                      collate_fn=collate_detection, generator=torch.Generator().manual_seed(seed + comm.get_rank()),
+                      persistent_workers=cfg.DATALOADER.NUM_WORKERS > 0)
+
+
+def build_detection_test_loader(cfg, name: str = None, dataset=None):
+    """A loader over this process's exact shard of the dataset ``name`` (default ``DATASETS.TEST``)."""
+    if dataset is None:
+        dataset = build_detection_dataset(cfg, name or cfg.DATASETS.TEST, train=False)
+    batch = max(1, cfg.TEST.IMS_PER_BATCH // comm.get_world_size())
+    return DataLoader(dataset, batch_size=batch, sampler=InferenceSampler(len(dataset)),
+                      num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=collate_detection)

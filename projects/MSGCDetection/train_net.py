@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Train or evaluate an MSGC detector (torchvision's Faster R-CNN or RetinaNet on an MSGC FPN).
+
+The core :class:`msgc.engine.DefaultTrainer` with detection ``build_*`` overrides; the flags are those
+of ``tools/train_net.py``. Run from the repository root, e.g.::
+
+    # the toy quickstart on the CPU (generates datasets/toy_shapes when absent)
+    python projects/MSGCDetection/train_net.py \\
+        --config-file projects/MSGCDetection/configs/toy_faster_rcnn_msgc_R18_FPN.yaml
+
+    # COCO on 8 GPUs from a classification checkpoint (msgc's, torchvision's or an original release)
+    python projects/MSGCDetection/train_net.py --num-gpus 8 \\
+        --config-file projects/MSGCDetection/configs/faster_rcnn_msgc_R50_FPN_1x.yaml MODEL.WEIGHTS r50.pth
+
+    # continue from OUTPUT_DIR/last_checkpoint, or evaluate a trained detector
+    python projects/MSGCDetection/train_net.py --config-file ... --resume
+    python projects/MSGCDetection/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
+"""
+import logging
+import os
+import sys
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # msgc_detection, from any working folder
+
+from msgc.config import get_cfg  # noqa: E402
+from msgc.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
+from msgc.engine.defaults import skip_batches  # noqa: E402
+from msgc.evaluation import inference_on_dataset  # noqa: E402
+from msgc.utils import comm  # noqa: E402
+from msgc.utils.logger import setup_logger  # noqa: E402
+
+from msgc_detection import (COCOEvaluator, DetectionCheckpointer, add_detection_config,  # noqa: E402
+                            build_detection_dataset, build_detection_test_loader, build_detection_train_loader,
+                            build_detector)
+from msgc_detection.config import check_detection_config  # noqa: E402
+from msgc_detection.solver import build_detection_optimizer  # noqa: E402
+
+logger = logging.getLogger("msgc_detection.train_net")
+
+
+class Trainer(DefaultTrainer):
+    """The core trainer with the detector, its data, optimizer, evaluator and checkpointer."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # The core trainer builds a plain MSGCCheckpointer; loading MODEL.WEIGHTS needs the detection one
+        # (classification weights -> backbone). Saving is the same, so the hooks may keep theirs.
+        old = self.checkpointer
+        self.checkpointer = DetectionCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
+                                                  **old.checkpointables)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_detector(cfg)
+        logger.info("Model:\n%s", model)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_detection_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        return skip_batches(build_detection_train_loader(cfg), start_iter)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, model=None):
+        return COCOEvaluator.from_dataset(build_detection_dataset(cfg, dataset_name, train=False))
+
+    def build_hooks(self):
+        """The core hooks, with the best checkpoint chosen by box AP instead of top-1."""
+        out = super().build_hooks()
+        for i, h in enumerate(out):
+            if isinstance(h, hooks.BestCheckpointer):
+                out[i] = hooks.BestCheckpointer(self.checkpointer, "val/AP", cfg=self.cfg)
+        return out
+
+    @classmethod
+    def test(cls, cfg, model, evaluator=None):
+        model = hooks.unwrap_model(model)
+        loader = cls.build_test_loader(cfg, cfg.DATASETS.TEST)
+        evaluator = evaluator or COCOEvaluator.from_dataset(loader.dataset)
+        results = inference_on_dataset(model, loader, evaluator)
+        if comm.is_main_process():
+            logger.info("Evaluation on %s:\n%s", cfg.DATASETS.TEST, results_table(results))
+        return results
+
+
+def results_table(results: dict) -> str:
+    """One row: the APs (fractions), MACs in millions and the MAC ratio."""
+    row = [f"{v / 1e6:.2f}" if k in ("macs", "dense_macs") else f"{v:.4f}" for k, v in results.items()]
+    headers = [f"{k} (M)" if k in ("macs", "dense_macs") else k for k in results]
+    return tabulate([row], headers=headers, tablefmt="pipe")
+
+
+def load_config(args):
+    """Defaults + the detection keys, then the yaml file, then the KEY VALUE overrides."""
+    cfg = add_detection_config(get_cfg())
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
+    check_detection_config(cfg, comm.get_world_size())
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="msgc_detection")
+    if cfg.NUM_THREADS > 0:
+        torch.set_num_threads(cfg.NUM_THREADS)
+    cfg.freeze()
+    return cfg
+
+
+def evaluate(cfg, resume: bool):
+    """Evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint of OUTPUT_DIR)."""
+    model = Trainer.build_model(cfg)
+    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
+        logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised detector")
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    return Trainer.test(cfg, model)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        return evaluate(cfg, args.resume)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser(epilog=__doc__).parse_args()
+    device = load_config(args).MODEL.DEVICE  # the launcher needs it: NCCL for GPUs, gloo for the CPU
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,), device=device)
