@@ -187,15 +187,40 @@ def test_shape_mismatch_names_the_key(tmp_path):
     path, _ = tv_file(tmp_path, "resnet18", num_classes=10)
     model = build_model(make_cfg("msgc_resnet18"))
     before = model_state(model)
-    with pytest.raises(CheckpointError, match=r"'fc\.bias' has shape \(10,\) in the file but the model's "
-                                              r"'backbone\.fc\.bias' is \(1000,\)"):
+    with pytest.raises(CheckpointError, match=r"'fc\.weight' has shape \(10, 512\) in the file but the model's "
+                                              r"'backbone\.fc\.weight' is \(1000, 512\)"):
         MSGCCheckpointer(model).load(path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     narrow = build_model(make_cfg("msgc_resnet18", MODEL__BACKBONE__WIDTH_MULT=0.5))
     path, _ = tv_file(tmp_path, "resnet18")
-    with pytest.raises(CheckpointError, match=r"'bn1\.bias' has shape \(64,\) in the file but the model's "
-                                              r"'backbone\.bn1\.bias' is \(32,\)"):
+    with pytest.raises(CheckpointError, match=r"'conv1\.weight' has shape \(64, 3, 7, 7\) in the file but the "
+                                              r"model's 'backbone\.conv1\.weight' is \(32, 3, 7, 7\)"):
         MSGCCheckpointer(narrow).load(path)
+
+
+class _Detector(torch.nn.Module):
+    """A model that holds a backbone among other modules, as a detector does."""
+
+    def __init__(self, backbone, second=None):
+        super().__init__()
+        self.body = torch.nn.Module()
+        self.body.bottom_up = backbone
+        self.head = torch.nn.Linear(4, 2)
+        if second is not None:
+            self.other = second
+
+
+def test_foreign_weights_go_to_the_backbone_of_a_larger_model(tmp_path):
+    path, state = tv_file(tmp_path, "resnet18")
+    detector = _Detector(build_model(make_cfg()).backbone)
+    head_before = detector.head.weight.clone()
+    MSGCCheckpointer(detector).load(path)  # the head is not the file's business: no error
+    assert torch.equal(detector.state_dict()["body.bottom_up.layer2.0.downsample.0.weight"],
+                       state["layer2.0.downsample.0.weight"])
+    assert torch.equal(detector.head.weight, head_before)
+    twice = _Detector(build_model(make_cfg()).backbone, build_model(make_cfg()).backbone)
+    with pytest.raises(CheckpointError, match=r"several backbones \(body\.bottom_up, other\)"):
+        MSGCCheckpointer(twice).load(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +290,7 @@ def test_project_checkpoint_round_trip(tmp_path):
 def test_project_checkpoint_of_other_width_is_an_error(tmp_path):
     MSGCCheckpointer(build_model(make_cfg(MODEL__BACKBONE__WIDTH_MULT=0.25)), str(tmp_path)).save("small")
     with pytest.raises(CheckpointError, match=r"small\.pth: this msgc checkpoint does not fit the model: "
-                                              r"'backbone\.bn1\.weight' has shape \(16,\)"):
+                                              r"'backbone\.conv1\.weight' has shape \(16, 3, 7, 7\)"):
         MSGCCheckpointer(build_model(make_cfg(MODEL__BACKBONE__WIDTH_MULT=0.5))).load(str(tmp_path / "small.pth"))
 
 
@@ -335,5 +360,6 @@ def test_convert_release_with_config(tmp_path):
         assert torch.equal(model.state_dict()["backbone." + key[len("module."):]], value), key
     # a config whose model the weights do not fit stops the conversion, and nothing is written
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        convert.main([src, str(tmp_path / "no.pth"), "--config-file", str(tmp_path / "mbv2.yaml")])
+        convert.main([src, str(tmp_path / "no.pth"), "--config-file", str(tmp_path / "mbv2.yaml"),
+                      "MODEL.NUM_CLASSES", "100"])
     assert not (tmp_path / "no.pth").exists()

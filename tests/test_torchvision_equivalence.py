@@ -71,4 +71,4 @@ def test_logits_equal_torchvision(tmp_path, arch, backbone, grouping):
     # all gates open, no attention: the per-sample cost is the dense cost plus the generators
     costs = model.backbone.complexity(64, 64)
     expected = costs.original + (costs.gen if grouping == "msgc" else 0)
-    torch.testing.assert_close(out["macs"], torch.full((2,), float(expected)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["macs"], torch.full((2,), float(expected), dtype=torch.float64), rtol=1e-6, atol=0)

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -47,8 +48,8 @@ def parse_args(argv=None):
                         help="test loader, random normal images, or the test loader if its data exists")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
-    return parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE pairs")
+    return parser.parse_intermixed_args(argv)
 
 
 def setup_cfg(args):
@@ -200,19 +201,17 @@ def analyze(model, size, batches=None, fvcore_model=None):
 
     rows = []
     for stage, entry in stages.items():
-        rows.append(_row(stage, entry["costs"], heads, [b for _, b in entry["blocks"]],
-                         [n for n, _ in entry["blocks"]], measured, backbone))
-    in_blocks = sum((e["costs"] for e in stages.values()), Costs())
-    other = _sub(total, in_blocks)
-    block_modules = [b for e in stages.values() for _, b in e["blocks"]]
-    rows.append(_other_row(other, backbone, block_modules, measured, rows))
+        names, modules = zip(*entry["blocks"])
+        rows.append(_stage_row(stage, entry["costs"], heads, modules, names, measured))
+    other = _sub(total, sum((e["costs"] for e in stages.values()), Costs()))
+    rows.append(_other_row(other, backbone, measured, rows))
 
     host, gen = _params([backbone])
     result = {
         "input_size": [size, size],
         "heads": heads,
         "stages": rows,
-        "totals_macs": {k: v for k, v in total.as_dict(heads).items()},
+        "totals_macs": total.as_dict(heads),
         "totals_mmac": {k: round(v / 1e6, 4) for k, v in total.as_dict(heads).items()},
         "params": {"host": host, "generators": gen, "total": host + gen},
     }
@@ -225,7 +224,7 @@ def analyze(model, size, batches=None, fvcore_model=None):
     return result
 
 
-def _row(stage, costs, heads, modules, names, measured, backbone):
+def _stage_row(stage, costs, heads, modules, names, measured):
     host, gen = _params(modules)
     row = {"stage": stage, "blocks": len(modules), "original": costs.original,
            "possible": costs.possible(heads), "main": costs.main, "dgc": costs.dgc, "gen": costs.gen,
@@ -237,7 +236,8 @@ def _row(stage, costs, heads, modules, names, measured, backbone):
     return row
 
 
-def _other_row(costs, backbone, block_modules, measured, rows):
+def _other_row(costs, backbone, measured, rows):
+    """Everything outside the gated blocks: the remainder of the whole network's totals."""
     host_all, gen_all = _params([backbone])
     host_in = sum(r["host_params"] for r in rows)
     gen_in = sum(r["gen_params"] for r in rows)
@@ -275,7 +275,9 @@ def fvcore_count(dense_model, size, original):
     x = torch.zeros(1, 3, size, size, device=_device(dense_model))
     analysis = FlopCountAnalysis(_Logits(dense_model.backbone), x)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    flops = analysis.total()
+    with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns of its deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        flops = analysis.total()
     return {"flops": flops, "mflops": round(flops / 1e6, 4), "by_operator": dict(analysis.by_operator()),
             "ratio_to_original": flops / original, "note": FVCORE_NOTE}
 

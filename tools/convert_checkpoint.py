@@ -30,8 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("output", help="msgc checkpoint to write")
     parser.add_argument("--config-file", default="", help="check the weights against this config's model "
                         "and store the config in the checkpoint")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
-    return parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE pairs")
+    return parser.parse_intermixed_args(argv)
 
 
 def setup_cfg(args):

@@ -39,6 +39,7 @@ __all__ = [
     "detect_format",
     "load_checkpoint_file",
     "convert_to_msgc",
+    "backbone_state_dict",
     "backbone_prefix",
     "is_generator_key",
     "guess_architecture",
@@ -269,7 +270,7 @@ def check_fit(model_state: Dict[str, torch.Tensor], state: Dict[str, torch.Tenso
         if host_unexpected:
             parts.append(f"{len(host_unexpected)} unexpected ({_examples(host_unexpected, info.scope)})")
         raise CheckpointError(f"{what}: {' and '.join(parts)}{_mismatch_hint(model_keys, state, info.scope)}")
-    for key in sorted(model_keys & set(state)):
+    for key in (k for k in model_state if k in state):  # the model's order: the first layer first
         want, got = tuple(model_state[key].shape), tuple(state[key].shape)
         if want != got:
             raise CheckpointError(

@@ -154,3 +154,9 @@ _C.SEED = -1
 _C.CUDNN_BENCHMARK = False
 # Console log period in iterations.
 _C.LOG_PERIOD = 20
+
+# --- engine (training loop) -------------------------------------------------------------------------
+# Intra-op CPU threads of each process (torch.set_num_threads), set by default_setup; 0 keeps PyTorch's
+# default (launch gives several CPU processes of one machine an equal share of its cores). Small models
+# on a busy CPU often run fastest with 1.
+_C.NUM_THREADS = 0

@@ -27,7 +27,8 @@ from ..utils.logger import setup_logger
 from . import hooks
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "default_setup", "create_ddp_model", "skip_batches", "DefaultTrainer"]
+__all__ = ["default_argument_parser", "default_setup", "create_ddp_model", "broadcast_buffers", "skip_batches",
+           "DefaultTrainer"]
 
 logger = logging.getLogger("msgc.engine")
 
@@ -56,7 +57,8 @@ def default_setup(cfg, args=None):
     - creates ``cfg.OUTPUT_DIR``; logs to the console (rank 0) and ``OUTPUT_DIR/log.txt``;
     - resolves ``SEED``: a negative seed is drawn once and shared by all ranks, and written into cfg so
       that ``config.yaml`` and every checkpoint record it; each rank seeds with ``SEED + rank``;
-    - writes ``OUTPUT_DIR/config.yaml`` (rank 0) and sets ``cudnn.benchmark``.
+    - writes ``OUTPUT_DIR/config.yaml`` (rank 0), sets ``cudnn.benchmark`` and the CPU threads
+      (``NUM_THREADS``).
 
     Call it before ``cfg.freeze()``.
     """
@@ -78,6 +80,8 @@ def default_setup(cfg, args=None):
             f.write(cfg.dump())
         logger.info("Full config saved to %s", path)
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    if cfg.NUM_THREADS > 0:
+        torch.set_num_threads(cfg.NUM_THREADS)
 
 
 def _resolve_seed(cfg):
@@ -111,6 +115,17 @@ def create_ddp_model(model, **kwargs):
     return DistributedDataParallel(model, **kwargs)
 
 
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank; no-op for one process.
+
+    DistributedDataParallel does this at the start of each training forward, so after the last step
+    each rank holds the statistics of its own last batch; evaluation and the end of training align them.
+    """
+    if comm.get_world_size() > 1:
+        for buffer in hooks.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 class DefaultTrainer(TrainerBase):
     """The standard training of an msgc classifier, built from a config.
 
@@ -128,6 +143,8 @@ class DefaultTrainer(TrainerBase):
 
     def __init__(self, cfg):
         super().__init__()
+        if not logging.getLogger("msgc").handlers:  # default_setup was not called: log to the console
+            setup_logger(distributed_rank=comm.get_rank())
         _check_batch_size(cfg)
         self.cfg = cfg
         model = self.build_model(cfg)
@@ -186,13 +203,17 @@ class DefaultTrainer(TrainerBase):
             hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter, cfg=cfg),
         ]
         if cfg.DATASETS.TEST:
-            out.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(self.cfg, self.model)))
+            out.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
             # after the evaluation, whose result it reads
             out.append(hooks.BestCheckpointer(self.checkpointer, "val/top1", cfg=cfg))
         if comm.is_main_process():
             # last: writes everything the hooks above logged at this iteration, evaluation included
             out.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
         return out
+
+    def _evaluate(self) -> dict:
+        broadcast_buffers(self.model)  # every rank evaluates with rank 0's BatchNorm statistics
+        return self.test(self.cfg, self.model)
 
     def build_writers(self) -> list:
         """Console, ``metrics.json`` and TensorBoard writers (main process only)."""
@@ -203,6 +224,7 @@ class DefaultTrainer(TrainerBase):
         if self._trainer.data_loader is None:
             self._trainer.data_loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
         super().train(self.start_iter, self.max_iter)
+        broadcast_buffers(self.model)
         return self.last_eval_results
 
     def run_step(self):

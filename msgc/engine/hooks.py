@@ -84,7 +84,8 @@ class MACTargetSchedule(HookBase):
     def __init__(self, model, scheduler):
         model = unwrap_model(model)
         if not hasattr(model, "set_mac_target"):
-            raise TypeError(f"{type(model).__name__} has no set_mac_target(): it cannot follow a MAC-target schedule")
+            raise TypeError(f"{type(model).__name__} has no set_mac_target(): it cannot follow a MAC-target "
+                            "schedule")
         self._model = model
         self._scheduler = scheduler
 

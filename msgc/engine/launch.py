@@ -1,9 +1,10 @@
 """Start a function on one or many processes, on one or many machines, or under ``torchrun``.
 
-One process calls the function directly, without a process group. Several get one process per device,
-a process group (NCCL on GPUs, gloo on the CPU) and their global rank ``machine_rank x per_machine +
-local_rank``. Under ``torchrun`` (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment) the
-process group is initialised from the environment and nothing is spawned.
+One process calls the function directly, without a process group. Several get one process per device
+(the calling process itself when a machine runs one), a process group (NCCL on GPUs, gloo on the CPU)
+and their global rank ``machine_rank x per_machine + local_rank``. Under ``torchrun`` (``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment) the process group is initialised from the
+environment and nothing is spawned.
 """
 import logging
 import os
@@ -64,9 +65,10 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
         if num_machines != 1:
             raise ValueError("--dist-url auto works on one machine only; give tcp://<machine 0 address>:<port>")
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
-    mp.start_processes(_worker, nprocs=num_gpus_per_machine, start_method="spawn", daemon=False,
-                       args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, device,
-                             timeout))
+    worker_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, device, timeout)
+    if num_gpus_per_machine == 1:  # one process on this machine: this one
+        return _worker(0, *worker_args)
+    mp.start_processes(_worker, nprocs=num_gpus_per_machine, start_method="spawn", daemon=False, args=worker_args)
 
 
 def _run_under_torchrun(main_func, args, device, timeout):
@@ -76,13 +78,11 @@ def _run_under_torchrun(main_func, args, device, timeout):
         return main_func(*args)
     _use_device(device, comm._LOCAL_RANK, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     dist.init_process_group(_backend(device), init_method="env://", timeout=timeout)
-    try:
-        return main_func(*args)
-    finally:
-        dist.destroy_process_group()
+    return _run_and_leave(main_func, args)
 
 
 def _worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, device, timeout):
+    """Join the process group as global rank ``machine_rank x per_machine + local_rank`` and run main."""
     rank = machine_rank * per_machine + local_rank
     comm._LOCAL_RANK = local_rank
     _use_device(device, local_rank, per_machine)
@@ -90,12 +90,22 @@ def _worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_u
         dist.init_process_group(_backend(device), init_method=dist_url, world_size=world_size, rank=rank,
                                 timeout=timeout)
     except Exception as e:
-        raise RuntimeError(f"process {rank} of {world_size} could not join the process group at {dist_url}: {e}") from e
-    try:
-        comm.synchronize()
-        main_func(*args)
-    finally:
-        dist.destroy_process_group()
+        raise RuntimeError(f"process {rank} of {world_size} could not join the process group at {dist_url}: "
+                           f"{e}") from e
+    comm.synchronize()
+    return _run_and_leave(main_func, args)
+
+
+def _run_and_leave(main_func, args):
+    """Run main, then leave the process group together with the others.
+
+    After an error the group is not destroyed: the other processes may be blocked in a collective
+    with this one, and tearing the group down under them can hang; the launcher ends them instead.
+    """
+    result = main_func(*args)
+    comm.synchronize()  # nobody tears down its connections while another still uses them
+    dist.destroy_process_group()
+    return result
 
 
 def _use_device(device: str, local_rank: int, per_machine: int):

@@ -168,8 +168,8 @@ class SimpleTrainer(TrainerBase):
         start = time.perf_counter()
         images, labels = next(self._data_iter)
         data_time = time.perf_counter() - start
-        non_blocking = self.device.type == "cuda"
-        return images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking), data_time
+        move = dict(device=self.device, non_blocking=self.device.type == "cuda")
+        return images.to(**move), labels.to(**move), data_time
 
     def run_step(self):
         if not self.model.training:

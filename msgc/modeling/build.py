@@ -12,6 +12,10 @@ def build_model(cfg):
 
     Weights are not loaded here: use :class:`msgc.checkpoint.MSGCCheckpointer` with ``MODEL.WEIGHTS``.
     """
+    device = torch.device(cfg.MODEL.DEVICE)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("MODEL.DEVICE is 'cuda' but this machine has no CUDA device; "
+                           "add 'MODEL.DEVICE cpu' to the command line")
     model = Classifier(build_backbone(cfg), label_smoothing=cfg.MODEL.LABEL_SMOOTHING,
                        mac_loss_weight=cfg.MODEL.MSGC.LOSS_WEIGHT)
-    return model.to(torch.device(cfg.MODEL.DEVICE))
+    return model.to(device)

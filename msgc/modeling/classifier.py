@@ -29,6 +29,7 @@ class Classifier(nn.Module):
         self.label_smoothing = label_smoothing
         self.mac_loss_weight = mac_loss_weight
         self.register_buffer("mac_target", torch.tensor(1.0), persistent=False)
+        self._dense_macs = {}
 
     def set_mac_target(self, target: float):
         """The current MAC target as a fraction of the dense host's MACs."""
@@ -36,7 +37,10 @@ class Classifier(nn.Module):
 
     def dense_macs(self, h: int, w: int) -> int:
         """The dense host's MACs at input size h x w."""
-        return self.backbone.complexity(h, w).original
+        key = (int(h), int(w))
+        if key not in self._dense_macs:
+            self._dense_macs[key] = self.backbone.complexity(*key).original
+        return self._dense_macs[key]
 
     def forward(self, images, labels=None):
         logits, macs = self.backbone(images)

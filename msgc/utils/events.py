@@ -244,8 +244,8 @@ class ConsoleWriter(EventWriter):
 
     def _others(self, storage):
         hints = storage.smoothing_hints()
-        names = [n for n in sorted(storage.histories()) if hints[n] and not n.startswith(("loss_", "lr/"))
-                 and "/" not in n and n not in self._SHOWN]
+        names = [n for n in sorted(storage.histories())
+                 if hints[n] and not n.startswith("loss_") and "/" not in n and n not in self._SHOWN]
         return [f"{n}: {self._median(storage, n):.4g}" for n in names]
 
     def _lrs(self, storage):

@@ -12,17 +12,17 @@ __all__ = ["Backbone", "GatedBlock", "mask_mean", "unread_fraction"]
 
 
 def mask_mean(mask, n: int, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of a mask ``N x heads x C`` (None: all open -> ones)."""
+    """Per-sample mean of a mask ``N x heads x C`` in float64 (None: all open -> ones)."""
     if mask is None:
-        return ref.new_ones(n)
-    return mask.flatten(1).mean(1)
+        return ref.new_ones(n, dtype=torch.float64)
+    return mask.flatten(1).double().mean(1)
 
 
 def unread_fraction(mask, n: int, ref: torch.Tensor) -> torch.Tensor:
     """Per-sample fraction of channels that no head reads (detached; None -> zeros)."""
     if mask is None:
-        return ref.new_zeros(n)
-    return (1.0 - mask.detach()).prod(1).mean(1)
+        return ref.new_zeros(n, dtype=torch.float64)
+    return (1.0 - mask.detach().double()).prod(1).mean(1)
 
 
 class GatedBlock(nn.Module):

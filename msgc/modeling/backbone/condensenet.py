@@ -149,13 +149,14 @@ class MSGCDenseNet(Backbone):
                 for layer in module:
                     c, h, w = layer.costs(h, w)
                     total = total + c
+                channels = layer.in_channels + layer.growth
             elif name.startswith("transition"):
                 h, w = conv_out(h, 2, 0, 2), conv_out(w, 2, 0, 2)
-                total = total + Costs(main=4 * module_channels(self, name) * h * w)
+                total = total + Costs(main=4 * channels * h * w)
         return total + Costs(main=self.head_macs(h, w))
 
     def forward_features(self, x):
-        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]))
+        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.features.init_conv(x)
         feats = OrderedDict(stem=x)
         state = (x, macs)
@@ -170,11 +171,6 @@ class MSGCDenseNet(Backbone):
     def forward_head(self, features):
         x = features[next(reversed(features))]
         return self.classifier(x.mean((2, 3)))
-
-
-def module_channels(net, transition_name):
-    """Channels entering a transition: those of the dense stage before it."""
-    return net.stage_channels["dense" + transition_name.split("_")[1]]
 
 
 @BACKBONE_REGISTRY.register("msgc_condensenet")

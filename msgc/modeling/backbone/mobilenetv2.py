@@ -1,6 +1,7 @@
 """MSGC MobileNetV2 in torchvision's layout: each block's projection (1x1) is an MSGC convolution."""
 from collections import OrderedDict
 
+import torch
 from torch import nn
 from torchvision.models._utils import _make_divisible
 
@@ -148,7 +149,7 @@ class MSGCMobileNetV2(Backbone):
         return total + Costs(main=self._last_macs(h, w) + self.head_macs(h, w))
 
     def forward_features(self, x):
-        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]))
+        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.features[0](x)
         feats = OrderedDict(stem=x)
         state = (x, macs)

@@ -154,8 +154,8 @@ class Bottleneck(GatedBlock):
         if m2 is None or m3 is None:
             return 0.0
         heads = m2.size(1)
-        head_open = m2.detach().mean(2)  # N x heads
-        unread = (1.0 - m3.detach()[:, 0]).view(m3.size(0), heads, -1).mean(2)  # N x heads
+        head_open = m2.detach().double().mean(2)  # N x heads
+        unread = (1.0 - m3.detach()[:, 0].double()).view(m3.size(0), heads, -1).mean(2)  # N x heads
         return (head_open * unread).sum(1) * (dgc2 / heads)
 
 
@@ -234,7 +234,7 @@ class MSGCResNet(Backbone):
             yield from getattr(self, f"layer{i}")
 
     def forward_features(self, x):
-        macs = x.new_full((x.size(0),), float(self._stem_costs(x.size(2), x.size(3))[0]))
+        macs = x.new_full((x.size(0),), float(self._stem_costs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         feats = OrderedDict(stem=x)
         state = (x, macs)
