@@ -28,7 +28,7 @@ import torch
 from tabulate import tabulate
 
 from msgc.checkpoint import MSGCCheckpointer
-from msgc.config import ConfigError, get_cfg
+from msgc.config import ConfigError, load_cfg
 from msgc.modeling import Costs, build_model
 from msgc.modeling.backbone.base import GatedBlock
 from msgc.modeling.layers import AttentionGenerator, MaskGenerator
@@ -53,9 +53,7 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_cfg(args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("MODEL.DEVICE=%s but CUDA is not available: analysing on the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

@@ -30,7 +30,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from msgc.config import get_cfg
+from msgc.config import load_cfg
 from msgc.deploy import deploy
 from msgc.modeling import build_model
 from msgc.modeling.layers import MaskGenerator
@@ -69,9 +69,7 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()

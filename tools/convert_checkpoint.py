@@ -18,7 +18,7 @@ import torch
 
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.checkpoint.formats import convert_to_msgc
-from msgc.config import ConfigError, get_cfg
+from msgc.config import ConfigError, load_cfg
 from msgc.modeling import build_model
 
 logger = logging.getLogger("convert_checkpoint")
@@ -35,9 +35,7 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg

@@ -26,7 +26,7 @@ import logging
 import os
 
 from msgc.checkpoint import MSGCCheckpointer
-from msgc.config import get_cfg
+from msgc.config import load_cfg
 from msgc.engine import DefaultTrainer, default_argument_parser, default_setup, exit_on_user_error, launch
 from msgc.utils import comm
 
@@ -39,11 +39,7 @@ class Trainer(DefaultTrainer):
 
 def load_config(args):
     """The config of the command line: defaults, then the yaml file, then the KEY VALUE overrides."""
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg
+    return load_cfg(args.config_file, args.opts)
 
 
 def setup(args):
