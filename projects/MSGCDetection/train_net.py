@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 
-import torch
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # msgc_detection, from any working folder
@@ -114,8 +113,6 @@ def setup(args):
     check_detection_config(cfg, comm.get_world_size())
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="msgc_detection")
-    if cfg.NUM_THREADS > 0:
-        torch.set_num_threads(cfg.NUM_THREADS)
     cfg.freeze()
     return cfg
 

@@ -19,10 +19,6 @@ def add_detection_config(cfg):
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
     # At most this many detections per image at test time.
     cfg.TEST.DETECTIONS_PER_IMAGE = 100
-    # torch's intra-op CPU threads per process (torch.set_num_threads), set by train_net.py; 0 keeps
-    # torch's default. Small models on the CPU often run fastest with 1: on a busy machine several
-    # OpenMP threads wait for each other at every operation.
-    cfg.NUM_THREADS = 0
     # Multiplier of SOLVER.BASE_LR for the FPN and the detection heads, which start untrained (the
     # backbone's host gets BASE_LR x PRETRAINED_LR_MULT and its gates BASE_LR, as in classification).
     cfg.SOLVER.HEADS_LR_MULT = 1.0
