@@ -8,6 +8,8 @@ setup(
     description="Middle Spectrum Grouped Convolution: a research framework on PyTorch",
     python_requires=">=3.9",
     packages=find_packages(exclude=("tests", "configs", "tools", "projects")),
+    # the deployed networks' C kernels, compiled on first use (msgc/deploy/native.py)
+    package_data={"msgc.deploy": ["csrc/*.c"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

@@ -37,7 +37,7 @@ def _image(x):
 class DeployedResNet(nn.Module):
     """Deployed :class:`MSGCResNet` (basic and bottleneck blocks)."""
 
-    def __init__(self, net: MSGCResNet):
+    def __init__(self, net: MSGCResNet, native: bool = False):
         super().__init__()
         self.stem = FoldedConv(net.conv1, net.bn1)
         self.maxpool = not isinstance(net.maxpool, nn.Identity)
@@ -47,7 +47,7 @@ class DeployedResNet(nn.Module):
                 kind = DeployedBasicBlock if isinstance(blk, BasicBlock) else DeployedBottleneck
                 if not isinstance(blk, (BasicBlock, Bottleneck)):
                     raise ValueError(f"deploy: layer{i}.{j} is a {type(blk).__name__}, not a ResNet block")
-                blocks.append(kind(blk, f"layer{i}.{j}"))
+                blocks.append(kind(blk, f"layer{i}.{j}", native))
         self.blocks = nn.ModuleList(blocks)
         self.fc = _Linear(net.fc)
         self.stem_costs, self.head_macs = net._stem_costs, net.head_macs
@@ -72,11 +72,11 @@ class DeployedResNet(nn.Module):
 class DeployedMobileNetV2(nn.Module):
     """Deployed :class:`MSGCMobileNetV2`."""
 
-    def __init__(self, net: MSGCMobileNetV2):
+    def __init__(self, net: MSGCMobileNetV2, native: bool = False):
         super().__init__()
         first, last = net.features[0], net.features[-1]
         self.stem = FoldedConv(first[0], first[1])
-        self.blocks = nn.ModuleList(DeployedInvertedResidual(b, f"features.{i}")
+        self.blocks = nn.ModuleList(DeployedInvertedResidual(b, f"features.{i}", native)
                                     for i, b in enumerate(net.features[1:-1], start=1))
         self.last = FoldedConv(last[0], last[1])
         self.fc = _Linear(net.classifier[-1])
@@ -102,7 +102,7 @@ class DeployedDenseNet(nn.Module):
     """Deployed :class:`MSGCDenseNet`: each stage writes its layers' outputs into one preallocated
     channels-last buffer, so no layer copies its input (the host's concatenations)."""
 
-    def __init__(self, net: MSGCDenseNet):
+    def __init__(self, net: MSGCDenseNet, native: bool = False):
         super().__init__()
         self.stem = FoldedConv(net.features.init_conv)
         stages, self.widths = [], []
@@ -111,7 +111,7 @@ class DeployedDenseNet(nn.Module):
                 for j, layer in enumerate(module):
                     if not isinstance(layer, DenseLayer):
                         raise ValueError(f"deploy: {name}.{j} is a {type(layer).__name__}, not a DenseLayer")
-                stages.append(nn.ModuleList(DeployedDenseLayer(l, f"features.{name}.{j}")
+                stages.append(nn.ModuleList(DeployedDenseLayer(l, f"features.{name}.{j}", native)
                                             for j, l in enumerate(module)))
                 self.widths.append(net.stage_channels[name.replace("denseblock_", "dense")])
         self.stages = nn.ModuleList(stages)

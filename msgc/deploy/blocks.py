@@ -39,11 +39,11 @@ class DeployedBasicBlock(DeployedBlock):
     """ResNet basic block: conv1 reads the open inputs and computes only the channels that some head of
     conv2 reads; each head of conv2 reads its open channels; attention folded in."""
 
-    def __init__(self, block, where=""):
+    def __init__(self, block, where="", native=False):
         super().__init__(block, ("maskgen1", "maskgen2", "attgen1", "attgen2"), where)
         self.heads, self.planes = block.heads, block.planes
-        self.conv1 = HeadConv(block.conv1, block.bn1, 1)
-        self.conv2 = HeadConv(block.conv2, block.bn2, block.heads)
+        self.conv1 = HeadConv(block.conv1, block.bn1, 1, native)
+        self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
         self.downsample = None if block.downsample is None else FoldedConv(*block.downsample)
 
     def forward(self, x, h, w, macs, executed):
@@ -53,7 +53,7 @@ class DeployedBasicBlock(DeployedBlock):
         rows = None if s2.union is None else [s2.union]
         y, ho, wo, m1 = self.conv1(x, h, w, s1.idx, s1.idx, s1.scales(g.get("attgen1")), rows)
         y.relu_()
-        out, _, _, m2 = self.conv2(y, ho, wo, s2.pos, s2.idx, s2.scales(g.get("attgen2")))
+        out, _, _, m2 = self.conv2(y, ho, wo, s2.reading(y), s2.idx, s2.scales(g.get("attgen2")))
         identity, m3 = x, 0
         if self.downsample is not None:
             identity, _, _, m3 = self.downsample(x, h, w)
@@ -65,12 +65,12 @@ class DeployedBottleneck(DeployedBlock):
     """ResNet bottleneck: conv1 (open inputs -> channels some head reads), conv2 per head (only the
     outputs that conv3's mask keeps: the second bonus), conv3 on exactly those channels."""
 
-    def __init__(self, block, where=""):
+    def __init__(self, block, where="", native=False):
         super().__init__(block, ("maskgen1", "maskgen2", "maskgen3", "attgen2"), where)
         self.heads, self.width = block.heads, block.width
-        self.conv1 = PointHeadConv(block.conv1, block.bn1, 1)
-        self.conv2 = HeadConv(block.conv2, block.bn2, block.heads)
-        self.conv3 = PointHeadConv(block.conv3, block.bn3, 1)
+        self.conv1 = PointHeadConv(block.conv1, block.bn1, 1, native)
+        self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
+        self.conv3 = PointHeadConv(block.conv3, block.bn3, 1, native)
         self.downsample = None if block.downsample is None else FoldedConv(*block.downsample)
 
     def forward(self, x, h, w, macs, executed):
@@ -81,7 +81,7 @@ class DeployedBottleneck(DeployedBlock):
         rows = None if s2.union is None else [s2.union]
         y, _, _, m1 = self.conv1(x, h, w, s1.idx, s1.idx, [None], rows)
         y.relu_()
-        y, ho, wo, m2 = self.conv2(y, h, w, s2.pos, s2.idx, s2.scales(g.get("attgen2")),
+        y, ho, wo, m2 = self.conv2(y, h, w, s2.reading(y), s2.idx, s2.scales(g.get("attgen2")),
                                    s3.rows_per_head(self.heads))
         y.relu_()
         out, _, _, m3 = self.conv3(y, ho, wo, [None], s3.idx, [None])
@@ -108,15 +108,15 @@ class DeployedInvertedResidual(DeployedBlock):
     """MobileNetV2 block: expansion and depthwise convolution only on the hidden channels that some
     head of the projection reads (the bonus); each projection head reads its open channels."""
 
-    def __init__(self, block, where=""):
+    def __init__(self, block, where="", native=False):
         super().__init__(block, ("maskgen", "attgen"), where)
         self.heads, self.hidden, self.expand = block.heads, block.hidden, block.expand
         self.residual = block.use_res_connect
         layers = list(block.conv)
-        self.pw = PointHeadConv(layers[0][0], layers[0][1], 1) if self.expand else None
+        self.pw = PointHeadConv(layers[0][0], layers[0][1], 1, native) if self.expand else None
         dw = layers[1] if self.expand else layers[0]
         self.dw = DepthwiseConv(dw[0], dw[1])
-        self.project = PointHeadConv(layers[-2], layers[-1], block.heads)
+        self.project = PointHeadConv(layers[-2], layers[-1], block.heads, native)
 
     def forward(self, x, h, w, macs, executed):
         g, ex = self.decide(x)
@@ -126,6 +126,8 @@ class DeployedInvertedResidual(DeployedBlock):
             y, _, _, m0 = self.pw(x, h, w, [None], [None], [None], None if keep is None else [keep])
         else:
             y, m0 = (x if keep is None else x.index_select(1, keep)), 0
+        if keep is not None and y.size(1) != keep.numel():  # the expansion computed every channel
+            y = y.index_select(1, keep)
         y = y.clamp_(0, 6) if self.pw is not None else y
         y, ho, wo, m1 = self.dw(y, h, w, keep)
         y.clamp_(0, 6)
@@ -141,7 +143,7 @@ class DeployedDenseLayer(DeployedBlock):
     """DenseNet layer: pre-activation of the input, conv_1 from the open inputs to the channels some
     head reads (conv_2's BatchNorm folded into it), conv_2 per head. Returns only the new channels."""
 
-    def __init__(self, layer, where=""):
+    def __init__(self, layer, where="", native=False):
         super().__init__(layer, ("maskgen1", "maskgen2", "attgen2"), where)
         self.heads, self.hidden = layer.heads, layer.hidden
         norm = layer.conv_1.norm
@@ -149,8 +151,8 @@ class DeployedDenseLayer(DeployedBlock):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("shift", norm.bias.detach().float() - norm.running_mean.float() * scale,
                              persistent=False)
-        self.conv1 = PointHeadConv(layer.conv_1.conv, layer.conv_2.norm, 1)
-        self.conv2 = HeadConv(layer.conv_2.conv, None, layer.heads)
+        self.conv1 = PointHeadConv(layer.conv_1.conv, layer.conv_2.norm, 1, native)
+        self.conv2 = HeadConv(layer.conv_2.conv, None, layer.heads, native)
 
     def forward(self, x, h, w, macs, executed):
         """x may be a column slice of the stage's buffer; returns (new channels, h, w, macs, executed)."""
@@ -161,7 +163,7 @@ class DeployedDenseLayer(DeployedBlock):
         rows = None if s2.union is None else [s2.union]
         z, _, _, m1 = self.conv1(y, h, w, s1.idx, s1.idx, [None], rows)
         z.relu_()
-        out, _, _, m2 = self.conv2(z, h, w, s2.pos, s2.idx, s2.scales(g.get("attgen2")))
+        out, _, _, m2 = self.conv2(z, h, w, s2.reading(z), s2.idx, s2.scales(g.get("attgen2")))
         macs = _two_conv_macs(macs, self.terms(h, w)[0], s1, s2)
         return out, h, w, macs, executed + x.numel() + ex + m1 + m2
 

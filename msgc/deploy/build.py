@@ -2,10 +2,13 @@
 
 ``DEPLOY_REGISTRY`` maps a backbone class name to the class that deploys it.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..utils.registry import Registry
+from . import native as native_kernels
 
 __all__ = ["DEPLOY_REGISTRY", "DeployedClassifier", "deploy"]
 
@@ -13,7 +16,8 @@ DEPLOY_REGISTRY = Registry("DEPLOY")
 DEPLOY_REGISTRY.__doc__ = """
 Registry of deployed backbones, keyed by the source backbone's class name (``MSGCResNet``, ...).
 
-An entry is constructed as ``entry(backbone)`` from a backbone in eval mode and is a module with
+An entry is constructed as ``entry(backbone, native=bool)`` from a backbone in eval mode (``native``:
+use :mod:`msgc.deploy.native`'s kernels for gated convolutions) and is a module with
 ``forward_sample(image) -> (logits 1 x classes, macs float, executed int)`` for one
 ``1 x 3 x H x W`` image: ``macs`` equal to the eval model's (the paper's count) and ``executed`` the MACs
 it ran, counted from the shapes it ran with.
@@ -70,12 +74,17 @@ class DeployedClassifier(nn.Module):
                 "executed_macs": torch.tensor(executed, dtype=torch.float64)}
 
 
-def deploy(model: nn.Module) -> DeployedClassifier:
+def deploy(model: nn.Module, native: Optional[bool] = None) -> DeployedClassifier:
     """The deployed (inference-only) version of a :class:`msgc.modeling.Classifier` in eval mode.
 
     BatchNorm is folded into the convolutions, attention into the gathered weights (or inputs), and
     weights are rearranged once so that each sample's gathers are contiguous. The returned module
     shares no tensors with ``model``; deploy again after changing ``model``'s weights.
+
+    ``native``: run gated convolutions with msgc's C kernels (:mod:`msgc.deploy.native`), which read
+    open channels in place; default: where they build and the model is on the CPU in float32. False:
+    PyTorch's kernels on gathered copies (any device). A deployed model runs on the device it was
+    deployed on.
     """
     backbone = getattr(model, "backbone", None)
     if backbone is None:
@@ -83,4 +92,10 @@ def deploy(model: nn.Module) -> DeployedClassifier:
     if model.training:
         raise ValueError("deploy: the model is in training mode; call model.eval() first (deployment folds "
                          "BatchNorm running statistics and uses the gates' eval decisions)")
-    return DeployedClassifier(DEPLOY_REGISTRY.get(type(backbone).__name__)(backbone))
+    on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    if native is None:
+        native = on_cpu and native_kernels.available()
+    elif native and not (on_cpu and native_kernels.available()):
+        raise ValueError("deploy(native=True): " + ("the model must be on the CPU in float32" if not on_cpu
+                                                     else f"msgc's native kernels are {native_kernels.status()}"))
+    return DeployedClassifier(DEPLOY_REGISTRY.get(type(backbone).__name__)(backbone, native=native))

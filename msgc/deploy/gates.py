@@ -14,7 +14,8 @@ __all__ = ["BlockGates", "HeadSets"]
 
 class HeadSets:
     """The open channels of a ``heads x C`` boolean mask, per head and together (index work in numpy:
-    these arrays are small and numpy's per-call cost is a fraction of torch's).
+    these arrays are small and numpy's per-call cost is a fraction of torch's). Index tensors are
+    int32, as the native kernels read them.
 
     Attributes:
         idx: per head, its open channels (None: all C of them).
@@ -48,15 +49,20 @@ class HeadSets:
         if n_read == channels:
             self.union, self.pos = None, self.idx
         else:
-            self.union = torch.from_numpy(np.flatnonzero(read))
+            self.union = torch.from_numpy(np.flatnonzero(read).astype(np.int32))
             self.pos = self._split((np.cumsum(read) - 1)[cols])
 
     def _split(self, values) -> List[Optional[torch.Tensor]]:
-        t, out, start = torch.from_numpy(values), [], 0
+        t, out, start = torch.from_numpy(values.astype(np.int32)), [], 0
         for k in self.open:
             out.append(None if k == self.channels else t[start:start + k])
             start += k
         return out
+
+    def reading(self, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        """Per head, the columns of ``x`` it reads: ``pos`` if x holds only the union's channels, else
+        ``idx`` (x holds all channels: a producer may compute unread channels where that is cheaper)."""
+        return self.idx if x.size(1) == self.channels else self.pos
 
     def scales(self, att: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Per head, the attention of its open channels (att: heads x C, or None)."""

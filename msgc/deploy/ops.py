@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import native as native_kernels
+
 __all__ = [
     "fold_bn", "to_matrix", "to_image", "FoldedConv", "HeadConv", "PointHeadConv", "DepthwiseConv",
     "Generators",
@@ -62,6 +64,48 @@ def conv2d(x, weight, bias, stride=1, padding=0, groups=1):
     if _ONEDNN and x.device.type == "cpu":
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], groups)
     return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+
+
+#: Native kernels, one head: below this output area (pixels), where at most an eighth of the output
+#: channels goes unread, every output channel is computed, also those the caller did not ask for
+#: (``rows``): at 7x7 a layer is bound by reading its weights, whose rows are read whole anyway, and
+#: gathering the asked-for columns costs more than the MACs it saves. The caller then gets every
+#: column (see ``HeadSets.reading``) and the executed MACs count them.
+ALL_OUTPUTS = 100
+
+
+def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows):
+    """Every head of a :class:`HeadConv` or :class:`PointHeadConv` built with ``native=True``, with
+    :func:`native.gconv`, written side by side into one output matrix: ``(out, ho, wo, executed MACs)``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise RuntimeError("this deployed model runs msgc's CPU kernels (float32); deploy the model "
+                           "on the device and in the dtype it will run in (deploy(model, native=False) "
+                           "for PyTorch's kernels)")
+    if (rows is not None and self.heads == 1 and ho * wo < ALL_OUTPUTS and rows[0] is not None
+            and 8 * rows[0].numel() >= 7 * self.per_head):
+        rows = None  # weight-bound: computing the few unread outputs costs less than gathering around them
+    n_out = [self.per_head if rows is None or rows[i] is None else rows[i].numel() for i in range(self.heads)]
+    out = x.new_empty(ho * wo, sum(n_out))
+    kk, macs, col = self.kernel ** 2, 0, 0
+    for i in range(self.heads):
+        r = None if rows is None else rows[i]
+        weight, wrow, bias = self.weight[i], idx[i], None if self.bias is None else self.bias[i]
+        cin = self.in_channels if wrow is None else wrow.numel()
+        xs, cols, sc = x, pos[i], scale[i]
+        if sc is not None and cin * kk * n_out[i] > x.size(0) * cin:  # attention: fold into the inputs
+            xs = (x if cols is None else x.index_select(1, cols)) * sc
+            cols, sc = None, None
+            macs += xs.numel()
+        if r is not None or sc is not None:  # outputs chosen or attention folded: gather the weights
+            weight, wrow = native_kernels.gather_weights(weight, wrow, r, n_out[i], sc), None
+            macs += 0 if sc is None else cin * kk * n_out[i]
+            if r is not None and bias is not None:
+                bias = bias.index_select(0, r)
+        native_kernels.gconv(xs, h, w, self.kernel, self.stride, self.padding, cols, wrow, weight, bias,
+                             out[:, col:col + n_out[i]])
+        macs += ho * wo * n_out[i] * (cin * kk + self.bn)
+        col += n_out[i]
+    return out, ho, wo, macs
 
 
 class FoldedConv(nn.Module):
@@ -116,16 +160,19 @@ class HeadConv(nn.Module):
     #: smallest input area (pixels) run by oneDNN
     LARGE = 28 * 28
 
-    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int):
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int, native: bool = False):
         super().__init__()
         weight, bias = fold_bn(conv.weight, bn)  # out x in_per_head x k x k
         out, cin, k = weight.size(0), weight.size(1), weight.size(2)
         self.heads, self.per_head, self.in_channels, self.kernel = heads, out // heads, cin, k
         self.stride, self.padding = conv.stride[0], conv.padding[0]
         self.transposed = self.stride == 1 and 2 * self.padding == k - 1
-        self.bn = bn is not None
+        self.bn, self.native = bn is not None, native
         weight = weight.view(heads, out // heads, cin, k, k)
-        if self.transposed:  # heads x in x out x k x k, spatially flipped
+        if native:  # per head: blocks of 16 outputs x in x (k*k) x 16, native.gconv's layout
+            weight = torch.stack([native_kernels.blocked(wh) for wh in weight])
+            self.transposed = False
+        elif self.transposed:  # heads x in x out x k x k, spatially flipped
             weight = weight.flip(3, 4).transpose(1, 2)
         else:  # heads x out x (k*k) x in
             weight = weight.permute(0, 1, 3, 4, 2).reshape(heads, out // heads, k * k, cin)
@@ -148,6 +195,8 @@ class HeadConv(nn.Module):
         """
         k, s, p = self.kernel, self.stride, self.padding
         ho, wo = _out_size(h, k, s, p), _out_size(w, k, s, p)
+        if self.native:
+            return _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows)
         large = h * w >= self.LARGE or not _ONEDNN or x.device.type != "cpu"
         outs, macs = [], 0
         for i in range(self.heads):
@@ -209,24 +258,31 @@ class HeadConv(nn.Module):
 
 
 class PointHeadConv(nn.Module):
-    """A 1x1 (stride 1) convolution with ``heads`` groups on per-sample input subsets: ``addmm`` per head.
+    """A 1x1 (stride 1) convolution with ``heads`` groups on per-sample input subsets: ``addmm`` per head
+    on gathered inputs and weights, or (``native``) :func:`native.gconv` reading them in place.
 
     Keeps ``heads x in x out_per_head`` so that a head's open inputs are contiguous weight rows.
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int):
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], heads: int, native: bool = False):
         super().__init__()
         weight, bias = fold_bn(conv.weight, bn)
         out, cin = weight.size(0), weight.size(1)
         if conv.kernel_size != (1, 1) or conv.stride != (1, 1):
             raise ValueError(f"PointHeadConv needs a 1x1 stride-1 convolution, got {conv}")
         self.heads, self.per_head, self.in_channels, self.bn = heads, out // heads, cin, bn is not None
-        self.register_buffer("weight", weight.view(heads, out // heads, cin).transpose(1, 2).contiguous(),
-                             persistent=False)
+        self.kernel, self.stride, self.padding, self.native = 1, 1, 0, native
+        if native:  # per head: blocks of 16 outputs x in x 1 x 16 (native.gconv's layout)
+            weight = torch.stack([native_kernels.blocked(wh) for wh in weight.view(heads, out // heads, cin)])
+        else:
+            weight = weight.view(heads, out // heads, cin).transpose(1, 2)
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.view(heads, -1).contiguous(), persistent=False)
 
     def forward(self, x, h, w, pos, idx, scale, rows=None):
         """Same contract as :meth:`HeadConv.forward` (1x1: the spatial size is unchanged)."""
+        if self.native:
+            return _native_heads(self, x, h, w, h, w, pos, idx, scale, rows)
         outs, macs = [], 0
         for i in range(self.heads):
             out, m = self._head(x, i, pos[i], idx[i], scale[i], None if rows is None else rows[i])

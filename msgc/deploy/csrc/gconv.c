@@ -1,0 +1,147 @@
+/* Gathered convolution kernels of msgc.deploy (CPU, float32, one sample, channels-last).
+ *
+ * A feature map is an HW x C row-major matrix (row stride ldx >= C). A gated head reads a subset of
+ * the input channels (idx) and computes ncol output channels. Weights are stored in blocks of 16 output
+ * channels, input channel and tap inside (oneDNN calls this layout "Ohwi16o"-like: blocks x rows x taps
+ * x 16), so that an open channel's weights for a block are one contiguous run: the kernel reads the
+ * open channels' weights where they lie, without copying them, and the open input channels of each
+ * pixel by index. Nothing is computed for closed channels.
+ *
+ * The inner loop keeps a tile of RB output pixels x (16*VB) output channels in vector registers
+ * (GCC vector extensions: AVX-512 where the CPU has it, two AVX2 halves otherwise) and, for every
+ * (tap, open channel), broadcasts RB input values against VB weight vectors.
+ *
+ * Built at run time by msgc/deploy/native.py with the machine's C compiler (-O3 -march=native
+ * -fopenmp); parallel over tiles with OpenMP (the runtime PyTorch already loaded).
+ */
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+/* Out-of-image taps read zeros from here (longer than any row of channels read). */
+static const float ZEROS[1 << 17];
+
+#define MAX_TAPS 49
+
+#define DEFINE_TILE(VB, RB)                                                                            \
+  static void tile_##VB(const float *x, long ldx, int H, int W, int Wo, int k, int s, int p,         \
+                        const int *idx, const int *wrow, int n, const float *w, long wblk,           \
+                        const float *bias, float *y, long ldy, int o0, int npix, int j0, int ncol,   \
+                        int relu) {                                                                  \
+    const int kk = k * k;                                                                            \
+    v16 acc[RB][VB];                                                                                 \
+    for (int v = 0; v < VB; v++) {                                                                   \
+      v16 b = {0};                                                                                   \
+      if (bias)                                                                                      \
+        for (int l = 0; l < 16 && j0 + 16 * v + l < ncol; l++) b[l] = bias[j0 + 16 * v + l];        \
+      for (int r = 0; r < RB; r++) acc[r][v] = b;                                                    \
+    }                                                                                                \
+    /* the taps that touch the image for some pixel of the tile, and each pixel's input there */     \
+    const float *px[MAX_TAPS][RB];                                                                   \
+    int taps[MAX_TAPS], nt = 0;                                                                      \
+    for (int t = 0; t < kk; t++) {                                                                   \
+      int any = 0;                                                                                   \
+      for (int r = 0; r < RB; r++) {                                                                 \
+        int o = o0 + r, oy = o / Wo, ox = o % Wo;                                                    \
+        int iy = oy * s - p + t / k, ix = ox * s - p + t % k;                                        \
+        int inside = r < npix && iy >= 0 && iy < H && ix >= 0 && ix < W;                            \
+        px[nt][r] = inside ? x + ((long)iy * W + ix) * ldx : ZEROS;                                  \
+        any |= inside;                                                                               \
+      }                                                                                              \
+      if (any) taps[nt++] = t;                                                                       \
+    }                                                                                                \
+    const float *wb = w + (long)(j0 / 16) * wblk;                                                    \
+    for (int c = 0; c < n; c++) {                                                                    \
+      const int ci = idx ? idx[c] : c;                                                               \
+      const float *wc = wb + (long)(wrow ? wrow[c] : c) * kk * 16;                                   \
+      for (int q = 0; q < nt; q++) {                                                                 \
+        const float *wp = wc + taps[q] * 16;                                                         \
+        v16 wv[VB];                                                                                  \
+        for (int v = 0; v < VB; v++) wv[v] = *(const v16 *)(wp + v * wblk);                          \
+        for (int r = 0; r < RB; r++) {                                                               \
+          const float xv = px[q][r][ci];                                                             \
+          for (int v = 0; v < VB; v++) acc[r][v] += xv * wv[v];                                      \
+        }                                                                                            \
+      }                                                                                              \
+    }                                                                                                \
+    for (int r = 0; r < npix; r++) {                                                                 \
+      float *yp = y + (long)(o0 + r) * ldy + j0;                                                     \
+      for (int v = 0; v < VB; v++) {                                                                 \
+        v16 a = acc[r][v];                                                                           \
+        if (relu)                                                                                    \
+          for (int l = 0; l < 16; l++) a[l] = a[l] > 0 ? a[l] : 0;                                  \
+        int m = ncol - j0 - 16 * v;                                                                  \
+        if (m <= 0) break;                                                                           \
+        if (m >= 16) *(v16 *)(yp + 16 * v) = a;                                                      \
+        else memcpy(yp + 16 * v, &a, m * sizeof(float));                                            \
+      }                                                                                              \
+    }                                                                                                \
+  }
+
+/* tile sizes: VB vectors of 16 output channels x RB pixels (measured on AVX-512: 24 accumulators
+   for 64 channels, 24 for 32, 16 for 16) */
+DEFINE_TILE(4, 6)
+DEFINE_TILE(2, 12)
+DEFINE_TILE(1, 16)
+
+#define MAX_CHUNKS 4096
+
+/* y[o, j] = relu?(bias[j] + sum_{c < n} sum_{taps} x[in(o, tap), idx[c]] * W[j, wrow[c], tap]) for every
+ * output pixel o of a k x k, stride s, zero-padding p convolution of the H x W input and j < ncol.
+ * W is stored in blocks of 16 output channels: W[j, r, t] = w[(((j / 16) * rows + r) * k*k + t) * 16 + j % 16]
+ * (the last block zero-padded). idx NULL: channel c of x; wrow NULL: weight row c.
+ * Returns 0, or -1 if ncol is too large. */
+int msgc_gconv(const float *x, long ldx, int H, int W, int k, int s, int p, const int *idx,
+               const int *wrow, int n, const float *w, long rows, const float *bias, float *y, long ldy,
+               int ncol, int relu, int nthreads) {
+  const int Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1, npix = Ho * Wo;
+  if (Ho <= 0 || Wo <= 0 || ncol <= 0) return 0;
+  if (ncol > 64 * (MAX_CHUNKS - 2) || k * k > MAX_TAPS) return -1;
+  const long wblk = rows * k * k * 16;
+  static const int RBS[5] = {0, 16, 12, 0, 6};
+  int j0[MAX_CHUNKS], vb[MAX_CHUNKS], first[MAX_CHUNKS + 1], nch = 0, j = 0, total = 0;
+  while (ncol - j > 32) { j0[nch] = j; vb[nch++] = 4; j += 64; }
+  if (ncol - j > 16) { j0[nch] = j; vb[nch++] = 2; j += 32; }
+  if (ncol - j > 0) { j0[nch] = j; vb[nch++] = 1; }
+  for (int c = 0; c < nch; c++) {
+    first[c] = total;
+    total += (npix + RBS[vb[c]] - 1) / RBS[vb[c]];
+  }
+  first[nch] = total;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && total > 1)
+  for (int it = 0; it < total; it++) {
+    int c = 0;
+    while (first[c + 1] <= it) c++;
+    const int rb = RBS[vb[c]], o0 = (it - first[c]) * rb, np = npix - o0 < rb ? npix - o0 : rb;
+    if (vb[c] == 4)
+      tile_4(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, o0, np, j0[c], ncol, relu);
+    else if (vb[c] == 2)
+      tile_2(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, o0, np, j0[c], ncol, relu);
+    else
+      tile_1(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, o0, np, j0[c], ncol, relu);
+  }
+  return 0;
+}
+
+/* The weights of n input channels (weight rows wrow[c]; NULL: c) for m chosen output channels (cols[j];
+ * NULL: j), times scale[c] (NULL: 1), from w (rows weight rows, k*k taps, the blocked layout above)
+ * into out (n rows, the same layout, ceil(m / 16) blocks, zero-padded). */
+void msgc_gather_weights(const float *w, long rows, int kk, const int *wrow, int n, const int *cols,
+                         int m, const float *scale, float *out, int nthreads) {
+  const int nb = (m + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n > 1)
+  for (int c = 0; c < n; c++) {
+    const float sc = scale ? scale[c] : 1.0f;
+    const long r = wrow ? wrow[c] : c;
+    for (int b = 0; b < nb; b++)
+      for (int t = 0; t < kk; t++) {
+        float *dst = out + (((long)b * n + c) * kk + t) * 16;
+        for (int l = 0; l < 16; l++) {
+          const int j = b * 16 + l;
+          if (j >= m) { dst[l] = 0.0f; continue; }
+          const int col = cols ? cols[j] : j;
+          dst[l] = w[(((long)(col / 16) * rows + r) * kk + t) * 16 + col % 16] * sc;
+        }
+      }
+  }
+}

@@ -1,0 +1,148 @@
+"""The deployed networks' CPU kernels (``csrc/gconv.c``): built on first use, called through ctypes.
+
+A gated convolution reads a different subset of input channels for every sample and head, so its
+shapes change with every sample. oneDNN builds (and caches) a kernel per shape and reorders every new
+weight tensor into its blocked layout, which costs more than the convolution itself at 14x14 and 7x7;
+gathering the open channels' inputs and weights first costs more memory traffic than the MACs it saves
+there (see the README's "Speed" section). ``msgc_gconv`` instead reads the open channels by index,
+in place, from weights stored input-channel first, and has no per-shape setup.
+
+The C file is compiled once per machine with ``$CC`` (default ``cc``), ``-O3 -march=native -fopenmp``,
+into ``$MSGC_CACHE`` (default ``~/.cache/msgc``), under a name that hashes the source, the flags and
+the CPU, and loaded with ctypes; OpenMP is the runtime PyTorch has already loaded. Where no compiler
+works, :func:`available` is False (with the reason in :func:`status`) and deployment uses PyTorch's
+kernels instead. ``MSGC_NATIVE=0`` turns the kernels off.
+"""
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["available", "status", "gconv", "gather_weights", "blocked"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "gconv.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
+_lock = threading.Lock()
+_lib = None
+_status = "not loaded yet"
+
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build() -> str:
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(source + " ".join([cc] + _FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    cache = os.path.expanduser(os.environ.get("MSGC_CACHE", os.path.join("~", ".cache", "msgc")))
+    path = os.path.join(cache, f"gconv-{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *_FLAGS, _SOURCE, "-o", tmp], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+            os.replace(tmp, path)  # atomic: concurrent builders each write their own temp file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+def _load():
+    global _lib, _status
+    with _lock:
+        if _lib is not None or _status != "not loaded yet":
+            return
+        if os.environ.get("MSGC_NATIVE", "1") == "0":
+            _status = "turned off by MSGC_NATIVE=0"
+            return
+        try:
+            lib = ctypes.CDLL(_build())
+            lib.msgc_gconv.argtypes = [_P, _L, _I, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _L, _I, _I, _I]
+            lib.msgc_gconv.restype = _I
+            lib.msgc_gather_weights.argtypes = [_P, _L, _I, _P, _I, _P, _I, _P, _P, _I]
+            lib.msgc_gather_weights.restype = None
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _status = f"unavailable ({e}); using PyTorch's kernels"
+            logger.warning("msgc.deploy: native kernels %s", _status)
+            return
+        _lib, _status = lib, "loaded"
+
+
+def available() -> bool:
+    """Whether the C kernels are built and loaded (builds them on the first call)."""
+    _load()
+    return _lib is not None
+
+
+def status() -> str:
+    _load()
+    return _status
+
+
+def blocked(weight: torch.Tensor) -> torch.Tensor:
+    """``out x in x k x k`` weights -> the kernels' layout ``ceil(out/16) x in x k*k x 16`` (zero-padded)."""
+    out, cin = weight.size(0), weight.size(1)
+    nb = (out + 15) // 16
+    weight = F.pad(weight.reshape(out, -1), (0, 0, 0, nb * 16 - out)).view(nb, 16, cin, -1)
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def gconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, idx: Optional[torch.Tensor],
+          wrow: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+          out: torch.Tensor, relu: bool = False) -> None:
+    """Write a gathered k x k convolution of one sample into ``out`` (see ``msgc_gconv``).
+
+    Args:
+        x: ``HW x C`` float32 matrix (rows may be strided: a column slice of a wider one).
+        idx: int32 open channels (columns of x) in reading order, or None for x's first n columns.
+        wrow: int32 weight row of each open channel, or None for rows 0..n-1 (weights already gathered).
+        weight: :func:`blocked` weights, ``ceil(C_out/16) x rows x k*k x 16``.
+        bias: ``>= out.size(1)`` float32 or None.
+        out: ``HoWo x ncol`` matrix (rows may be strided), written in full.
+    """
+    n = x.size(1) if idx is None else idx.numel()
+    rc = _lib.msgc_gconv(x.data_ptr(), x.stride(0), h, w, k, s, p, _ptr(idx), _ptr(wrow), n,
+                         weight.data_ptr(), weight.size(1), _ptr(bias), out.data_ptr(), out.stride(0),
+                         out.size(1), int(relu), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"gconv: {out.size(1)} output channels or a {k}x{k} kernel are more than it handles")
+
+
+def gather_weights(weight: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor],
+                   ncol: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The :func:`blocked` weights of some input channels (``rows``, int32; None: all) and output
+    channels (``cols``, int32; None: the first ``ncol``), times ``scale`` per input channel (or None)."""
+    n = weight.size(1) if rows is None else rows.numel()
+    kk = weight.size(2)
+    out = torch.empty((ncol + 15) // 16, n, kk, 16)
+    _lib.msgc_gather_weights(weight.data_ptr(), weight.size(1), kk, _ptr(rows), n, _ptr(cols), ncol,
+                             _ptr(scale), out.data_ptr(), torch.get_num_threads())
+    return out
