@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-__all__ = ["available", "status", "gconv", "gather_weights", "blocked"]
+__all__ = ["available", "status", "gconv", "gather_weights", "blocked", "planar", "gconv_px"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,10 @@ def _load():
             lib.msgc_gconv.restype = _I
             lib.msgc_gather_weights.argtypes = [_P, _L, _I, _P, _I, _P, _I, _P, _P, _I]
             lib.msgc_gather_weights.restype = None
+            lib.msgc_planar.argtypes = [_P, _L, _I, _I, _I, _I, _P, _L, _I]
+            lib.msgc_planar.restype = None
+            lib.msgc_gconv_px.argtypes = [_P, _L, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _P, _L, _I, _I, _I]
+            lib.msgc_gconv_px.restype = _I
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _status = f"unavailable ({e}); using PyTorch's kernels"
             logger.warning("msgc.deploy: native kernels %s", _status)
@@ -146,3 +150,29 @@ def gather_weights(weight: torch.Tensor, rows: Optional[torch.Tensor], cols: Opt
     _lib.msgc_gather_weights(weight.data_ptr(), weight.size(1), kk, _ptr(rows), n, _ptr(cols), ncol,
                              _ptr(scale), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def planar(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+    """The columns of an ``HW x C`` matrix as zero-padded planes, ``C x plane_len`` (see ``msgc_planar``)."""
+    wp = w + 2 * p
+    plane_len = (h + 2 * p + 2) * wp + 64
+    planes = torch.empty(x.size(1), plane_len)
+    _lib.msgc_planar(x.data_ptr(), x.stride(0), h, w, x.size(1), p, planes.data_ptr(), plane_len,
+                     torch.get_num_threads())
+    return planes
+
+
+def gconv_px(planes: torch.Tensor, h: int, w: int, k: int, p: int, idx: Optional[torch.Tensor],
+             wrow: Optional[torch.Tensor], weight: torch.Tensor, ocols: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], out: torch.Tensor, relu: bool = False) -> None:
+    """A stride-1 gathered convolution vectorised over pixels, for heads with few outputs.
+
+    ``planes`` from :func:`planar`; ``weight`` plain ``C_out x rows x k*k``; ``ocols`` int32 output
+    channels to compute (None: the first ``out.size(1)``); ``bias`` indexed like the weights' outputs.
+    """
+    n = planes.size(0) if idx is None else idx.numel()
+    rc = _lib.msgc_gconv_px(planes.data_ptr(), planes.size(1), h, w, k, p, _ptr(idx), _ptr(wrow), n,
+                            weight.data_ptr(), weight.size(1), _ptr(ocols), _ptr(bias), out.data_ptr(),
+                            out.stride(0), out.size(1), int(relu), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError("gconv_px: planes too short or too many output channels")

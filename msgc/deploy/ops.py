@@ -86,6 +86,8 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows):
         rows = None  # weight-bound: computing the few unread outputs costs less than gathering around them
     n_out = [self.per_head if rows is None or rows[i] is None else rows[i].numel() for i in range(self.heads)]
     out = x.new_empty(ho * wo, sum(n_out))
+    if self.pixel:
+        return _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out)
     kk, macs, col = self.kernel ** 2, 0, 0
     for i in range(self.heads):
         r = None if rows is None else rows[i]
@@ -103,6 +105,36 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows):
                 bias = bias.index_select(0, r)
         native_kernels.gconv(xs, h, w, self.kernel, self.stride, self.padding, cols, wrow, weight, bias,
                              out[:, col:col + n_out[i]])
+        macs += ho * wo * n_out[i] * (cin * kk + self.bn)
+        col += n_out[i]
+    return out, ho, wo, macs
+
+
+def _pixel_kernel(stride: int, per_head: int) -> bool:
+    """Whether heads of this width use :func:`native.gconv_px` (vectorised over pixels): stride 1 and
+    at most 24 outputs per head, which would fill few lanes of :func:`native.gconv`'s 16-wide vectors."""
+    return stride == 1 and per_head <= 24
+
+
+def _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out):
+    """:func:`_native_heads` for narrow heads: planar input shared by the heads, outputs picked by row."""
+    kk, macs, col, shared = self.kernel ** 2, 0, 0, None
+    for i in range(self.heads):
+        cols, wrow = pos[i], idx[i]
+        cin = self.in_channels if wrow is None else wrow.numel()
+        if scale[i] is not None:  # attention: this head's channels, scaled, as their own planes
+            xs = (x if cols is None else x.index_select(1, cols)) * scale[i]
+            planes, cols = native_kernels.planar(xs, h, w, self.padding), None
+            macs += xs.numel()
+        else:
+            if shared is None:
+                shared = native_kernels.planar(x, h, w, self.padding)
+            planes = shared
+        if cols is None and wrow is not None and planes.size(0) != wrow.numel():
+            cols = wrow  # x holds every input channel
+        native_kernels.gconv_px(planes, h, w, self.kernel, self.padding, cols, wrow, self.weight[i],
+                                None if rows is None else rows[i], None if self.bias is None else self.bias[i],
+                                out[:, col:col + n_out[i]])
         macs += ho * wo * n_out[i] * (cin * kk + self.bn)
         col += n_out[i]
     return out, ho, wo, macs
@@ -169,7 +201,11 @@ class HeadConv(nn.Module):
         self.transposed = self.stride == 1 and 2 * self.padding == k - 1
         self.bn, self.native = bn is not None, native
         weight = weight.view(heads, out // heads, cin, k, k)
-        if native:  # per head: blocks of 16 outputs x in x (k*k) x 16, native.gconv's layout
+        self.pixel = native and _pixel_kernel(self.stride, self.per_head)
+        if self.pixel:  # heads x out x in x (k*k), native.gconv_px's layout
+            weight = weight.reshape(heads, out // heads, cin, k * k)
+            self.transposed = False
+        elif native:  # per head: blocks of 16 outputs x in x (k*k) x 16, native.gconv's layout
             weight = torch.stack([native_kernels.blocked(wh) for wh in weight])
             self.transposed = False
         elif self.transposed:  # heads x in x out x k x k, spatially flipped
@@ -272,7 +308,10 @@ class PointHeadConv(nn.Module):
             raise ValueError(f"PointHeadConv needs a 1x1 stride-1 convolution, got {conv}")
         self.heads, self.per_head, self.in_channels, self.bn = heads, out // heads, cin, bn is not None
         self.kernel, self.stride, self.padding, self.native = 1, 1, 0, native
-        if native:  # per head: blocks of 16 outputs x in x 1 x 16 (native.gconv's layout)
+        self.pixel = native and _pixel_kernel(1, self.per_head)
+        if self.pixel:
+            weight = weight.view(heads, out // heads, cin, 1)
+        elif native:  # per head: blocks of 16 outputs x in x 1 x 16 (native.gconv's layout)
             weight = torch.stack([native_kernels.blocked(wh) for wh in weight.view(heads, out // heads, cin)])
         else:
             weight = weight.view(heads, out // heads, cin).transpose(1, 2)

@@ -129,19 +129,128 @@ int msgc_gconv(const float *x, long ldx, int H, int W, int k, int s, int p, cons
 void msgc_gather_weights(const float *w, long rows, int kk, const int *wrow, int n, const int *cols,
                          int m, const float *scale, float *out, int nthreads) {
   const int nb = (m + 15) / 16;
+  /* where output column j lies relative to a (row, tap) of block 0; padding columns read column 0 */
+  long off[nb * 16];
+  for (int j = 0; j < nb * 16; j++) {
+    const int col = j < m ? (cols ? cols[j] : j) : 0;
+    off[j] = (long)(col / 16) * rows * kk * 16 + col % 16;
+  }
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n > 1)
   for (int c = 0; c < n; c++) {
     const float sc = scale ? scale[c] : 1.0f;
-    const long r = wrow ? wrow[c] : c;
-    for (int b = 0; b < nb; b++)
+    const float *src = w + (long)(wrow ? wrow[c] : c) * kk * 16;
+    for (int b = 0; b < nb; b++) {
+      const long *o = off + b * 16;
       for (int t = 0; t < kk; t++) {
+        const float *s = src + t * 16;
         float *dst = out + (((long)b * n + c) * kk + t) * 16;
-        for (int l = 0; l < 16; l++) {
-          const int j = b * 16 + l;
-          if (j >= m) { dst[l] = 0.0f; continue; }
-          const int col = cols ? cols[j] : j;
-          dst[l] = w[(((long)(col / 16) * rows + r) * kk + t) * 16 + col % 16] * sc;
-        }
+        for (int l = 0; l < 16; l++) dst[l] = s[o[l]] * sc;
       }
+    }
+    if (m % 16) /* zero the padding columns of the last block */
+      for (int t = 0; t < kk; t++)
+        for (int l = m % 16; l < 16; l++) out[(((long)(nb - 1) * n + c) * kk + t) * 16 + l] = 0.0f;
   }
+}
+
+/* ---- narrow heads: vectorised over output pixels ----------------------------------------------------
+ * A head with few output channels (MobileNetV2's projections, DenseNet's growth-rate convolutions,
+ * a ResNet-50 layer1 head's kept outputs) fills few of a vector's 16 lanes when vectorised over output
+ * channels. For stride-1 convolutions these kernels vectorise over 16 output pixels instead, reading a
+ * planar, zero-padded copy of the input (msgc_planar: channel planes of (H + 2p) x (W + 2p), output
+ * pixel (oy, ox) at q = oy * (W + 2p) + ox, so a tap is a constant shift of q), and broadcast one
+ * weight per output channel: outputs can be any chosen rows of the weights (no gather).
+ * Weights are the plain (out, rows, k*k) layout. Lanes that fall on the padding columns are computed
+ * and dropped. */
+
+/* planes[c][(y + p) * (W + 2p) + x + p] = x[(y * W + x) * ldx + c] for the C columns of x; zero padding,
+ * and at least 2 * (W + 2p) + 32 zeros after each plane (its length is plane_len). */
+void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *planes, long plane_len,
+                 int nthreads) {
+  const int Wp = W + 2 * p;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && C > 1)
+  for (int c = 0; c < C; c++) {
+    float *pl = planes + (long)c * plane_len;
+    memset(pl, 0, plane_len * sizeof(float));
+    for (int y = 0; y < H; y++)
+      for (int xx = 0; xx < W; xx++) pl[(long)(y + p) * Wp + xx + p] = x[((long)y * W + xx) * ldx + c];
+  }
+}
+
+#define DEFINE_PTILE(RB)                                                                               \
+  static void ptile_##RB(const float *planes, long plane_len, int Wp, int Wo, int npos, int k,        \
+                         const int *idx, const int *wrow, int n, const float *w, long wrows,          \
+                         const int *ocols, const float *bias, float *y, long ldy, int q0, int j0,     \
+                         int relu) {                                                                  \
+    const int kk = k * k;                                                                            \
+    v16 acc[RB][2];                                                                                  \
+    const float *wj[RB];                                                                             \
+    for (int r = 0; r < RB; r++) {                                                                   \
+      const int o = ocols ? ocols[j0 + r] : j0 + r;                                                  \
+      wj[r] = w + (long)o * wrows * kk;                                                              \
+      const float b = bias ? bias[o] : 0.0f;                                                         \
+      for (int v = 0; v < 2; v++)                                                                    \
+        for (int l = 0; l < 16; l++) acc[r][v][l] = b;                                               \
+    }                                                                                                \
+    for (int c = 0; c < n; c++) {                                                                    \
+      const float *pl = planes + (long)(idx ? idx[c] : c) * plane_len + q0;                          \
+      const long wo = (long)(wrow ? wrow[c] : c) * kk;                                               \
+      for (int t = 0; t < kk; t++) {                                                                 \
+        const float *xp = pl + (t / k) * Wp + t % k;                                                 \
+        const v16 x0 = *(const v16 *)xp, x1 = *(const v16 *)(xp + 16);                             \
+        for (int r = 0; r < RB; r++) {                                                               \
+          const float wv = wj[r][wo + t];                                                            \
+          acc[r][0] += x0 * wv;                                                                      \
+          acc[r][1] += x1 * wv;                                                                      \
+        }                                                                                            \
+      }                                                                                              \
+    }                                                                                                \
+    for (int v = 0; v < 2; v++)                                                                      \
+      for (int l = 0; l < 16; l++) {                                                                 \
+        const int q = q0 + 16 * v + l, ox = q % Wp;                                                  \
+        if (q >= npos || ox >= Wo) continue;                                                         \
+        float *yp = y + (long)((q / Wp) * Wo + ox) * ldy + j0;                                       \
+        for (int r = 0; r < RB; r++) {                                                               \
+          const float a = acc[r][v][l];                                                              \
+          yp[r] = relu && a < 0 ? 0.0f : a;                                                          \
+        }                                                                                            \
+      }                                                                                              \
+  }
+DEFINE_PTILE(8)
+DEFINE_PTILE(4)
+DEFINE_PTILE(2)
+DEFINE_PTILE(1)
+
+/* y[o, j] = relu?(bias[j] + sum_{c < n} sum_{taps} in(o, tap, idx[c]) * w[(ocols[j] * wrows + wrow[c]) * k*k + tap])
+ * for a stride-1 k x k convolution with padding p of an H x W input given as msgc_planar planes, and
+ * j < ncol (ocols NULL: j; idx NULL: plane c; wrow NULL: row c); bias is indexed like w (by ocols[j]). */
+int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int p, const int *idx,
+                  const int *wrow, int n, const float *w, long wrows, const int *ocols, const float *bias,
+                  float *y, long ldy, int ncol, int relu, int nthreads) {
+  const int Wp = W + 2 * p, Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1;
+  if (Ho <= 0 || Wo <= 0 || ncol <= 0) return 0;
+  const int npos = (Ho - 1) * Wp + Wo, nq = (npos + 31) / 32;
+  if ((long)(Ho - 1 + k) * Wp + 64 > plane_len) return -1;
+  int j0[MAX_CHUNKS], rb[MAX_CHUNKS], nch = 0;
+  for (int j = 0; j < ncol;) {
+    const int r = ncol - j >= 8 ? 8 : ncol - j >= 4 ? 4 : ncol - j >= 2 ? 2 : 1;
+    if (nch == MAX_CHUNKS) return -1;
+    j0[nch] = j;
+    rb[nch++] = r;
+    j += r;
+  }
+  const int total = nq * nch;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && total > 1)
+  for (int it = 0; it < total; it++) {
+    const int c = it % nch, q0 = (it / nch) * 32;
+    if (rb[c] == 8)
+      ptile_8(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+    else if (rb[c] == 4)
+      ptile_4(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+    else if (rb[c] == 2)
+      ptile_2(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+    else
+      ptile_1(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+  }
+  return 0;
 }
