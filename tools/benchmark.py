@@ -13,7 +13,9 @@ training mode).
 
 The dense host is torchvision's network with the same width and number of classes (BatchNorm folded
 into the convolutions for inference), or, where torchvision has none (DenseNet-74, the cifar stem,
-ResNet width multipliers), this project's model with ``MODEL.MSGC.GROUPING dense``.
+ResNet width multipliers), this project's model with ``MODEL.MSGC.GROUPING dense``. For inference it
+runs in both memory formats (``dense``: NCHW, ``dense_cl``: channels-last) and the ratios use the
+faster.
 
 Without ``--weights`` the model keeps random weights and every mask generator's last bias is set to
 ``--gate-bias`` (0 by default): gate logits centred on 0 close about half of the gated channels, the
