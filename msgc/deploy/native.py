@@ -55,9 +55,13 @@ def _build() -> str:
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256(source + " ".join([cc] + _FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     cache = os.path.expanduser(os.environ.get("MSGC_CACHE", os.path.join("~", ".cache", "msgc")))
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:  # a read-only home: build per user in the temp folder instead
+        cache = os.path.join(tempfile.gettempdir(), f"msgc-{os.getuid() if hasattr(os, 'getuid') else 0}")
+        os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"gconv-{key}.so")
     if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
