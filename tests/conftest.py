@@ -20,3 +20,13 @@ def cfg():
     c.MODEL.DEVICE = "cpu"
     c.MODEL.NUM_CLASSES = 10
     return c
+
+
+def narrow(cfg, name, grouping="msgc", attention="none"):
+    """``cfg`` set to a narrow backbone with the cifar stem (width 0.25 for ResNets, else 0.5)."""
+    cfg.MODEL.BACKBONE.NAME = name
+    cfg.MODEL.BACKBONE.WIDTH_MULT = 0.25 if "resnet" in name else 0.5
+    cfg.MODEL.BACKBONE.STEM = "cifar"
+    cfg.MODEL.MSGC.GROUPING = grouping
+    cfg.MODEL.MSGC.ATTENTION = attention
+    return cfg

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import narrow
 from msgc.deploy import deploy, native
 from msgc.modeling import GROUPING_REGISTRY, build_model
 from msgc.modeling.grouping import MSGCGrouping
@@ -28,11 +29,7 @@ def one_thread():
 
 
 def small(cfg, name, grouping="msgc", attention="none"):
-    cfg.MODEL.BACKBONE.NAME = name
-    cfg.MODEL.BACKBONE.WIDTH_MULT = 0.25 if "resnet" in name else 0.5
-    cfg.MODEL.BACKBONE.STEM = "cifar"
-    cfg.MODEL.MSGC.GROUPING = grouping
-    cfg.MODEL.MSGC.ATTENTION = attention
+    narrow(cfg, name, grouping, attention)
     torch.manual_seed(0)  # the same weights whatever ran before (a gate within rounding of 0 may flip)
     return build_model(cfg)
 

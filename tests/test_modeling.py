@@ -3,19 +3,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import narrow
 from msgc.modeling import build_model
 from msgc.modeling.layers import Gate, MaskGenerator
 
 BACKBONES = ["msgc_resnet18", "msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"]
 
 
-def small(cfg, name, grouping="msgc", attention="none"):
-    cfg.MODEL.BACKBONE.NAME = name
-    cfg.MODEL.BACKBONE.WIDTH_MULT = 0.25 if "resnet" in name else 0.5
-    cfg.MODEL.BACKBONE.STEM = "cifar"
-    cfg.MODEL.MSGC.GROUPING = grouping
-    cfg.MODEL.MSGC.ATTENTION = attention
-    return cfg
+small = narrow
 
 
 def mix_gates(model, seed=0):

@@ -130,8 +130,6 @@ def _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out
             if shared is None:
                 shared = native_kernels.planar(x, h, w, self.padding)
             planes = shared
-        if cols is None and wrow is not None and planes.size(0) != wrow.numel():
-            cols = wrow  # x holds every input channel
         native_kernels.gconv_px(planes, h, w, self.kernel, self.padding, cols, wrow, self.weight[i],
                                 None if rows is None else rows[i], None if self.bias is None else self.bias[i],
                                 out[:, col:col + n_out[i]])
@@ -175,7 +173,8 @@ class HeadConv(nn.Module):
     """A k x k convolution with ``heads`` groups whose heads read per-sample subsets of the input.
 
     Head ``i`` computes its output channels (all, or a chosen subset) from the input channels
-    ``idx[i]`` only; nothing is computed for closed channels. One convolution per head on the gathered
+    ``idx[i]`` only; nothing is computed for closed channels. With ``native`` every head runs on
+    :mod:`msgc.deploy.native`'s kernels (see :func:`_native_heads`). Otherwise one convolution per head on the gathered
     input and weights, with a kernel chosen by the feature map's size:
 
     - 28x28 and larger (compute-bound, small weights): oneDNN's convolution, channels-last;

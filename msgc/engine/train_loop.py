@@ -111,7 +111,7 @@ class TrainerBase:
             h.after_step()
 
     def run_step(self):
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: SimpleTrainer, AMPTrainer and DefaultTrainer implement it
 
     def state_dict(self) -> dict:
         """The hooks' states, keyed by hook class name (the iteration travels beside it)."""

@@ -25,10 +25,10 @@ class DatasetEvaluator:
         pass
 
     def process(self, batch, outputs):
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every evaluator implements it
 
     def evaluate(self) -> dict:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every evaluator implements it
 
 
 @contextmanager

@@ -120,7 +120,7 @@ class EventWriter:
     """Reads the current :class:`EventStorage` and writes what it finds somewhere."""
 
     def write(self):
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every writer implements it
 
     def close(self):
         pass
