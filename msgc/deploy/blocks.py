@@ -44,7 +44,7 @@ class DeployedBasicBlock(DeployedBlock):
         self.heads, self.planes = block.heads, block.planes
         self.conv1 = HeadConv(block.conv1, block.bn1, 1, native)
         self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
-        self.downsample = None if block.downsample is None else FoldedConv(*block.downsample)
+        self.downsample = None if block.downsample is None else FoldedConv(*block.downsample, native=native)
 
     def forward(self, x, h, w, macs, executed):
         g, ex = self.decide(x)
@@ -71,7 +71,7 @@ class DeployedBottleneck(DeployedBlock):
         self.conv1 = PointHeadConv(block.conv1, block.bn1, 1, native)
         self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
         self.conv3 = PointHeadConv(block.conv3, block.bn3, 1, native)
-        self.downsample = None if block.downsample is None else FoldedConv(*block.downsample)
+        self.downsample = None if block.downsample is None else FoldedConv(*block.downsample, native=native)
 
     def forward(self, x, h, w, macs, executed):
         g, ex = self.decide(x)

@@ -139,19 +139,28 @@ def _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out
 
 
 class FoldedConv(nn.Module):
-    """A dense convolution with its BatchNorm folded in (the host's ungated convolutions)."""
+    """A dense convolution with its BatchNorm folded in (the host's ungated convolutions).
 
-    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None):
+    A stride-1 1x1 convolution is a matrix product (``addmm``). With ``native``, a strided 1x1 one
+    (ResNet downsampling) runs on :func:`native.gconv`: oneDNN takes 4.2 ms for ResNet-50's
+    1024 -> 2048 one at 14x14 -> 7x7 on this project's 2-core test machine, gconv 1.1 ms (README,
+    "Speed"). Other convolutions (stems, MobileNetV2's last layer) run on oneDNN.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, native: bool = False):
         super().__init__()
         weight, bias = fold_bn(conv.weight, bn)
         self.stride, self.padding, self.groups = conv.stride[0], conv.padding[0], conv.groups
         self.kernel = conv.kernel_size[0]
         self.pointwise = self.kernel == 1 and self.stride == 1 and self.groups == 1
+        self.native = native and self.kernel == 1 and self.stride > 1 and self.groups == 1
         if self.pointwise:  # in x out, the right operand of addmm
-            weight = weight.flatten(1).t()
+            weight = weight.flatten(1).t().contiguous()
+        elif self.native:
+            weight = native_kernels.blocked(weight)
         else:
             weight = weight.contiguous(memory_format=torch.channels_last)
-        self.register_buffer("weight", weight.contiguous() if self.pointwise else weight, persistent=False)
+        self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.in_per_group, self.out_channels = conv.in_channels // conv.groups, conv.out_channels
         self.bn = bn is not None
@@ -161,6 +170,10 @@ class FoldedConv(nn.Module):
         if self.pointwise:
             out = torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
             ho, wo = h, w
+        elif self.native:
+            ho, wo = _out_size(h, 1, self.stride, self.padding), _out_size(w, 1, self.stride, self.padding)
+            out = x.new_empty(ho * wo, self.out_channels)
+            native_kernels.gconv(x, h, w, 1, self.stride, self.padding, None, None, self.weight, self.bias, out)
         else:
             out = conv2d(to_image(x, h, w), self.weight, self.bias, self.stride, self.padding, self.groups)
             ho, wo = out.shape[2:]
