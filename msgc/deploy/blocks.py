@@ -22,17 +22,22 @@ __all__ = ["DeployedBlock", "DeployedBasicBlock", "DeployedBottleneck", "Deploye
 class DeployedBlock(nn.Module):
     """Shared part: the context, the gates and the paper's MAC count of the source block."""
 
-    def __init__(self, block, gate_names, where):
+    def __init__(self, block, gate_names, where, native):
         super().__init__()
-        self.gates = BlockGates({n: getattr(block, n) for n in gate_names}, where)
+        self.gates = BlockGates({n: getattr(block, n) for n in gate_names}, where, native)
         self.uses_context = block.uses_context
+        self.native = native
         self.terms = block.terms  # the source block's cached cost terms (a bound method, not a submodule)
 
     def decide(self, x):
-        """The gates' decisions for sample x (HW x C) and the MACs of computing them."""
+        """The gates' logits for sample x (HW x C) and the MACs of computing them."""
         if not self.uses_context:
             return self.gates(None), 0
-        return self.gates(x.mean(0)), x.numel() + self.gates.macs
+        return self.gates(x), x.numel() + self.gates.macs
+
+    def sets(self, g, mask, att, heads, channels):
+        """:class:`HeadSets` of the gate ``mask`` (a name in ``g``), with the attention ``att``."""
+        return HeadSets(g.get(mask), heads, channels, g.get(att), self.native)
 
 
 class DeployedBasicBlock(DeployedBlock):
@@ -40,7 +45,7 @@ class DeployedBasicBlock(DeployedBlock):
     conv2 reads; each head of conv2 reads its open channels; attention folded in."""
 
     def __init__(self, block, where="", native=False):
-        super().__init__(block, ("maskgen1", "maskgen2", "attgen1", "attgen2"), where)
+        super().__init__(block, ("maskgen1", "maskgen2", "attgen1", "attgen2"), where, native)
         self.heads, self.planes = block.heads, block.planes
         self.conv1 = HeadConv(block.conv1, block.bn1, 1, native)
         self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
@@ -48,12 +53,12 @@ class DeployedBasicBlock(DeployedBlock):
 
     def forward(self, x, h, w, macs, executed):
         g, ex = self.decide(x)
-        s1 = HeadSets(g.get("maskgen1"), 1, x.size(1))
-        s2 = HeadSets(g.get("maskgen2"), self.heads, self.planes)
+        s1 = self.sets(g, "maskgen1", "attgen1", 1, x.size(1))
+        s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.planes)
         rows = None if s2.union is None else [s2.union]
-        y, ho, wo, m1 = self.conv1(x, h, w, s1.idx, s1.idx, s1.scales(g.get("attgen1")), rows)
+        y, ho, wo, m1 = self.conv1(x, h, w, s1.idx, s1.idx, s1.scale, rows)
         y.relu_()
-        out, _, _, m2 = self.conv2(y, ho, wo, s2.reading(y), s2.idx, s2.scales(g.get("attgen2")))
+        out, _, _, m2 = self.conv2(y, ho, wo, s2.reading(y), s2.idx, s2.scale)
         identity, m3 = x, 0
         if self.downsample is not None:
             identity, _, _, m3 = self.downsample(x, h, w)
@@ -66,7 +71,7 @@ class DeployedBottleneck(DeployedBlock):
     outputs that conv3's mask keeps: the second bonus), conv3 on exactly those channels."""
 
     def __init__(self, block, where="", native=False):
-        super().__init__(block, ("maskgen1", "maskgen2", "maskgen3", "attgen2"), where)
+        super().__init__(block, ("maskgen1", "maskgen2", "maskgen3", "attgen2"), where, native)
         self.heads, self.width = block.heads, block.width
         self.conv1 = PointHeadConv(block.conv1, block.bn1, 1, native)
         self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
@@ -75,14 +80,13 @@ class DeployedBottleneck(DeployedBlock):
 
     def forward(self, x, h, w, macs, executed):
         g, ex = self.decide(x)
-        s1 = HeadSets(g.get("maskgen1"), 1, x.size(1))
-        s2 = HeadSets(g.get("maskgen2"), self.heads, self.width)
-        s3 = HeadSets(g.get("maskgen3"), 1, self.width)
+        s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
+        s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.width)
+        s3 = self.sets(g, "maskgen3", None, 1, self.width)
         rows = None if s2.union is None else [s2.union]
         y, _, _, m1 = self.conv1(x, h, w, s1.idx, s1.idx, [None], rows)
         y.relu_()
-        y, ho, wo, m2 = self.conv2(y, h, w, s2.reading(y), s2.idx, s2.scales(g.get("attgen2")),
-                                   s3.rows_per_head(self.heads))
+        y, ho, wo, m2 = self.conv2(y, h, w, s2.reading(y), s2.idx, s2.scale, s3.groups(self.heads).idx)
         y.relu_()
         out, _, _, m3 = self.conv3(y, ho, wo, [None], s3.idx, [None])
         identity, m4 = x, 0
@@ -100,7 +104,7 @@ class DeployedBottleneck(DeployedBlock):
         if s2.open is None or s3.open is None:
             return 0.0
         per = self.width // self.heads
-        terms = [(k / self.width) * ((per - o) / per) for k, o in zip(s2.open, s3.open_per_group(self.heads))]
+        terms = [(k / self.width) * ((per - o) / per) for k, o in zip(s2.open, s3.groups(self.heads).open)]
         return _row_sum(terms) * (dgc2 / self.heads)
 
 
@@ -109,7 +113,7 @@ class DeployedInvertedResidual(DeployedBlock):
     head of the projection reads (the bonus); each projection head reads its open channels."""
 
     def __init__(self, block, where="", native=False):
-        super().__init__(block, ("maskgen", "attgen"), where)
+        super().__init__(block, ("maskgen", "attgen"), where, native)
         self.heads, self.hidden, self.expand = block.heads, block.hidden, block.expand
         self.residual = block.use_res_connect
         layers = list(block.conv)
@@ -120,7 +124,7 @@ class DeployedInvertedResidual(DeployedBlock):
 
     def forward(self, x, h, w, macs, executed):
         g, ex = self.decide(x)
-        s = HeadSets(g.get("maskgen"), self.heads, self.hidden)
+        s = self.sets(g, "maskgen", "attgen", self.heads, self.hidden)
         keep = s.union
         if self.pw is not None:
             y, _, _, m0 = self.pw(x, h, w, [None], [None], [None], None if keep is None else [keep])
@@ -131,7 +135,7 @@ class DeployedInvertedResidual(DeployedBlock):
         y = y.clamp_(0, 6) if self.pw is not None else y
         y, ho, wo, m1 = self.dw(y, h, w, keep)
         y.clamp_(0, 6)
-        out, _, _, m2 = self.project(y, ho, wo, s.pos, s.idx, s.scales(g.get("attgen")))
+        out, _, _, m2 = self.project(y, ho, wo, s.pos, s.idx, s.scale)
         if self.residual:
             out.add_(x)
         t = self.terms(h, w)[0]
@@ -144,7 +148,7 @@ class DeployedDenseLayer(DeployedBlock):
     head reads (conv_2's BatchNorm folded into it), conv_2 per head. Returns only the new channels."""
 
     def __init__(self, layer, where="", native=False):
-        super().__init__(layer, ("maskgen1", "maskgen2", "attgen2"), where)
+        super().__init__(layer, ("maskgen1", "maskgen2", "attgen2"), where, native)
         self.heads, self.hidden = layer.heads, layer.hidden
         norm = layer.conv_1.norm
         scale = norm.weight.detach().float() / (norm.running_var.float() + norm.eps).sqrt()
@@ -158,12 +162,12 @@ class DeployedDenseLayer(DeployedBlock):
         """x may be a column slice of the stage's buffer; returns (new channels, h, w, macs, executed)."""
         y = (x * self.scale).add_(self.shift).relu_()
         g, ex = self.decide(y)
-        s1 = HeadSets(g.get("maskgen1"), 1, x.size(1))
-        s2 = HeadSets(g.get("maskgen2"), self.heads, self.hidden)
+        s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
+        s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.hidden)
         rows = None if s2.union is None else [s2.union]
         z, _, _, m1 = self.conv1(y, h, w, s1.idx, s1.idx, [None], rows)
         z.relu_()
-        out, _, _, m2 = self.conv2(z, h, w, s2.reading(z), s2.idx, s2.scales(g.get("attgen2")))
+        out, _, _, m2 = self.conv2(z, h, w, s2.reading(z), s2.idx, s2.scale)
         macs = _two_conv_macs(macs, self.terms(h, w)[0], s1, s2)
         return out, h, w, macs, executed + x.numel() + ex + m1 + m2
 

@@ -7,55 +7,60 @@ from torch import nn
 
 from ..modeling.grouping import StaticMask
 from ..modeling.layers import AttentionGenerator, MaskGenerator
+from . import native as native_kernels
 from .ops import Generators
 
 __all__ = ["BlockGates", "HeadSets"]
 
 
 class HeadSets:
-    """The open channels of a ``heads x C`` boolean mask, per head and together (index work in numpy:
-    these arrays are small and numpy's per-call cost is a fraction of torch's). Index tensors are
-    int32, as the native kernels read them.
+    """The open channels of a ``heads x C`` gate matrix (a channel is open where its logit is >= 0), per
+    head and together, and the attention of the open channels. Index tensors are int32, as the native
+    kernels read them. With ``native`` the sets come from :func:`native.head_sets` (one C call), else
+    from numpy (small arrays: numpy's per-call cost is a fraction of torch's).
 
     Attributes:
         idx: per head, its open channels (None: all C of them).
         union: channels that some head reads (None: all).
         pos: per head, its channels numbered within ``union`` (the columns of a tensor that holds
             only the union's channels; None: all, in order).
+        scale: per head, the attention of its open channels (None: no attention).
         open: per head, the number of open channels (None: no mask, all open).
         mean: the mask's mean (the paper's fraction of the gated work done); 1.0 without a mask.
         unread: the fraction of channels that no head reads; 0.0 without a mask.
     """
 
-    def __init__(self, mask: Optional[torch.Tensor], heads: int, channels: int):
-        self.heads, self.channels = heads, channels
-        if mask is None:
+    def __init__(self, logits: Optional[torch.Tensor], heads: int, channels: int,
+                 att: Optional[torch.Tensor] = None, native: bool = False):
+        self.heads, self.channels, self.native, self._logits, self._groups = heads, channels, native, logits, {}
+        if logits is None:
             self.idx, self.union, self.pos, self.open = [None] * heads, None, [None] * heads, None
-            self.mean, self.unread, self._cols, self._m = 1.0, 0.0, None, None
+            self.scale = [None] * heads if att is None else list(att)
+            self.mean, self.unread = 1.0, 0.0
             return
-        m = self._m = mask.numpy()
-        self.open = m.sum(1).tolist()
-        rows, cols = np.nonzero(m)
-        self._cols = cols
+        if native:
+            self.open, idx, vals, union, pos = native_kernels.head_sets(logits, att)
+        else:
+            self.open, idx, vals, union, pos = _head_sets(logits, att)
         self.mean = sum(self.open) / (heads * channels)
-        self.idx = self._split(cols)
+        self.idx = self._split(idx)
+        self.scale = [None] * heads if vals is None else self._split(vals, keep_full=True)
         if heads == 1:
             self.union, self.pos = self.idx[0], [None]
             self.unread = (channels - self.open[0]) / channels
             return
-        read = m.any(0)
-        n_read = int(read.sum())
-        self.unread = (channels - n_read) / channels
-        if n_read == channels:
+        self.unread = (channels - union.numel()) / channels
+        if union.numel() == channels:
             self.union, self.pos = None, self.idx
         else:
-            self.union = torch.from_numpy(np.flatnonzero(read).astype(np.int32))
-            self.pos = self._split((np.cumsum(read) - 1)[cols])
+            self.union, self.pos = union, self._split(pos)
 
-    def _split(self, values) -> List[Optional[torch.Tensor]]:
-        t, out, start = torch.from_numpy(values.astype(np.int32)), [], 0
+    def _split(self, flat: torch.Tensor, keep_full: bool = False) -> List[Optional[torch.Tensor]]:
+        """``flat`` (one entry per open channel, head after head) -> one piece per head; a head with
+        every channel open gets None unless ``keep_full``."""
+        out, start = [], 0
         for k in self.open:
-            out.append(None if k == self.channels else t[start:start + k])
+            out.append(None if k == self.channels and not keep_full else flat[start:start + k])
             start += k
         return out
 
@@ -64,30 +69,31 @@ class HeadSets:
         ``idx`` (x holds all channels: a producer may compute unread channels where that is cheaper)."""
         return self.idx if x.size(1) == self.channels else self.pos
 
-    def scales(self, att: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-        """Per head, the attention of its open channels (att: heads x C, or None)."""
-        if att is None:
-            return [None] * self.heads
-        if self._cols is None:
-            return list(att)
-        flat = self._cols + np.repeat(np.arange(self.heads) * self.channels, self.open)
-        values, out, start = att.reshape(-1).index_select(0, torch.from_numpy(flat)), [], 0
-        for i, k in enumerate(self.open):
-            out.append(att[i] if k == self.channels else values[start:start + k])
-            start += k
-        return out
+    def groups(self, heads: int) -> "HeadSets":
+        """For a one-head mask over the outputs of a ``heads``-group convolution: the sets of each
+        group, channels numbered within the group (``idx``: each group's open outputs, ``open``: how
+        many; all open without a mask)."""
+        if heads not in self._groups:
+            logits = None if self._logits is None else self._logits.view(heads, -1)
+            self._groups[heads] = HeadSets(logits, heads, self.channels // heads, native=self.native)
+        return self._groups[heads]
 
-    def rows_per_head(self, heads: int) -> List[Optional[torch.Tensor]]:
-        """For a one-head mask over the outputs of a ``heads``-group convolution: each group's open
-        outputs, numbered within the group (None: all open)."""
-        if self._m is None:
-            return [None] * heads
-        return HeadSets(torch.from_numpy(self._m[0].reshape(heads, -1)), heads, self.channels // heads).idx
 
-    def open_per_group(self, heads: int) -> List[int]:
-        """For a one-head mask: the number of open channels in each of ``heads`` equal groups."""
-        return self._m[0].reshape(heads, -1).sum(1).tolist()
-
+def _head_sets(logits: torch.Tensor, att: Optional[torch.Tensor]):
+    """numpy version of :func:`native.head_sets`: ``(counts, idx, vals, union, pos)``."""
+    m = (logits >= 0).cpu().numpy()
+    device = logits.device
+    rows, cols = np.nonzero(m)
+    counts = m.sum(1).tolist()
+    read = m.any(0)
+    where = np.cumsum(read) - 1
+    union = torch.from_numpy(np.flatnonzero(read).astype(np.int32)).to(device)
+    idx = torch.from_numpy(cols.astype(np.int32)).to(device)
+    pos = torch.from_numpy(where[cols].astype(np.int32)).to(device)
+    vals = None
+    if att is not None:
+        vals = att.reshape(-1).index_select(0, torch.from_numpy(rows * m.shape[1] + cols).to(device))
+    return counts, idx, vals, union, pos
 
 
 class BlockGates(nn.Module):
@@ -98,33 +104,33 @@ class BlockGates(nn.Module):
     (:class:`Generators`); static masks are constants.
     """
 
-    def __init__(self, sources: Dict[str, Optional[nn.Module]], where: str):
+    def __init__(self, sources: Dict[str, Optional[nn.Module]], where: str, native: bool = False):
         super().__init__()
         generators, self.order, self.static = [], [], {}
         for name, module in sources.items():
             if module is None:
                 continue
-            if isinstance(module, StaticMask):
-                self.static[name] = module.mask.detach().bool().clone()
+            if isinstance(module, StaticMask):  # as logits: 1 where open, -1 where closed
+                self.static[name] = module.mask.detach().float() * 2 - 1
             elif isinstance(module, (MaskGenerator, AttentionGenerator)):
                 generators.append(module)
-                self.order.append((name, isinstance(module, MaskGenerator)))
+                self.order.append(name)
             else:
                 raise ValueError(
                     f"deploy: {where}.{name} is a {type(module).__name__}; deploy supports MaskGenerator, "
                     "StaticMask and AttentionGenerator (groupings msgc, prune, static, dense; attention none, "
                     "channel)")
-        self.generators = Generators(generators)
-        self.names = set(sources)
+        self.generators = Generators(generators, native)
 
     @property
     def macs(self) -> int:
         return self.generators.macs
 
-    def forward(self, context: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """-> name: boolean mask (heads x C) for mask generators and static masks, logits for attention."""
+    def forward(self, x: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """x: the block's input, ``HW x C`` (its mean over pixels is the context; None if no generator
+        needs it) -> name: ``heads x C`` logits of each generator (a mask opens a channel where its
+        logit is >= 0) and each static mask (+-1)."""
         out = dict(self.static)
         if self.order:
-            for (name, is_mask), logits in zip(self.order, self.generators(context)):
-                out[name] = logits >= 0 if is_mask else logits
+            out.update(zip(self.order, self.generators(x)))
         return out

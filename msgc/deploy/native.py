@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-__all__ = ["available", "status", "gconv", "gather_weights", "blocked", "planar", "gconv_px"]
+__all__ = ["available", "status", "gconv", "gather_weights", "blocked", "planar", "gconv_px", "generators",
+           "head_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ def _load():
             lib.msgc_planar.restype = None
             lib.msgc_gconv_px.argtypes = [_P, _L, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _P, _L, _I, _I, _I]
             lib.msgc_gconv_px.restype = _I
+            lib.msgc_generators.argtypes = [_P, _L, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I]
+            lib.msgc_generators.restype = None
+            lib.msgc_head_sets.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
+            lib.msgc_head_sets.restype = _I
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _status = f"unavailable ({e}); using PyTorch's kernels"
             logger.warning("msgc.deploy: native kernels %s", _status)
@@ -180,3 +185,36 @@ def gconv_px(planes: torch.Tensor, h: int, w: int, k: int, p: int, idx: Optional
                             out.stride(0), out.size(1), int(relu), torch.get_num_threads())
     if rc != 0:
         raise ValueError("gconv_px: planes too short or too many output channels")
+
+
+def generators(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, desc: torch.Tensor, w2: torch.Tensor,
+               b2: torch.Tensor) -> torch.Tensor:
+    """A block's generators on the context of ``x`` (``HW x C``, rows may be strided): the logits of
+    every generator, concatenated (see ``msgc_generators``).
+
+    ``w1``: ``hidden x C`` stacked first layers, ``b1`` their biases; ``desc``: int64 ``generators x 5``
+    (rows, first hidden unit, hidden units, first output, first weight) into the packed second layers
+    ``w2`` (flat) and ``b2`` (one per output row).
+    """
+    nh, c = w1.shape
+    scratch = torch.empty(c + nh + b2.numel())
+    out = scratch[c + nh:]
+    _lib.msgc_generators(x.data_ptr(), x.stride(0), x.size(0), c, w1.data_ptr(), b1.data_ptr(), nh,
+                         desc.size(0), desc.data_ptr(), w2.data_ptr(), b2.data_ptr(), scratch.data_ptr(),
+                         scratch.data_ptr() + 4 * c, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def head_sets(logits: torch.Tensor, att: Optional[torch.Tensor] = None):
+    """A ``heads x C`` gate matrix (open where the logit is >= 0) -> ``(counts, idx, vals, union, pos)``
+    (see ``msgc_head_sets``): counts a list, idx/union/pos int32 tensors (idx and pos flat, head after
+    head), vals the attention of each idx entry (float32, or None without ``att``)."""
+    heads, c = logits.shape
+    buf = torch.empty(heads + c + 2 * heads * c, dtype=torch.int32)
+    counts, uni, idx, pos = buf[:heads], buf[heads:heads + c], buf[heads + c:heads + c + heads * c], buf[heads + c + heads * c:]
+    vals = None if att is None else torch.empty(heads * c)
+    nu = _lib.msgc_head_sets(logits.data_ptr(), heads, c, _ptr(att), counts.data_ptr(), idx.data_ptr(),
+                             _ptr(vals), uni.data_ptr(), pos.data_ptr())
+    counts = counts.tolist()
+    n = sum(counts)
+    return counts, idx[:n], None if vals is None else vals[:n], uni[:nu], pos[:n]

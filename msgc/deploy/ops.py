@@ -395,13 +395,14 @@ class Generators(nn.Module):
     """Every gate and attention generator of a block, evaluated together on the block's context.
 
     Their first 1x1 convolutions (BatchNorm folded) are stacked into one matrix-vector product; each
-    second convolution is its own. Returns one ``heads x channels`` logit matrix per generator, in order.
+    second convolution is its own. With ``native`` the context and both layers are one call of
+    :func:`native.generators`. Returns one ``heads x channels`` logit matrix per generator, in order.
     MACs equal the generators' ``macs`` (the paper's count).
     """
 
-    def __init__(self, generators: List[nn.Module]):
+    def __init__(self, generators: List[nn.Module], native: bool = False):
         super().__init__()
-        firsts, biases, self.shapes, self.macs = [], [], [], 0
+        firsts, biases, self.shapes, self.macs, self.native = [], [], [], 0, native
         for g in generators:
             w1, b1 = fold_bn(g.conv[0].weight.flatten(1), g.conv[1])
             firsts.append(w1)
@@ -410,14 +411,33 @@ class Generators(nn.Module):
             self.macs += g.macs
         self.register_buffer("w1", torch.cat(firsts) if firsts else None, persistent=False)
         self.register_buffer("b1", torch.cat(biases) if firsts else None, persistent=False)
-        for j, g in enumerate(generators):
-            self.register_buffer(f"w2_{j}", g.conv[3].weight.detach().float().flatten(1).contiguous(), persistent=False)
-            self.register_buffer(f"b2_{j}", g.conv[3].bias.detach().float().clone(), persistent=False)
+        w2 = [g.conv[3].weight.detach().float().flatten(1).contiguous() for g in generators]
+        b2 = [g.conv[3].bias.detach().float() for g in generators]
+        if native:  # packed, with (rows, first hidden unit, hidden units, first output, first weight) each
+            desc, unit, row, weight = [], 0, 0, 0
+            for w in w2:
+                desc.append([w.size(0), unit, w.size(1), row, weight])
+                unit, row, weight = unit + w.size(1), row + w.size(0), weight + w.numel()
+            self.register_buffer("desc", torch.tensor(desc, dtype=torch.int64).view(-1, 5), persistent=False)
+            self.register_buffer("w2", torch.cat([w.view(-1) for w in w2]) if w2 else None, persistent=False)
+            self.register_buffer("b2", torch.cat(b2) if b2 else None, persistent=False)
+        else:
+            for j, (w, b) in enumerate(zip(w2, b2)):
+                self.register_buffer(f"w2_{j}", w, persistent=False)
+                self.register_buffer(f"b2_{j}", b.clone(), persistent=False)
 
-    def forward(self, context: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """x: ``HW x C``, whose mean over pixels is the context."""
         if not self.shapes:
             return []
-        hidden = torch.addmv(self.b1, self.w1, context).relu_()
+        if self.native:
+            flat = native_kernels.generators(x, self.w1, self.b1, self.desc, self.w2, self.b2)
+            out, start = [], 0
+            for heads, channels, _ in self.shapes:
+                out.append(flat[start:start + heads * channels].view(heads, channels))
+                start += heads * channels
+            return out
+        hidden = torch.addmv(self.b1, self.w1, x.mean(0)).relu_()
         out, start = [], 0
         for j, (heads, channels, width) in enumerate(self.shapes):
             logits = torch.addmv(getattr(self, f"b2_{j}"), getattr(self, f"w2_{j}"), hidden[start:start + width])

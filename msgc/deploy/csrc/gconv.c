@@ -254,3 +254,106 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
   }
   return 0;
 }
+
+/* ---- gates ------------------------------------------------------------------------------------------
+ * A block's generators on one sample: the context (the mean of the block's input over its pixels), the
+ * first 1x1 convolutions of every generator stacked into one matrix (BatchNorm folded, then ReLU), and
+ * each generator's second convolution on its own slice of the hidden units. These are matrix-vector
+ * products, bound by reading the weights (ResNet-50 reads 43 MB of them per image): parallel over rows,
+ * one pass over each weight row. */
+
+static float dot(const float *a, const float *b, int n) {
+  v16 s0 = {0}, s1 = {0};
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 += *(const v16 *)(a + i) * *(const v16 *)(b + i);
+    s1 += *(const v16 *)(a + i + 16) * *(const v16 *)(b + i + 16);
+  }
+  for (; i + 16 <= n; i += 16) s0 += *(const v16 *)(a + i) * *(const v16 *)(b + i);
+  s0 += s1;
+  float s = 0.0f;
+  for (int l = 0; l < 16; l++) s += s0[l];
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* ctx[c] = mean over the hw rows of x (row stride ldx) of column c, for c < C (partial sums of 64 rows
+ * in float, added up in double); hidden[r] = relu(b1[r] + w1[r, :] . ctx) for r < nh; then for every
+ * generator g, desc[g] = (rows, first hidden unit, hidden units, first output, first weight):
+ * out[o + j] = b2[o + j] + w2[w + j * units : ...] . hidden[h0 : h0 + units] for j < rows.
+ * ctx and hidden are scratch of C and nh floats. */
+void msgc_generators(const float *x, long ldx, int hw, int C, const float *w1, const float *b1, int nh,
+                     int ngen, const long *desc, const float *w2, const float *b2, float *ctx, float *hidden,
+                     float *out, int nthreads) {
+  long work = (long)hw * C + (long)nh * C;
+  for (int g = 0; g < ngen; g++) work += desc[5 * g] * desc[5 * g + 2];
+  const int nblk = (C + 15) / 16;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && work > 65536)
+  {
+#pragma omp for schedule(static)
+    for (int b = 0; b < nblk; b++) {
+      const int c0 = 16 * b, m = C - c0 < 16 ? C - c0 : 16;
+      double total[16] = {0};
+      for (int r0 = 0; r0 < hw; r0 += 64) {
+        const int r1 = r0 + 64 < hw ? r0 + 64 : hw;
+        if (m == 16) {
+          v16 part = {0};
+          for (int r = r0; r < r1; r++) part += *(const v16 *)(x + (long)r * ldx + c0);
+          for (int l = 0; l < 16; l++) total[l] += part[l];
+        } else {
+          float part[16] = {0};
+          for (int r = r0; r < r1; r++)
+            for (int l = 0; l < m; l++) part[l] += x[(long)r * ldx + c0 + l];
+          for (int l = 0; l < m; l++) total[l] += part[l];
+        }
+      }
+      for (int l = 0; l < m; l++) ctx[c0 + l] = (float)(total[l] / hw);
+    }
+#pragma omp for schedule(static)
+    for (int r = 0; r < nh; r++) {
+      const float v = b1[r] + dot(w1 + (long)r * C, ctx, C);
+      hidden[r] = v > 0.0f ? v : 0.0f;
+    }
+    for (int g = 0; g < ngen; g++) {
+      const long *d = desc + 5 * g;
+      const int rows = (int)d[0], units = (int)d[2];
+      const float *hg = hidden + d[1], *wg = w2 + d[4];
+      float *og = out + d[3];
+      const float *bg = b2 + d[3];
+#pragma omp for schedule(static) nowait
+      for (int j = 0; j < rows; j++) og[j] = bg[j] + dot(wg + (long)j * units, hg, units);
+    }
+  }
+}
+
+/* A heads x C gate matrix (logits, row stride C; a channel is open where its logit is >= 0, as
+ * Gate.forward decides in eval mode) -> the index sets the kernels run on:
+ * counts[h]: head h's open channels; idx: every head's open channels in ascending order, head after
+ * head; vals (if att is not NULL): att[h * C + c] for each entry of idx; uni: the channels some head
+ * reads, ascending; pos (if not NULL): each idx entry's position within uni. Returns the size of uni. */
+int msgc_head_sets(const float *logits, int heads, int C, const float *att, int *counts, int *idx,
+                   float *vals, int *uni, int *pos) {
+  int where[C];
+  for (int c = 0; c < C; c++) where[c] = -1;
+  int n = 0;
+  for (int h = 0; h < heads; h++) {
+    const float *lh = logits + (long)h * C;
+    const int start = n;
+    for (int c = 0; c < C; c++)
+      if (lh[c] >= 0.0f) {
+        if (att) vals[n] = att[(long)h * C + c];
+        idx[n++] = c;
+        where[c] = 0;
+      }
+    counts[h] = n - start;
+  }
+  int nu = 0;
+  for (int c = 0; c < C; c++)
+    if (where[c] == 0) {
+      where[c] = nu;
+      uni[nu++] = c;
+    }
+  if (pos)
+    for (int i = 0; i < n; i++) pos[i] = where[idx[i]];
+  return nu;
+}
