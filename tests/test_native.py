@@ -45,15 +45,69 @@ def test_gconv_matches_conv2d(k, s, p, h, n_out):
     # in place (no gather): all outputs, weight rows by index
     want_all = reference(x, h, h, w_in, bias, k, s, p, cols, None)
     out_all = torch.empty(ho * ho, 80)
-    native.gconv(x, h, h, k, s, p, cols, wrow, blocked, bias, out_all, relu=True)
+    native.gconv(x, h, h, k, s, p, cols, wrow, blocked, bias, out_all, act=1)
     torch.testing.assert_close(out_all, want_all.relu(), rtol=1e-5, atol=1e-4)
+    # a residual (strided rows) added before ReLU6, fused into the stores
+    res = torch.randn(ho * ho, n_out + 5, generator=g)[:, 2:n_out + 2] * 4
+    want_res = (reference(x, h, h, w_in, bias, k, s, p, cols, rows) + res).clamp(0, 6)
+    out_res = torch.empty(ho * ho, n_out)
+    native.gconv(x, h, h, k, s, p, cols, wrow, native.gather_weights(blocked, None, rows, n_out), bias[rows.long()],
+                 out_res, act=2, res=res)
+    torch.testing.assert_close(out_res, want_res, rtol=1e-5, atol=1e-4)
+    if out_res.numel() >= 64:  # the data exercise both clamps
+        assert (out_res == 6).any() and (out_res == 0).any() and ((out_res > 0) & (out_res < 6)).any()
     if s == 1:  # pixel-vectorised kernel: outputs picked by row, weights in the plain layout
         planes = native.planar(x, h, h, p)
         out_px = torch.empty(ho * ho, n_out)
-        native.gconv_px(planes, h, h, k, p, cols, wrow, weight.reshape(80, cin, k * k).contiguous(), rows,
-                        bias, out_px)
+        plain = weight.reshape(80, cin, k * k).contiguous()
+        native.gconv_px(planes, h, h, k, p, cols, wrow, plain, rows, bias, out_px)
         torch.testing.assert_close(out_px, reference(x, h, h, w_in, bias, k, s, p, cols, rows), rtol=1e-5,
                                    atol=1e-4)
+        native.gconv_px(planes, h, h, k, p, cols, wrow, plain, rows, bias, out_px, act=2, res=res)
+        torch.testing.assert_close(out_px, want_res, rtol=1e-5, atol=1e-4)
+
+
+def test_generators_match_torch():
+    """One C call (context mean, stacked first layers, each second layer) against the PyTorch path."""
+    from msgc.deploy.ops import Generators
+    from msgc.modeling.layers import AttentionGenerator, MaskGenerator
+
+    torch.manual_seed(0)
+    gens = [MaskGenerator(40, 40, 1), MaskGenerator(40, 24, 4), AttentionGenerator(40, 24, 4)]
+    for g in gens:
+        torch.nn.init.normal_(g.conv[3].weight)
+        g.conv[1].running_mean.normal_()
+        g.conv[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(37, 50)[:, 3:43]  # a column slice: strided rows
+    want = Generators([g.eval() for g in gens])(x)
+    got = Generators(gens, native=True)(x)
+    assert [t.shape for t in got] == [(1, 40), (4, 24), (4, 24)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    context = x.mean(0, keepdim=True)[..., None, None]
+    torch.testing.assert_close(got[1], gens[1].logits(context)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_head_sets_match_numpy(heads):
+    from msgc.deploy.gates import _head_sets
+
+    g = torch.Generator().manual_seed(heads)
+    logits = torch.randn(heads, 20, generator=g)
+    logits[0] = -1.0  # a head with every gate closed
+    logits[-1, 5] = 0.0  # a logit of exactly 0 opens its channel
+    logits[:, 7] = -1.0  # a channel that no head reads
+    if heads > 1:
+        logits[1] = 1.0  # and one with every gate open
+    att = torch.randn(heads, 20, generator=g)
+    got, want = native.head_sets(logits, att), _head_sets(logits, att)
+    assert got[0] == want[0] == (logits >= 0).sum(1).tolist()
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    counts, idx, vals, union, pos = got
+    assert torch.equal(union, (logits >= 0).any(0).nonzero().flatten().int())
+    assert torch.equal(union[pos.long()], idx) and (heads > 1 or 7 not in union.tolist())
+    torch.testing.assert_close(vals, att[logits >= 0])
 
 
 def test_empty_head_outputs_bias():

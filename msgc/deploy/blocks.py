@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .gates import BlockGates, HeadSets
-from .ops import DepthwiseConv, FoldedConv, HeadConv, PointHeadConv
+from .ops import RELU, RELU6, DepthwiseConv, FoldedConv, HeadConv, PointHeadConv
 
 __all__ = ["DeployedBlock", "DeployedBasicBlock", "DeployedBottleneck", "DeployedInvertedResidual",
            "DeployedDenseLayer"]
@@ -56,13 +56,11 @@ class DeployedBasicBlock(DeployedBlock):
         s1 = self.sets(g, "maskgen1", "attgen1", 1, x.size(1))
         s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.planes)
         rows = None if s2.union is None else [s2.union]
-        y, ho, wo, m1 = self.conv1(x, h, w, s1.idx, s1.idx, s1.scale, rows)
-        y.relu_()
-        out, _, _, m2 = self.conv2(y, ho, wo, s2.reading(y), s2.idx, s2.scale)
+        y, ho, wo, m1 = self.conv1(x, h, w, s1.idx, s1.idx, s1.scale, rows, RELU)
         identity, m3 = x, 0
         if self.downsample is not None:
             identity, _, _, m3 = self.downsample(x, h, w)
-        out.add_(identity).relu_()
+        out, _, _, m2 = self.conv2(y, ho, wo, s2.reading(y), s2.idx, s2.scale, None, RELU, identity)
         return out, ho, wo, _two_conv_macs(macs, self.terms(h, w)[0], s1, s2), executed + ex + m1 + m2 + m3
 
 
@@ -84,15 +82,12 @@ class DeployedBottleneck(DeployedBlock):
         s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.width)
         s3 = self.sets(g, "maskgen3", None, 1, self.width)
         rows = None if s2.union is None else [s2.union]
-        y, _, _, m1 = self.conv1(x, h, w, s1.idx, s1.idx, [None], rows)
-        y.relu_()
-        y, ho, wo, m2 = self.conv2(y, h, w, s2.reading(y), s2.idx, s2.scale, s3.groups(self.heads).idx)
-        y.relu_()
-        out, _, _, m3 = self.conv3(y, ho, wo, [None], s3.idx, [None])
+        y, _, _, m1 = self.conv1(x, h, w, s1.idx, s1.idx, [None], rows, RELU)
+        y, ho, wo, m2 = self.conv2(y, h, w, s2.reading(y), s2.idx, s2.scale, s3.groups(self.heads).idx, RELU)
         identity, m4 = x, 0
         if self.downsample is not None:
             identity, _, _, m4 = self.downsample(x, h, w)
-        out.add_(identity).relu_()
+        out, _, _, m3 = self.conv3(y, ho, wo, [None], s3.idx, [None], None, RELU, identity)
         t = self.terms(h, w)[0]
         dgc1 = s1.mean * t["dgc1"]
         dgc = dgc1 + s2.mean * t["dgc2"] + s3.mean * t["dgc3"]
@@ -127,17 +122,14 @@ class DeployedInvertedResidual(DeployedBlock):
         s = self.sets(g, "maskgen", "attgen", self.heads, self.hidden)
         keep = s.union
         if self.pw is not None:
-            y, _, _, m0 = self.pw(x, h, w, [None], [None], [None], None if keep is None else [keep])
+            y, _, _, m0 = self.pw(x, h, w, [None], [None], [None], None if keep is None else [keep], RELU6)
         else:
             y, m0 = (x if keep is None else x.index_select(1, keep)), 0
         if keep is not None and y.size(1) != keep.numel():  # the expansion computed every channel
             y = y.index_select(1, keep)
-        y = y.clamp_(0, 6) if self.pw is not None else y
         y, ho, wo, m1 = self.dw(y, h, w, keep)
         y.clamp_(0, 6)
-        out, _, _, m2 = self.project(y, ho, wo, s.pos, s.idx, s.scale)
-        if self.residual:
-            out.add_(x)
+        out, _, _, m2 = self.project(y, ho, wo, s.pos, s.idx, s.scale, None, res=x if self.residual else None)
         t = self.terms(h, w)[0]
         macs = macs + (t["main"] + t["gen"]) + (s.mean * t["dgc"] - s.unread * t["pwdw"])
         return out, ho, wo, macs, executed + ex + m0 + m1 + m2
@@ -165,8 +157,7 @@ class DeployedDenseLayer(DeployedBlock):
         s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
         s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.hidden)
         rows = None if s2.union is None else [s2.union]
-        z, _, _, m1 = self.conv1(y, h, w, s1.idx, s1.idx, [None], rows)
-        z.relu_()
+        z, _, _, m1 = self.conv1(y, h, w, s1.idx, s1.idx, [None], rows, RELU)
         out, _, _, m2 = self.conv2(z, h, w, s2.reading(z), s2.idx, s2.scale)
         macs = _two_conv_macs(macs, self.terms(h, w)[0], s1, s2)
         return out, h, w, macs, executed + x.numel() + ex + m1 + m2

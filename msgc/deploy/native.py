@@ -86,13 +86,13 @@ def _load():
             return
         try:
             lib = ctypes.CDLL(_build())
-            lib.msgc_gconv.argtypes = [_P, _L, _I, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _L, _I, _I, _I]
+            lib.msgc_gconv.argtypes = [_P, _L, _I, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _L, _P, _L, _I, _I, _I]
             lib.msgc_gconv.restype = _I
             lib.msgc_gather_weights.argtypes = [_P, _L, _I, _P, _I, _P, _I, _P, _P, _I]
             lib.msgc_gather_weights.restype = None
             lib.msgc_planar.argtypes = [_P, _L, _I, _I, _I, _I, _P, _L, _I]
             lib.msgc_planar.restype = None
-            lib.msgc_gconv_px.argtypes = [_P, _L, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _P, _L, _I, _I, _I]
+            lib.msgc_gconv_px.argtypes = [_P, _L, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _P, _L, _P, _L, _I, _I, _I]
             lib.msgc_gconv_px.restype = _I
             lib.msgc_generators.argtypes = [_P, _L, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I]
             lib.msgc_generators.restype = None
@@ -130,7 +130,7 @@ def _ptr(t: Optional[torch.Tensor]):
 
 def gconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, idx: Optional[torch.Tensor],
           wrow: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-          out: torch.Tensor, relu: bool = False) -> None:
+          out: torch.Tensor, act: int = 0, res: Optional[torch.Tensor] = None) -> None:
     """Write a gathered k x k convolution of one sample into ``out`` (see ``msgc_gconv``).
 
     Args:
@@ -140,11 +140,13 @@ def gconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, idx: Optional
         weight: :func:`blocked` weights, ``ceil(C_out/16) x rows x k*k x 16``.
         bias: ``>= out.size(1)`` float32 or None.
         out: ``HoWo x ncol`` matrix (rows may be strided), written in full.
+        act: activation applied on the way out: 0 none, 1 ReLU, 2 ReLU6.
+        res: ``HoWo x ncol`` matrix (rows may be strided) added before the activation, or None.
     """
     n = x.size(1) if idx is None else idx.numel()
     rc = _lib.msgc_gconv(x.data_ptr(), x.stride(0), h, w, k, s, p, _ptr(idx), _ptr(wrow), n,
                          weight.data_ptr(), weight.size(1), _ptr(bias), out.data_ptr(), out.stride(0),
-                         out.size(1), int(relu), torch.get_num_threads())
+                         _ptr(res), 0 if res is None else res.stride(0), out.size(1), act, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"gconv: {out.size(1)} output channels or a {k}x{k} kernel are more than it handles")
 
@@ -173,16 +175,19 @@ def planar(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
 
 def gconv_px(planes: torch.Tensor, h: int, w: int, k: int, p: int, idx: Optional[torch.Tensor],
              wrow: Optional[torch.Tensor], weight: torch.Tensor, ocols: Optional[torch.Tensor],
-             bias: Optional[torch.Tensor], out: torch.Tensor, relu: bool = False) -> None:
+             bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0,
+             res: Optional[torch.Tensor] = None) -> None:
     """A stride-1 gathered convolution vectorised over pixels, for heads with few outputs.
 
     ``planes`` from :func:`planar`; ``weight`` plain ``C_out x rows x k*k``; ``ocols`` int32 output
-    channels to compute (None: the first ``out.size(1)``); ``bias`` indexed like the weights' outputs.
+    channels to compute (None: the first ``out.size(1)``); ``bias`` indexed like the weights' outputs;
+    ``act`` and ``res`` as in :func:`gconv`.
     """
     n = planes.size(0) if idx is None else idx.numel()
     rc = _lib.msgc_gconv_px(planes.data_ptr(), planes.size(1), h, w, k, p, _ptr(idx), _ptr(wrow), n,
                             weight.data_ptr(), weight.size(1), _ptr(ocols), _ptr(bias), out.data_ptr(),
-                            out.stride(0), out.size(1), int(relu), torch.get_num_threads())
+                            out.stride(0), _ptr(res), 0 if res is None else res.stride(0), out.size(1), act,
+                            torch.get_num_threads())
     if rc != 0:
         raise ValueError("gconv_px: planes too short or too many output channels")
 

@@ -26,8 +26,8 @@ from torch.nn import functional as F
 from . import native as native_kernels
 
 __all__ = [
-    "fold_bn", "to_matrix", "to_image", "FoldedConv", "HeadConv", "PointHeadConv", "DepthwiseConv",
-    "Generators",
+    "NONE", "RELU", "RELU6", "fold_bn", "to_matrix", "to_image", "FoldedConv", "HeadConv", "PointHeadConv",
+    "DepthwiseConv", "Generators",
 ]
 
 
@@ -74,7 +74,22 @@ def conv2d(x, weight, bias, stride=1, padding=0, groups=1):
 ALL_OUTPUTS = 100
 
 
-def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows):
+#: activations fused into a convolution (its ``act`` argument)
+NONE, RELU, RELU6 = 0, 1, 2
+
+
+def _epilogue(out: torch.Tensor, act: int, res: Optional[torch.Tensor]) -> torch.Tensor:
+    """``act(out + res)`` in place: what the native kernels fuse into their stores."""
+    if res is not None:
+        out.add_(res)
+    if act == RELU:
+        out.relu_()
+    elif act == RELU6:
+        out.clamp_(0, 6)
+    return out
+
+
+def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
     """Every head of a :class:`HeadConv` or :class:`PointHeadConv` built with ``native=True``, with
     :func:`native.gconv`, written side by side into one output matrix: ``(out, ho, wo, executed MACs)``."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
@@ -87,7 +102,7 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows):
     n_out = [self.per_head if rows is None or rows[i] is None else rows[i].numel() for i in range(self.heads)]
     out = x.new_empty(ho * wo, sum(n_out))
     if self.pixel:
-        return _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out)
+        return _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out, act, res)
     kk, macs, col = self.kernel ** 2, 0, 0
     for i in range(self.heads):
         r = None if rows is None else rows[i]
@@ -104,7 +119,7 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows):
             if r is not None and bias is not None:
                 bias = bias.index_select(0, r)
         native_kernels.gconv(xs, h, w, self.kernel, self.stride, self.padding, cols, wrow, weight, bias,
-                             out[:, col:col + n_out[i]])
+                             out[:, col:col + n_out[i]], act, None if res is None else res[:, col:col + n_out[i]])
         macs += ho * wo * n_out[i] * (cin * kk + self.bn)
         col += n_out[i]
     return out, ho, wo, macs
@@ -116,7 +131,7 @@ def _pixel_kernel(stride: int, per_head: int) -> bool:
     return stride == 1 and per_head <= 24
 
 
-def _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out):
+def _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out, act, res):
     """:func:`_native_heads` for narrow heads: planar input shared by the heads, outputs picked by row."""
     kk, macs, col, shared = self.kernel ** 2, 0, 0, None
     for i in range(self.heads):
@@ -132,7 +147,7 @@ def _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out
             planes = shared
         native_kernels.gconv_px(planes, h, w, self.kernel, self.padding, cols, wrow, self.weight[i],
                                 None if rows is None else rows[i], None if self.bias is None else self.bias[i],
-                                out[:, col:col + n_out[i]])
+                                out[:, col:col + n_out[i]], act, None if res is None else res[:, col:col + n_out[i]])
         macs += ho * wo * n_out[i] * (cin * kk + self.bn)
         col += n_out[i]
     return out, ho, wo, macs
@@ -228,7 +243,8 @@ class HeadConv(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.view(heads, -1).contiguous(), persistent=False)
 
     def forward(self, x, h, w, pos: Sequence[Optional[torch.Tensor]], idx: Sequence[Optional[torch.Tensor]],
-                scale: Sequence[Optional[torch.Tensor]], rows: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                scale: Sequence[Optional[torch.Tensor]], rows: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                act: int = NONE, res: Optional[torch.Tensor] = None):
         """Run every head.
 
         Args:
@@ -237,6 +253,8 @@ class HeadConv(nn.Module):
             idx: per head, the same channels in the convolution's input numbering (None: all).
             scale: per head, attention for those channels (None: none).
             rows: per head, which of its output channels to compute (None: all).
+            act: the activation applied to the output (:data:`RELU`, :data:`RELU6` or :data:`NONE`).
+            res: a residual added to the output before the activation (only with ``rows`` None).
 
         Returns:
             (HoWo x C_out matrix with the heads' outputs side by side, ho, wo, executed MACs).
@@ -244,7 +262,7 @@ class HeadConv(nn.Module):
         k, s, p = self.kernel, self.stride, self.padding
         ho, wo = _out_size(h, k, s, p), _out_size(w, k, s, p)
         if self.native:
-            return _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows)
+            return _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res)
         large = h * w >= self.LARGE or not _ONEDNN or x.device.type != "cpu"
         outs, macs = [], 0
         for i in range(self.heads):
@@ -253,7 +271,7 @@ class HeadConv(nn.Module):
             outs.append(out)
             macs += m
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        return out, ho, wo, macs
+        return _epilogue(out, act, res), ho, wo, macs
 
     def _head(self, x, h, w, ho, wo, large, i, pos, idx, scale, rows):
         bias = None if self.bias is None else self.bias[i]
@@ -330,16 +348,16 @@ class PointHeadConv(nn.Module):
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.view(heads, -1).contiguous(), persistent=False)
 
-    def forward(self, x, h, w, pos, idx, scale, rows=None):
+    def forward(self, x, h, w, pos, idx, scale, rows=None, act=NONE, res=None):
         """Same contract as :meth:`HeadConv.forward` (1x1: the spatial size is unchanged)."""
         if self.native:
-            return _native_heads(self, x, h, w, h, w, pos, idx, scale, rows)
+            return _native_heads(self, x, h, w, h, w, pos, idx, scale, rows, act, res)
         outs, macs = [], 0
         for i in range(self.heads):
             out, m = self._head(x, i, pos[i], idx[i], scale[i], None if rows is None else rows[i])
             outs.append(out)
             macs += m
-        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), h, w, macs
+        return _epilogue(outs[0] if len(outs) == 1 else torch.cat(outs, 1), act, res), h, w, macs
 
     def _head(self, x, i, pos, idx, scale, rows):
         weight, bias = self.weight[i], None if self.bias is None else self.bias[i]

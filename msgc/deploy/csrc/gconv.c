@@ -23,11 +23,26 @@ static const float ZEROS[1 << 17];
 
 #define MAX_TAPS 49
 
+/* Activations fused into the stores: 0 none, 1 ReLU, 2 ReLU6 (clamp to [0, 6]). */
+static inline v16 activate(v16 a, int act) {
+  if (act)
+    for (int l = 0; l < 16; l++) a[l] = a[l] > 0 ? a[l] : 0;
+  if (act == 2)
+    for (int l = 0; l < 16; l++) a[l] = a[l] < 6 ? a[l] : 6;
+  return a;
+}
+
+static inline float activate1(float a, int act) {
+  if (act) a = a > 0 ? a : 0;
+  if (act == 2) a = a < 6 ? a : 6;
+  return a;
+}
+
 #define DEFINE_TILE(VB, RB)                                                                            \
   static void tile_##VB(const float *x, long ldx, int H, int W, int Wo, int k, int s, int p,         \
                         const int *idx, const int *wrow, int n, const float *w, long wblk,           \
-                        const float *bias, float *y, long ldy, int o0, int npix, int j0, int ncol,   \
-                        int relu) {                                                                  \
+                        const float *bias, float *y, long ldy, const float *res, long ldres, int o0, \
+                        int npix, int j0, int ncol, int act) {                                       \
     const int kk = k * k;                                                                            \
     v16 acc[RB][VB];                                                                                 \
     for (int v = 0; v < VB; v++) {                                                                   \
@@ -66,12 +81,16 @@ static const float ZEROS[1 << 17];
     }                                                                                                \
     for (int r = 0; r < npix; r++) {                                                                 \
       float *yp = y + (long)(o0 + r) * ldy + j0;                                                     \
+      const float *rp = res ? res + (long)(o0 + r) * ldres + j0 : 0;                                 \
       for (int v = 0; v < VB; v++) {                                                                 \
-        v16 a = acc[r][v];                                                                           \
-        if (relu)                                                                                    \
-          for (int l = 0; l < 16; l++) a[l] = a[l] > 0 ? a[l] : 0;                                  \
-        int m = ncol - j0 - 16 * v;                                                                  \
+        const int m = ncol - j0 - 16 * v;                                                            \
         if (m <= 0) break;                                                                           \
+        v16 a = acc[r][v];                                                                           \
+        if (rp) {                                                                                    \
+          if (m >= 16) a += *(const v16 *)(rp + 16 * v);                                             \
+          else for (int l = 0; l < m; l++) a[l] += rp[16 * v + l];                                   \
+        }                                                                                            \
+        a = activate(a, act);                                                                        \
         if (m >= 16) *(v16 *)(yp + 16 * v) = a;                                                      \
         else memcpy(yp + 16 * v, &a, m * sizeof(float));                                            \
       }                                                                                              \
@@ -86,14 +105,14 @@ DEFINE_TILE(1, 16)
 
 #define MAX_CHUNKS 4096
 
-/* y[o, j] = relu?(bias[j] + sum_{c < n} sum_{taps} x[in(o, tap), idx[c]] * W[j, wrow[c], tap]) for every
+/* y[o, j] = act(bias[j] + sum_{c < n} sum_{taps} x[in(o, tap), idx[c]] * W[j, wrow[c], tap] + res[o, j]) for every
  * output pixel o of a k x k, stride s, zero-padding p convolution of the H x W input and j < ncol.
  * W is stored in blocks of 16 output channels: W[j, r, t] = w[(((j / 16) * rows + r) * k*k + t) * 16 + j % 16]
  * (the last block zero-padded). idx NULL: channel c of x; wrow NULL: weight row c.
  * Returns 0, or -1 if ncol is too large. */
 int msgc_gconv(const float *x, long ldx, int H, int W, int k, int s, int p, const int *idx,
                const int *wrow, int n, const float *w, long rows, const float *bias, float *y, long ldy,
-               int ncol, int relu, int nthreads) {
+               const float *res, long ldres, int ncol, int act, int nthreads) {
   const int Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1, npix = Ho * Wo;
   if (Ho <= 0 || Wo <= 0 || ncol <= 0) return 0;
   if (ncol > 64 * (MAX_CHUNKS - 2) || k * k > MAX_TAPS) return -1;
@@ -114,11 +133,11 @@ int msgc_gconv(const float *x, long ldx, int H, int W, int k, int s, int p, cons
     while (first[c + 1] <= it) c++;
     const int rb = RBS[vb[c]], o0 = (it - first[c]) * rb, np = npix - o0 < rb ? npix - o0 : rb;
     if (vb[c] == 4)
-      tile_4(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, o0, np, j0[c], ncol, relu);
+      tile_4(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, np, j0[c], ncol, act);
     else if (vb[c] == 2)
-      tile_2(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, o0, np, j0[c], ncol, relu);
+      tile_2(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, np, j0[c], ncol, act);
     else
-      tile_1(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, o0, np, j0[c], ncol, relu);
+      tile_1(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, np, j0[c], ncol, act);
   }
   return 0;
 }
@@ -180,8 +199,8 @@ void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *pl
 #define DEFINE_PTILE(RB)                                                                               \
   static void ptile_##RB(const float *planes, long plane_len, int Wp, int Wo, int npos, int k,        \
                          const int *idx, const int *wrow, int n, const float *w, long wrows,          \
-                         const int *ocols, const float *bias, float *y, long ldy, int q0, int j0,     \
-                         int relu) {                                                                  \
+                         const int *ocols, const float *bias, float *y, long ldy, const float *res,   \
+                         long ldres, int q0, int j0, int act) {                                       \
     const int kk = k * k;                                                                            \
     v16 acc[RB][2];                                                                                  \
     const float *wj[RB];                                                                             \
@@ -209,11 +228,10 @@ void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *pl
       for (int l = 0; l < 16; l++) {                                                                 \
         const int q = q0 + 16 * v + l, ox = q % Wp;                                                  \
         if (q >= npos || ox >= Wo) continue;                                                         \
-        float *yp = y + (long)((q / Wp) * Wo + ox) * ldy + j0;                                       \
-        for (int r = 0; r < RB; r++) {                                                               \
-          const float a = acc[r][v][l];                                                              \
-          yp[r] = relu && a < 0 ? 0.0f : a;                                                          \
-        }                                                                                            \
+        const long o = (long)(q / Wp) * Wo + ox;                                                     \
+        float *yp = y + o * ldy + j0;                                                                \
+        const float *rp = res ? res + o * ldres + j0 : 0;                                            \
+        for (int r = 0; r < RB; r++) yp[r] = activate1(rp ? acc[r][v][l] + rp[r] : acc[r][v][l], act); \
       }                                                                                              \
   }
 DEFINE_PTILE(8)
@@ -221,12 +239,12 @@ DEFINE_PTILE(4)
 DEFINE_PTILE(2)
 DEFINE_PTILE(1)
 
-/* y[o, j] = relu?(bias[j] + sum_{c < n} sum_{taps} in(o, tap, idx[c]) * w[(ocols[j] * wrows + wrow[c]) * k*k + tap])
+/* y[o, j] = act(bias[j] + sum_{c < n} sum_{taps} in(o, tap, idx[c]) * w[(ocols[j] * wrows + wrow[c]) * k*k + tap] + res[o, j])
  * for a stride-1 k x k convolution with padding p of an H x W input given as msgc_planar planes, and
  * j < ncol (ocols NULL: j; idx NULL: plane c; wrow NULL: row c); bias is indexed like w (by ocols[j]). */
 int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int p, const int *idx,
                   const int *wrow, int n, const float *w, long wrows, const int *ocols, const float *bias,
-                  float *y, long ldy, int ncol, int relu, int nthreads) {
+                  float *y, long ldy, const float *res, long ldres, int ncol, int act, int nthreads) {
   const int Wp = W + 2 * p, Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1;
   if (Ho <= 0 || Wo <= 0 || ncol <= 0) return 0;
   const int npos = (Ho - 1) * Wp + Wo, nq = (npos + 31) / 32;
@@ -244,13 +262,17 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
   for (int it = 0; it < total; it++) {
     const int c = it % nch, q0 = (it / nch) * 32;
     if (rb[c] == 8)
-      ptile_8(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+      ptile_8(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
+               j0[c], act);
     else if (rb[c] == 4)
-      ptile_4(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+      ptile_4(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
+               j0[c], act);
     else if (rb[c] == 2)
-      ptile_2(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+      ptile_2(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
+               j0[c], act);
     else
-      ptile_1(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, q0, j0[c], relu);
+      ptile_1(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
+               j0[c], act);
   }
   return 0;
 }
