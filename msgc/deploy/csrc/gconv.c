@@ -23,12 +23,24 @@ static const float ZEROS[1 << 17];
 
 #define MAX_TAPS 49
 
+static inline v16 zero16(void) {
+  const v16 z = {0};
+  return z;
+}
+
 /* Activations fused into the stores: 0 none, 1 ReLU, 2 ReLU6 (clamp to [0, 6]). */
-static inline v16 activate(v16 a, int act) {
-  if (act)
-    for (int l = 0; l < 16; l++) a[l] = a[l] > 0 ? a[l] : 0;
-  if (act == 2)
-    for (int l = 0; l < 16; l++) a[l] = a[l] < 6 ? a[l] : 6;
+typedef int v16i __attribute__((vector_size(64)));
+
+static inline v16 activate(v16 a, int act) { /* with lane masks: a loop over lanes would not vectorise */
+  if (act) {
+    const v16 zero = {0};
+    a = (v16)((v16i)a & (a > zero));
+  }
+  if (act == 2) {
+    const v16 six = zero16() + 6.0f;
+    const v16i low = a < six;
+    a = (v16)(((v16i)a & low) | ((v16i)six & ~low));
+  }
   return a;
 }
 
