@@ -195,7 +195,7 @@ void msgc_gather_weights(const float *w, long rows, int kk, const int *wrow, int
  * and dropped. */
 
 /* planes[c][(y + p) * (W + 2p) + x + p] = x[(y * W + x) * ldx + c] for the C columns of x; zero padding,
- * and at least 2 * (W + 2p) + 32 zeros after each plane (its length is plane_len). */
+ * and at least 2 * (W + 2p) + 64 zeros after each plane (its length is plane_len). */
 void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *planes, long plane_len,
                  int nthreads) {
   const int Wp = W + 2 * p;
@@ -208,19 +208,20 @@ void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *pl
   }
 }
 
+#define PV 3 /* pixel vectors per tile: 48 output positions */
 #define DEFINE_PTILE(RB)                                                                               \
   static void ptile_##RB(const float *planes, long plane_len, int Wp, int Wo, int npos, int k,        \
                          const int *idx, const int *wrow, int n, const float *w, long wrows,          \
                          const int *ocols, const float *bias, float *y, long ldy, const float *res,   \
                          long ldres, int q0, int j0, int act) {                                       \
     const int kk = k * k;                                                                            \
-    v16 acc[RB][2];                                                                                  \
+    v16 acc[RB][PV];                                                                                  \
     const float *wj[RB];                                                                             \
     for (int r = 0; r < RB; r++) {                                                                   \
       const int o = ocols ? ocols[j0 + r] : j0 + r;                                                  \
       wj[r] = w + (long)o * wrows * kk;                                                              \
       const float b = bias ? bias[o] : 0.0f;                                                         \
-      for (int v = 0; v < 2; v++)                                                                    \
+      for (int v = 0; v < PV; v++)                                                                    \
         for (int l = 0; l < 16; l++) acc[r][v][l] = b;                                               \
     }                                                                                                \
     for (int c = 0; c < n; c++) {                                                                    \
@@ -228,15 +229,15 @@ void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *pl
       const long wo = (long)(wrow ? wrow[c] : c) * kk;                                               \
       for (int t = 0; t < kk; t++) {                                                                 \
         const float *xp = pl + (t / k) * Wp + t % k;                                                 \
-        const v16 x0 = *(const v16 *)xp, x1 = *(const v16 *)(xp + 16);                             \
+        v16 xv[PV];                                                                                  \
+        for (int v = 0; v < PV; v++) xv[v] = *(const v16 *)(xp + 16 * v);                            \
         for (int r = 0; r < RB; r++) {                                                               \
           const float wv = wj[r][wo + t];                                                            \
-          acc[r][0] += x0 * wv;                                                                      \
-          acc[r][1] += x1 * wv;                                                                      \
+          for (int v = 0; v < PV; v++) acc[r][v] += xv[v] * wv;                                      \
         }                                                                                            \
       }                                                                                              \
     }                                                                                                \
-    for (int v = 0; v < 2; v++)                                                                      \
+    for (int v = 0; v < PV; v++)                                                                      \
       for (int l = 0; l < 16; l++) {                                                                 \
         const int q = q0 + 16 * v + l, ox = q % Wp;                                                  \
         if (q >= npos || ox >= Wo) continue;                                                         \
@@ -259,8 +260,8 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
                   float *y, long ldy, const float *res, long ldres, int ncol, int act, int nthreads) {
   const int Wp = W + 2 * p, Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1;
   if (Ho <= 0 || Wo <= 0 || ncol <= 0) return 0;
-  const int npos = (Ho - 1) * Wp + Wo, nq = (npos + 31) / 32;
-  if ((long)(Ho - 1 + k) * Wp + 64 > plane_len) return -1;
+  const int npos = (Ho - 1) * Wp + Wo, nq = (npos + 16 * PV - 1) / (16 * PV);
+  if ((long)(Ho - 1 + k) * Wp + 16 * PV + 16 > plane_len) return -1;
   int j0[MAX_CHUNKS], rb[MAX_CHUNKS], nch = 0;
   for (int j = 0; j < ncol;) {
     const int r = ncol - j >= 8 ? 8 : ncol - j >= 4 ? 4 : ncol - j >= 2 ? 2 : 1;
@@ -272,7 +273,7 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
   const int total = nq * nch;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && total > 1)
   for (int it = 0; it < total; it++) {
-    const int c = it % nch, q0 = (it / nch) * 32;
+    const int c = it % nch, q0 = (it / nch) * 16 * PV;
     if (rb[c] == 8)
       ptile_8(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
                j0[c], act);
