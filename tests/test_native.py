@@ -67,6 +67,19 @@ def test_gconv_matches_conv2d(k, s, p, h, n_out):
         torch.testing.assert_close(out_px, want_res, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("s,h,c", [(1, 7, 5), (2, 9, 16), (1, 6, 37), (2, 8, 37)])
+def test_dwconv_matches_conv2d(s, h, c):
+    g = torch.Generator().manual_seed(c + s)
+    x = torch.randn(h * h, c + 4, generator=g)[:, 1:c + 1]  # a column slice: strided rows
+    weight, bias = torch.randn(c, 1, 3, 3, generator=g), torch.randn(c, generator=g)
+    want = F.conv2d(x.t().reshape(1, c, h, h), weight, bias, s, 1, 1, c).flatten(2)[0].t() * 3
+    ho = (h + 2 - 3) // s + 1
+    out = torch.full((ho * ho, c + 2), float("nan"))[:, 1:c + 1]
+    native.dwconv(x, h, h, 3, s, 1, (weight * 3).flatten(1).t().contiguous(), bias * 3, out, act=2)
+    torch.testing.assert_close(out, want.clamp(0, 6), rtol=1e-5, atol=1e-5)
+    assert (out == 6).any() and (out == 0).any()
+
+
 def test_generators_match_torch():
     """One C call (context mean, stacked first layers, each second layer) against the PyTorch path."""
     from msgc.deploy.ops import Generators

@@ -114,7 +114,7 @@ class DeployedInvertedResidual(DeployedBlock):
         layers = list(block.conv)
         self.pw = PointHeadConv(layers[0][0], layers[0][1], 1, native) if self.expand else None
         dw = layers[1] if self.expand else layers[0]
-        self.dw = DepthwiseConv(dw[0], dw[1])
+        self.dw = DepthwiseConv(dw[0], dw[1], native)
         self.project = PointHeadConv(layers[-2], layers[-1], block.heads, native)
 
     def forward(self, x, h, w, macs, executed):
@@ -127,8 +127,7 @@ class DeployedInvertedResidual(DeployedBlock):
             y, m0 = (x if keep is None else x.index_select(1, keep)), 0
         if keep is not None and y.size(1) != keep.numel():  # the expansion computed every channel
             y = y.index_select(1, keep)
-        y, ho, wo, m1 = self.dw(y, h, w, keep)
-        y.clamp_(0, 6)
+        y, ho, wo, m1 = self.dw(y, h, w, keep, RELU6)
         out, _, _, m2 = self.project(y, ho, wo, s.pos, s.idx, s.scale, None, res=x if self.residual else None)
         t = self.terms(h, w)[0]
         macs = macs + (t["main"] + t["gen"]) + (s.mean * t["dgc"] - s.unread * t["pwdw"])

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = ["available", "status", "gconv", "gather_weights", "blocked", "planar", "gconv_px", "generators",
-           "head_sets"]
+           "head_sets", "dwconv"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def _load():
             lib.msgc_generators.restype = None
             lib.msgc_head_sets.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
             lib.msgc_head_sets.restype = _I
+            lib.msgc_dwconv.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _P, _P, _L, _I, _I]
+            lib.msgc_dwconv.restype = _I
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _status = f"unavailable ({e}); using PyTorch's kernels"
             logger.warning("msgc.deploy: native kernels %s", _status)
@@ -223,3 +225,13 @@ def head_sets(logits: torch.Tensor, att: Optional[torch.Tensor] = None):
     counts = counts.tolist()
     n = sum(counts)
     return counts, idx[:n], None if vals is None else vals[:n], uni[:nu], pos[:n]
+
+
+def dwconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, weight: torch.Tensor,
+           bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0) -> None:
+    """A k x k (k <= 3) depthwise convolution of the columns of ``x`` (``HW x C``, rows may be strided)
+    into ``out`` (``HoWo x C``); ``weight``: ``k*k x C`` (tap-major, contiguous), ``act`` as in :func:`gconv`."""
+    rc = _lib.msgc_dwconv(x.data_ptr(), x.stride(0), h, w, x.size(1), k, s, p, weight.data_ptr(), _ptr(bias),
+                          out.data_ptr(), out.stride(0), act, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"dwconv: a {k}x{k} kernel is larger than it handles (3x3)")

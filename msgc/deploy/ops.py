@@ -384,29 +384,38 @@ class PointHeadConv(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-    """A depthwise k x k convolution (BatchNorm folded) run on a per-sample subset of its channels."""
+    """A depthwise k x k convolution (BatchNorm folded) run on a per-sample subset of its channels:
+    oneDNN's, or (``native``, up to 3x3) :func:`native.dwconv`, which has no per-shape setup."""
 
-    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]):
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], native: bool = False):
         super().__init__()
         weight, bias = fold_bn(conv.weight, bn)
+        native = native and conv.kernel_size[0] <= 3
+        if native:  # k*k x C: 16 neighbouring channels' weights for a tap are one vector
+            weight = weight.flatten(1).t()
         self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.stride, self.padding, self.kernel = conv.stride[0], conv.padding[0], conv.kernel_size[0]
-        self.bn = bn is not None
+        self.bn, self.native = bn is not None, native
 
-    def forward(self, x, h, w, idx: Optional[torch.Tensor]):
-        """x: HW x |idx| (the kept channels) -> (HoWo x |idx|, ho, wo, MACs)."""
+    def forward(self, x, h, w, idx: Optional[torch.Tensor], act: int = NONE):
+        """x: HW x |idx| (the kept channels) -> (act(HoWo x |idx|), ho, wo, MACs)."""
         weight, bias = self.weight, self.bias
+        dim = 1 if self.native else 0
         if idx is not None:
-            weight = weight.index_select(0, idx)
+            weight = weight.index_select(dim, idx)
             bias = None if bias is None else bias.index_select(0, idx)
-        c = weight.size(0)
+        c = weight.size(dim)
         k, s, p = self.kernel, self.stride, self.padding
         ho, wo = _out_size(h, k, s, p), _out_size(w, k, s, p)
         if c == 0:
             return x.new_zeros(ho * wo, 0), ho, wo, 0
-        out = conv2d(to_image(x, h, w), weight, bias, self.stride, self.padding, c)
-        return to_matrix(out), ho, wo, ho * wo * c * (self.kernel ** 2 + self.bn)
+        if self.native:
+            out = x.new_empty(ho * wo, c)
+            native_kernels.dwconv(x, h, w, k, s, p, weight, bias, out, act)
+        else:
+            out = _epilogue(to_matrix(conv2d(to_image(x, h, w), weight, bias, s, p, c)), act, None)
+        return out, ho, wo, ho * wo * c * (self.kernel ** 2 + self.bn)
 
 
 class Generators(nn.Module):

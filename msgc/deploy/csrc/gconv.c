@@ -392,3 +392,81 @@ int msgc_head_sets(const float *logits, int heads, int C, const float *att, int 
     for (int i = 0; i < n; i++) pos[i] = where[idx[i]];
   return nu;
 }
+
+/* ---- depthwise ---------------------------------------------------------------------------------------
+ * y[o, c] = act(bias[c] + sum_{taps} x[in(o, tap), c] * w[tap * C + c]) for the C columns of x (a k x k
+ * depthwise convolution, stride s, zero padding p; weights tap-major, so that 16 neighbouring channels
+ * are one vector). MobileNetV2 runs it on the hidden channels that some projection head reads: a new
+ * channel count for every sample, which costs oneDNN a new kernel each time. Kernels up to 3x3. */
+static inline v16 load_part(const float *p, int m) { /* m <= 16 floats, the rest zero */
+  if (m == 16) return *(const v16 *)p;
+  v16 v = {0};
+  memcpy(&v, p, m * sizeof(float));
+  return v;
+}
+
+/* One output row oy, channels c0 .. c0 + m - 1 (m <= 16), of a depthwise k x k convolution: the taps'
+ * weight vectors stay in registers (k <= 3) while four output pixels at a time accumulate. */
+static inline __attribute__((always_inline)) void dw_row(
+    const float *x, long ldx, int H, int W, int C, const int k, const int s, int p, const float *w,
+    const float *bias, float *y, long ldy, int Wo, int oy, int c0, int m, int act) {
+  v16 wv[9], b = {0};
+  for (int t = 0; t < k * k; t++) wv[t] = load_part(w + (long)t * C + c0, m);
+  if (bias) b = load_part(bias + c0, m);
+  for (int ox0 = 0; ox0 < Wo; ox0 += 4) {
+    const int nr = Wo - ox0 < 4 ? Wo - ox0 : 4;
+    v16 acc[4] = {b, b, b, b};
+    if (m == 16 && nr == 4 && ox0 * s - p >= 0 && (ox0 + 3) * s - p + k <= W) { /* inside: no checks */
+      for (int ky = 0; ky < k; ky++) {
+        const int iy = oy * s - p + ky;
+        if (iy < 0 || iy >= H) continue;
+        const float *xp = x + ((long)iy * W + ox0 * s - p) * ldx + c0;
+        for (int kx = 0; kx < k; kx++)
+          for (int r = 0; r < 4; r++) acc[r] += *(const v16 *)(xp + (long)(r * s + kx) * ldx) * wv[ky * k + kx];
+      }
+      for (int r = 0; r < 4; r++) *(v16 *)(y + ((long)oy * Wo + ox0 + r) * ldy + c0) = activate(acc[r], act);
+      continue;
+    }
+    for (int ky = 0; ky < k; ky++) {
+      const int iy = oy * s - p + ky;
+      if (iy < 0 || iy >= H) continue;
+      const float *row = x + (long)iy * W * ldx + c0;
+      for (int kx = 0; kx < k; kx++) {
+        const v16 wk = wv[ky * k + kx];
+        for (int r = 0; r < 4; r++) {
+          const int ix = (ox0 + r) * s - p + kx;
+          if (r < nr && ix >= 0 && ix < W) acc[r] += load_part(row + (long)ix * ldx, m) * wk;
+        }
+      }
+    }
+    for (int r = 0; r < nr; r++) {
+      const v16 a = activate(acc[r], act);
+      float *yp = y + ((long)oy * Wo + ox0 + r) * ldy + c0;
+      if (m == 16) *(v16 *)yp = a;
+      else memcpy(yp, &a, m * sizeof(float));
+    }
+  }
+}
+
+/* Returns 0, or -1 for a kernel larger than 3x3. */
+int msgc_dwconv(const float *x, long ldx, int H, int W, int C, int k, int s, int p, const float *w,
+                const float *bias, float *y, long ldy, int act, int nthreads) {
+  const int Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1;
+  if (k > 3) return -1;
+  if (Ho <= 0 || Wo <= 0 || C <= 0) return 0;
+  const int nb = (C + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && (long)Ho * Wo * C > 16384)
+  for (int it = 0; it < Ho * nb; it++) {
+    /* the last block of a partial 16 overlaps its neighbour (the same values written twice): whole
+       vectors are much faster than partial ones */
+    const int oy = it / nb, c0 = C >= 16 && 16 * (it % nb) > C - 16 ? C - 16 : 16 * (it % nb);
+    const int m = C - c0 < 16 ? C - c0 : 16;
+    if (k == 3 && s == 1) /* constants: the tap loops unroll */
+      dw_row(x, ldx, H, W, C, 3, 1, p, w, bias, y, ldy, Wo, oy, c0, m, act);
+    else if (k == 3 && s == 2)
+      dw_row(x, ldx, H, W, C, 3, 2, p, w, bias, y, ldy, Wo, oy, c0, m, act);
+    else
+      dw_row(x, ldx, H, W, C, k, s, p, w, bias, y, ldy, Wo, oy, c0, m, act);
+  }
+  return 0;
+}
