@@ -66,12 +66,30 @@ def conv2d(x, weight, bias, stride=1, padding=0, groups=1):
     return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
 
-#: Native kernels, one head: below this output area (pixels), where at most an eighth of the output
-#: channels goes unread, every output channel is computed, also those the caller did not ask for
-#: (``rows``): at 7x7 a layer is bound by reading its weights, whose rows are read whole anyway, and
-#: gathering the asked-for columns costs more than the MACs it saves. The caller then gets every
+#: Native kernels, one head asked for some of its outputs (``rows``), at most an eighth of them unread:
+#: when to compute every output channel instead of gathering the asked-for columns of the weights.
+#: Always below ``ALL_OUTPUTS`` output pixels (at 7x7 a layer is bound by reading its weights, whose
+#: rows are read whole anyway), and at any size where the gather would copy at least
+#: ``GATHER_FLOATS`` weights and ``out_pixels * unread < GATHER_COST * read``: a copied weight (read
+#: scattered, mostly from memory) costs about as much as 32 multiply-adds. ResNet-50's 1024 -> 256
+#: conv1 at 14x14 with 93% of its outputs read: 0.18 ms to gather, 0.05 ms for the extra outputs.
+#: The size floor keeps the excess of executed over paper-counted MACs small (it is 1.1% for
+#: DenseNet-74, whose many small 1x1 layers would otherwise add up to 2%). The caller then gets every
 #: column (see ``HeadSets.reading``) and the executed MACs count them.
-ALL_OUTPUTS = 100
+ALL_OUTPUTS, GATHER_FLOATS, GATHER_COST = 100, 1 << 17, 32
+
+
+def _computes_all(self, ho, wo, idx, rows) -> bool:
+    """Whether a one-head native convolution asked for ``rows`` computes every output (see above)."""
+    if rows is None or self.heads != 1 or rows[0] is None:
+        return False
+    read, unread = rows[0].numel(), self.per_head - rows[0].numel()
+    if 8 * unread > self.per_head:
+        return False
+    if ho * wo < ALL_OUTPUTS:
+        return True
+    n_in = self.in_channels if idx[0] is None else idx[0].numel()
+    return n_in * read * self.kernel ** 2 >= GATHER_FLOATS and ho * wo * unread < GATHER_COST * read
 
 
 #: activations fused into a convolution (its ``act`` argument)
@@ -96,9 +114,8 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
         raise RuntimeError("this deployed model runs msgc's CPU kernels (float32); deploy the model "
                            "on the device and in the dtype it will run in (deploy(model, native=False) "
                            "for PyTorch's kernels)")
-    if (rows is not None and self.heads == 1 and ho * wo < ALL_OUTPUTS and rows[0] is not None
-            and 8 * rows[0].numel() >= 7 * self.per_head):
-        rows = None  # weight-bound: computing the few unread outputs costs less than gathering around them
+    if _computes_all(self, ho, wo, idx, rows):
+        rows = None  # computing the few unread outputs costs less than gathering around them
     n_out = [self.per_head if rows is None or rows[i] is None else rows[i].numel() for i in range(self.heads)]
     out = x.new_empty(ho * wo, sum(n_out))
     if self.pixel:
