@@ -10,7 +10,18 @@ from ..modeling.layers import AttentionGenerator, MaskGenerator
 from . import native as native_kernels
 from .ops import Generators
 
-__all__ = ["BlockGates", "HeadSets"]
+__all__ = ["BlockGates", "HeadSets", "Split"]
+
+
+class Split(list):
+    """Per-head index tensors (None: all channels) that are pieces of one flat int32 tensor, head after
+    head, with every head's entries present in ``flat`` (also where the piece is None); ``counts``
+    (int32 tensor) and ``sizes`` (list) hold each head's number of entries. Lets
+    :func:`native.gconv_heads` run all heads in one call."""
+
+    def __init__(self, pieces, flat: torch.Tensor, counts: torch.Tensor, sizes: List[int]):
+        super().__init__(pieces)
+        self.flat, self.counts, self.sizes = flat, counts, sizes
 
 
 class HeadSets:
@@ -38,8 +49,9 @@ class HeadSets:
             self.scale = [None] * heads if att is None else list(att)
             self.mean, self.unread = 1.0, 0.0
             return
+        self._counts = None
         if native:
-            self.open, idx, vals, union, pos = native_kernels.head_sets(logits, att)
+            self.open, self._counts, idx, vals, union, pos = native_kernels.head_sets(logits, att)
         else:
             self.open, idx, vals, union, pos = _head_sets(logits, att)
         self.mean = sum(self.open) / (heads * channels)
@@ -62,7 +74,7 @@ class HeadSets:
         for k in self.open:
             out.append(None if k == self.channels and not keep_full else flat[start:start + k])
             start += k
-        return out
+        return out if keep_full or self._counts is None else Split(out, flat, self._counts, self.open)
 
     def reading(self, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """Per head, the columns of ``x`` it reads: ``pos`` if x holds only the union's channels, else

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = ["available", "status", "gconv", "gather_weights", "blocked", "planar", "gconv_px", "generators",
-           "head_sets", "dwconv"]
+           "head_sets", "dwconv", "gconv_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ def _load():
             lib.msgc_head_sets.restype = _I
             lib.msgc_dwconv.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _P, _P, _L, _I, _I]
             lib.msgc_dwconv.restype = _I
+            lib.msgc_gconv_heads.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _L,
+                                             _P, _P, _L, _P, _L, _I, _I]
+            lib.msgc_gconv_heads.restype = _I
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _status = f"unavailable ({e}); using PyTorch's kernels"
             logger.warning("msgc.deploy: native kernels %s", _status)
@@ -213,18 +216,19 @@ def generators(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, desc: torch.
 
 
 def head_sets(logits: torch.Tensor, att: Optional[torch.Tensor] = None):
-    """A ``heads x C`` gate matrix (open where the logit is >= 0) -> ``(counts, idx, vals, union, pos)``
-    (see ``msgc_head_sets``): counts a list, idx/union/pos int32 tensors (idx and pos flat, head after
-    head), vals the attention of each idx entry (float32, or None without ``att``)."""
+    """A ``heads x C`` gate matrix (open where the logit is >= 0) -> ``(counts, counts_t, idx, vals,
+    union, pos)`` (see ``msgc_head_sets``): counts a list and counts_t the same as an int32 tensor,
+    idx/union/pos int32 tensors (idx and pos flat, head after head), vals the attention of each idx
+    entry (float32, or None without ``att``)."""
     heads, c = logits.shape
     buf = torch.empty(heads + c + 2 * heads * c, dtype=torch.int32)
     counts, uni, idx, pos = buf[:heads], buf[heads:heads + c], buf[heads + c:heads + c + heads * c], buf[heads + c + heads * c:]
     vals = None if att is None else torch.empty(heads * c)
     nu = _lib.msgc_head_sets(logits.data_ptr(), heads, c, _ptr(att), counts.data_ptr(), idx.data_ptr(),
                              _ptr(vals), uni.data_ptr(), pos.data_ptr())
-    counts = counts.tolist()
-    n = sum(counts)
-    return counts, idx[:n], None if vals is None else vals[:n], uni[:nu], pos[:n]
+    sizes = counts.tolist()
+    n = sum(sizes)
+    return sizes, counts, idx[:n], None if vals is None else vals[:n], uni[:nu], pos[:n]
 
 
 def dwconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, weight: torch.Tensor,
@@ -235,3 +239,24 @@ def dwconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, weight: torc
                           out.data_ptr(), out.stride(0), act, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"dwconv: a {k}x{k} kernel is larger than it handles (3x3)")
+
+
+def gconv_heads(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, in_channels: int, per_head: int,
+                counts: Optional[torch.Tensor], cols: Optional[torch.Tensor], wrow: Optional[torch.Tensor],
+                ocounts: Optional[torch.Tensor], ocols: Optional[torch.Tensor], weight: torch.Tensor,
+                bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0, res: Optional[torch.Tensor] = None) -> None:
+    """Every head of a gated convolution in one call (see ``msgc_gconv_heads``).
+
+    ``weight``: ``heads x blocks x rows x k*k x 16`` (:func:`blocked` per head), ``bias``: ``heads x
+    per_head`` or None. ``counts``/``ocounts``: int32 inputs/outputs per head (None: ``in_channels``/
+    ``per_head`` each); ``cols``/``wrow``/``ocols``: flat int32, head after head (None: 0, 1, ... per
+    head). ``out``: ``HoWo x sum(outputs)``; ``act`` and ``res`` as in :func:`gconv`.
+    """
+    heads, rows = weight.size(0), weight.size(2)
+    rc = _lib.msgc_gconv_heads(x.data_ptr(), x.stride(0), h, w, k, s, p, heads, _ptr(counts), in_channels,
+                               _ptr(cols), _ptr(wrow), _ptr(ocounts), _ptr(ocols), per_head, weight.data_ptr(),
+                               rows, _ptr(bias), out.data_ptr(), out.stride(0), _ptr(res),
+                               0 if res is None else res.stride(0), act, torch.get_num_threads())
+    if rc != 0:
+        raise (MemoryError if rc == -2 else ValueError)(
+            f"gconv_heads: failed ({rc}) for {heads} heads of {per_head} outputs, {k}x{k}")

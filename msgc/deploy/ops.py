@@ -116,6 +116,10 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
                            "for PyTorch's kernels)")
     if _computes_all(self, ho, wo, idx, rows):
         rows = None  # computing the few unread outputs costs less than gathering around them
+    if self.heads > 1 and not self.pixel and all(sc is None for sc in scale):
+        flat_idx, flat_pos, flat_rows = _flat(idx), _flat(pos), _flat(rows)
+        if flat_idx is not False and flat_pos is not False and flat_rows is not False:
+            return _native_all_heads(self, x, h, w, ho, wo, flat_idx, flat_pos, flat_rows, act, res)
     n_out = [self.per_head if rows is None or rows[i] is None else rows[i].numel() for i in range(self.heads)]
     out = x.new_empty(ho * wo, sum(n_out))
     if self.pixel:
@@ -140,6 +144,28 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
         macs += ho * wo * n_out[i] * (cin * kk + self.bn)
         col += n_out[i]
     return out, ho, wo, macs
+
+
+def _flat(per_head):
+    """Per-head index tensors -> None if every one is None (all channels), the list itself if it is a
+    :class:`gates.Split` (one flat tensor underneath), False otherwise."""
+    if per_head is None or all(t is None for t in per_head):
+        return None
+    return per_head if hasattr(per_head, "flat") else False
+
+
+def _native_all_heads(self, x, h, w, ho, wo, idx, pos, rows, act, res):
+    """:func:`_native_heads` without attention, all heads in one :func:`native.gconv_heads` call (one
+    parallel loop over every head's tiles; chosen outputs' weights gathered in the same call)."""
+    n_in = [self.in_channels] * self.heads if idx is None else idx.sizes
+    n_out = [self.per_head] * self.heads if rows is None else rows.sizes
+    out = x.new_empty(ho * wo, sum(n_out))
+    native_kernels.gconv_heads(x, h, w, self.kernel, self.stride, self.padding, self.in_channels, self.per_head,
+                               None if idx is None else idx.counts, None if pos is None else pos.flat,
+                               None if idx is None else idx.flat, None if rows is None else rows.counts,
+                               None if rows is None else rows.flat, self.weight, self.bias, out, act, res)
+    kk = self.kernel ** 2
+    return out, ho, wo, ho * wo * sum(m * (n * kk + self.bn) for n, m in zip(n_in, n_out))
 
 
 def _pixel_kernel(stride: int, per_head: int) -> bool:

@@ -14,6 +14,7 @@
  * Built at run time by msgc/deploy/native.py with the machine's C compiler (-O3 -march=native
  * -fopenmp); parallel over tiles with OpenMP (the runtime PyTorch already loaded).
  */
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
@@ -182,6 +183,120 @@ void msgc_gather_weights(const float *w, long rows, int kk, const int *wrow, int
       for (int t = 0; t < kk; t++)
         for (int l = m % 16; l < 16; l++) out[(((long)(nb - 1) * n + c) * kk + t) * 16 + l] = 0.0f;
   }
+}
+
+/* ---- every head of a convolution in one call --------------------------------------------------------
+ * Head h reads counts[h] input channels (counts NULL: in_channels each): columns cols[...] of x and
+ * weight rows wrow[...] (flat, head after head; NULL: 0, 1, ... for each head) and computes
+ * ocounts[h] of its per_head outputs (ocounts NULL: all): output channels ocols[...] within the head
+ * (flat, head after head). Head h's weights are w + h * (ceil(per_head / 16) * rows * k*k * 16) (the
+ * blocked layout above), its bias bias + h * per_head. Outputs go side by side: head h's first column
+ * is the sum of the previous heads' output counts; res (if not NULL) is added there before act.
+ * Where outputs are chosen, their weights are first gathered (all heads in parallel) into a per-thread
+ * buffer that grows as needed. One parallel loop then runs every head's tiles. Returns 0, -1 if a
+ * kernel is too large, -2 if the gather buffer cannot be allocated. */
+
+static __thread float *gather_buf = 0;
+static __thread size_t gather_cap = 0;
+
+int msgc_gconv_heads(const float *x, long ldx, int H, int W, int k, int s, int p, int heads,
+                     const int *counts, int in_channels, const int *cols, const int *wrow,
+                     const int *ocounts, const int *ocols, int per_head, const float *w, long rows,
+                     const float *bias, float *y, long ldy, const float *res, long ldres, int act,
+                     int nthreads) {
+  const int Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1, npix = Ho * Wo, kk = k * k;
+  if (Ho <= 0 || Wo <= 0 || heads <= 0) return 0;
+  if (kk > MAX_TAPS || per_head > 64 * (MAX_CHUNKS - 2)) return -1;
+  const long head_w = (long)((per_head + 15) / 16) * rows * kk * 16;
+  long in0[heads + 1], out0[heads + 1], g0[heads + 1];
+  in0[0] = out0[0] = g0[0] = 0;
+  for (int h = 0; h < heads; h++) {
+    const int n = counts ? counts[h] : in_channels, m = ocounts ? ocounts[h] : per_head;
+    in0[h + 1] = in0[h] + n;
+    out0[h + 1] = out0[h] + m;
+    g0[h + 1] = g0[h] + (ocounts ? (long)((m + 15) / 16) * 16 * n * kk + m : 0);
+  }
+  float *gw = 0;
+  if (ocounts) {
+    if ((size_t)g0[heads] > gather_cap) {
+      free(gather_buf);
+      gather_cap = (size_t)g0[heads] + g0[heads] / 4;
+      gather_buf = malloc(gather_cap * sizeof(float));
+      if (!gather_buf) {
+        gather_cap = 0;
+        return -2;
+      }
+    }
+    gw = gather_buf;
+    if (bias) /* each head's chosen biases follow its gathered weights */
+      for (int h = 0; h < heads; h++)
+        for (long j = 0; j < out0[h + 1] - out0[h]; j++)
+          gw[g0[h + 1] - (out0[h + 1] - out0[h]) + j] = bias[(long)h * per_head + ocols[out0[h] + j]];
+  }
+  /* work items: the tiles of every head's chunks of 64/32/16 outputs */
+  static const int RBS[5] = {0, 16, 12, 0, 6};
+  const int max_chunks = heads * ((per_head + 15) / 16 + 2);
+  int hd[max_chunks], j0[max_chunks], vb[max_chunks], first[max_chunks + 1], nch = 0, total = 0;
+  for (int h = 0; h < heads; h++) {
+    const int m = (int)(out0[h + 1] - out0[h]);
+    int j = 0;
+    while (j < m) {
+      const int v = m - j > 32 ? 4 : m - j > 16 ? 2 : 1;
+      hd[nch] = h;
+      j0[nch] = j;
+      vb[nch] = v;
+      first[nch] = total;
+      total += (npix + RBS[v] - 1) / RBS[v];
+      nch++;
+      j += 16 * v;
+    }
+  }
+  first[nch] = total;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    if (gw) { /* gather the chosen outputs' weights (and biases) of every head */
+#pragma omp for schedule(static)
+      for (long e = 0; e < in0[heads]; e++) {
+        int h = 0;
+        while (in0[h + 1] <= e) h++;
+        const int n = (int)(in0[h + 1] - in0[h]), m = (int)(out0[h + 1] - out0[h]), nb = (m + 15) / 16;
+        const int c = (int)(e - in0[h]);
+        const int r = wrow ? wrow[e] : c;
+        const int *oc = ocols + out0[h];
+        const float *src = w + h * head_w + (long)r * kk * 16;
+        float *dst = gw + g0[h];
+        for (int b = 0; b < nb; b++)
+          for (int t = 0; t < kk; t++) {
+            float *d = dst + (((long)b * n + c) * kk + t) * 16;
+            for (int l = 0; l < 16; l++) {
+              const int j = 16 * b + l;
+              d[l] = j < m ? src[(long)(oc[j] / 16) * rows * kk * 16 + t * 16 + oc[j] % 16] : 0.0f;
+            }
+          }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int it = 0; it < total; it++) {
+      int c = 0;
+      while (first[c + 1] <= it) c++;
+      const int h = hd[c], rb = RBS[vb[c]], o0 = (it - first[c]) * rb, np = npix - o0 < rb ? npix - o0 : rb;
+      const int n = (int)(in0[h + 1] - in0[h]), m = (int)(out0[h + 1] - out0[h]);
+      const int *ci = cols ? cols + in0[h] : 0;
+      const int *wr = gw ? 0 : wrow ? wrow + in0[h] : 0;
+      const float *wh = gw ? gw + g0[h] : w + h * head_w;
+      const long wblk = (gw ? n : rows) * kk * 16;
+      const float *bh = gw ? (bias ? gw + g0[h + 1] - m : 0) : (bias ? bias + (long)h * per_head : 0);
+      float *yh = y + out0[h];
+      const float *rh = res ? res + out0[h] : 0;
+      if (vb[c] == 4)
+        tile_4(x, ldx, H, W, Wo, k, s, p, ci, wr, n, wh, wblk, bh, yh, ldy, rh, ldres, o0, np, j0[c], m, act);
+      else if (vb[c] == 2)
+        tile_2(x, ldx, H, W, Wo, k, s, p, ci, wr, n, wh, wblk, bh, yh, ldy, rh, ldres, o0, np, j0[c], m, act);
+      else
+        tile_1(x, ldx, H, W, Wo, k, s, p, ci, wr, n, wh, wblk, bh, yh, ldy, rh, ldres, o0, np, j0[c], m, act);
+    }
+  }
+  return 0;
 }
 
 /* ---- narrow heads: vectorised over output pixels ----------------------------------------------------
