@@ -99,6 +99,13 @@ def test_gconv_heads_matches_conv2d(k, s, p, chosen):
                        flat(cols), flat(wrows), None if outs is None else torch.tensor(n_out, dtype=torch.int32),
                        None if outs is None else flat(outs), blocked, bias, out, act=1, res=res)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+    if s == 1:  # vectorised over pixels: plain weights, outputs picked by row, the planes made inside
+        out.fill_(float("nan"))
+        native.gconv_px_heads(x, h, h, k, p, cin, per, torch.tensor([r.numel() for r in wrows], dtype=torch.int32),
+                              flat(cols), flat(wrows), None if outs is None else torch.tensor(n_out, dtype=torch.int32),
+                              None if outs is None else flat(outs), weight.reshape(heads, per, cin, k * k).contiguous(),
+                              bias, out, act=1, res=res)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("s,h,c", [(1, 7, 5), (2, 9, 16), (1, 6, 37), (2, 8, 37)])

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = ["available", "status", "gconv", "gather_weights", "blocked", "planar", "gconv_px", "generators",
-           "head_sets", "dwconv", "gconv_heads"]
+           "head_sets", "dwconv", "gconv_heads", "gconv_px_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,9 @@ def _load():
             lib.msgc_gconv_heads.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _L,
                                              _P, _P, _L, _P, _L, _I, _I]
             lib.msgc_gconv_heads.restype = _I
+            lib.msgc_gconv_px_heads.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P,
+                                                _L, _P, _P, _L, _P, _L, _I, _I]
+            lib.msgc_gconv_px_heads.restype = _I
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _status = f"unavailable ({e}); using PyTorch's kernels"
             logger.warning("msgc.deploy: native kernels %s", _status)
@@ -260,3 +263,19 @@ def gconv_heads(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, in_chan
     if rc != 0:
         raise (MemoryError if rc == -2 else ValueError)(
             f"gconv_heads: failed ({rc}) for {heads} heads of {per_head} outputs, {k}x{k}")
+
+
+def gconv_px_heads(x: torch.Tensor, h: int, w: int, k: int, p: int, in_channels: int, per_head: int,
+                   counts: Optional[torch.Tensor], cols: Optional[torch.Tensor], wrow: Optional[torch.Tensor],
+                   ocounts: Optional[torch.Tensor], ocols: Optional[torch.Tensor], weight: torch.Tensor,
+                   bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0,
+                   res: Optional[torch.Tensor] = None) -> None:
+    """Every head of a narrow stride-1 convolution in one call, vectorised over pixels (see
+    ``msgc_gconv_px_heads``): the planes of ``x`` are made inside. ``weight``: ``heads x per_head x
+    rows x k*k`` (plain); the other arguments as in :func:`gconv_heads`."""
+    rc = _lib.msgc_gconv_px_heads(x.data_ptr(), x.stride(0), h, w, x.size(1), k, p, weight.size(0), _ptr(counts),
+                                  in_channels, _ptr(cols), _ptr(wrow), _ptr(ocounts), _ptr(ocols), per_head,
+                                  weight.data_ptr(), weight.size(2), _ptr(bias), out.data_ptr(), out.stride(0),
+                                  _ptr(res), 0 if res is None else res.stride(0), act, torch.get_num_threads())
+    if rc != 0:
+        raise (MemoryError if rc == -2 else ValueError)(f"gconv_px_heads: failed ({rc}), {k}x{k}")

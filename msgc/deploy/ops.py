@@ -116,7 +116,7 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
                            "for PyTorch's kernels)")
     if _computes_all(self, ho, wo, idx, rows):
         rows = None  # computing the few unread outputs costs less than gathering around them
-    if self.heads > 1 and not self.pixel and all(sc is None for sc in scale):
+    if (self.heads > 1 or self.pixel) and all(sc is None for sc in scale):
         flat_idx, flat_pos, flat_rows = _flat(idx), _flat(pos), _flat(rows)
         if flat_idx is not False and flat_pos is not False and flat_rows is not False:
             return _native_all_heads(self, x, h, w, ho, wo, flat_idx, flat_pos, flat_rows, act, res)
@@ -155,15 +155,20 @@ def _flat(per_head):
 
 
 def _native_all_heads(self, x, h, w, ho, wo, idx, pos, rows, act, res):
-    """:func:`_native_heads` without attention, all heads in one :func:`native.gconv_heads` call (one
-    parallel loop over every head's tiles; chosen outputs' weights gathered in the same call)."""
+    """:func:`_native_heads` without attention, all heads in one call of :func:`native.gconv_heads` (one
+    parallel loop over every head's tiles; chosen outputs' weights gathered in the same call) or, for
+    narrow heads, :func:`native.gconv_px_heads` (the input's planes made in the same call)."""
     n_in = [self.in_channels] * self.heads if idx is None else idx.sizes
     n_out = [self.per_head] * self.heads if rows is None else rows.sizes
     out = x.new_empty(ho * wo, sum(n_out))
-    native_kernels.gconv_heads(x, h, w, self.kernel, self.stride, self.padding, self.in_channels, self.per_head,
-                               None if idx is None else idx.counts, None if pos is None else pos.flat,
-                               None if idx is None else idx.flat, None if rows is None else rows.counts,
-                               None if rows is None else rows.flat, self.weight, self.bias, out, act, res)
+    sets = (None if idx is None else idx.counts, None if pos is None else pos.flat, None if idx is None else idx.flat,
+            None if rows is None else rows.counts, None if rows is None else rows.flat)
+    if self.pixel:
+        native_kernels.gconv_px_heads(x, h, w, self.kernel, self.padding, self.in_channels, self.per_head, *sets,
+                                      self.weight, self.bias, out, act, res)
+    else:
+        native_kernels.gconv_heads(x, h, w, self.kernel, self.stride, self.padding, self.in_channels, self.per_head,
+                                   *sets, self.weight, self.bias, out, act, res)
     kk = self.kernel ** 2
     return out, ho, wo, ho * wo * sum(m * (n * kk + self.bn) for n, m in zip(n_in, n_out))
 

@@ -363,9 +363,13 @@ void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *pl
       }                                                                                              \
   }
 DEFINE_PTILE(8)
+DEFINE_PTILE(6)
 DEFINE_PTILE(4)
 DEFINE_PTILE(2)
 DEFINE_PTILE(1)
+
+/* output channels per pixel tile: 8 (24 accumulators), 6, 4, 2 or 1 */
+static int ptile_rows(int left) { return left >= 8 ? 8 : left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 /* y[o, j] = act(bias[j] + sum_{c < n} sum_{taps} in(o, tap, idx[c]) * w[(ocols[j] * wrows + wrow[c]) * k*k + tap] + res[o, j])
  * for a stride-1 k x k convolution with padding p of an H x W input given as msgc_planar planes, and
@@ -379,7 +383,7 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
   if ((long)(Ho - 1 + k) * Wp + 16 * PV + 16 > plane_len) return -1;
   int j0[MAX_CHUNKS], rb[MAX_CHUNKS], nch = 0;
   for (int j = 0; j < ncol;) {
-    const int r = ncol - j >= 8 ? 8 : ncol - j >= 4 ? 4 : ncol - j >= 2 ? 2 : 1;
+    const int r = ptile_rows(ncol - j);
     if (nch == MAX_CHUNKS) return -1;
     j0[nch] = j;
     rb[nch++] = r;
@@ -392,6 +396,9 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
     if (rb[c] == 8)
       ptile_8(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
                j0[c], act);
+    else if (rb[c] == 6)
+      ptile_6(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
+               j0[c], act);
     else if (rb[c] == 4)
       ptile_4(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
                j0[c], act);
@@ -401,6 +408,81 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
     else
       ptile_1(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
                j0[c], act);
+  }
+  return 0;
+}
+
+/* Every head of a narrow stride-1 convolution in one call: the C columns of x (HW x C, row stride ldx)
+ * become msgc_planar planes in a per-thread buffer, then one parallel loop runs every head's tiles.
+ * Heads as in msgc_gconv_heads (counts, cols, wrow, ocounts, ocols flat, head after head; NULL: all /
+ * 0, 1, ...); head h's weights are w + h * per_head * rows * k*k (the plain layout of msgc_gconv_px),
+ * its bias bias + h * per_head (indexed by output channel). Returns 0, -1 if a head has too many
+ * outputs, -2 if the buffer cannot be allocated. */
+static __thread float *plane_buf = 0;
+static __thread size_t plane_cap = 0;
+
+int msgc_gconv_px_heads(const float *x, long ldx, int H, int W, int C, int k, int p, int heads,
+                        const int *counts, int in_channels, const int *cols, const int *wrow, const int *ocounts,
+                        const int *ocols, int per_head, const float *w, long rows, const float *bias, float *y,
+                        long ldy, const float *res, long ldres, int act, int nthreads) {
+  const int Wp = W + 2 * p, Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1, kk = k * k;
+  if (Ho <= 0 || Wo <= 0 || heads <= 0) return 0;
+  const long plane_len = (long)(H + 2 * p + 2) * Wp + 64;
+  const int npos = (Ho - 1) * Wp + Wo, nq = (npos + 16 * PV - 1) / (16 * PV);
+  if ((size_t)(C * plane_len) > plane_cap) {
+    free(plane_buf);
+    plane_cap = (size_t)(C * plane_len) + (size_t)(C * plane_len) / 4;
+    plane_buf = malloc(plane_cap * sizeof(float));
+    if (!plane_buf) {
+      plane_cap = 0;
+      return -2;
+    }
+  }
+  float *planes = plane_buf;
+  long in0[heads + 1], out0[heads + 1];
+  in0[0] = out0[0] = 0;
+  for (int h = 0; h < heads; h++) {
+    in0[h + 1] = in0[h] + (counts ? counts[h] : in_channels);
+    out0[h + 1] = out0[h] + (ocounts ? ocounts[h] : per_head);
+  }
+  const int max_chunks = heads * per_head;
+  int hd[max_chunks + 1], j0[max_chunks + 1], rb[max_chunks + 1], nch = 0;
+  for (int h = 0; h < heads; h++)
+    for (int j = 0, m = (int)(out0[h + 1] - out0[h]); j < m; j += rb[nch++]) {
+      hd[nch] = h;
+      j0[nch] = j;
+      rb[nch] = ptile_rows(m - j);
+    }
+  const int total = nq * nch;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int c = 0; c < C; c++) {
+      float *pl = planes + (long)c * plane_len;
+      memset(pl, 0, plane_len * sizeof(float));
+      for (int yy = 0; yy < H; yy++)
+        for (int xx = 0; xx < W; xx++) pl[(long)(yy + p) * Wp + xx + p] = x[((long)yy * W + xx) * ldx + c];
+    }
+#pragma omp for schedule(static)
+    for (int it = 0; it < total; it++) {
+      const int c = it % nch, q0 = (it / nch) * 16 * PV, h = hd[c];
+      const int n = (int)(in0[h + 1] - in0[h]);
+      const int *ci = cols ? cols + in0[h] : 0, *wr = wrow ? wrow + in0[h] : 0;
+      const int *oc = ocols ? ocols + out0[h] : 0;
+      const float *wh = w + (long)h * per_head * rows * kk, *bh = bias ? bias + (long)h * per_head : 0;
+      float *yh = y + out0[h];
+      const float *rh = res ? res + out0[h] : 0;
+      if (rb[c] == 8)
+        ptile_8(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+      else if (rb[c] == 6)
+        ptile_6(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+      else if (rb[c] == 4)
+        ptile_4(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+      else if (rb[c] == 2)
+        ptile_2(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+      else
+        ptile_1(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+    }
   }
   return 0;
 }
