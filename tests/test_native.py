@@ -69,16 +69,19 @@ def test_gconv_matches_conv2d(k, s, p, h, n_out):
 
 @pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
 @pytest.mark.parametrize("chosen", [False, True])
-def test_gconv_heads_matches_conv2d(k, s, p, chosen):
+@pytest.mark.parametrize("attention", [False, True])
+def test_gconv_heads_matches_conv2d(k, s, p, chosen, attention):
     """All heads in one call: per-head inputs by column and weight row (one head reads nothing), chosen
-    outputs (one head computes none, one all), residual and ReLU fused; against F.conv2d per head."""
-    g = torch.Generator().manual_seed(k * 10 + s + chosen)
+    outputs (one head computes none, one all), attention (folded into the inputs of wide heads, into
+    the weights of narrow ones), residual and ReLU fused; against F.conv2d per head."""
+    g = torch.Generator().manual_seed(k * 10 + s + chosen + 2 * attention)
     heads, cin, per, h, cx = 3, 13, 37, 8, 20
     x = torch.randn(h * h, cx + 2, generator=g)[:, :cx]
     weight, bias = torch.randn(heads, per, cin, k, k, generator=g), torch.randn(heads, per, generator=g)
     wrows = [torch.randperm(cin, generator=g)[:n].sort().values.int() for n in (6, 0, 13)]
     cols = [torch.randperm(cx, generator=g)[:r.numel()].int() for r in wrows]
     outs = [torch.randperm(per, generator=g)[:m].sort().values.int() for m in (5, 0, per)] if chosen else None
+    scales = [torch.rand(r.numel(), generator=g) + 0.5 for r in wrows] if attention else [None] * heads
     ho = (h + 2 * p - k) // s + 1
     n_out = [per] * heads if outs is None else [o.numel() for o in outs]
     res = torch.randn(ho * ho, sum(n_out) + 3, generator=g)[:, 3:]
@@ -86,7 +89,7 @@ def test_gconv_heads_matches_conv2d(k, s, p, chosen):
     for i in range(heads):
         if wrows[i].numel():
             ref = reference(x, h, h, weight[i][:, wrows[i].long()], bias[i], k, s, p, cols[i],
-                            None if outs is None else outs[i])
+                            None if outs is None else outs[i], scales[i])
         else:  # no input: the bias
             ref = bias[i] if outs is None else bias[i][outs[i].long()]
         want[:, col:col + n_out[i]] = ref
@@ -97,9 +100,10 @@ def test_gconv_heads_matches_conv2d(k, s, p, chosen):
     blocked = torch.stack([native.blocked(wh) for wh in weight])
     native.gconv_heads(x, h, h, k, s, p, cin, per, torch.tensor([r.numel() for r in wrows], dtype=torch.int32),
                        flat(cols), flat(wrows), None if outs is None else torch.tensor(n_out, dtype=torch.int32),
-                       None if outs is None else flat(outs), blocked, bias, out, act=1, res=res)
+                       None if outs is None else flat(outs), blocked, bias, out, act=1, res=res,
+                       scale=flat(scales) if attention else None)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
-    if s == 1:  # vectorised over pixels: plain weights, outputs picked by row, the planes made inside
+    if s == 1 and not attention:  # vectorised over pixels: plain weights, outputs picked by row, the planes made inside
         out.fill_(float("nan"))
         native.gconv_px_heads(x, h, h, k, p, cin, per, torch.tensor([r.numel() for r in wrows], dtype=torch.int32),
                               flat(cols), flat(wrows), None if outs is None else torch.tensor(n_out, dtype=torch.int32),
@@ -155,7 +159,8 @@ def test_head_sets_match_numpy(heads):
         logits[1] = 1.0  # and one with every gate open
     att = torch.randn(heads, 20, generator=g)
     got, want = native.head_sets(logits, att), _head_sets(logits, att)
-    assert got[0] == want[0] == (logits >= 0).sum(1).tolist() == got[1].tolist()
+    assert got[0] == want[0] == (logits >= 0).sum(1).tolist() == got[1][:heads].tolist()
+    assert got[1][heads] == got[4].numel()
     for a, b in zip(got[2:], want[1:]):
         assert a.dtype == b.dtype and torch.equal(a, b)
     counts, _, idx, vals, union, pos = got

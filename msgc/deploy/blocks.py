@@ -55,7 +55,7 @@ class DeployedBasicBlock(DeployedBlock):
         g, ex = self.decide(x)
         s1 = self.sets(g, "maskgen1", "attgen1", 1, x.size(1))
         s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.planes)
-        rows = None if s2.union is None else [s2.union]
+        rows = s2.union_rows()
         y, ho, wo, m1 = self.conv1(x, h, w, s1.idx, s1.idx, s1.scale, rows, RELU)
         identity, m3 = x, 0
         if self.downsample is not None:
@@ -81,7 +81,7 @@ class DeployedBottleneck(DeployedBlock):
         s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
         s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.width)
         s3 = self.sets(g, "maskgen3", None, 1, self.width)
-        rows = None if s2.union is None else [s2.union]
+        rows = s2.union_rows()
         y, _, _, m1 = self.conv1(x, h, w, s1.idx, s1.idx, [None], rows, RELU)
         y, ho, wo, m2 = self.conv2(y, h, w, s2.reading(y), s2.idx, s2.scale, s3.groups(self.heads).idx, RELU)
         identity, m4 = x, 0
@@ -122,7 +122,7 @@ class DeployedInvertedResidual(DeployedBlock):
         s = self.sets(g, "maskgen", "attgen", self.heads, self.hidden)
         keep = s.union
         if self.pw is not None:
-            y, _, _, m0 = self.pw(x, h, w, [None], [None], [None], None if keep is None else [keep], RELU6)
+            y, _, _, m0 = self.pw(x, h, w, [None], [None], [None], s.union_rows(), RELU6)
         else:
             y, m0 = (x if keep is None else x.index_select(1, keep)), 0
         if keep is not None and y.size(1) != keep.numel():  # the expansion computed every channel
@@ -155,7 +155,7 @@ class DeployedDenseLayer(DeployedBlock):
         g, ex = self.decide(y)
         s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
         s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.hidden)
-        rows = None if s2.union is None else [s2.union]
+        rows = s2.union_rows()
         z, _, _, m1 = self.conv1(y, h, w, s1.idx, s1.idx, [None], rows, RELU)
         out, _, _, m2 = self.conv2(z, h, w, s2.reading(z), s2.idx, s2.scale)
         macs = _two_conv_macs(macs, self.terms(h, w)[0], s1, s2)

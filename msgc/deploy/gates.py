@@ -74,7 +74,16 @@ class HeadSets:
         for k in self.open:
             out.append(None if k == self.channels and not keep_full else flat[start:start + k])
             start += k
-        return out if keep_full or self._counts is None else Split(out, flat, self._counts, self.open)
+        return out if self._counts is None else Split(out, flat, self._counts[:self.heads], self.open)
+
+    def union_rows(self) -> Optional[List[Optional[torch.Tensor]]]:
+        """``union`` as the ``rows`` of a one-head convolution that computes the channels some head
+        reads (None: all)."""
+        if self.union is None:
+            return None
+        if self._counts is None or self.heads == 1:
+            return [self.union]
+        return Split([self.union], self.union, self._counts[self.heads:], [self.union.numel()])
 
     def reading(self, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """Per head, the columns of ``x`` it reads: ``pos`` if x holds only the union's channels, else

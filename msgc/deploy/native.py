@@ -100,11 +100,11 @@ def _load():
             lib.msgc_head_sets.restype = _I
             lib.msgc_dwconv.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _P, _P, _L, _I, _I]
             lib.msgc_dwconv.restype = _I
-            lib.msgc_gconv_heads.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _L,
-                                             _P, _P, _L, _P, _L, _I, _I]
+            lib.msgc_gconv_heads.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I, _P,
+                                             _L, _P, _P, _L, _P, _L, _I, _I]
             lib.msgc_gconv_heads.restype = _I
-            lib.msgc_gconv_px_heads.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P,
-                                                _L, _P, _P, _L, _P, _L, _I, _I]
+            lib.msgc_gconv_px_heads.argtypes = [_P, _L, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _I,
+                                                _P, _L, _P, _P, _L, _P, _L, _I, _I]
             lib.msgc_gconv_px_heads.restype = _I
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _status = f"unavailable ({e}); using PyTorch's kernels"
@@ -220,16 +220,18 @@ def generators(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, desc: torch.
 
 def head_sets(logits: torch.Tensor, att: Optional[torch.Tensor] = None):
     """A ``heads x C`` gate matrix (open where the logit is >= 0) -> ``(counts, counts_t, idx, vals,
-    union, pos)`` (see ``msgc_head_sets``): counts a list and counts_t the same as an int32 tensor,
+    union, pos)`` (see ``msgc_head_sets``): counts a list and counts_t the same as an int32 tensor
+    (with the size of union after them),
     idx/union/pos int32 tensors (idx and pos flat, head after head), vals the attention of each idx
     entry (float32, or None without ``att``)."""
     heads, c = logits.shape
-    buf = torch.empty(heads + c + 2 * heads * c, dtype=torch.int32)
-    counts, uni, idx, pos = buf[:heads], buf[heads:heads + c], buf[heads + c:heads + c + heads * c], buf[heads + c + heads * c:]
+    buf = torch.empty(heads + 1 + c + 2 * heads * c, dtype=torch.int32)
+    counts, uni = buf[:heads + 1], buf[heads + 1:heads + 1 + c]
+    idx, pos = buf[heads + 1 + c:heads + 1 + c + heads * c], buf[heads + 1 + c + heads * c:]
     vals = None if att is None else torch.empty(heads * c)
     nu = _lib.msgc_head_sets(logits.data_ptr(), heads, c, _ptr(att), counts.data_ptr(), idx.data_ptr(),
                              _ptr(vals), uni.data_ptr(), pos.data_ptr())
-    sizes = counts.tolist()
+    sizes = counts.tolist()[:heads]
     n = sum(sizes)
     return sizes, counts, idx[:n], None if vals is None else vals[:n], uni[:nu], pos[:n]
 
@@ -247,18 +249,20 @@ def dwconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, weight: torc
 def gconv_heads(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, in_channels: int, per_head: int,
                 counts: Optional[torch.Tensor], cols: Optional[torch.Tensor], wrow: Optional[torch.Tensor],
                 ocounts: Optional[torch.Tensor], ocols: Optional[torch.Tensor], weight: torch.Tensor,
-                bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0, res: Optional[torch.Tensor] = None) -> None:
+                bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0, res: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None) -> None:
     """Every head of a gated convolution in one call (see ``msgc_gconv_heads``).
 
     ``weight``: ``heads x blocks x rows x k*k x 16`` (:func:`blocked` per head), ``bias``: ``heads x
     per_head`` or None. ``counts``/``ocounts``: int32 inputs/outputs per head (None: ``in_channels``/
     ``per_head`` each); ``cols``/``wrow``/``ocols``: flat int32, head after head (None: 0, 1, ... per
-    head). ``out``: ``HoWo x sum(outputs)``; ``act`` and ``res`` as in :func:`gconv`.
+    head); ``scale``: flat float32 attention of each input entry, or None. ``out``: ``HoWo x
+    sum(outputs)``; ``act`` and ``res`` as in :func:`gconv`.
     """
     heads, rows = weight.size(0), weight.size(2)
     rc = _lib.msgc_gconv_heads(x.data_ptr(), x.stride(0), h, w, k, s, p, heads, _ptr(counts), in_channels,
-                               _ptr(cols), _ptr(wrow), _ptr(ocounts), _ptr(ocols), per_head, weight.data_ptr(),
-                               rows, _ptr(bias), out.data_ptr(), out.stride(0), _ptr(res),
+                               _ptr(cols), _ptr(wrow), _ptr(scale), _ptr(ocounts), _ptr(ocols), per_head,
+                               weight.data_ptr(), rows, _ptr(bias), out.data_ptr(), out.stride(0), _ptr(res),
                                0 if res is None else res.stride(0), act, torch.get_num_threads())
     if rc != 0:
         raise (MemoryError if rc == -2 else ValueError)(
@@ -269,13 +273,14 @@ def gconv_px_heads(x: torch.Tensor, h: int, w: int, k: int, p: int, in_channels:
                    counts: Optional[torch.Tensor], cols: Optional[torch.Tensor], wrow: Optional[torch.Tensor],
                    ocounts: Optional[torch.Tensor], ocols: Optional[torch.Tensor], weight: torch.Tensor,
                    bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0,
-                   res: Optional[torch.Tensor] = None) -> None:
+                   res: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> None:
     """Every head of a narrow stride-1 convolution in one call, vectorised over pixels (see
-    ``msgc_gconv_px_heads``): the planes of ``x`` are made inside. ``weight``: ``heads x per_head x
-    rows x k*k`` (plain); the other arguments as in :func:`gconv_heads`."""
+    ``msgc_gconv_px_heads``): the planes of ``x`` are made inside (scaled per head with attention).
+    ``weight``: ``heads x per_head x rows x k*k`` (plain); the other arguments as in :func:`gconv_heads`."""
     rc = _lib.msgc_gconv_px_heads(x.data_ptr(), x.stride(0), h, w, x.size(1), k, p, weight.size(0), _ptr(counts),
-                                  in_channels, _ptr(cols), _ptr(wrow), _ptr(ocounts), _ptr(ocols), per_head,
-                                  weight.data_ptr(), weight.size(2), _ptr(bias), out.data_ptr(), out.stride(0),
-                                  _ptr(res), 0 if res is None else res.stride(0), act, torch.get_num_threads())
+                                  in_channels, _ptr(cols), _ptr(wrow), _ptr(scale), _ptr(ocounts), _ptr(ocols),
+                                  per_head, weight.data_ptr(), weight.size(2), _ptr(bias), out.data_ptr(),
+                                  out.stride(0), _ptr(res), 0 if res is None else res.stride(0), act,
+                                  torch.get_num_threads())
     if rc != 0:
         raise (MemoryError if rc == -2 else ValueError)(f"gconv_px_heads: failed ({rc}), {k}x{k}")

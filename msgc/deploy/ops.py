@@ -116,10 +116,9 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
                            "for PyTorch's kernels)")
     if _computes_all(self, ho, wo, idx, rows):
         rows = None  # computing the few unread outputs costs less than gathering around them
-    if (self.heads > 1 or self.pixel) and all(sc is None for sc in scale):
-        flat_idx, flat_pos, flat_rows = _flat(idx), _flat(pos), _flat(rows)
-        if flat_idx is not False and flat_pos is not False and flat_rows is not False:
-            return _native_all_heads(self, x, h, w, ho, wo, flat_idx, flat_pos, flat_rows, act, res)
+    flat = _flat(idx), _flat(pos), _flat(rows), _flat(scale)
+    if False not in flat:
+        return _native_all_heads(self, x, h, w, ho, wo, *flat, act, res)
     n_out = [self.per_head if rows is None or rows[i] is None else rows[i].numel() for i in range(self.heads)]
     out = x.new_empty(ho * wo, sum(n_out))
     if self.pixel:
@@ -154,23 +153,29 @@ def _flat(per_head):
     return per_head if hasattr(per_head, "flat") else False
 
 
-def _native_all_heads(self, x, h, w, ho, wo, idx, pos, rows, act, res):
-    """:func:`_native_heads` without attention, all heads in one call of :func:`native.gconv_heads` (one
-    parallel loop over every head's tiles; chosen outputs' weights gathered in the same call) or, for
-    narrow heads, :func:`native.gconv_px_heads` (the input's planes made in the same call)."""
+def _native_all_heads(self, x, h, w, ho, wo, idx, pos, rows, scale, act, res):
+    """:func:`_native_heads`, all heads in one call of :func:`native.gconv_heads` (one parallel loop over
+    every head's tiles; attention folded and chosen outputs' weights gathered in the same call) or, for
+    narrow heads, :func:`native.gconv_px_heads` (the input's planes, scaled with attention, made inside)."""
     n_in = [self.in_channels] * self.heads if idx is None else idx.sizes
     n_out = [self.per_head] * self.heads if rows is None else rows.sizes
     out = x.new_empty(ho * wo, sum(n_out))
     sets = (None if idx is None else idx.counts, None if pos is None else pos.flat, None if idx is None else idx.flat,
             None if rows is None else rows.counts, None if rows is None else rows.flat)
+    flat_scale = None if scale is None else scale.flat
+    kk = self.kernel ** 2
+    macs = ho * wo * sum(m * (n * kk + self.bn) for n, m in zip(n_in, n_out))
     if self.pixel:
         native_kernels.gconv_px_heads(x, h, w, self.kernel, self.padding, self.in_channels, self.per_head, *sets,
-                                      self.weight, self.bias, out, act, res)
+                                      self.weight, self.bias, out, act, res, flat_scale)
+        if scale is not None:  # attention folded into each head's planes
+            macs += h * w * sum(n_in)
     else:
         native_kernels.gconv_heads(x, h, w, self.kernel, self.stride, self.padding, self.in_channels, self.per_head,
-                                   *sets, self.weight, self.bias, out, act, res)
-    kk = self.kernel ** 2
-    return out, ho, wo, ho * wo * sum(m * (n * kk + self.bn) for n, m in zip(n_in, n_out))
+                                   *sets, self.weight, self.bias, out, act, res, flat_scale)
+        if scale is not None:  # the attention fold, into the inputs (h * w per channel) or the weights
+            macs += sum(h * w * n if kk * m > h * w else n * kk * m for n, m in zip(n_in, n_out))
+    return out, ho, wo, macs
 
 
 def _pixel_kernel(stride: int, per_head: int) -> bool:

@@ -116,6 +116,21 @@ DEFINE_TILE(4, 6)
 DEFINE_TILE(2, 12)
 DEFINE_TILE(1, 16)
 
+static const int TILE_PIXELS[5] = {0, 16, 12, 0, 6};
+
+/* the tile of vb vectors of outputs (4, 2 or 1) */
+static inline void run_tile(int vb, const float *x, long ldx, int H, int W, int Wo, int k, int s, int p,
+                            const int *idx, const int *wrow, int n, const float *w, long wblk, const float *bias,
+                            float *y, long ldy, const float *res, long ldres, int o0, int npix, int j0, int ncol,
+                            int act) {
+  if (vb == 4)
+    tile_4(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, npix, j0, ncol, act);
+  else if (vb == 2)
+    tile_2(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, npix, j0, ncol, act);
+  else
+    tile_1(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, npix, j0, ncol, act);
+}
+
 #define MAX_CHUNKS 4096
 
 /* y[o, j] = act(bias[j] + sum_{c < n} sum_{taps} x[in(o, tap), idx[c]] * W[j, wrow[c], tap] + res[o, j]) for every
@@ -130,7 +145,7 @@ int msgc_gconv(const float *x, long ldx, int H, int W, int k, int s, int p, cons
   if (Ho <= 0 || Wo <= 0 || ncol <= 0) return 0;
   if (ncol > 64 * (MAX_CHUNKS - 2) || k * k > MAX_TAPS) return -1;
   const long wblk = rows * k * k * 16;
-  static const int RBS[5] = {0, 16, 12, 0, 6};
+  const int *RBS = TILE_PIXELS;
   int j0[MAX_CHUNKS], vb[MAX_CHUNKS], first[MAX_CHUNKS + 1], nch = 0, j = 0, total = 0;
   while (ncol - j > 32) { j0[nch] = j; vb[nch++] = 4; j += 64; }
   if (ncol - j > 16) { j0[nch] = j; vb[nch++] = 2; j += 32; }
@@ -145,12 +160,8 @@ int msgc_gconv(const float *x, long ldx, int H, int W, int k, int s, int p, cons
     int c = 0;
     while (first[c + 1] <= it) c++;
     const int rb = RBS[vb[c]], o0 = (it - first[c]) * rb, np = npix - o0 < rb ? npix - o0 : rb;
-    if (vb[c] == 4)
-      tile_4(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, np, j0[c], ncol, act);
-    else if (vb[c] == 2)
-      tile_2(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, np, j0[c], ncol, act);
-    else
-      tile_1(x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, np, j0[c], ncol, act);
+    run_tile(vb[c], x, ldx, H, W, Wo, k, s, p, idx, wrow, n, w, wblk, bias, y, ldy, res, ldres, o0, np, j0[c], ncol,
+             act);
   }
   return 0;
 }
@@ -187,113 +198,123 @@ void msgc_gather_weights(const float *w, long rows, int kk, const int *wrow, int
 
 /* ---- every head of a convolution in one call --------------------------------------------------------
  * Head h reads counts[h] input channels (counts NULL: in_channels each): columns cols[...] of x and
- * weight rows wrow[...] (flat, head after head; NULL: 0, 1, ... for each head) and computes
- * ocounts[h] of its per_head outputs (ocounts NULL: all): output channels ocols[...] within the head
- * (flat, head after head). Head h's weights are w + h * (ceil(per_head / 16) * rows * k*k * 16) (the
- * blocked layout above), its bias bias + h * per_head. Outputs go side by side: head h's first column
- * is the sum of the previous heads' output counts; res (if not NULL) is added there before act.
- * Where outputs are chosen, their weights are first gathered (all heads in parallel) into a per-thread
- * buffer that grows as needed. One parallel loop then runs every head's tiles. Returns 0, -1 if a
- * kernel is too large, -2 if the gather buffer cannot be allocated. */
-
+ * weight rows wrow[...] (flat, head after head; NULL: 0, 1, ... for each head), scaled by the
+ * attention scale[...] (flat likewise; NULL: none), and computes ocounts[h] of its per_head outputs
+ * (ocounts NULL: all): output channels ocols[...] within the head (flat, head after head). Head h's
+ * weights are w + h * (ceil(per_head / 16) * rows * k*k * 16) (the blocked layout above), its bias
+ * bias + h * per_head. Outputs go side by side: head h's first column is the sum of the previous
+ * heads' output counts; res (if not NULL) is added there before act.
+ * A head's attention is folded into whichever is smaller: its inputs (a scaled copy of its columns,
+ * where k*k * outputs > H * W) or its gathered weights. Where outputs are chosen or the attention goes
+ * into the weights, the head's weights are first gathered; copies go to a per-thread buffer that
+ * grows as needed, made by all threads together, then one parallel loop runs every head's tiles.
+ * Returns 0, -1 if a kernel is too large, -2 if the buffer cannot be allocated. */
 static __thread float *gather_buf = 0;
 static __thread size_t gather_cap = 0;
 
+static float *scratch(float **buf, size_t *cap, size_t need) {
+  if (need > *cap) {
+    free(*buf);
+    *cap = need + need / 4;
+    *buf = malloc(*cap * sizeof(float));
+    if (!*buf) *cap = 0;
+  }
+  return *buf;
+}
+
 int msgc_gconv_heads(const float *x, long ldx, int H, int W, int k, int s, int p, int heads,
-                     const int *counts, int in_channels, const int *cols, const int *wrow,
+                     const int *counts, int in_channels, const int *cols, const int *wrow, const float *scale,
                      const int *ocounts, const int *ocols, int per_head, const float *w, long rows,
                      const float *bias, float *y, long ldy, const float *res, long ldres, int act,
                      int nthreads) {
   const int Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1, npix = Ho * Wo, kk = k * k;
   if (Ho <= 0 || Wo <= 0 || heads <= 0) return 0;
   if (kk > MAX_TAPS || per_head > 64 * (MAX_CHUNKS - 2)) return -1;
-  const long head_w = (long)((per_head + 15) / 16) * rows * kk * 16;
+  const long head_w = (long)((per_head + 15) / 16) * rows * kk * 16, hw = (long)H * W;
+  /* per head: its inputs and outputs, whether attention goes into the inputs (infold) and whether
+     its weights are gathered, and where its copies lie in the buffer */
   long in0[heads + 1], out0[heads + 1], g0[heads + 1];
+  char infold[heads], gathered[heads];
   in0[0] = out0[0] = g0[0] = 0;
   for (int h = 0; h < heads; h++) {
     const int n = counts ? counts[h] : in_channels, m = ocounts ? ocounts[h] : per_head;
+    infold[h] = scale && (long)kk * m > hw;
+    gathered[h] = ocounts || (scale && !infold[h]);
     in0[h + 1] = in0[h] + n;
     out0[h + 1] = out0[h] + m;
-    g0[h + 1] = g0[h] + (ocounts ? (long)((m + 15) / 16) * 16 * n * kk + m : 0);
+    g0[h + 1] = g0[h] + (gathered[h] ? (long)((m + 15) / 16) * 16 * n * kk + m : 0) + (infold[h] ? hw * n : 0);
   }
-  float *gw = 0;
-  if (ocounts) {
-    if ((size_t)g0[heads] > gather_cap) {
-      free(gather_buf);
-      gather_cap = (size_t)g0[heads] + g0[heads] / 4;
-      gather_buf = malloc(gather_cap * sizeof(float));
-      if (!gather_buf) {
-        gather_cap = 0;
-        return -2;
+  float *buf = 0;
+  if (g0[heads]) {
+    buf = scratch(&gather_buf, &gather_cap, (size_t)g0[heads]);
+    if (!buf) return -2;
+    if (bias && ocounts) /* each head's chosen biases follow its gathered weights */
+      for (int h = 0; h < heads; h++) {
+        const long m = out0[h + 1] - out0[h], n = in0[h + 1] - in0[h];
+        for (long j = 0; j < m; j++)
+          buf[g0[h] + ((m + 15) / 16) * 16 * n * kk + j] = bias[(long)h * per_head + ocols[out0[h] + j]];
       }
-    }
-    gw = gather_buf;
-    if (bias) /* each head's chosen biases follow its gathered weights */
-      for (int h = 0; h < heads; h++)
-        for (long j = 0; j < out0[h + 1] - out0[h]; j++)
-          gw[g0[h + 1] - (out0[h + 1] - out0[h]) + j] = bias[(long)h * per_head + ocols[out0[h] + j]];
   }
   /* work items: the tiles of every head's chunks of 64/32/16 outputs */
-  static const int RBS[5] = {0, 16, 12, 0, 6};
   const int max_chunks = heads * ((per_head + 15) / 16 + 2);
   int hd[max_chunks], j0[max_chunks], vb[max_chunks], first[max_chunks + 1], nch = 0, total = 0;
   for (int h = 0; h < heads; h++) {
     const int m = (int)(out0[h + 1] - out0[h]);
-    int j = 0;
-    while (j < m) {
-      const int v = m - j > 32 ? 4 : m - j > 16 ? 2 : 1;
+    for (int j = 0; j < m; j += 16 * vb[nch++]) {
       hd[nch] = h;
       j0[nch] = j;
-      vb[nch] = v;
+      vb[nch] = m - j > 32 ? 4 : m - j > 16 ? 2 : 1;
       first[nch] = total;
-      total += (npix + RBS[v] - 1) / RBS[v];
-      nch++;
-      j += 16 * v;
+      total += (npix + TILE_PIXELS[vb[nch]] - 1) / TILE_PIXELS[vb[nch]];
     }
   }
   first[nch] = total;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
-    if (gw) { /* gather the chosen outputs' weights (and biases) of every head */
+    if (buf) { /* the copies: gathered (scaled) weights, scaled inputs */
 #pragma omp for schedule(static)
       for (long e = 0; e < in0[heads]; e++) {
         int h = 0;
         while (in0[h + 1] <= e) h++;
-        const int n = (int)(in0[h + 1] - in0[h]), m = (int)(out0[h + 1] - out0[h]), nb = (m + 15) / 16;
-        const int c = (int)(e - in0[h]);
-        const int r = wrow ? wrow[e] : c;
-        const int *oc = ocols + out0[h];
-        const float *src = w + h * head_w + (long)r * kk * 16;
-        float *dst = gw + g0[h];
-        for (int b = 0; b < nb; b++)
-          for (int t = 0; t < kk; t++) {
-            float *d = dst + (((long)b * n + c) * kk + t) * 16;
-            for (int l = 0; l < 16; l++) {
-              const int j = 16 * b + l;
-              d[l] = j < m ? src[(long)(oc[j] / 16) * rows * kk * 16 + t * 16 + oc[j] % 16] : 0.0f;
+        const int n = (int)(in0[h + 1] - in0[h]), m = (int)(out0[h + 1] - out0[h]), c = (int)(e - in0[h]);
+        float *dst = buf + g0[h];
+        if (gathered[h]) {
+          const float sc = scale && !infold[h] ? scale[e] : 1.0f;
+          const int *oc = ocols ? ocols + out0[h] : 0;
+          const float *src = w + h * head_w + (long)(wrow ? wrow[e] : c) * kk * 16;
+          for (int b = 0; b < (m + 15) / 16; b++)
+            for (int t = 0; t < kk; t++) {
+              float *d = dst + (((long)b * n + c) * kk + t) * 16;
+              for (int l = 0; l < 16; l++) {
+                const int j = 16 * b + l, col = oc ? oc[j < m ? j : 0] : j;
+                d[l] = j < m ? src[(long)(col / 16) * rows * kk * 16 + t * 16 + col % 16] * sc : 0.0f;
+              }
             }
-          }
+          dst += (long)((m + 15) / 16) * 16 * n * kk + m;
+        }
+        if (infold[h]) {
+          const float *xc = x + (cols ? cols[e] : c);
+          const float sc = scale[e];
+          for (long q = 0; q < hw; q++) dst[q * n + c] = xc[q * ldx] * sc;
+        }
       }
     }
 #pragma omp for schedule(static)
     for (int it = 0; it < total; it++) {
       int c = 0;
       while (first[c + 1] <= it) c++;
-      const int h = hd[c], rb = RBS[vb[c]], o0 = (it - first[c]) * rb, np = npix - o0 < rb ? npix - o0 : rb;
+      const int h = hd[c], rb = TILE_PIXELS[vb[c]], o0 = (it - first[c]) * rb;
+      const int np = npix - o0 < rb ? npix - o0 : rb;
       const int n = (int)(in0[h + 1] - in0[h]), m = (int)(out0[h + 1] - out0[h]);
-      const int *ci = cols ? cols + in0[h] : 0;
-      const int *wr = gw ? 0 : wrow ? wrow + in0[h] : 0;
-      const float *wh = gw ? gw + g0[h] : w + h * head_w;
-      const long wblk = (gw ? n : rows) * kk * 16;
-      const float *bh = gw ? (bias ? gw + g0[h + 1] - m : 0) : (bias ? bias + (long)h * per_head : 0);
-      float *yh = y + out0[h];
-      const float *rh = res ? res + out0[h] : 0;
-      if (vb[c] == 4)
-        tile_4(x, ldx, H, W, Wo, k, s, p, ci, wr, n, wh, wblk, bh, yh, ldy, rh, ldres, o0, np, j0[c], m, act);
-      else if (vb[c] == 2)
-        tile_2(x, ldx, H, W, Wo, k, s, p, ci, wr, n, wh, wblk, bh, yh, ldy, rh, ldres, o0, np, j0[c], m, act);
-      else
-        tile_1(x, ldx, H, W, Wo, k, s, p, ci, wr, n, wh, wblk, bh, yh, ldy, rh, ldres, o0, np, j0[c], m, act);
+      const long gsize = gathered[h] ? (long)((m + 15) / 16) * 16 * n * kk : 0;
+      const float *xh = infold[h] ? buf + g0[h] + gsize + (gathered[h] ? m : 0) : x;
+      const long ldxh = infold[h] ? n : ldx;
+      const int *ci = infold[h] ? 0 : cols ? cols + in0[h] : 0;
+      const int *wr = gathered[h] ? 0 : wrow ? wrow + in0[h] : 0;
+      const float *wh = gathered[h] ? buf + g0[h] : w + h * head_w;
+      const float *bh = !bias ? 0 : ocounts ? buf + g0[h] + gsize : bias + (long)h * per_head;
+      run_tile(vb[c], xh, ldxh, H, W, Wo, k, s, p, ci, wr, n, wh, (gathered[h] ? n : rows) * kk * 16, bh,
+               y + out0[h], ldy, res ? res + out0[h] : 0, ldres, o0, np, j0[c], m, act);
     }
   }
   return 0;
@@ -413,38 +434,34 @@ int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int 
 }
 
 /* Every head of a narrow stride-1 convolution in one call: the C columns of x (HW x C, row stride ldx)
- * become msgc_planar planes in a per-thread buffer, then one parallel loop runs every head's tiles.
- * Heads as in msgc_gconv_heads (counts, cols, wrow, ocounts, ocols flat, head after head; NULL: all /
- * 0, 1, ...); head h's weights are w + h * per_head * rows * k*k (the plain layout of msgc_gconv_px),
+ * become msgc_planar planes in a per-thread buffer (with attention: each head's columns, scaled, as its
+ * own planes), then one parallel loop runs every head's tiles. Heads as in msgc_gconv_heads (counts,
+ * cols, wrow, scale, ocounts, ocols flat, head after head; NULL: all / 0, 1, ... / none); head h's weights are w + h * per_head * rows * k*k (the plain layout of msgc_gconv_px),
  * its bias bias + h * per_head (indexed by output channel). Returns 0, -1 if a head has too many
  * outputs, -2 if the buffer cannot be allocated. */
 static __thread float *plane_buf = 0;
 static __thread size_t plane_cap = 0;
 
 int msgc_gconv_px_heads(const float *x, long ldx, int H, int W, int C, int k, int p, int heads,
-                        const int *counts, int in_channels, const int *cols, const int *wrow, const int *ocounts,
-                        const int *ocols, int per_head, const float *w, long rows, const float *bias, float *y,
-                        long ldy, const float *res, long ldres, int act, int nthreads) {
+                        const int *counts, int in_channels, const int *cols, const int *wrow, const float *scale,
+                        const int *ocounts, const int *ocols, int per_head, const float *w, long rows,
+                        const float *bias, float *y, long ldy, const float *res, long ldres, int act,
+                        int nthreads) {
   const int Wp = W + 2 * p, Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1, kk = k * k;
   if (Ho <= 0 || Wo <= 0 || heads <= 0) return 0;
   const long plane_len = (long)(H + 2 * p + 2) * Wp + 64;
   const int npos = (Ho - 1) * Wp + Wo, nq = (npos + 16 * PV - 1) / (16 * PV);
-  if ((size_t)(C * plane_len) > plane_cap) {
-    free(plane_buf);
-    plane_cap = (size_t)(C * plane_len) + (size_t)(C * plane_len) / 4;
-    plane_buf = malloc(plane_cap * sizeof(float));
-    if (!plane_buf) {
-      plane_cap = 0;
-      return -2;
-    }
-  }
-  float *planes = plane_buf;
   long in0[heads + 1], out0[heads + 1];
   in0[0] = out0[0] = 0;
   for (int h = 0; h < heads; h++) {
     in0[h + 1] = in0[h] + (counts ? counts[h] : in_channels);
     out0[h + 1] = out0[h] + (ocounts ? ocounts[h] : per_head);
   }
+  /* without attention the heads share the planes of x's C columns; with it every head reads its own
+     scaled planes, one per input entry */
+  const long nplanes = scale ? in0[heads] : C;
+  float *planes = scratch(&plane_buf, &plane_cap, (size_t)nplanes * plane_len);
+  if (!planes) return -2;
   const int max_chunks = heads * per_head;
   int hd[max_chunks + 1], j0[max_chunks + 1], rb[max_chunks + 1], nch = 0;
   for (int h = 0; h < heads; h++)
@@ -457,31 +474,40 @@ int msgc_gconv_px_heads(const float *x, long ldx, int H, int W, int C, int k, in
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
 #pragma omp for schedule(static)
-    for (int c = 0; c < C; c++) {
-      float *pl = planes + (long)c * plane_len;
+    for (long e = 0; e < nplanes; e++) {
+      float *pl = planes + e * plane_len;
+      const float *xc = x + e;
+      float sc = 1.0f;
+      if (scale) { /* entry e of head h: column cols[e] (or e - in0[h]), times its attention */
+        int h = 0;
+        while (in0[h + 1] <= e) h++;
+        xc = x + (cols ? cols[e] : e - in0[h]);
+        sc = scale[e];
+      }
       memset(pl, 0, plane_len * sizeof(float));
       for (int yy = 0; yy < H; yy++)
-        for (int xx = 0; xx < W; xx++) pl[(long)(yy + p) * Wp + xx + p] = x[((long)yy * W + xx) * ldx + c];
+        for (int xx = 0; xx < W; xx++) pl[(long)(yy + p) * Wp + xx + p] = xc[((long)yy * W + xx) * ldx] * sc;
     }
 #pragma omp for schedule(static)
     for (int it = 0; it < total; it++) {
       const int c = it % nch, q0 = (it / nch) * 16 * PV, h = hd[c];
       const int n = (int)(in0[h + 1] - in0[h]);
-      const int *ci = cols ? cols + in0[h] : 0, *wr = wrow ? wrow + in0[h] : 0;
+      const int *ci = scale ? 0 : cols ? cols + in0[h] : 0, *wr = wrow ? wrow + in0[h] : 0;
+      const float *hp = scale ? planes + in0[h] * plane_len : planes;
       const int *oc = ocols ? ocols + out0[h] : 0;
       const float *wh = w + (long)h * per_head * rows * kk, *bh = bias ? bias + (long)h * per_head : 0;
       float *yh = y + out0[h];
       const float *rh = res ? res + out0[h] : 0;
       if (rb[c] == 8)
-        ptile_8(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+        ptile_8(hp, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
       else if (rb[c] == 6)
-        ptile_6(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+        ptile_6(hp, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
       else if (rb[c] == 4)
-        ptile_4(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+        ptile_4(hp, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
       else if (rb[c] == 2)
-        ptile_2(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+        ptile_2(hp, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
       else
-        ptile_1(planes, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
+        ptile_1(hp, plane_len, Wp, Wo, npos, k, ci, wr, n, wh, rows, oc, bh, yh, ldy, rh, ldres, q0, j0[c], act);
     }
   }
   return 0;
@@ -562,7 +588,8 @@ void msgc_generators(const float *x, long ldx, int hw, int C, const float *w1, c
  * Gate.forward decides in eval mode) -> the index sets the kernels run on:
  * counts[h]: head h's open channels; idx: every head's open channels in ascending order, head after
  * head; vals (if att is not NULL): att[h * C + c] for each entry of idx; uni: the channels some head
- * reads, ascending; pos (if not NULL): each idx entry's position within uni. Returns the size of uni. */
+ * reads, ascending; pos (if not NULL): each idx entry's position within uni. Returns the size of uni,
+ * also written to counts[heads]. */
 int msgc_head_sets(const float *logits, int heads, int C, const float *att, int *counts, int *idx,
                    float *vals, int *uni, int *pos) {
   int where[C];
@@ -587,6 +614,7 @@ int msgc_head_sets(const float *logits, int heads, int C, const float *att, int 
     }
   if (pos)
     for (int i = 0; i < n; i++) pos[i] = where[idx[i]];
+  counts[heads] = nu;
   return nu;
 }
 
