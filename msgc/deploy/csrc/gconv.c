@@ -255,6 +255,9 @@ int msgc_gconv_heads(const float *x, long ldx, int H, int W, int k, int s, int p
           buf[g0[h] + ((m + 15) / 16) * 16 * n * kk + j] = bias[(long)h * per_head + ocols[out0[h] + j]];
       }
   }
+  /* where each chosen output lies relative to a (row, tap) of its head's block 0 */
+  long off[ocounts ? out0[heads] + 1 : 1];
+  for (long j = 0; ocounts && j < out0[heads]; j++) off[j] = (long)(ocols[j] / 16) * rows * kk * 16 + ocols[j] % 16;
   /* work items: the tiles of every head's chunks of 64/32/16 outputs */
   const int max_chunks = heads * ((per_head + 15) / 16 + 2);
   int hd[max_chunks], j0[max_chunks], vb[max_chunks], first[max_chunks + 1], nch = 0, total = 0;
@@ -280,14 +283,17 @@ int msgc_gconv_heads(const float *x, long ldx, int H, int W, int k, int s, int p
         float *dst = buf + g0[h];
         if (gathered[h]) {
           const float sc = scale && !infold[h] ? scale[e] : 1.0f;
-          const int *oc = ocols ? ocols + out0[h] : 0;
           const float *src = w + h * head_w + (long)(wrow ? wrow[e] : c) * kk * 16;
           for (int b = 0; b < (m + 15) / 16; b++)
             for (int t = 0; t < kk; t++) {
               float *d = dst + (((long)b * n + c) * kk + t) * 16;
-              for (int l = 0; l < 16; l++) {
-                const int j = 16 * b + l, col = oc ? oc[j < m ? j : 0] : j;
-                d[l] = j < m ? src[(long)(col / 16) * rows * kk * 16 + t * 16 + col % 16] * sc : 0.0f;
+              const float *st = src + t * 16;
+              if (ocounts) {
+                const long *o = off + out0[h] + 16 * b;
+                for (int l = 0; l < 16; l++) d[l] = 16 * b + l < m ? st[o[l]] * sc : 0.0f;
+              } else { /* all outputs, attention into the weights: a scaled copy of whole blocks */
+                const float *sb = st + (long)b * rows * kk * 16;
+                for (int l = 0; l < 16; l++) d[l] = sb[l] * sc;
               }
             }
           dst += (long)((m + 15) / 16) * 16 * n * kk + m;
