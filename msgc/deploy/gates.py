@@ -1,4 +1,5 @@
 """A block's gates for one sample, turned into the index sets the deployed kernels run on."""
+from collections.abc import Sequence
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -13,15 +14,30 @@ from .ops import Generators
 __all__ = ["BlockGates", "HeadSets", "Split"]
 
 
-class Split(list):
-    """Per-head index tensors (None: all channels) that are pieces of one flat int32 tensor, head after
-    head, with every head's entries present in ``flat`` (also where the piece is None); ``counts``
-    (int32 tensor) and ``sizes`` (list) hold each head's number of entries. Lets
-    :func:`native.gconv_heads` run all heads in one call."""
+class Split(Sequence):
+    """Per-head index tensors that are pieces of one flat int32 tensor, head after head, every head's
+    entries present in ``flat``; ``counts`` (int32 tensor) and ``sizes`` (list) hold each head's number
+    of entries. A piece is None where a head has all ``channels`` (unless ``keep_full``); ``all`` says
+    every piece is. The pieces are sliced only when asked for: :func:`native.gconv_heads` runs all
+    heads in one call from ``flat`` and ``counts``."""
 
-    def __init__(self, pieces, flat: torch.Tensor, counts: torch.Tensor, sizes: List[int]):
-        super().__init__(pieces)
+    def __init__(self, flat: torch.Tensor, counts: torch.Tensor, sizes: List[int], channels: int,
+                 keep_full: bool = False):
         self.flat, self.counts, self.sizes = flat, counts, sizes
+        self.all = not keep_full and all(k == channels for k in sizes)
+        self._channels, self._keep_full, self._pieces = channels, keep_full, None
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i):
+        if self._pieces is None:
+            pieces, start = [], 0
+            for k in self.sizes:
+                pieces.append(None if k == self._channels and not self._keep_full else self.flat[start:start + k])
+                start += k
+            self._pieces = pieces
+        return self._pieces[i]
 
 
 class HeadSets:
@@ -67,14 +83,16 @@ class HeadSets:
         else:
             self.union, self.pos = union, self._split(pos)
 
-    def _split(self, flat: torch.Tensor, keep_full: bool = False) -> List[Optional[torch.Tensor]]:
+    def _split(self, flat: torch.Tensor, keep_full: bool = False) -> Sequence[Optional[torch.Tensor]]:
         """``flat`` (one entry per open channel, head after head) -> one piece per head; a head with
-        every channel open gets None unless ``keep_full``."""
+        every channel open gets None unless ``keep_full``. A :class:`Split` on the native path."""
+        if self._counts is not None:
+            return Split(flat, self._counts[:self.heads], self.open, self.channels, keep_full)
         out, start = [], 0
         for k in self.open:
             out.append(None if k == self.channels and not keep_full else flat[start:start + k])
             start += k
-        return out if self._counts is None else Split(out, flat, self._counts[:self.heads], self.open)
+        return out
 
     def union_rows(self) -> Optional[List[Optional[torch.Tensor]]]:
         """``union`` as the ``rows`` of a one-head convolution that computes the channels some head
@@ -83,7 +101,7 @@ class HeadSets:
             return None
         if self._counts is None or self.heads == 1:
             return [self.union]
-        return Split([self.union], self.union, self._counts[self.heads:], [self.union.numel()])
+        return Split(self.union, self._counts[self.heads:], [self.union.numel()], self.channels, keep_full=True)
 
     def reading(self, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """Per head, the columns of ``x`` it reads: ``pos`` if x holds only the union's channels, else

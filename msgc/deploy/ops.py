@@ -146,11 +146,13 @@ def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
 
 
 def _flat(per_head):
-    """Per-head index tensors -> None if every one is None (all channels), the list itself if it is a
-    :class:`gates.Split` (one flat tensor underneath), False otherwise."""
+    """Per-head index tensors -> None if every one is None (all channels), the sequence itself if it
+    is a :class:`gates.Split` (one flat tensor underneath), False otherwise."""
+    if hasattr(per_head, "flat"):
+        return None if per_head.all else per_head
     if per_head is None or all(t is None for t in per_head):
         return None
-    return per_head if hasattr(per_head, "flat") else False
+    return False
 
 
 def _native_all_heads(self, x, h, w, ho, wo, idx, pos, rows, scale, act, res):
