@@ -99,7 +99,7 @@ class HeadSets:
         reads (None: all)."""
         if self.union is None:
             return None
-        if self._counts is None or self.heads == 1:
+        if self._counts is None:
             return [self.union]
         return Split(self.union, self._counts[self.heads:], [self.union.numel()], self.channels, keep_full=True)
 
