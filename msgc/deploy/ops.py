@@ -108,8 +108,10 @@ def _epilogue(out: torch.Tensor, act: int, res: Optional[torch.Tensor]) -> torch
 
 
 def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
-    """Every head of a :class:`HeadConv` or :class:`PointHeadConv` built with ``native=True``, with
-    :func:`native.gconv`, written side by side into one output matrix: ``(out, ho, wo, executed MACs)``."""
+    """Every head of a :class:`HeadConv` or :class:`PointHeadConv` built with ``native=True``, written
+    side by side into one output matrix: ``(out, ho, wo, executed MACs)``. All heads in one native call
+    where the index sets are :class:`gates.Split` s or absent (the native :class:`HeadSets`); otherwise
+    (attention without a mask) one :func:`native.gconv` or :func:`native.gconv_px` call per head."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise RuntimeError("this deployed model runs msgc's CPU kernels (float32); deploy the model "
                            "on the device and in the dtype it will run in (deploy(model, native=False) "
