@@ -264,3 +264,13 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     assert set(printed["ratios"]) == {"deploy/dense", "eval/dense", "train/dense", "eval/deploy"}
     fastest = min(printed["runs"][k]["median_ms"] for k in ("dense", "dense_cl"))
     assert printed["ratios"]["eval/dense"] == printed["runs"]["eval"]["median_ms"] / fastest
+    assert printed["paired_ratios"].keys() == printed["ratios"].keys()
+    for p in printed["paired_ratios"].values():
+        assert 0 < p["p25"] <= p["median"] <= p["p75"]
+    # round by round: a slow phase that stretches a whole round cancels out
+    times = {"deploy": [6.0, 60.0, 6.0], "dense": [10.0, 100.0, 12.0], "dense_cl": [9.0, 90.0, 9.0],
+             "eval": [12.0, 120.0, 12.0]}
+    runs = {k: {"median_ms": sorted(v)[1]} for k, v in times.items()}
+    paired = tool.paired_ratios(runs, times)
+    assert paired["deploy/dense"]["median"] == pytest.approx(6.0 / 9.0)  # against the faster layout
+    assert paired["eval/deploy"]["median"] == pytest.approx(2.0)

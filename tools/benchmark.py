@@ -241,7 +241,7 @@ def main(argv=None):
               "torch": torch.__version__, "runs": {}}
     for name, (_, what) in runs.items():
         result["runs"][name] = {"what": what, **summary(times[name]), **macs.get(name, {})}
-    result["ratios"] = ratios(result["runs"])
+    result["ratios"], result["paired_ratios"] = ratios(result["runs"]), paired_ratios(result["runs"], times)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -264,6 +264,26 @@ def ratios(runs):
     return out
 
 
+def paired_ratios(runs, times):
+    """The same ratios taken round by round (the runs of a round are timed one right after the other, on
+    the same batch) -> name: {median, p25, p75}. A busy machine's slow phases, which last seconds to
+    minutes, stretch both sides of a round alike, so these are steadier than the ratio of medians."""
+    dense = None
+    if "dense" in runs:
+        dense = "dense"
+        if "dense_cl" in runs and runs["dense_cl"]["median_ms"] < runs["dense"]["median_ms"]:
+            dense = "dense_cl"
+    pairs = [(name, dense) for name in ("deploy", "eval", "train") if name in times and dense]
+    if "eval" in times and "deploy" in times:
+        pairs.append(("eval", "deploy"))
+    out = {}
+    for a, b in pairs:
+        r = [x / y for x, y in zip(times[a], times[b])]
+        q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+        out[f"{a}/{'dense' if b == dense else b}"] = {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
+    return out
+
+
 def report(result):
     rows = []
     for name, r in result["runs"].items():
@@ -278,7 +298,10 @@ def report(result):
     table = tabulate(rows, headers=["run", "median ms", "p25-p75", "min", "MMACs/sample", "MAC ratio",
                                     "executed MMACs", "what"])
     lines = [head, table]
-    lines += [f"{k}: {v:.3f}" for k, v in result["ratios"].items()]
+    for k, v in result["ratios"].items():
+        p = result["paired_ratios"].get(k)
+        lines.append(f"{k}: {v:.3f}" + ("" if p is None else
+                                         f"  (round by round: median {p['median']:.3f}, IQR {p['p25']:.3f}-{p['p75']:.3f})"))
     return "\n".join(lines)
 
 
