@@ -274,6 +274,28 @@ def test_resume_without_checkpoint_says_so_and_starts_fresh(tmp_path, caplog):
                for r in caplog.records)
 
 
+def test_evaluate_weights_loads_the_last_checkpoint_through_the_overridable_checkpointer(tmp_path):
+    trainer = ToyTrainer(toy_cfg(tmp_path))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    trained = trainer.test(trainer.cfg, trainer.model)
+    built = []
+
+    class Evaluating(ToyTrainer):
+        best_metric = "val/top5"
+
+        @classmethod
+        def build_checkpointer(cls, cfg, model, **checkpointables):
+            built.append(sorted(checkpointables))
+            return super().build_checkpointer(cfg, model, **checkpointables)
+
+    assert Evaluating.evaluate_weights(trainer.cfg, resume=True) == trained  # the weights of model_final
+    assert built == [[]]  # evaluation loads the model only
+    fresh = Evaluating(toy_cfg(tmp_path / "again"))
+    assert built[-1] == ["mac_scheduler", "optimizer", "scheduler", "trainer"]
+    assert [h._metric for h in fresh._hooks if isinstance(h, hooks.BestCheckpointer)] == ["val/top5"]
+
+
 def test_batch_that_does_not_divide_over_processes_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(comm, "get_world_size", lambda: 3)
     with pytest.raises(ValueError, match=r"IMS_PER_BATCH=8 does not divide over 3 processes"):

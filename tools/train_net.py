@@ -25,7 +25,6 @@ Examples::
 import logging
 import os
 
-from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import load_cfg
 from msgc.engine import DefaultTrainer, default_argument_parser, default_setup, exit_on_user_error, launch
 from msgc.utils import comm
@@ -50,22 +49,10 @@ def setup(args):
     return cfg
 
 
-def evaluate(cfg, resume: bool):
-    """Evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint of OUTPUT_DIR)."""
-    model = Trainer.build_model(cfg)
-    checkpointer = MSGCCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-    if resume and not checkpointer.has_checkpoint():
-        logger.warning("--resume: no checkpoint in %s; evaluating MODEL.WEIGHTS instead", cfg.OUTPUT_DIR)
-    if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
-        logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
-    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    return Trainer.test(cfg, model)
-
-
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        return evaluate(cfg, args.resume)
+        return Trainer.evaluate_weights(cfg, args.resume)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()

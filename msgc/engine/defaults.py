@@ -160,6 +160,9 @@ class DefaultTrainer(TrainerBase):
         results = trainer.train()   # the final evaluation
     """
 
+    #: the validation metric that chooses the best checkpoint (``model_best.pth``)
+    best_metric = "val/top1"
+
     def __init__(self, cfg):
         super().__init__()
         if not logging.getLogger("msgc").handlers:  # default_setup was not called: log to the console
@@ -175,9 +178,9 @@ class DefaultTrainer(TrainerBase):
             self._trainer = SimpleTrainer(model, None, optimizer, cfg.SOLVER.CHECK_FINITE_LOSS)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.mac_scheduler = self.build_mac_scheduler(cfg)
-        self.checkpointer = MSGCCheckpointer(
-            hooks.unwrap_model(model), cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), optimizer=optimizer,
-            scheduler=self.scheduler, mac_scheduler=self.mac_scheduler, trainer=weakref.proxy(self))
+        self.checkpointer = self.build_checkpointer(
+            cfg, hooks.unwrap_model(model), optimizer=optimizer, scheduler=self.scheduler,
+            mac_scheduler=self.mac_scheduler, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.last_eval_results = None
@@ -224,7 +227,7 @@ class DefaultTrainer(TrainerBase):
         if cfg.DATASETS.TEST:
             out.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
             # after the evaluation, whose result it reads
-            out.append(hooks.BestCheckpointer(self.checkpointer, "val/top1", cfg=cfg))
+            out.append(hooks.BestCheckpointer(self.checkpointer, self.best_metric, cfg=cfg))
         if comm.is_main_process():
             # last: writes everything the hooks above logged at this iteration, evaluation included
             out.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
@@ -265,6 +268,26 @@ class DefaultTrainer(TrainerBase):
         model = build_model(cfg)
         logger.info("Model:\n%s", model)
         return model
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model, **checkpointables):
+        """The checkpointer of ``model`` (and of ``checkpointables``, the training state): saves to
+        ``OUTPUT_DIR`` from the main process, loads ``MODEL.WEIGHTS``. Override to load other layouts."""
+        return MSGCCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), **checkpointables)
+
+    @classmethod
+    def evaluate_weights(cls, cfg, resume: bool = False) -> dict:
+        """``--eval-only``: build the model, load ``MODEL.WEIGHTS`` (or, with ``resume``, the last
+        checkpoint of ``OUTPUT_DIR``) and :meth:`test` it."""
+        model = cls.build_model(cfg)
+        checkpointer = cls.build_checkpointer(cfg, model)
+        found = resume and checkpointer.has_checkpoint()
+        if resume and not found:
+            logger.warning("--resume: no checkpoint in %s; evaluating MODEL.WEIGHTS instead", cfg.OUTPUT_DIR)
+        if not cfg.MODEL.WEIGHTS and not found:
+            logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        return cls.test(cfg, model)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -43,13 +43,12 @@ logger = logging.getLogger("msgc_detection.train_net")
 class Trainer(DefaultTrainer):
     """The core trainer with the detector, its data, optimizer, evaluator and checkpointer."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        # The core trainer builds a plain MSGCCheckpointer; loading MODEL.WEIGHTS needs the detection one
-        # (classification weights -> backbone). Saving is the same, so the hooks may keep theirs.
-        old = self.checkpointer
-        self.checkpointer = DetectionCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
-                                                  **old.checkpointables)
+    best_metric = "val/AP"
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model, **checkpointables):
+        # loading MODEL.WEIGHTS may map classification weights onto the backbone
+        return DetectionCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=comm.is_main_process(), **checkpointables)
 
     @classmethod
     def build_model(cls, cfg):
@@ -72,14 +71,6 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, model=None):
         return COCOEvaluator.from_dataset(build_detection_dataset(cfg, dataset_name, train=False))
-
-    def build_hooks(self):
-        """The core hooks, with the best checkpoint chosen by box AP instead of top-1."""
-        out = super().build_hooks()
-        for i, h in enumerate(out):
-            if isinstance(h, hooks.BestCheckpointer):
-                out[i] = hooks.BestCheckpointer(self.checkpointer, "val/AP", cfg=self.cfg)
-        return out
 
     @classmethod
     def test(cls, cfg, model, evaluator=None):
@@ -117,20 +108,10 @@ def setup(args):
     return cfg
 
 
-def evaluate(cfg, resume: bool):
-    """Evaluate MODEL.WEIGHTS (or, with --resume, the last checkpoint of OUTPUT_DIR)."""
-    model = Trainer.build_model(cfg)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-    if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
-        logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised detector")
-    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-    return Trainer.test(cfg, model)
-
-
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        return evaluate(cfg, args.resume)
+        return Trainer.evaluate_weights(cfg, args.resume)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
