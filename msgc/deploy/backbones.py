@@ -12,7 +12,7 @@ from ..modeling.backbone.mobilenetv2 import MSGCMobileNetV2
 from ..modeling.backbone.resnet import BasicBlock, Bottleneck, MSGCResNet
 from .blocks import DeployedBasicBlock, DeployedBottleneck, DeployedDenseLayer, DeployedInvertedResidual
 from .build import DEPLOY_REGISTRY
-from .ops import FoldedConv, to_image, to_matrix
+from .ops import FoldedConv, PreActivation, to_image, to_matrix
 
 __all__ = ["DeployedResNet", "DeployedMobileNetV2", "DeployedDenseNet"]
 
@@ -115,11 +115,7 @@ class DeployedDenseNet(nn.Module):
                                             for j, l in enumerate(module)))
                 self.widths.append(net.stage_channels[name.replace("denseblock_", "dense")])
         self.stages = nn.ModuleList(stages)
-        norm = net.features_last.norm_last
-        scale = norm.weight.detach().float() / (norm.running_var.float() + norm.eps).sqrt()
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("shift", norm.bias.detach().float() - norm.running_mean.float() * scale,
-                             persistent=False)
+        self.last_norm = PreActivation(net.features_last.norm_last)
         self.fc = _Linear(net.classifier)
         self.stem_macs, self.head_macs = net._stem_macs, net.head_macs
 
@@ -142,6 +138,6 @@ class DeployedDenseNet(nn.Module):
                 buf[:, c:c + out.size(1)] = out
                 c += out.size(1)
             x = buf
-        x = (x * self.scale).add_(self.shift).relu_()
+        x = self.last_norm(x)
         head = self.head_macs(h, w)
         return self.fc(x), macs + head, executed + head

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .gates import BlockGates, HeadSets
-from .ops import RELU, RELU6, DepthwiseConv, FoldedConv, HeadConv, PointHeadConv
+from .ops import RELU, RELU6, DepthwiseConv, FoldedConv, HeadConv, PointHeadConv, PreActivation
 
 __all__ = ["DeployedBlock", "DeployedBasicBlock", "DeployedBottleneck", "DeployedInvertedResidual",
            "DeployedDenseLayer"]
@@ -141,17 +141,13 @@ class DeployedDenseLayer(DeployedBlock):
     def __init__(self, layer, where="", native=False):
         super().__init__(layer, ("maskgen1", "maskgen2", "attgen2"), where, native)
         self.heads, self.hidden = layer.heads, layer.hidden
-        norm = layer.conv_1.norm
-        scale = norm.weight.detach().float() / (norm.running_var.float() + norm.eps).sqrt()
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("shift", norm.bias.detach().float() - norm.running_mean.float() * scale,
-                             persistent=False)
+        self.preact = PreActivation(layer.conv_1.norm)
         self.conv1 = PointHeadConv(layer.conv_1.conv, layer.conv_2.norm, 1, native)
         self.conv2 = HeadConv(layer.conv_2.conv, None, layer.heads, native)
 
     def forward(self, x, h, w, macs, executed):
         """x may be a column slice of the stage's buffer; returns (new channels, h, w, macs, executed)."""
-        y = (x * self.scale).add_(self.shift).relu_()
+        y = self.preact(x)
         g, ex = self.decide(y)
         s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
         s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.hidden)

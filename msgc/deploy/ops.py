@@ -26,9 +26,15 @@ from torch.nn import functional as F
 from . import native as native_kernels
 
 __all__ = [
-    "NONE", "RELU", "RELU6", "fold_bn", "to_matrix", "to_image", "FoldedConv", "HeadConv", "PointHeadConv",
+    "NONE", "RELU", "RELU6", "bn_affine", "fold_bn", "PreActivation", "to_matrix", "to_image", "FoldedConv", "HeadConv", "PointHeadConv",
     "DepthwiseConv", "Generators",
 ]
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as ``x * scale + shift`` per channel -> (scale, shift), float32."""
+    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    return scale, bn.bias.detach().float() - bn.running_mean.float() * scale
 
 
 def fold_bn(weight: torch.Tensor, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -36,9 +42,21 @@ def fold_bn(weight: torch.Tensor, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.T
     weight = weight.detach().float()
     if bn is None:
         return weight.clone(), None
-    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    bias = bn.bias.detach().float() - bn.running_mean.float() * scale
+    scale, bias = bn_affine(bn)
     return weight * scale.view(-1, *([1] * (weight.dim() - 1))), bias
+
+
+class PreActivation(nn.Module):
+    """An eval-mode BatchNorm followed by ReLU on an ``HW x C`` matrix (DenseNet's pre-activations)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        scale, shift = bn_affine(bn)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale).add_(self.shift).relu_()
 
 
 def to_matrix(x: torch.Tensor) -> torch.Tensor:
