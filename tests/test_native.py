@@ -38,9 +38,11 @@ def test_gconv_matches_conv2d(k, s, p, h, n_out):
     want = reference(x, h, h, w_in, bias, k, s, p, cols, rows, scale)
     ho = (h + 2 * p - k) // s + 1
     blocked = native.blocked(weight)
-    gathered = native.gather_weights(blocked, wrow, rows, n_out, scale)
+    one = torch.tensor([7], dtype=torch.int32), torch.tensor([n_out], dtype=torch.int32)  # one head's counts
     out = torch.full((ho * ho, n_out + 2), float("nan"))[:, 1:n_out + 1]
-    native.gconv(x, h, h, k, s, p, cols, None, gathered, bias[rows.long()], out)
+    # chosen outputs (their weights gathered) and attention
+    native.gconv_heads(x, h, h, k, s, p, cin, 80, one[0], cols, wrow, one[1], rows, blocked[None], bias[None], out,
+                       scale=scale)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
     # in place (no gather): all outputs, weight rows by index
     want_all = reference(x, h, h, w_in, bias, k, s, p, cols, None)
@@ -51,19 +53,19 @@ def test_gconv_matches_conv2d(k, s, p, h, n_out):
     res = torch.randn(ho * ho, n_out + 5, generator=g)[:, 2:n_out + 2] * 4
     want_res = (reference(x, h, h, w_in, bias, k, s, p, cols, rows) + res).clamp(0, 6)
     out_res = torch.empty(ho * ho, n_out)
-    native.gconv(x, h, h, k, s, p, cols, wrow, native.gather_weights(blocked, None, rows, n_out), bias[rows.long()],
-                 out_res, act=2, res=res)
+    native.gconv_heads(x, h, h, k, s, p, cin, 80, one[0], cols, wrow, one[1], rows, blocked[None], bias[None],
+                       out_res, act=2, res=res)
     torch.testing.assert_close(out_res, want_res, rtol=1e-5, atol=1e-4)
     if out_res.numel() >= 64:  # the data exercise both clamps
         assert (out_res == 6).any() and (out_res == 0).any() and ((out_res > 0) & (out_res < 6)).any()
     if s == 1:  # pixel-vectorised kernel: outputs picked by row, weights in the plain layout
-        planes = native.planar(x, h, h, p)
         out_px = torch.empty(ho * ho, n_out)
-        plain = weight.reshape(80, cin, k * k).contiguous()
-        native.gconv_px(planes, h, h, k, p, cols, wrow, plain, rows, bias, out_px)
+        plain = weight.reshape(1, 80, cin, k * k).contiguous()
+        native.gconv_px_heads(x, h, h, k, p, cin, 80, one[0], cols, wrow, one[1], rows, plain, bias[None], out_px)
         torch.testing.assert_close(out_px, reference(x, h, h, w_in, bias, k, s, p, cols, rows), rtol=1e-5,
                                    atol=1e-4)
-        native.gconv_px(planes, h, h, k, p, cols, wrow, plain, rows, bias, out_px, act=2, res=res)
+        native.gconv_px_heads(x, h, h, k, p, cin, 80, one[0], cols, wrow, one[1], rows, plain, bias[None], out_px,
+                              act=2, res=res)
         torch.testing.assert_close(out_px, want_res, rtol=1e-5, atol=1e-4)
 
 

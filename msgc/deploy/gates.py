@@ -1,5 +1,4 @@
 """A block's gates for one sample, turned into the index sets the deployed kernels run on."""
-from collections.abc import Sequence
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -9,35 +8,9 @@ from torch import nn
 from ..modeling.grouping import StaticMask
 from ..modeling.layers import AttentionGenerator, MaskGenerator
 from . import native as native_kernels
-from .ops import Generators
+from .ops import Generators, Split
 
-__all__ = ["BlockGates", "HeadSets", "Split"]
-
-
-class Split(Sequence):
-    """Per-head index tensors that are pieces of one flat int32 tensor, head after head, every head's
-    entries present in ``flat``; ``counts`` (int32 tensor) and ``sizes`` (list) hold each head's number
-    of entries. A piece is None where a head has all ``channels`` (unless ``keep_full``); ``all`` says
-    every piece is. The pieces are sliced only when asked for: :func:`native.gconv_heads` runs all
-    heads in one call from ``flat`` and ``counts``."""
-
-    def __init__(self, flat: torch.Tensor, counts: torch.Tensor, sizes: List[int], channels: int,
-                 keep_full: bool = False):
-        self.flat, self.counts, self.sizes = flat, counts, sizes
-        self.all = not keep_full and all(k == channels for k in sizes)
-        self._channels, self._keep_full, self._pieces = channels, keep_full, None
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def __getitem__(self, i):
-        if self._pieces is None:
-            pieces, start = [], 0
-            for k in self.sizes:
-                pieces.append(None if k == self._channels and not self._keep_full else self.flat[start:start + k])
-                start += k
-            self._pieces = pieces
-        return self._pieces[i]
+__all__ = ["BlockGates", "HeadSets"]
 
 
 class HeadSets:
@@ -83,7 +56,7 @@ class HeadSets:
         else:
             self.union, self.pos = union, self._split(pos)
 
-    def _split(self, flat: torch.Tensor, keep_full: bool = False) -> Sequence[Optional[torch.Tensor]]:
+    def _split(self, flat: torch.Tensor, keep_full: bool = False) -> List[Optional[torch.Tensor]]:
         """``flat`` (one entry per open channel, head after head) -> one piece per head; a head with
         every channel open gets None unless ``keep_full``. A :class:`Split` on the native path."""
         if self._counts is not None:

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-__all__ = ["available", "status", "gconv", "gather_weights", "blocked", "planar", "gconv_px", "generators",
+__all__ = ["available", "status", "gconv", "blocked", "generators",
            "head_sets", "dwconv", "gconv_heads", "gconv_px_heads"]
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,6 @@ def _load():
             lib = ctypes.CDLL(_build())
             lib.msgc_gconv.argtypes = [_P, _L, _I, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _L, _P, _L, _I, _I, _I]
             lib.msgc_gconv.restype = _I
-            lib.msgc_gather_weights.argtypes = [_P, _L, _I, _P, _I, _P, _I, _P, _P, _I]
-            lib.msgc_gather_weights.restype = None
-            lib.msgc_planar.argtypes = [_P, _L, _I, _I, _I, _I, _P, _L, _I]
-            lib.msgc_planar.restype = None
-            lib.msgc_gconv_px.argtypes = [_P, _L, _I, _I, _I, _I, _P, _P, _I, _P, _L, _P, _P, _P, _L, _P, _L, _I, _I, _I]
-            lib.msgc_gconv_px.restype = _I
             lib.msgc_generators.argtypes = [_P, _L, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I]
             lib.msgc_generators.restype = None
             lib.msgc_head_sets.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P]
@@ -157,47 +151,6 @@ def gconv(x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, idx: Optional
                          _ptr(res), 0 if res is None else res.stride(0), out.size(1), act, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"gconv: {out.size(1)} output channels or a {k}x{k} kernel are more than it handles")
-
-
-def gather_weights(weight: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor],
-                   ncol: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The :func:`blocked` weights of some input channels (``rows``, int32; None: all) and output
-    channels (``cols``, int32; None: the first ``ncol``), times ``scale`` per input channel (or None)."""
-    n = weight.size(1) if rows is None else rows.numel()
-    kk = weight.size(2)
-    out = torch.empty((ncol + 15) // 16, n, kk, 16)
-    _lib.msgc_gather_weights(weight.data_ptr(), weight.size(1), kk, _ptr(rows), n, _ptr(cols), ncol,
-                             _ptr(scale), out.data_ptr(), torch.get_num_threads())
-    return out
-
-
-def planar(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
-    """The columns of an ``HW x C`` matrix as zero-padded planes, ``C x plane_len`` (see ``msgc_planar``)."""
-    wp = w + 2 * p
-    plane_len = (h + 2 * p + 2) * wp + 64
-    planes = torch.empty(x.size(1), plane_len)
-    _lib.msgc_planar(x.data_ptr(), x.stride(0), h, w, x.size(1), p, planes.data_ptr(), plane_len,
-                     torch.get_num_threads())
-    return planes
-
-
-def gconv_px(planes: torch.Tensor, h: int, w: int, k: int, p: int, idx: Optional[torch.Tensor],
-             wrow: Optional[torch.Tensor], weight: torch.Tensor, ocols: Optional[torch.Tensor],
-             bias: Optional[torch.Tensor], out: torch.Tensor, act: int = 0,
-             res: Optional[torch.Tensor] = None) -> None:
-    """A stride-1 gathered convolution vectorised over pixels, for heads with few outputs.
-
-    ``planes`` from :func:`planar`; ``weight`` plain ``C_out x rows x k*k``; ``ocols`` int32 output
-    channels to compute (None: the first ``out.size(1)``); ``bias`` indexed like the weights' outputs;
-    ``act`` and ``res`` as in :func:`gconv`.
-    """
-    n = planes.size(0) if idx is None else idx.numel()
-    rc = _lib.msgc_gconv_px(planes.data_ptr(), planes.size(1), h, w, k, p, _ptr(idx), _ptr(wrow), n,
-                            weight.data_ptr(), weight.size(1), _ptr(ocols), _ptr(bias), out.data_ptr(),
-                            out.stride(0), _ptr(res), 0 if res is None else res.stride(0), out.size(1), act,
-                            torch.get_num_threads())
-    if rc != 0:
-        raise ValueError("gconv_px: planes too short or too many output channels")
 
 
 def generators(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, desc: torch.Tensor, w2: torch.Tensor,

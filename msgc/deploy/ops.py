@@ -17,6 +17,7 @@ Weights are stored once, at deploy time, in the layout that makes a sample's gat
 Attention is folded into whichever operand is smaller for that layer: the gathered weights, or the
 gathered input columns (an exact rewrite either way, since the attention scales input channels).
 """
+from collections import abc
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +28,7 @@ from . import native as native_kernels
 
 __all__ = [
     "NONE", "RELU", "RELU6", "bn_affine", "fold_bn", "PreActivation", "to_matrix", "to_image", "FoldedConv", "HeadConv", "PointHeadConv",
-    "DepthwiseConv", "Generators",
+    "DepthwiseConv", "Generators", "Split",
 ]
 
 
@@ -126,49 +127,67 @@ def _epilogue(out: torch.Tensor, act: int, res: Optional[torch.Tensor]) -> torch
 
 
 def _native_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, act, res):
-    """Every head of a :class:`HeadConv` or :class:`PointHeadConv` built with ``native=True``, written
-    side by side into one output matrix: ``(out, ho, wo, executed MACs)``. All heads in one native call
-    where the index sets are :class:`gates.Split` s or absent (the native :class:`HeadSets`); otherwise
-    (attention without a mask) one :func:`native.gconv` or :func:`native.gconv_px` call per head."""
+    """Every head of a :class:`HeadConv` or :class:`PointHeadConv` built with ``native=True``, in one
+    native call, written side by side into one output matrix: ``(out, ho, wo, executed MACs)``. The
+    per-head lists come as :class:`Split` s from the native :class:`gates.HeadSets`; other lists are
+    flattened first."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise RuntimeError("this deployed model runs msgc's CPU kernels (float32); deploy the model "
                            "on the device and in the dtype it will run in (deploy(model, native=False) "
                            "for PyTorch's kernels)")
     if _computes_all(self, ho, wo, idx, rows):
         rows = None  # computing the few unread outputs costs less than gathering around them
-    flat = _flat(idx), _flat(pos), _flat(rows), _flat(scale)
-    if False not in flat:
-        return _native_all_heads(self, x, h, w, ho, wo, *flat, act, res)
-    n_out = [self.per_head if rows is None or rows[i] is None else rows[i].numel() for i in range(self.heads)]
-    out = x.new_empty(ho * wo, sum(n_out))
-    if self.pixel:
-        return _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out, act, res)
-    kk, macs, col = self.kernel ** 2, 0, 0
-    for i in range(self.heads):
-        r = None if rows is None else rows[i]
-        weight, wrow, bias = self.weight[i], idx[i], None if self.bias is None else self.bias[i]
-        cin = self.in_channels if wrow is None else wrow.numel()
-        xs, cols, sc = x, pos[i], scale[i]
-        if sc is not None and cin * kk * n_out[i] > x.size(0) * cin:  # attention: fold into the inputs
-            xs = (x if cols is None else x.index_select(1, cols)) * sc
-            cols, sc = None, None
-            macs += xs.numel()
-        if r is not None or sc is not None:  # outputs chosen or attention folded: gather the weights
-            weight, wrow = native_kernels.gather_weights(weight, wrow, r, n_out[i], sc), None
-            macs += 0 if sc is None else cin * kk * n_out[i]
-            if r is not None and bias is not None:
-                bias = bias.index_select(0, r)
-        native_kernels.gconv(xs, h, w, self.kernel, self.stride, self.padding, cols, wrow, weight, bias,
-                             out[:, col:col + n_out[i]], act, None if res is None else res[:, col:col + n_out[i]])
-        macs += ho * wo * n_out[i] * (cin * kk + self.bn)
-        col += n_out[i]
-    return out, ho, wo, macs
+    flat_idx = _flat(idx)
+    if flat_idx is False:
+        flat_idx = Split.of([torch.arange(self.in_channels) if t is None else t for t in idx])
+    n_in = [self.in_channels] * self.heads if flat_idx is None else flat_idx.sizes
+    flat_pos, flat_rows, flat_scale = _flat(pos), _flat(rows), _flat(scale)
+    if flat_pos is False:
+        flat_pos = Split.of([torch.arange(n) if t is None else t for t, n in zip(pos, n_in)])
+    if flat_rows is False:
+        flat_rows = Split.of([torch.arange(self.per_head) if t is None else t for t in rows])
+    if flat_scale is False:
+        flat_scale = Split.of([torch.ones(n) if t is None else t for t, n in zip(scale, n_in)], torch.float32)
+    return _native_all_heads(self, x, h, w, ho, wo, flat_idx, flat_pos, flat_rows, flat_scale, act, res)
+
+
+class Split(abc.Sequence):
+    """Per-head index tensors that are pieces of one flat int32 tensor, head after head, every head's
+    entries present in ``flat``; ``counts`` (int32 tensor) and ``sizes`` (list) hold each head's number
+    of entries. A piece is None where a head has all ``channels`` (unless ``keep_full``); ``all`` says
+    every piece is. The pieces are sliced only when asked for: :func:`native.gconv_heads` runs all
+    heads in one call from ``flat`` and ``counts``."""
+
+    def __init__(self, flat: torch.Tensor, counts: torch.Tensor, sizes: List[int], channels: int,
+                 keep_full: bool = False):
+        self.flat, self.counts, self.sizes = flat, counts, sizes
+        self.all = not keep_full and all(k == channels for k in sizes)
+        self._channels, self._keep_full, self._pieces = channels, keep_full, None
+
+    @classmethod
+    def of(cls, pieces: List[torch.Tensor], dtype: torch.dtype = torch.int32) -> "Split":
+        """A Split of the given per-head tensors (none of them None)."""
+        sizes = [p.numel() for p in pieces]
+        return cls(torch.cat([p.to(dtype) for p in pieces]), torch.tensor(sizes, dtype=torch.int32), sizes, -1,
+                   keep_full=True)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i):
+        if self._pieces is None:
+            pieces, start = [], 0
+            for k in self.sizes:
+                pieces.append(None if k == self._channels and not self._keep_full else self.flat[start:start + k])
+                start += k
+            self._pieces = pieces
+        return self._pieces[i]
 
 
 def _flat(per_head):
     """Per-head index tensors -> None if every one is None (all channels), the sequence itself if it
-    is a :class:`gates.Split` (one flat tensor underneath), False otherwise."""
-    if hasattr(per_head, "flat"):
+    is a :class:`Split` (one flat tensor underneath), False otherwise."""
+    if isinstance(per_head, Split):
         return None if per_head.all else per_head
     if per_head is None or all(t is None for t in per_head):
         return None
@@ -201,31 +220,9 @@ def _native_all_heads(self, x, h, w, ho, wo, idx, pos, rows, scale, act, res):
 
 
 def _pixel_kernel(stride: int, per_head: int) -> bool:
-    """Whether heads of this width use :func:`native.gconv_px` (vectorised over pixels): stride 1 and
-    at most 24 outputs per head, which would fill few lanes of :func:`native.gconv`'s 16-wide vectors."""
+    """Whether heads of this width use :func:`native.gconv_px_heads` (vectorised over pixels): stride 1
+    and at most 24 outputs per head, which would fill few lanes of the channel kernel's 16-wide vectors."""
     return stride == 1 and per_head <= 24
-
-
-def _native_pixel_heads(self, x, h, w, ho, wo, pos, idx, scale, rows, n_out, out, act, res):
-    """:func:`_native_heads` for narrow heads: planar input shared by the heads, outputs picked by row."""
-    kk, macs, col, shared = self.kernel ** 2, 0, 0, None
-    for i in range(self.heads):
-        cols, wrow = pos[i], idx[i]
-        cin = self.in_channels if wrow is None else wrow.numel()
-        if scale[i] is not None:  # attention: this head's channels, scaled, as their own planes
-            xs = (x if cols is None else x.index_select(1, cols)) * scale[i]
-            planes, cols = native_kernels.planar(xs, h, w, self.padding), None
-            macs += xs.numel()
-        else:
-            if shared is None:
-                shared = native_kernels.planar(x, h, w, self.padding)
-            planes = shared
-        native_kernels.gconv_px(planes, h, w, self.kernel, self.padding, cols, wrow, self.weight[i],
-                                None if rows is None else rows[i], None if self.bias is None else self.bias[i],
-                                out[:, col:col + n_out[i]], act, None if res is None else res[:, col:col + n_out[i]])
-        macs += ho * wo * n_out[i] * (cin * kk + self.bn)
-        col += n_out[i]
-    return out, ho, wo, macs
 
 
 class FoldedConv(nn.Module):
@@ -304,7 +301,7 @@ class HeadConv(nn.Module):
         self.bn, self.native = bn is not None, native
         weight = weight.view(heads, out // heads, cin, k, k)
         self.pixel = native and _pixel_kernel(self.stride, self.per_head)
-        if self.pixel:  # heads x out x in x (k*k), native.gconv_px's layout
+        if self.pixel:  # heads x out x in x (k*k), native.gconv_px_heads's layout
             weight = weight.reshape(heads, out // heads, cin, k * k)
             self.transposed = False
         elif native:  # per head: blocks of 16 outputs x in x (k*k) x 16, native.gconv's layout

@@ -166,36 +166,6 @@ int msgc_gconv(const float *x, long ldx, int H, int W, int k, int s, int p, cons
   return 0;
 }
 
-/* The weights of n input channels (weight rows wrow[c]; NULL: c) for m chosen output channels (cols[j];
- * NULL: j), times scale[c] (NULL: 1), from w (rows weight rows, k*k taps, the blocked layout above)
- * into out (n rows, the same layout, ceil(m / 16) blocks, zero-padded). */
-void msgc_gather_weights(const float *w, long rows, int kk, const int *wrow, int n, const int *cols,
-                         int m, const float *scale, float *out, int nthreads) {
-  const int nb = (m + 15) / 16;
-  /* where output column j lies relative to a (row, tap) of block 0; padding columns read column 0 */
-  long off[nb * 16];
-  for (int j = 0; j < nb * 16; j++) {
-    const int col = j < m ? (cols ? cols[j] : j) : 0;
-    off[j] = (long)(col / 16) * rows * kk * 16 + col % 16;
-  }
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n > 1)
-  for (int c = 0; c < n; c++) {
-    const float sc = scale ? scale[c] : 1.0f;
-    const float *src = w + (long)(wrow ? wrow[c] : c) * kk * 16;
-    for (int b = 0; b < nb; b++) {
-      const long *o = off + b * 16;
-      for (int t = 0; t < kk; t++) {
-        const float *s = src + t * 16;
-        float *dst = out + (((long)b * n + c) * kk + t) * 16;
-        for (int l = 0; l < 16; l++) dst[l] = s[o[l]] * sc;
-      }
-    }
-    if (m % 16) /* zero the padding columns of the last block */
-      for (int t = 0; t < kk; t++)
-        for (int l = m % 16; l < 16; l++) out[(((long)(nb - 1) * n + c) * kk + t) * 16 + l] = 0.0f;
-  }
-}
-
 /* ---- every head of a convolution in one call --------------------------------------------------------
  * Head h reads counts[h] input channels (counts NULL: in_channels each): columns cols[...] of x and
  * weight rows wrow[...] (flat, head after head; NULL: 0, 1, ... for each head), scaled by the
@@ -330,25 +300,12 @@ int msgc_gconv_heads(const float *x, long ldx, int H, int W, int k, int s, int p
  * A head with few output channels (MobileNetV2's projections, DenseNet's growth-rate convolutions,
  * a ResNet-50 layer1 head's kept outputs) fills few of a vector's 16 lanes when vectorised over output
  * channels. For stride-1 convolutions these kernels vectorise over 16 output pixels instead, reading a
- * planar, zero-padded copy of the input (msgc_planar: channel planes of (H + 2p) x (W + 2p), output
- * pixel (oy, ox) at q = oy * (W + 2p) + ox, so a tap is a constant shift of q), and broadcast one
- * weight per output channel: outputs can be any chosen rows of the weights (no gather).
+ * planar, zero-padded copy of the input (channel planes of (H + 2p) x (W + 2p), at least 2 * (W + 2p)
+ * + 64 zeros after each; output pixel (oy, ox) at q = oy * (W + 2p) + ox, so a tap is a constant shift
+ * of q), and broadcast one weight per output channel: outputs can be any chosen rows of the weights
+ * (no gather).
  * Weights are the plain (out, rows, k*k) layout. Lanes that fall on the padding columns are computed
  * and dropped. */
-
-/* planes[c][(y + p) * (W + 2p) + x + p] = x[(y * W + x) * ldx + c] for the C columns of x; zero padding,
- * and at least 2 * (W + 2p) + 64 zeros after each plane (its length is plane_len). */
-void msgc_planar(const float *x, long ldx, int H, int W, int C, int p, float *planes, long plane_len,
-                 int nthreads) {
-  const int Wp = W + 2 * p;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && C > 1)
-  for (int c = 0; c < C; c++) {
-    float *pl = planes + (long)c * plane_len;
-    memset(pl, 0, plane_len * sizeof(float));
-    for (int y = 0; y < H; y++)
-      for (int xx = 0; xx < W; xx++) pl[(long)(y + p) * Wp + xx + p] = x[((long)y * W + xx) * ldx + c];
-  }
-}
 
 #define PV 3 /* pixel vectors per tile: 48 output positions */
 #define DEFINE_PTILE(RB)                                                                               \
@@ -398,53 +355,12 @@ DEFINE_PTILE(1)
 /* output channels per pixel tile: 8 (24 accumulators), 6, 4, 2 or 1 */
 static int ptile_rows(int left) { return left >= 8 ? 8 : left >= 6 ? 6 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-/* y[o, j] = act(bias[j] + sum_{c < n} sum_{taps} in(o, tap, idx[c]) * w[(ocols[j] * wrows + wrow[c]) * k*k + tap] + res[o, j])
- * for a stride-1 k x k convolution with padding p of an H x W input given as msgc_planar planes, and
- * j < ncol (ocols NULL: j; idx NULL: plane c; wrow NULL: row c); bias is indexed like w (by ocols[j]). */
-int msgc_gconv_px(const float *planes, long plane_len, int H, int W, int k, int p, const int *idx,
-                  const int *wrow, int n, const float *w, long wrows, const int *ocols, const float *bias,
-                  float *y, long ldy, const float *res, long ldres, int ncol, int act, int nthreads) {
-  const int Wp = W + 2 * p, Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1;
-  if (Ho <= 0 || Wo <= 0 || ncol <= 0) return 0;
-  const int npos = (Ho - 1) * Wp + Wo, nq = (npos + 16 * PV - 1) / (16 * PV);
-  if ((long)(Ho - 1 + k) * Wp + 16 * PV + 16 > plane_len) return -1;
-  int j0[MAX_CHUNKS], rb[MAX_CHUNKS], nch = 0;
-  for (int j = 0; j < ncol;) {
-    const int r = ptile_rows(ncol - j);
-    if (nch == MAX_CHUNKS) return -1;
-    j0[nch] = j;
-    rb[nch++] = r;
-    j += r;
-  }
-  const int total = nq * nch;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && total > 1)
-  for (int it = 0; it < total; it++) {
-    const int c = it % nch, q0 = (it / nch) * 16 * PV;
-    if (rb[c] == 8)
-      ptile_8(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
-               j0[c], act);
-    else if (rb[c] == 6)
-      ptile_6(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
-               j0[c], act);
-    else if (rb[c] == 4)
-      ptile_4(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
-               j0[c], act);
-    else if (rb[c] == 2)
-      ptile_2(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
-               j0[c], act);
-    else
-      ptile_1(planes, plane_len, Wp, Wo, npos, k, idx, wrow, n, w, wrows, ocols, bias, y, ldy, res, ldres, q0,
-               j0[c], act);
-  }
-  return 0;
-}
-
 /* Every head of a narrow stride-1 convolution in one call: the C columns of x (HW x C, row stride ldx)
- * become msgc_planar planes in a per-thread buffer (with attention: each head's columns, scaled, as its
- * own planes), then one parallel loop runs every head's tiles. Heads as in msgc_gconv_heads (counts,
- * cols, wrow, scale, ocounts, ocols flat, head after head; NULL: all / 0, 1, ... / none); head h's weights are w + h * per_head * rows * k*k (the plain layout of msgc_gconv_px),
- * its bias bias + h * per_head (indexed by output channel). Returns 0, -1 if a head has too many
- * outputs, -2 if the buffer cannot be allocated. */
+ * become planes in a per-thread buffer (with attention: each head's columns, scaled, as its own
+ * planes), then one parallel loop runs every head's tiles. Heads as in msgc_gconv_heads (counts, cols,
+ * wrow, scale, ocounts, ocols flat, head after head; NULL: all / 0, 1, ... / none); head h's weights are
+ * w + h * per_head * rows * k*k (the plain layout), its bias bias + h * per_head (indexed by output
+ * channel). Returns 0, or -2 if the buffer cannot be allocated. */
 static __thread float *plane_buf = 0;
 static __thread size_t plane_cap = 0;
 
