@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(exclude=("tests", "configs", "tools", "projects")),
     # the deployed networks' C kernels, compiled on first use (msgc/deploy/native.py)
-    package_data={"msgc.deploy": ["csrc/*.c"]},
+    package_data={"msgc.deploy": ["csrc/*.c", "csrc/*.h", "README.md"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

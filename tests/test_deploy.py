@@ -62,14 +62,17 @@ def images(n=3, seed=1):
     return torch.randn(n, 3, SIZE, SIZE, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
 
 
-def check_same(model, x):
-    """Both kernel sets (msgc's native kernels and PyTorch's) give the eval model's outputs."""
+def check_same(model, x, tune=False):
+    """Every kernel variant this CPU runs, and PyTorch's kernels, give the eval model's outputs: logits
+    within 1e-4, the paper's MACs bit for bit."""
     with torch.no_grad():
         want = model(x)
     assert want["logits"].abs().max() > 1e-2  # a difference below 1e-4 must mean something
     assert native.available(), native.status()  # CI has a C compiler: the native path must be tested
-    for use_native in (False, True):
-        got = deploy(model, native=use_native)(x)
+    got = None
+    for isa in [None] + native.variants():
+        deployed = deploy(model, native=isa is not None, isa=isa, tune=tune)
+        got = deployed(x)
         torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)
         assert torch.equal(got["macs"], want["macs"])
     return got
@@ -150,14 +153,107 @@ def test_executed_macs_at_full_size(cfg, config):
     assert (got["executed_macs"] / got["macs"] - 1).abs().max() < 0.02
 
 
-def test_batch_runs_sample_by_sample(cfg):
-    model = randomize(small(cfg, "msgc_resnet18", "msgc", "channel"))
-    deployed, x = deploy(model), images(4)
-    whole = deployed(x)
-    for i in range(4):
+@pytest.mark.parametrize("name", ["msgc_resnet18", "msgc_condensenet"])
+def test_batch_parallel_equals_sample_by_sample(cfg, name):
+    """With at least as many samples as threads, every thread runs whole samples: the same outputs as
+    one sample at a time."""
+    model = randomize(small(cfg, name, "msgc", "channel"))
+    deployed, x = deploy(model, tune=False), images(5)
+    torch.set_num_threads(2)
+    try:
+        whole = deployed(x)
+    finally:
+        torch.set_num_threads(1)
+    for i in range(5):
         one = deployed(x[i:i + 1])
         torch.testing.assert_close(one["logits"], whole["logits"][i:i + 1], rtol=0, atol=1e-6)
         assert one["macs"].item() == whole["macs"][i].item()
+        assert one["executed_macs"].item() == whole["executed_macs"][i].item()
+
+
+def test_a_subclass_of_a_registered_backbone_deploys(cfg):
+    from msgc.modeling.backbone.resnet import MSGCResNet
+
+    model = randomize(small(cfg, "msgc_resnet18", "msgc", "none"))
+
+    class MyResNet(MSGCResNet):  # found through the class hierarchy
+        pass
+
+    model.backbone.__class__ = MyResNet
+    check_same(model, images())
+
+
+def test_a_backbone_without_deployer_is_a_clear_error(cfg):
+    from msgc.modeling import Backbone, Classifier
+
+    class Plain(Backbone):
+        def __init__(self):
+            super().__init__(1)
+
+    with pytest.raises(ValueError, match=r"no deployer for the backbone .*Plain; register one with "
+                                         r"@msgc.deploy.BACKBONE_DEPLOYERS.register\(Plain\)"):
+        deploy(Classifier(Plain()).eval())
+
+
+def test_another_input_size_makes_another_plan(cfg):
+    model = randomize(small(cfg, "msgc_resnet50", "msgc", "channel"))
+    deployed = deploy(model, tune=False)
+    for size in (16, 24, 16):
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size)) + 1
+        want, got = model(x), deployed(x)
+        torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)
+        assert torch.equal(got["macs"], want["macs"])
+    assert {k[:2] for k in deployed._plans} == {(16, 16), (24, 24)}
+
+
+def test_the_kernel_choice_avoids_a_slow_candidate(cfg, tmp_path):
+    """Each convolution's kernel is the fastest measured; a candidate made artificially slow is not
+    chosen, and the choices are cached per machine (a second plan measures nothing)."""
+    from msgc.deploy.native.program import Program
+    from msgc.deploy.tune import PlanCache, candidates, tune
+
+    model = randomize(small(cfg, "msgc_resnet18", "msgc", "channel"))
+    deployed = deploy(model, tune=False)
+    graph = deployed.deployer.graph(SIZE, SIZE)
+    x = deployed.deployer.program_input(images(1))
+    cache = PlanCache(str(tmp_path / "plans.json"))
+    program = Program(graph, deployed.library)
+    first = tune(program, x, 1, cache)  # layers of the same shape and open fraction share a choice
+    assert first["measured"] + first["cached"] == len(program.conv_ops) and first["measured"] > len(program.conv_ops) / 2
+    chosen = [(op.kernel, op.tiles) for _, op in program.conv_ops]
+    slow = {(i, *c): 1e9 for i, c in enumerate(chosen)}  # a second of delay for every first choice
+    counts = tune(program, x, 1, cache, slow=slow)
+    assert counts["measured"] == len(chosen)
+    for i, (_, op) in enumerate(program.conv_ops):
+        assert (op.kernel, op.tiles) != chosen[i] and (op.kernel, op.tiles) in candidates(op, deployed.library.tile_families)
+    again = Program(graph, deployed.library)
+    assert tune(again, x, 1, PlanCache(cache.path)) == {"measured": 0, "cached": len(chosen)}
+    assert [(op.kernel, op.tiles) for _, op in again.conv_ops] == chosen
+    torch.testing.assert_close(again.run(x)[0], program.run(x)[0], rtol=0, atol=1e-5)
+
+
+def test_a_deployed_model_slower_than_eval_says_so_and_runs_eval(cfg, monkeypatch, caplog):
+    from msgc.deploy.native.program import Program
+
+    model = randomize(small(cfg, "msgc_resnet18", "msgc", "none"))
+    deployed = deploy(model, tune=False, check=True)
+    run = Program.run
+
+    def slow_run(self, *args, **kwargs):
+        import time
+
+        time.sleep(0.2)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Program, "run", slow_run)
+    x = images(2)
+    with caplog.at_level("WARNING"):
+        got = deployed(x)
+    assert "running the eval model instead" in caplog.text and "ms per image" in caplog.text
+    want = model(x)
+    assert torch.equal(got["logits"], want["logits"]) and torch.equal(got["macs"], want["macs"])
+    static = model.backbone.complexity(SIZE, SIZE)
+    assert (got["executed_macs"] == static.main + static.dgc + static.gen).all()
 
 
 def test_deploy_refuses_a_training_model(cfg):

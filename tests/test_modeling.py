@@ -122,8 +122,8 @@ def test_closed_gates_cost_main_and_generators_only(cfg, name):
 
 def _block_terms(backbone, size):
     h = w = size
-    h, w = backbone._stem_macs(h, w)[1:]
-    for blk in backbone.features[1:-1]:
+    h, w = backbone.stem_macs(h, w)[1:]
+    for blk in backbone.blocks():
         t, h, w = blk.terms(h, w)
         yield t, h, w
 

@@ -1,5 +1,7 @@
-"""msgc.deploy.native: the C kernels against PyTorch's convolution, and the fallback without them."""
+"""msgc.deploy.native: every kernel variant this CPU runs against PyTorch, the interface check, the
+build cache, and the fallback without a compiler."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -7,75 +9,78 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from msgc.deploy import deploy, native
+from msgc.deploy import native
+from msgc.deploy.native import abi, build
+from msgc.deploy.reference import head_sets as numpy_head_sets
 
+VARIANTS = native.variants()
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def lib(request):
+    return native.library(request.param)
 
 
 def reference(x, h, w, weight, bias, k, s, p, cols, rows, scale=None):
     """The gathered convolution with PyTorch: x (HW x C) columns ``cols`` -> outputs ``rows``."""
     image = x.t().reshape(1, -1, h, w)[:, cols.long()]
-    wt = weight[rows.long()][:, :, :, :] if rows is not None else weight
+    wt = weight if rows is None else weight[rows.long()]
     if scale is not None:
         image = image * scale.view(1, -1, 1, 1)
-    b = None if bias is None else (bias[rows.long()] if rows is not None else bias)
+    b = None if bias is None else (bias if rows is None else bias[rows.long()])
     return F.conv2d(image, wt, b, s, p).flatten(2)[0].t()
 
 
+def _kernels(lib, s):
+    """(kernel, tile family) of every candidate for a stride."""
+    out = [(0, f) for f in range(lib.tile_families)]
+    return out + ([(1, 0)] if s == 1 else [])
+
+
 @pytest.mark.parametrize("k,s,p,h", [(3, 1, 1, 9), (3, 2, 1, 9), (1, 1, 0, 6), (1, 2, 0, 7), (3, 1, 1, 2)])
-@pytest.mark.parametrize("n_out", [1, 5, 16, 17, 33, 70])
-def test_gconv_matches_conv2d(k, s, p, h, n_out):
+@pytest.mark.parametrize("n_out", [1, 5, 8, 17, 33, 70])
+def test_conv_matches_conv2d(lib, k, s, p, h, n_out):
+    """One head reading 7 of 23 columns (in any order) through 7 of 11 weight rows: all outputs or
+    ``n_out`` chosen ones, with attention, a residual (strided rows) and ReLU6, for every kernel and tile
+    family of the variant."""
     g = torch.Generator().manual_seed(n_out * 7 + k)
     cin, cx = 11, 23
     x = torch.randn(h * h, cx + 3, generator=g)[:, :cx]  # a column slice: strided rows
-    weight = torch.randn(80, cin, k, k, generator=g)
-    bias = torch.randn(80, generator=g)
+    weight, bias = torch.randn(80, cin, k, k, generator=g), torch.randn(80, generator=g)
     wrow = torch.randperm(cin, generator=g)[:7].sort().values.int()
-    cols = torch.randperm(cx, generator=g)[:7].int()  # any order: channel c of the head is column cols[c]
+    cols = torch.randperm(cx, generator=g)[:7].int()
     rows = torch.randperm(80, generator=g)[:n_out].int()
     scale = torch.rand(7, generator=g)
-    w_in = weight[:, wrow.long()]  # the head's weights in reading order
-    want = reference(x, h, h, w_in, bias, k, s, p, cols, rows, scale)
+    w_in = weight[:, wrow.long()]
     ho = (h + 2 * p - k) // s + 1
-    blocked = native.blocked(weight)
-    one = torch.tensor([7], dtype=torch.int32), torch.tensor([n_out], dtype=torch.int32)  # one head's counts
-    out = torch.full((ho * ho, n_out + 2), float("nan"))[:, 1:n_out + 1]
-    # chosen outputs (their weights gathered) and attention
-    native.gconv_heads(x, h, h, k, s, p, cin, 80, one[0], cols, wrow, one[1], rows, blocked[None], bias[None], out,
-                       scale=scale)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
-    # in place (no gather): all outputs, weight rows by index
-    want_all = reference(x, h, h, w_in, bias, k, s, p, cols, None)
-    out_all = torch.empty(ho * ho, 80)
-    native.gconv(x, h, h, k, s, p, cols, wrow, blocked, bias, out_all, act=1)
-    torch.testing.assert_close(out_all, want_all.relu(), rtol=1e-5, atol=1e-4)
-    # a residual (strided rows) added before ReLU6, fused into the stores
-    res = torch.randn(ho * ho, n_out + 5, generator=g)[:, 2:n_out + 2] * 4
-    want_res = (reference(x, h, h, w_in, bias, k, s, p, cols, rows) + res).clamp(0, 6)
-    out_res = torch.empty(ho * ho, n_out)
-    native.gconv_heads(x, h, h, k, s, p, cin, 80, one[0], cols, wrow, one[1], rows, blocked[None], bias[None],
-                       out_res, act=2, res=res)
-    torch.testing.assert_close(out_res, want_res, rtol=1e-5, atol=1e-4)
-    if out_res.numel() >= 64:  # the data exercise both clamps
-        assert (out_res == 6).any() and (out_res == 0).any() and ((out_res > 0) & (out_res < 6)).any()
-    if s == 1:  # pixel-vectorised kernel: outputs picked by row, weights in the plain layout
-        out_px = torch.empty(ho * ho, n_out)
-        plain = weight.reshape(1, 80, cin, k * k).contiguous()
-        native.gconv_px_heads(x, h, h, k, p, cin, 80, one[0], cols, wrow, one[1], rows, plain, bias[None], out_px)
-        torch.testing.assert_close(out_px, reference(x, h, h, w_in, bias, k, s, p, cols, rows), rtol=1e-5,
-                                   atol=1e-4)
-        native.gconv_px_heads(x, h, h, k, p, cin, 80, one[0], cols, wrow, one[1], rows, plain, bias[None], out_px,
-                              act=2, res=res)
-        torch.testing.assert_close(out_px, want_res, rtol=1e-5, atol=1e-4)
+    one = torch.tensor([7], dtype=torch.int32)
+    weights = dict(blocked_weight=native.blocked(weight), plain_weight=weight.reshape(80, cin, k * k).contiguous(),
+                   bias=bias, counts=one, cols=cols, wrow=wrow)
+    res = torch.randn(ho * ho, 85, generator=g)[:, 2:82] * 4
+    for kernel, tiles in _kernels(lib, s):
+        for chosen in (False, True):
+            m = n_out if chosen else 80
+            sel = dict(ocounts=torch.tensor([n_out], dtype=torch.int32), ocols=rows) if chosen else {}
+            want = reference(x, h, h, w_in, bias, k, s, p, cols, rows if chosen else None, scale)
+            out = torch.full((ho * ho, m + 2), float("nan"))[:, 1:m + 1]
+            lib.conv(x, h, h, k, s, p, 1, cin, 80, out, scale=scale, kernel=kernel, tiles=tiles, **weights, **sel)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+            want = (reference(x, h, h, w_in, bias, k, s, p, cols, rows if chosen else None) + res[:, :m]).clamp(0, 6)
+            lib.conv(x, h, h, k, s, p, 1, cin, 80, out, act=2, res=res[:, :m], kernel=kernel, tiles=tiles,
+                     **weights, **sel)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+            if out.numel() >= 64:  # the data exercise both clamps
+                assert (out == 6).any() and (out == 0).any() and ((out > 0) & (out < 6)).any()
 
 
 @pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
 @pytest.mark.parametrize("chosen", [False, True])
 @pytest.mark.parametrize("attention", [False, True])
-def test_gconv_heads_matches_conv2d(k, s, p, chosen, attention):
-    """All heads in one call: per-head inputs by column and weight row (one head reads nothing), chosen
-    outputs (one head computes none, one all), attention (folded into the inputs of wide heads, into
-    the weights of narrow ones), residual and ReLU fused; against F.conv2d per head."""
+def test_heads_match_conv2d(lib, k, s, p, chosen, attention):
+    """Three heads in one call: inputs by column and weight row (one head reads nothing), chosen outputs
+    (one head computes none, one all), attention (folded into the inputs of wide heads, into the weights
+    of narrow ones), residual and ReLU; every kernel; against F.conv2d per head."""
     g = torch.Generator().manual_seed(k * 10 + s + chosen + 2 * attention)
     heads, cin, per, h, cx = 3, 13, 37, 8, 20
     x = torch.randn(h * h, cx + 2, generator=g)[:, :cx]
@@ -97,87 +102,130 @@ def test_gconv_heads_matches_conv2d(k, s, p, chosen, attention):
         want[:, col:col + n_out[i]] = ref
         col += n_out[i]
     want = (want + res).relu()
-    out = torch.full((ho * ho, sum(n_out)), float("nan"))
-    flat = lambda ts: torch.cat(ts) if ts else None  # noqa: E731
     blocked = torch.stack([native.blocked(wh) for wh in weight])
-    native.gconv_heads(x, h, h, k, s, p, cin, per, torch.tensor([r.numel() for r in wrows], dtype=torch.int32),
-                       flat(cols), flat(wrows), None if outs is None else torch.tensor(n_out, dtype=torch.int32),
-                       None if outs is None else flat(outs), blocked, bias, out, act=1, res=res,
-                       scale=flat(scales) if attention else None)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
-    if s == 1 and not attention:  # vectorised over pixels: plain weights, outputs picked by row, the planes made inside
-        out.fill_(float("nan"))
-        native.gconv_px_heads(x, h, h, k, p, cin, per, torch.tensor([r.numel() for r in wrows], dtype=torch.int32),
-                              flat(cols), flat(wrows), None if outs is None else torch.tensor(n_out, dtype=torch.int32),
-                              None if outs is None else flat(outs), weight.reshape(heads, per, cin, k * k).contiguous(),
-                              bias, out, act=1, res=res)
+    plain = weight.reshape(heads, per, cin, k * k).contiguous()
+    args = dict(blocked_weight=blocked, plain_weight=plain, bias=bias,
+                counts=torch.tensor([r.numel() for r in wrows], dtype=torch.int32), cols=torch.cat(cols),
+                wrow=torch.cat(wrows), scale=torch.cat(scales) if attention else None, act=1, res=res)
+    if outs is not None:
+        args.update(ocounts=torch.tensor(n_out, dtype=torch.int32), ocols=torch.cat(outs))
+    for kernel, tiles in _kernels(lib, s):
+        out = torch.full((ho * ho, sum(n_out)), float("nan"))
+        executed = lib.conv(x, h, h, k, s, p, heads, cin, per, out, kernel=kernel, tiles=tiles, **args)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+        assert executed >= ho * ho * sum(m * r.numel() * k * k for m, r in zip(n_out, wrows))
 
 
 @pytest.mark.parametrize("s,h,c", [(1, 7, 5), (2, 9, 16), (1, 6, 37), (2, 8, 37)])
-def test_dwconv_matches_conv2d(s, h, c):
+def test_dwconv_matches_conv2d(lib, s, h, c):
     g = torch.Generator().manual_seed(c + s)
     x = torch.randn(h * h, c + 4, generator=g)[:, 1:c + 1]  # a column slice: strided rows
     weight, bias = torch.randn(c, 1, 3, 3, generator=g), torch.randn(c, generator=g)
     want = F.conv2d(x.t().reshape(1, c, h, h), weight, bias, s, 1, 1, c).flatten(2)[0].t() * 3
     ho = (h + 2 - 3) // s + 1
     out = torch.full((ho * ho, c + 2), float("nan"))[:, 1:c + 1]
-    native.dwconv(x, h, h, 3, s, 1, (weight * 3).flatten(1).t().contiguous(), bias * 3, out, act=2)
+    lib.dwconv(x, h, h, 3, s, 1, (weight * 3).flatten(1).t().contiguous(), bias * 3, out, act=2)
     torch.testing.assert_close(out, want.clamp(0, 6), rtol=1e-5, atol=1e-5)
     assert (out == 6).any() and (out == 0).any()
 
 
-def test_generators_match_torch():
-    """One C call (context mean, stacked first layers, each second layer) against the PyTorch path."""
-    from msgc.deploy.ops import Generators
+def test_generators_match_torch(lib):
+    """One C call (context mean, stacked first layers, each second layer) against the generators."""
+    from msgc.deploy.fold import FoldedGenerators
     from msgc.modeling.layers import AttentionGenerator, MaskGenerator
 
     torch.manual_seed(0)
     gens = [MaskGenerator(40, 40, 1), MaskGenerator(40, 24, 4), AttentionGenerator(40, 24, 4)]
-    for g in gens:
-        torch.nn.init.normal_(g.conv[3].weight)
-        g.conv[1].running_mean.normal_()
-        g.conv[1].running_var.uniform_(0.5, 2)
+    for gen in gens:
+        torch.nn.init.normal_(gen.second.weight)
+        gen.norm.running_mean.normal_()
+        gen.norm.running_var.uniform_(0.5, 2)
+        gen.eval()
+    f = FoldedGenerators(gens)
     x = torch.randn(37, 50)[:, 3:43]  # a column slice: strided rows
-    want = Generators([g.eval() for g in gens])(x)
-    got = Generators(gens, native=True)(x)
-    assert [t.shape for t in got] == [(1, 40), (4, 24), (4, 24)]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    got = lib.generators(x, f.w1, f.b1, f.desc, f.w2, f.b2)
     context = x.mean(0, keepdim=True)[..., None, None]
-    torch.testing.assert_close(got[1], gens[1].logits(context)[0], rtol=1e-5, atol=1e-5)
+    want = torch.cat([gen.logits(context).flatten() for gen in gens])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads", [1, 3])
-def test_head_sets_match_numpy(heads):
-    from msgc.deploy.gates import _head_sets
-
+def test_head_sets_match_numpy(lib, heads):
     g = torch.Generator().manual_seed(heads)
     logits = torch.randn(heads, 20, generator=g)
+    if heads > 1:
+        logits[1] = 1.0  # a head with every other gate open
     logits[0] = -1.0  # a head with every gate closed
     logits[-1, 5] = 0.0  # a logit of exactly 0 opens its channel
     logits[:, 7] = -1.0  # a channel that no head reads
-    if heads > 1:
-        logits[1] = 1.0  # and one with every gate open
     att = torch.randn(heads, 20, generator=g)
-    got, want = native.head_sets(logits, att), _head_sets(logits, att)
-    assert got[0] == want[0] == (logits >= 0).sum(1).tolist() == got[1][:heads].tolist()
-    assert got[1][heads] == got[4].numel()
-    for a, b in zip(got[2:], want[1:]):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    counts, _, idx, vals, union, pos = got
-    assert torch.equal(union, (logits >= 0).any(0).nonzero().flatten().int())
-    assert torch.equal(union[pos.long()], idx) and (heads > 1 or 7 not in union.tolist())
-    torch.testing.assert_close(vals, att[logits >= 0])
+    got = lib.head_sets(logits, heads, 20, att)
+    want = numpy_head_sets(logits, heads, 20, att)
+    assert got["counts"][:heads].tolist() == want["counts"] == (logits >= 0).sum(1).tolist()
+    assert got["counts"][heads] == got["uni"].numel() == want["n_uni"]
+    assert torch.equal(got["idx"].long(), torch.cat(want["idx"]))
+    assert torch.equal(got["pos"].long(), torch.cat(want["pos"]))
+    assert torch.equal(got["uni"].long(), want["uni"])
+    torch.testing.assert_close(got["vals"], torch.cat(want["vals"]))
+    assert torch.equal(got["uni"][got["pos"].long()], got["idx"]) and 7 not in got["uni"].tolist()
+    # one head over 4 groups: each group's open channels, numbered within it
+    one = lib.head_sets(logits[-1:], 1, 20, groups=4)
+    want = numpy_head_sets(logits[-1:], 1, 20, None, groups=4)
+    assert one["gcounts"].tolist() == want["gcounts"]
+    assert torch.equal(one["gidx"].long(), torch.cat(want["gidx"]))
 
 
-def test_empty_head_outputs_bias():
-    x, bias = torch.randn(16, 4), torch.randn(16)
-    out = torch.empty(16, 16)
-    weight = native.blocked(torch.randn(16, 4, 3, 3))
-    native.gconv(x, 4, 4, 3, 1, 1, torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), weight,
-                 bias, out)
-    torch.testing.assert_close(out, bias.expand(16, 16))
+def test_every_variant_this_cpu_runs_is_tested():
+    """x86-64 machines run the AVX2 and portable builds next to the best one (AVX-512 where present)."""
+    runnable = build.cpu_variants()
+    assert list(runnable) == VARIANTS and VARIANTS[-1] == "portable"
+    for v in VARIANTS:
+        assert native.library(v).lib.msgc_isa().decode() in (v, "neon")
+    if "avx2" in build.VARIANTS:
+        assert native.library("portable").vector_floats == 4
+        if "avx2" in runnable:
+            assert native.library("avx2").vector_floats == 8
+
+
+def test_avx512_builds_even_where_it_cannot_run(tmp_path, monkeypatch):
+    """Compiled here whatever the CPU (it is only loaded where the CPU has AVX-512)."""
+    if "avx512" not in build.VARIANTS:
+        pytest.skip("not an x86-64 machine")
+    monkeypatch.setenv("MSGC_CACHE", str(tmp_path))
+    path = build.build("avx512")
+    assert os.path.getsize(path) > 10000
+    if "avx512" not in build.cpu_variants():
+        with pytest.raises(build.BuildError, match="cannot run the avx512 kernels"):
+            native.Library("avx512")
+
+
+def test_an_interface_changed_on_one_side_is_caught(tmp_path, monkeypatch):
+    """A field added to a C struct (not to native/abi.py) is caught at load time, before any call."""
+    monkeypatch.setenv("MSGC_CACHE", str(tmp_path / "cache"))
+    csrc = tmp_path / "csrc"
+    shutil.copytree(build._CSRC, csrc)
+    header = (csrc / "msgc.h").read_text()
+    changed = header.replace("#define MSGC_GEOM(X) X(i32, h) X(i32, w)", "#define MSGC_GEOM(X) X(i32, h) X(i32, d) X(i32, w)")
+    assert changed != header
+    (csrc / "msgc.h").write_text(changed)
+    with pytest.raises(abi.AbiMismatch, match="msgc_geom"):
+        native.Library("portable", csrc=str(csrc))
+    # the other side: a Python declaration that drifted from the library's
+    monkeypatch.setattr(abi, "FIELDS", [(n, s.replace("i64 ldx", "i32 ldx")) for n, s in abi.FIELDS])
+    with pytest.raises(abi.AbiMismatch, match="differs"):
+        abi.check(native.library("portable").lib)
+
+
+def test_a_foreign_cache_file_is_not_loaded(tmp_path, monkeypatch):
+    """A cached library built for another instruction set under this variant's name is refused."""
+    monkeypatch.setenv("MSGC_CACHE", str(tmp_path))
+    if len(build.cpu_variants()) < 2:
+        pytest.skip("this CPU runs one variant only")
+    best, portable = build.cpu_variants()[0], build.build("portable")
+    target = build.build(best)
+    shutil.copy(portable, target)  # what a shared cache written by another machine could hold
+    with pytest.raises(build.BuildError, match=f"built for portable, not {best}"):
+        build.load(best)
 
 
 def _python(code, **env):
@@ -195,7 +243,12 @@ def test_without_compiler_deploy_falls_back(tmp_path):
     assert "using PyTorch's kernels" in broken.stdout
 
 
+def test_status_names_the_instruction_set():
+    assert native.status().startswith(f"loaded: {VARIANTS[0]} (")
+
+
 def test_native_needs_float32_cpu(cfg):
+    from msgc.deploy import deploy
     from msgc.modeling import build_model
 
     cfg.MODEL.BACKBONE.NAME = "msgc_resnet18"
@@ -204,4 +257,4 @@ def test_native_needs_float32_cpu(cfg):
     model = build_model(cfg).double().eval()
     with pytest.raises(ValueError, match="on the CPU in float32"):
         deploy(model, native=True)
-    assert not deploy(model).backbone.blocks[0].conv2.native  # the default falls back
+    assert not deploy(model).native  # the default falls back

@@ -1,5 +1,7 @@
-"""Deployment: inference-only networks that compute only what the gates keep (see the README, "Speed")."""
-from .build import DEPLOY_REGISTRY, DeployedClassifier, deploy
-from . import backbones  # noqa: F401  (registers the deployed backbones)
+"""Deployment: inference-only networks that compute only what the gates keep (README, "Speed";
+``msgc/deploy/README.md`` for the layout of this package)."""
+from .backbones import BACKBONE_DEPLOYERS, BackboneDeployer
+from .blocks import BLOCK_DEPLOYERS
+from .build import DeployedClassifier, deploy
 
-__all__ = ["DEPLOY_REGISTRY", "DeployedClassifier", "deploy"]
+__all__ = ["BACKBONE_DEPLOYERS", "BLOCK_DEPLOYERS", "BackboneDeployer", "DeployedClassifier", "deploy"]

@@ -1,143 +1,196 @@
-"""Deployed backbones: the stems and heads around the deployed blocks, registered by source class.
+"""Deployers of the backbones: the stem (PyTorch's oneDNN kernels, BatchNorm folded, batched), the
+graph of the blocks for an input size, and the classifier.
 
-Parts that no gate touches (stems, pooling, classifier heads, MobileNetV2's last 1x1) run as in the
-host network, BatchNorm folded, and are counted as the paper counts them.
+Parts that no gate touches (stems, poolings, the classifier, MobileNetV2's last 1x1) run as in the host
+network and count the paper's MACs for them. A deployer is registered for a backbone class and found
+through the class hierarchy (:data:`BACKBONE_DEPLOYERS`): a subclass of ``MSGCResNet`` deploys as one.
 """
+from typing import List, Tuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..modeling.backbone.condensenet import DenseLayer, MSGCDenseNet
+from ..modeling.backbone.condensenet import MSGCDenseNet, transition_macs
 from ..modeling.backbone.mobilenetv2 import MSGCMobileNetV2
-from ..modeling.backbone.resnet import BasicBlock, Bottleneck, MSGCResNet
-from .blocks import DeployedBasicBlock, DeployedBottleneck, DeployedDenseLayer, DeployedInvertedResidual
-from .build import DEPLOY_REGISTRY
-from .ops import FoldedConv, PreActivation, to_image, to_matrix
+from ..modeling.backbone.resnet import MSGCResNet
+from .blocks import deploy_block
+from .fold import fold_bn, to_matrix
+from .graph import RELU, RELU6, ConvWeights, Graph
+from .registry import TypeRegistry
 
-__all__ = ["DeployedResNet", "DeployedMobileNetV2", "DeployedDenseNet"]
+__all__ = ["BACKBONE_DEPLOYERS", "BackboneDeployer", "ResNetDeployer", "MobileNetV2Deployer", "DenseNetDeployer"]
+
+BACKBONE_DEPLOYERS = TypeRegistry(
+    "backbone", "msgc.deploy.BACKBONE_DEPLOYERS",
+    "a BackboneDeployer subclass constructed as entry(backbone) from a backbone in eval mode")
 
 
-class _Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+class _Stem(nn.Module):
+    """A convolution with its BatchNorm folded, then an activation (and a max-pooling)."""
+
+    def __init__(self, conv: nn.Conv2d, bn, act: int, maxpool: bool = False):
         super().__init__()
-        self.register_buffer("weight", linear.weight.detach().float().t().contiguous(), persistent=False)
-        self.register_buffer("bias", linear.bias.detach().float().clone(), persistent=False)
+        weight, bias = fold_bn(conv.weight, bn)
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.stride, self.padding, self.act, self.maxpool = conv.stride, conv.padding, act, maxpool
 
-    def forward(self, features):
-        """HW x C features -> 1 x classes logits (global average pooling, then the linear layer)."""
-        return torch.addmm(self.bias, features.mean(0, keepdim=True), self.weight)
+    def forward(self, images):
+        x = F.conv2d(images.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self.stride,
+                     self.padding)
+        x = x.relu_() if self.act == RELU else x.clamp_(0, 6) if self.act == RELU6 else x
+        return F.max_pool2d(x, 3, 2, 1) if self.maxpool else x
 
 
-def _image(x):
-    """A 1 x 3 x H x W image -> its HW x 3 matrix (channels-last)."""
-    return to_matrix(x.contiguous(memory_format=torch.channels_last))
+class BackboneDeployer(nn.Module):
+    """Base of the backbone deployers.
+
+    Subclasses set ``self.stem`` (a module: images ``N x 3 x H x W`` -> ``N x C x h x w``), call
+    :meth:`set_classifier` and implement :meth:`stem_macs`, :meth:`graph` and :meth:`head_macs`.
+    """
+
+    def set_classifier(self, fc: nn.Linear) -> None:
+        """The linear classifier on the pooled features (copied: a deployed model has no parameters)."""
+        self.register_buffer("fc_weight", fc.weight.detach().float().t().contiguous(), persistent=False)
+        self.register_buffer("fc_bias", fc.bias.detach().float().clone(), persistent=False)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """``N x C`` pooled features -> ``N x classes`` logits."""
+        return torch.addmm(self.fc_bias, features, self.fc_weight)
+
+    def program_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The stem's output as the graph's input: ``N x h x w x C`` (contiguous)."""
+        return to_matrix(self.stem(images))
+
+    def stem_macs(self, h: int, w: int) -> Tuple[int, int, int]:
+        """(the stem's MACs as the paper counts them, output h, output w)."""
+        raise NotImplementedError  # abstract
+
+    def graph(self, h: int, w: int) -> Graph:
+        """What a sample of an ``h x w`` image computes after the stem."""
+        raise NotImplementedError  # abstract
+
+    def head_macs(self, h: int, w: int) -> int:
+        raise NotImplementedError  # abstract
 
 
-@DEPLOY_REGISTRY.register("MSGCResNet")
-class DeployedResNet(nn.Module):
-    """Deployed :class:`MSGCResNet` (basic and bottleneck blocks)."""
+def _blocks(blocks, names) -> list:
+    return [deploy_block(b, n) for b, n in zip(blocks, names)]
 
-    def __init__(self, net: MSGCResNet, native: bool = False):
+
+@BACKBONE_DEPLOYERS.register(MSGCResNet)
+class ResNetDeployer(BackboneDeployer):
+    """:class:`MSGCResNet` (basic and bottleneck blocks)."""
+
+    def __init__(self, net: MSGCResNet):
         super().__init__()
-        self.stem = FoldedConv(net.conv1, net.bn1)
-        self.maxpool = not isinstance(net.maxpool, nn.Identity)
-        blocks = []
-        for i in range(1, 5):
-            for j, blk in enumerate(getattr(net, f"layer{i}")):
-                kind = DeployedBasicBlock if isinstance(blk, BasicBlock) else DeployedBottleneck
-                if not isinstance(blk, (BasicBlock, Bottleneck)):
-                    raise ValueError(f"deploy: layer{i}.{j} is a {type(blk).__name__}, not a ResNet block")
-                blocks.append(kind(blk, f"layer{i}.{j}", native))
-        self.blocks = nn.ModuleList(blocks)
-        self.fc = _Linear(net.fc)
-        self.stem_costs, self.head_macs = net._stem_costs, net.head_macs
+        self.net = [net]  # not a submodule: the MAC functions only
+        self.stem = _Stem(net.conv1, net.bn1, RELU, maxpool=not isinstance(net.maxpool, nn.Identity))
+        names = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(net, f"layer{i}")))]
+        self.blocks = _blocks(net.blocks(), names)
+        self.set_classifier(net.fc)
 
-    def forward_sample(self, image):
-        """One 1 x 3 x H x W image -> (1 x classes logits, paper MACs, executed MACs)."""
-        stem = self.stem_costs(image.size(2), image.size(3))[0]
-        macs = float(stem)
-        x, h, w, _ = self.stem(_image(image), image.size(2), image.size(3))
-        x.relu_()
-        if self.maxpool:
-            x = to_matrix(F.max_pool2d(to_image(x, h, w), 3, 2, 1))
-            h, w = (h + 1) // 2, (w + 1) // 2
-        executed = stem
+    def stem_macs(self, h, w):
+        return self.net[0].stem_macs(h, w)
+
+    def head_macs(self, h, w):
+        return self.net[0].head_macs(h, w)
+
+    def graph(self, h, w):
+        stem, h, w = self.stem_macs(h, w)
+        g = Graph(h, w, self.net[0].stage_channels["stem"])
+        g.add_macs(stem)
+        x = g.input
         for blk in self.blocks:
-            x, h, w, macs, executed = blk(x, h, w, macs, executed)
-        head = self.head_macs(h, w)
-        return self.fc(x), macs + head, executed + head
+            x = blk.emit(g, x)
+        g.gap(x)
+        g.add_macs(self.head_macs(x.h, x.w))
+        return g
 
 
-@DEPLOY_REGISTRY.register("MSGCMobileNetV2")
-class DeployedMobileNetV2(nn.Module):
-    """Deployed :class:`MSGCMobileNetV2`."""
+@BACKBONE_DEPLOYERS.register(MSGCMobileNetV2)
+class MobileNetV2Deployer(BackboneDeployer):
+    """:class:`MSGCMobileNetV2`."""
 
-    def __init__(self, net: MSGCMobileNetV2, native: bool = False):
+    def __init__(self, net: MSGCMobileNetV2):
         super().__init__()
-        first, last = net.features[0], net.features[-1]
-        self.stem = FoldedConv(first[0], first[1])
-        self.blocks = nn.ModuleList(DeployedInvertedResidual(b, f"features.{i}", native)
-                                    for i, b in enumerate(net.features[1:-1], start=1))
-        self.last = FoldedConv(last[0], last[1])
-        self.fc = _Linear(net.classifier[-1])
-        self.stem_macs, self.last_macs, self.head_macs = net._stem_macs, net._last_macs, net.head_macs
+        self.net = [net]
+        self.stem = _Stem(net.stem[0], net.stem[1], RELU6)
+        self.blocks = _blocks(net.blocks(), [f"features.{i}" for i in range(1, len(net.blocks()) + 1)])
+        self.last = ConvWeights(net.last_conv[0], net.last_conv[1], 1, "last_conv")
+        self.set_classifier(net.fc)
 
-    def forward_sample(self, image):
-        stem = self.stem_macs(image.size(2), image.size(3))[0]
-        macs = float(stem)
-        x, h, w, _ = self.stem(_image(image), image.size(2), image.size(3))
-        x.clamp_(0, 6)
-        executed = stem
+    def stem_macs(self, h, w):
+        return self.net[0].stem_macs(h, w)
+
+    def head_macs(self, h, w):
+        return self.net[0].head_macs(h, w)
+
+    def graph(self, h, w):
+        stem, h, w = self.stem_macs(h, w)
+        g = Graph(h, w, self.net[0].stage_channels["stem"])
+        g.add_macs(stem)
+        x = g.input
         for blk in self.blocks:
-            x, h, w, macs, executed = blk(x, h, w, macs, executed)
-        last = self.last_macs(h, w)
-        x, h, w, _ = self.last(x, h, w)
-        x.clamp_(0, 6)
-        head = self.head_macs(h, w)
-        return self.fc(x), (macs + last) + head, executed + last + head
+            x = blk.emit(g, x)
+        g.add_macs(self.net[0].last_macs(x.h, x.w))
+        x = g.conv(x, self.last, act=RELU6)
+        g.gap(x)
+        g.add_macs(self.head_macs(x.h, x.w))
+        return g
 
 
-@DEPLOY_REGISTRY.register("MSGCDenseNet")
-class DeployedDenseNet(nn.Module):
-    """Deployed :class:`MSGCDenseNet`: each stage writes its layers' outputs into one preallocated
-    channels-last buffer, so no layer copies its input (the host's concatenations)."""
+@BACKBONE_DEPLOYERS.register(MSGCDenseNet)
+class DenseNetDeployer(BackboneDeployer):
+    """:class:`MSGCDenseNet`: each stage is one buffer of its final width; a layer reads its first
+    columns and writes its new channels after them (no concatenation copies). The stem writes the first
+    stage's first columns."""
 
-    def __init__(self, net: MSGCDenseNet, native: bool = False):
+    def __init__(self, net: MSGCDenseNet):
         super().__init__()
-        self.stem = FoldedConv(net.features.init_conv)
-        stages, self.widths = [], []
-        for name, module in net.features.named_children():
-            if name.startswith("denseblock"):
-                for j, layer in enumerate(module):
-                    if not isinstance(layer, DenseLayer):
-                        raise ValueError(f"deploy: {name}.{j} is a {type(layer).__name__}, not a DenseLayer")
-                stages.append(nn.ModuleList(DeployedDenseLayer(l, f"features.{name}.{j}", native)
-                                            for j, l in enumerate(module)))
-                self.widths.append(net.stage_channels[name.replace("denseblock_", "dense")])
-        self.stages = nn.ModuleList(stages)
-        self.last_norm = PreActivation(net.features_last.norm_last)
-        self.fc = _Linear(net.classifier)
-        self.stem_macs, self.head_macs = net._stem_macs, net.head_macs
+        self.net = [net]
+        self.stem = _Stem(net.stem, None, 0)
+        self.stages: List[list] = []
+        for i, layers in enumerate(net.stages()):
+            names = [f"features.denseblock_{i + 1}.denselayer_{j + 1}" for j in range(len(layers))]
+            self.stages.append(_blocks(layers, names))
+        self.widths = [layers[-1].in_channels + layers[-1].growth for layers in net.stages()]
+        self.final_norm = [net.final_norm]  # not a submodule: folded when the graph is made
+        self.set_classifier(net.classifier)
 
-    def forward_sample(self, image):
-        stem = self.stem_macs(image.size(2), image.size(3))[0]
-        macs = float(stem)
-        x, h, w, _ = self.stem(_image(image), image.size(2), image.size(3))
-        executed = stem
-        for i, (stage, width) in enumerate(zip(self.stages, self.widths)):
+    def program_input(self, images):
+        x = self.stem(images)
+        out = x.new_empty(x.size(0), x.size(2), x.size(3), self.widths[0])
+        out[..., :x.size(1)] = x.permute(0, 2, 3, 1)
+        return out
+
+    def stem_macs(self, h, w):
+        return self.net[0].stem_macs(h, w)
+
+    def head_macs(self, h, w):
+        return self.net[0].head_macs(h, w)
+
+    def graph(self, h, w):
+        stem, h, w = self.stem_macs(h, w)
+        g = Graph(h, w, self.widths[0])
+        g.add_macs(stem)
+        stage, c = g.input, self.net[0].stage_channels["stem"]
+        for i, (layers, width) in enumerate(zip(self.stages, self.widths)):
             if i:
-                x = to_matrix(F.avg_pool2d(to_image(x, h, w), 2, 2))
-                h, w = h // 2, w // 2
-                pool = 4 * x.numel()
-                macs, executed = macs + pool, executed + pool
-            buf = x.new_empty(x.size(0), width)
-            c = x.size(1)
-            buf[:, :c] = x
-            for layer in stage:
-                out, h, w, macs, executed = layer(buf[:, :c], h, w, macs, executed)
-                buf[:, c:c + out.size(1)] = out
-                c += out.size(1)
-            x = buf
-        x = self.last_norm(x)
-        head = self.head_macs(h, w)
-        return self.fc(x), macs + head, executed + head
+                nxt = g.buffer(stage.h // 2, stage.w // 2, width)
+                g.pool(stage, 2, dst=g.view(nxt, 0, c))
+                g.add_macs(transition_macs(c, nxt.h, nxt.w))
+                stage = nxt
+            for layer in layers:
+                layer.emit(g, g.view(stage, 0, c), out=g.view(stage, c, layer.growth))
+                c += layer.growth
+        x = g.affine(stage, self.final_norm[0], RELU)
+        g.gap(x)
+        g.add_macs(self.head_macs(x.h, x.w))
+        return g
+
+
+def deploy_backbone(backbone: nn.Module) -> BackboneDeployer:
+    """The deployer of ``backbone`` (found through its class hierarchy)."""
+    return BACKBONE_DEPLOYERS.get(backbone)(backbone)

@@ -1,178 +1,185 @@
-"""Deployed versions of the gated blocks: per sample, only what the gates keep is computed.
+"""Deployers of the gated blocks: each folds a block's weights once and, per input size, describes in
+a :class:`~.graph.Graph` what one sample computes, so that only what the gates keep is computed:
 
-Each deployed block maps ``(x, h, w, macs, executed)`` to the same for its output, where ``x`` is the
-``HW x C`` channels-last matrix of one sample, ``macs`` the paper-counted MACs so far and ``executed``
-the MACs actually run so far (an int).
+- closed input channels are never read (each gated convolution reads its set's open channels);
+- output channels that nothing reads are not computed (the paper's bonus): a convolution feeding an
+  MSGC convolution computes the union of its heads' channels; a bottleneck's conv2 computes only the
+  channels conv3's mask keeps;
+- BatchNorm is folded into the convolution before it, attention into the gathered weights or inputs.
 
-``macs`` is a Python float updated with the same float64 operations, in the same order, as the source
-block's forward (from the source block's cached cost terms and the masks' counts), so that it equals the
-eval model's ``macs`` bit for bit; the tests hold the two against each other. Doing it in Python
-rather than on one-element tensors saves some 60 microseconds per block.
+A block's paper MACs are its own ``sample_macs`` (the model's function) on the sets' counts.
+
+Deployers are found through the block's class hierarchy (:data:`BLOCK_DEPLOYERS`), so a subclass of a
+block deploys as its base unless it registers its own.
 """
-import torch
+from typing import Dict, Optional
+
 from torch import nn
 
-from .gates import BlockGates, HeadSets
-from .ops import RELU, RELU6, DepthwiseConv, FoldedConv, HeadConv, PointHeadConv, PreActivation
+from ..modeling.backbone.condensenet import DenseLayer
+from ..modeling.backbone.mobilenetv2 import InvertedResidual
+from ..modeling.backbone.resnet import BasicBlock, Bottleneck
+from ..modeling.grouping import StaticMask
+from ..modeling.layers import AttentionGenerator, MaskGenerator
+from .fold import FoldedGenerators
+from .graph import ALL, GROUPS, NONE, RELU, RELU6, UNION, Buffer, ConvWeights, Graph, IndexSet
+from .registry import TypeRegistry
 
-__all__ = ["DeployedBlock", "DeployedBasicBlock", "DeployedBottleneck", "DeployedInvertedResidual",
-           "DeployedDenseLayer"]
+__all__ = ["BLOCK_DEPLOYERS", "GateSources", "BasicBlockDeployer", "BottleneckDeployer",
+           "InvertedResidualDeployer", "DenseLayerDeployer"]
 
-
-class DeployedBlock(nn.Module):
-    """Shared part: the context, the gates and the paper's MAC count of the source block."""
-
-    def __init__(self, block, gate_names, where, native):
-        super().__init__()
-        self.gates = BlockGates({n: getattr(block, n) for n in gate_names}, where, native)
-        self.uses_context = block.uses_context
-        self.native = native
-        self.terms = block.terms  # the source block's cached cost terms (a bound method, not a submodule)
-
-    def decide(self, x):
-        """The gates' logits for sample x (HW x C) and the MACs of computing them."""
-        if not self.uses_context:
-            return self.gates(None), 0
-        return self.gates(x), x.numel() + self.gates.macs
-
-    def sets(self, g, mask, att, heads, channels):
-        """:class:`HeadSets` of the gate ``mask`` (a name in ``g``), with the attention ``att``."""
-        return HeadSets(g.get(mask), heads, channels, g.get(att), self.native)
+BLOCK_DEPLOYERS = TypeRegistry("block", "msgc.deploy.BLOCK_DEPLOYERS",
+                               "a class with __init__(block, where) and emit(graph, x) -> output buffer")
 
 
-class DeployedBasicBlock(DeployedBlock):
-    """ResNet basic block: conv1 reads the open inputs and computes only the channels that some head of
-    conv2 reads; each head of conv2 reads its open channels; attention folded in."""
+class GateSources:
+    """A block's masks and attentions, by name: generators (evaluated together on the block's
+    context), static masks (constants) or None."""
 
-    def __init__(self, block, where="", native=False):
-        super().__init__(block, ("maskgen1", "maskgen2", "attgen1", "attgen2"), where, native)
-        self.heads, self.planes = block.heads, block.planes
-        self.conv1 = HeadConv(block.conv1, block.bn1, 1, native)
-        self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
-        self.downsample = None if block.downsample is None else FoldedConv(*block.downsample, native=native)
+    def __init__(self, where: str, **modules: Optional[nn.Module]):
+        self.where, self.static, self.index = where, {}, {}
+        generators = []
+        for name, module in modules.items():
+            if module is None:
+                continue
+            if isinstance(module, StaticMask):  # as logits: +1 where open, -1 where closed
+                self.static[name] = (module.mask.detach().float() * 2 - 1).contiguous()
+            elif isinstance(module, (MaskGenerator, AttentionGenerator)):
+                self.index[name] = len(generators)
+                generators.append(module)
+            else:
+                raise ValueError(
+                    f"deploy: {where}.{name} is a {type(module).__name__}; deploy supports MaskGenerator, "
+                    "StaticMask and AttentionGenerator (groupings msgc, prune, static, dense; attention none, "
+                    "channel)")
+        self.generators = FoldedGenerators(generators) if generators else None
+        self._logits: Dict[str, object] = {}
 
-    def forward(self, x, h, w, macs, executed):
-        g, ex = self.decide(x)
-        s1 = self.sets(g, "maskgen1", "attgen1", 1, x.size(1))
-        s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.planes)
-        rows = s2.union_rows()
-        y, ho, wo, m1 = self.conv1(x, h, w, s1.idx, s1.idx, s1.scale, rows, RELU)
-        identity, m3 = x, 0
-        if self.downsample is not None:
-            identity, _, _, m3 = self.downsample(x, h, w)
-        out, _, _, m2 = self.conv2(y, ho, wo, s2.reading(y), s2.idx, s2.scale, None, RELU, identity)
-        return out, ho, wo, _two_conv_macs(macs, self.terms(h, w)[0], s1, s2), executed + ex + m1 + m2 + m3
+    @property
+    def needs_context(self) -> bool:
+        return self.generators is not None
 
+    def emit(self, g: Graph, x: Buffer) -> None:
+        """The generators' op on ``x`` (the block's input, whose mean is the context)."""
+        self._logits = {}
+        if self.generators is not None:
+            outs = g.gates(x, self.generators)
+            self._logits = {name: outs[i] for name, i in self.index.items()}
 
-class DeployedBottleneck(DeployedBlock):
-    """ResNet bottleneck: conv1 (open inputs -> channels some head reads), conv2 per head (only the
-    outputs that conv3's mask keeps: the second bonus), conv3 on exactly those channels."""
-
-    def __init__(self, block, where="", native=False):
-        super().__init__(block, ("maskgen1", "maskgen2", "maskgen3", "attgen2"), where, native)
-        self.heads, self.width = block.heads, block.width
-        self.conv1 = PointHeadConv(block.conv1, block.bn1, 1, native)
-        self.conv2 = HeadConv(block.conv2, block.bn2, block.heads, native)
-        self.conv3 = PointHeadConv(block.conv3, block.bn3, 1, native)
-        self.downsample = None if block.downsample is None else FoldedConv(*block.downsample, native=native)
-
-    def forward(self, x, h, w, macs, executed):
-        g, ex = self.decide(x)
-        s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
-        s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.width)
-        s3 = self.sets(g, "maskgen3", None, 1, self.width)
-        rows = s2.union_rows()
-        y, _, _, m1 = self.conv1(x, h, w, s1.idx, s1.idx, [None], rows, RELU)
-        y, ho, wo, m2 = self.conv2(y, h, w, s2.reading(y), s2.idx, s2.scale, s3.groups(self.heads).idx, RELU)
-        identity, m4 = x, 0
-        if self.downsample is not None:
-            identity, _, _, m4 = self.downsample(x, h, w)
-        out, _, _, m3 = self.conv3(y, ho, wo, [None], s3.idx, [None], None, RELU, identity)
-        t = self.terms(h, w)[0]
-        dgc1 = s1.mean * t["dgc1"]
-        dgc = dgc1 + s2.mean * t["dgc2"] + s3.mean * t["dgc3"]
-        bonus = s2.unread * dgc1 + self._bonus3(s2, s3, t["dgc2"])
-        return out, ho, wo, macs + (t["main"] + t["gen"]) + dgc - bonus, executed + ex + m1 + m2 + m3 + m4
-
-    def _bonus3(self, s2, s3, dgc2):
-        """As :meth:`Bottleneck._bonus3`: conv2's share of the outputs that conv3 does not read."""
-        if s2.open is None or s3.open is None:
-            return 0.0
-        per = self.width // self.heads
-        terms = [(k / self.width) * ((per - o) / per) for k, o in zip(s2.open, s3.groups(self.heads).open)]
-        return _row_sum(terms) * (dgc2 / self.heads)
+    def sets(self, g: Graph, mask: Optional[str], att: Optional[str], heads: int, channels: int,
+             groups: int = 0) -> Optional[IndexSet]:
+        """The index sets of the mask named ``mask`` with the attention named ``att`` (after :meth:`emit`)."""
+        return g.index_set(heads, channels, logits=self._logits.get(mask), const=self.static.get(mask),
+                           att=self._logits.get(att), groups=groups)
 
 
-class DeployedInvertedResidual(DeployedBlock):
-    """MobileNetV2 block: expansion and depthwise convolution only on the hidden channels that some
+def _shortcut(block, where) -> Optional[ConvWeights]:
+    sc = block.shortcut
+    return None if sc is None else ConvWeights(sc[0], sc[1], 1, f"{where}.downsample")
+
+
+@BLOCK_DEPLOYERS.register(BasicBlock)
+class BasicBlockDeployer:
+    """ResNet basic block: conv1 reads its mask's open inputs and computes the channels some head of
+    conv2 reads; each head of conv2 reads its open channels; the shortcut is added in conv2's stores."""
+
+    def __init__(self, block: BasicBlock, where: str):
+        self.block, self.heads, self.planes, self.inplanes = block, block.heads, block.planes, block.inplanes
+        self.gates = GateSources(where, maskgen1=block.maskgen1, maskgen2=block.maskgen2, attgen1=block.attgen1,
+                                 attgen2=block.attgen2)
+        self.conv1 = ConvWeights(block.conv1, block.bn1, 1, f"{where}.conv1")
+        self.conv2 = ConvWeights(block.conv2, block.bn2, block.heads, f"{where}.conv2")
+        self.downsample = _shortcut(block, where)
+
+    def emit(self, g: Graph, x: Buffer) -> Buffer:
+        self.gates.emit(g, x)
+        s1 = self.gates.sets(g, "maskgen1", "attgen1", 1, self.inplanes)
+        s2 = self.gates.sets(g, "maskgen2", "attgen2", self.heads, self.planes)
+        y = g.conv(x, self.conv1, s1, att=self.block.attgen1 is not None, outputs=(UNION, s2), act=RELU)
+        identity = x if self.downsample is None else g.conv(x, self.downsample)
+        out = g.conv(y, self.conv2, s2, att=self.block.attgen2 is not None, act=RELU, res=identity)
+        g.add_block_macs(self.block.sample_macs, x.h, x.w, [s1, s2])
+        return out
+
+
+@BLOCK_DEPLOYERS.register(Bottleneck)
+class BottleneckDeployer:
+    """ResNet bottleneck: conv1 (open inputs -> channels some head reads), conv2 per head computing only
+    the outputs conv3's mask keeps (the second bonus), conv3 reading exactly those."""
+
+    def __init__(self, block: Bottleneck, where: str):
+        self.block, self.heads, self.width, self.inplanes = block, block.heads, block.width, block.inplanes
+        self.gates = GateSources(where, maskgen1=block.maskgen1, maskgen2=block.maskgen2, maskgen3=block.maskgen3,
+                                 attgen2=block.attgen2)
+        self.conv1 = ConvWeights(block.conv1, block.bn1, 1, f"{where}.conv1")
+        self.conv2 = ConvWeights(block.conv2, block.bn2, block.heads, f"{where}.conv2")
+        self.conv3 = ConvWeights(block.conv3, block.bn3, 1, f"{where}.conv3")
+        self.downsample = _shortcut(block, where)
+
+    def emit(self, g: Graph, x: Buffer) -> Buffer:
+        self.gates.emit(g, x)
+        s1 = self.gates.sets(g, "maskgen1", None, 1, self.inplanes)
+        s2 = self.gates.sets(g, "maskgen2", "attgen2", self.heads, self.width)
+        s3 = self.gates.sets(g, "maskgen3", None, 1, self.width, groups=self.heads)
+        y = g.conv(x, self.conv1, s1, outputs=(UNION, s2), act=RELU)
+        y = g.conv(y, self.conv2, s2, att=self.block.attgen2 is not None, outputs=(GROUPS, s3), act=RELU)
+        identity = x if self.downsample is None else g.conv(x, self.downsample)
+        out = g.conv(y, self.conv3, s3, act=RELU, res=identity)
+        g.add_block_macs(self.block.sample_macs, x.h, x.w, [s1, s2, s3])
+        return out
+
+
+@BLOCK_DEPLOYERS.register(InvertedResidual)
+class InvertedResidualDeployer:
+    """MobileNetV2 block: the expansion and the depthwise convolution only on the hidden channels some
     head of the projection reads (the bonus); each projection head reads its open channels."""
 
-    def __init__(self, block, where="", native=False):
-        super().__init__(block, ("maskgen", "attgen"), where, native)
-        self.heads, self.hidden, self.expand = block.heads, block.hidden, block.expand
+    def __init__(self, block: InvertedResidual, where: str):
+        self.block, self.heads, self.hidden = block, block.heads, block.hidden
+        self.gates = GateSources(where, maskgen=block.maskgen, attgen=block.attgen)
+        ex = block.expansion
+        self.expand = None if ex is None else ConvWeights(ex[0], ex[1], 1, f"{where}.expansion")
+        dw = block.depthwise
+        self.dw = ConvWeights(dw[0], dw[1], dw[0].groups, f"{where}.depthwise")
+        project, bn = block.project
+        self.project = ConvWeights(project, bn, block.heads, f"{where}.project")
         self.residual = block.use_res_connect
-        layers = list(block.conv)
-        self.pw = PointHeadConv(layers[0][0], layers[0][1], 1, native) if self.expand else None
-        dw = layers[1] if self.expand else layers[0]
-        self.dw = DepthwiseConv(dw[0], dw[1], native)
-        self.project = PointHeadConv(layers[-2], layers[-1], block.heads, native)
 
-    def forward(self, x, h, w, macs, executed):
-        g, ex = self.decide(x)
-        s = self.sets(g, "maskgen", "attgen", self.heads, self.hidden)
-        keep = s.union
-        if self.pw is not None:
-            y, _, _, m0 = self.pw(x, h, w, [None], [None], [None], s.union_rows(), RELU6)
-        else:
-            y, m0 = (x if keep is None else x.index_select(1, keep)), 0
-        if keep is not None and y.size(1) != keep.numel():  # the expansion computed every channel
-            y = y.index_select(1, keep)
-        y, ho, wo, m1 = self.dw(y, h, w, keep, RELU6)
-        out, _, _, m2 = self.project(y, ho, wo, s.pos, s.idx, s.scale, None, res=x if self.residual else None)
-        t = self.terms(h, w)[0]
-        macs = macs + (t["main"] + t["gen"]) + (s.mean * t["dgc"] - s.unread * t["pwdw"])
-        return out, ho, wo, macs, executed + ex + m0 + m1 + m2
+    def emit(self, g: Graph, x: Buffer) -> Buffer:
+        self.gates.emit(g, x)
+        s = self.gates.sets(g, "maskgen", "attgen", self.heads, self.hidden)
+        y = x if self.expand is None else g.conv(x, self.expand, outputs=(UNION, s), act=RELU6)
+        y = g.depthwise(y, self.dw, s, act=RELU6)
+        out = g.conv(y, self.project, s, att=self.block.attgen is not None, act=NONE,
+                     res=x if self.residual else None)
+        g.add_block_macs(self.block.sample_macs, x.h, x.w, [s])
+        return out
 
 
-class DeployedDenseLayer(DeployedBlock):
-    """DenseNet layer: pre-activation of the input, conv_1 from the open inputs to the channels some
-    head reads (conv_2's BatchNorm folded into it), conv_2 per head. Returns only the new channels."""
+@BLOCK_DEPLOYERS.register(DenseLayer)
+class DenseLayerDeployer:
+    """DenseNet layer: pre-activation of the input, conv_1 from the open inputs to the channels some head
+    reads (conv_2's BatchNorm folded into it), conv_2 per head, written into the stage's next columns."""
 
-    def __init__(self, layer, where="", native=False):
-        super().__init__(layer, ("maskgen1", "maskgen2", "attgen2"), where, native)
-        self.heads, self.hidden = layer.heads, layer.hidden
-        self.preact = PreActivation(layer.conv_1.norm)
-        self.conv1 = PointHeadConv(layer.conv_1.conv, layer.conv_2.norm, 1, native)
-        self.conv2 = HeadConv(layer.conv_2.conv, None, layer.heads, native)
+    def __init__(self, layer: DenseLayer, where: str):
+        self.layer, self.heads, self.hidden, self.growth = layer, layer.heads, layer.hidden, layer.growth
+        self.gates = GateSources(where, maskgen1=layer.maskgen1, maskgen2=layer.maskgen2, attgen2=layer.attgen2)
+        self.norm = layer.conv_1.norm
+        self.conv1 = ConvWeights(layer.conv_1.conv, layer.conv_2.norm, 1, f"{where}.conv_1")
+        self.conv2 = ConvWeights(layer.conv_2.conv, None, layer.heads, f"{where}.conv_2")
 
-    def forward(self, x, h, w, macs, executed):
-        """x may be a column slice of the stage's buffer; returns (new channels, h, w, macs, executed)."""
-        y = self.preact(x)
-        g, ex = self.decide(y)
-        s1 = self.sets(g, "maskgen1", None, 1, x.size(1))
-        s2 = self.sets(g, "maskgen2", "attgen2", self.heads, self.hidden)
-        rows = s2.union_rows()
-        z, _, _, m1 = self.conv1(y, h, w, s1.idx, s1.idx, [None], rows, RELU)
-        out, _, _, m2 = self.conv2(z, h, w, s2.reading(z), s2.idx, s2.scale)
-        macs = _two_conv_macs(macs, self.terms(h, w)[0], s1, s2)
-        return out, h, w, macs, executed + x.numel() + ex + m1 + m2
-
-
-def _two_conv_macs(macs, t, s1, s2):
-    """Paper MACs of a block with a single-head gated conv whose outputs feed a multi-head one
-    (ResNet basic block, DenseNet layer), as their ``forward`` counts them."""
-    dgc1 = s1.mean * t["dgc1"]
-    dgc = dgc1 + s2.mean * t["dgc2"]
-    bonus = s2.unread * dgc1
-    return macs + (t["main"] + t["gen"]) + dgc - bonus
+    def emit(self, g: Graph, x: Buffer, out: Optional[Buffer] = None) -> Buffer:
+        """``x``: the stage's first columns; ``out``: where the new channels go (a view after them)."""
+        y = g.affine(x, self.norm, RELU, macs=1)  # the first ReLU counts one MAC per element, as the paper's
+        self.gates.emit(g, y)
+        s1 = self.gates.sets(g, "maskgen1", None, 1, x.cols)
+        s2 = self.gates.sets(g, "maskgen2", "attgen2", self.heads, self.hidden)
+        z = g.conv(y, self.conv1, s1, outputs=(UNION, s2), act=RELU)
+        new = g.conv(z, self.conv2, s2, att=self.layer.attgen2 is not None, act=NONE, dst=out)
+        g.add_block_macs(self.layer.sample_macs, x.h, x.w, [s1, s2])
+        return new
 
 
-def _row_sum(values):
-    """Sum as torch sums one row of a float64 matrix: left to right up to four terms (checked), torch
-    itself beyond."""
-    if len(values) <= 4:
-        total = 0.0
-        for v in values:
-            total += v
-        return total
-    return torch.tensor([values], dtype=torch.float64).sum(1).item()
+def deploy_block(block: nn.Module, where: str):
+    """The deployer of ``block`` (found through its class hierarchy)."""
+    return BLOCK_DEPLOYERS.get(block)(block, where)

@@ -1,48 +1,67 @@
 """``deploy(model)``: the inference-only network that skips what the gates close.
 
-``DEPLOY_REGISTRY`` maps a backbone class name to the class that deploys it.
+    deployed = deploy(model.eval())      # folds weights once; shares nothing with model
+    out = deployed(images)               # per input size, the first call makes a plan:
+        stem (PyTorch, batched) -> program input N x h x w x C
+        plan = graph of the blocks for h x w  (deployers, once per size)
+               + native: program (lowered once), kernels chosen by measuring (tune), whole-model check
+        native program (one C call per batch) | PyTorch interpreter (per sample)
+            -> pooled features, each sample's open counts, executed MACs
+        classifier (PyTorch); paper MACs from the counts (the source blocks' own functions)
 """
-from typing import Optional
+import logging
+import statistics
+import time
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..utils.registry import Registry
 from . import native as native_kernels
+from .backbones import deploy_backbone
+from .graph import Graph
+from .reference import run_reference
 
-__all__ = ["DEPLOY_REGISTRY", "DeployedClassifier", "deploy"]
+__all__ = ["DeployedClassifier", "deploy"]
 
-DEPLOY_REGISTRY = Registry("DEPLOY")
-DEPLOY_REGISTRY.__doc__ = """
-Registry of deployed backbones, keyed by the source backbone's class name (``MSGCResNet``, ...).
-
-An entry is constructed as ``entry(backbone, native=bool)`` from a backbone in eval mode (``native``:
-use :mod:`msgc.deploy.native`'s kernels for gated convolutions) and is a module with
-``forward_sample(image) -> (logits 1 x classes, macs float, executed int)`` for one
-``1 x 3 x H x W`` image: ``macs`` equal to the eval model's (the paper's count) and ``executed`` the MACs
-it ran, counted from the shapes it ran with.
-"""
-
+logger = logging.getLogger(__name__)
 
 _NO_GRAPH = ("a deployed model cannot be {}: which channels it computes, and so its tensor shapes, depend "
              "on each sample's gates; trace or export the source model in eval mode instead (the same "
              "outputs, computed with masks at full width)")
 
 
+class _Plan:
+    """What a deployed model runs for one input size (and thread count)."""
+
+    def __init__(self, graph: Graph, program=None):
+        self.graph, self.program = graph, program
+        self.use_source = False  # the eval model measured faster: run it instead
+        self.timings: Dict[str, float] = {}
+
+
 class DeployedClassifier(nn.Module):
-    """Inference-only classifier that computes only what the gates keep, one sample at a time.
+    """Inference-only classifier that computes only what the gates keep.
 
     ``model(images)`` -> ``{"logits": N x classes, "macs": N, "executed_macs": N}``: ``logits`` and
     ``macs`` as the source model in eval mode gives them (``macs`` is the paper's count, identical),
-    ``executed_macs`` the multiply-adds actually run (float64). Samples of a batch run one after the
-    other: which channels are computed differs per sample. It holds folded copies of the weights and
-    keeps a reference to the source model's MAC accounting; it has no parameters and cannot train.
+    ``executed_macs`` the multiply-adds actually run (float64). It holds folded copies of the weights
+    and a reference to the source model (its MAC functions, and the fallback path); it has no
+    parameters and cannot train. See :func:`deploy`.
     """
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, model: nn.Module, library: Optional["native_kernels.Library"], tune: bool, check: bool):
         super().__init__()
-        self.backbone = backbone
+        self.deployer = deploy_backbone(model.backbone)
+        self._source = [model]  # not a submodule
+        self.library, self.tune, self.check = library, tune, check
+        self._plans: Dict[Tuple[int, int, int], _Plan] = {}
         super().train(False)
+
+    @property
+    def native(self) -> bool:
+        """Whether the native program runs (else PyTorch's kernels)."""
+        return self.library is not None
 
     def train(self, mode: bool = True):
         if mode:
@@ -52,6 +71,56 @@ class DeployedClassifier(nn.Module):
 
     def __prepare_scriptable__(self):
         raise RuntimeError(_NO_GRAPH.format("scripted (torch.jit.script)"))
+
+    def plan(self, images: torch.Tensor) -> _Plan:
+        """The plan for the size of ``images`` (made on first use: one per input size and thread count)."""
+        h, w = images.shape[-2:]
+        threads = torch.get_num_threads()
+        key = (int(h), int(w), threads if self.native else 0)
+        if key not in self._plans:
+            graph = self.deployer.graph(int(h), int(w))
+            plan = _Plan(graph)
+            if self.native:
+                from .native.program import Program
+                from .tune import default_kernel, tune
+
+                plan.program = Program(graph, self.library)
+                for i, (_, op) in enumerate(plan.program.conv_ops):
+                    plan.program.set_kernel(i, *default_kernel(op))
+                x = self.deployer.program_input(images[:1].float())
+                if self.tune:
+                    counts = tune(plan.program, x, threads)
+                    logger.info("msgc.deploy: %dx%d plan: %d kernels measured, %d from the cache", h, w,
+                                counts["measured"], counts["cached"])
+                if self.check:
+                    self._check(plan, images[:1].float(), x, threads)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def _check(self, plan: _Plan, image, x, threads, reps: int = 5):
+        """Time the deployed program against the eval model on one sample; warn (once) and run the eval
+        model where it is faster."""
+        model = self._source[0]
+
+        def median_ms(fn):
+            fn()
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+            return statistics.median(times)
+
+        with torch.no_grad():
+            deployed = median_ms(lambda: plan.program.run(x, threads))
+            source = median_ms(lambda: model(image))
+        plan.timings = {"deployed_ms": deployed, "eval_ms": source}
+        if deployed > source:
+            plan.use_source = True
+            logger.warning("msgc.deploy: the deployed model takes %.2f ms per image at %dx%d on %d threads, the eval "
+                           "model %.2f ms: running the eval model instead (its outputs are the same; deploy with "
+                           "check=False to keep the deployed kernels)", deployed, image.size(2), image.size(3),
+                           threads, source)
 
     def forward(self, images: torch.Tensor, labels=None):
         if torch.jit.is_tracing():
@@ -63,28 +132,50 @@ class DeployedClassifier(nn.Module):
                                "train the source model instead")
         if images.dim() != 4 or images.size(1) != 3:
             raise ValueError(f"deployed model: expected images N x 3 x H x W, got shape {tuple(images.shape)}")
-        logits, macs, executed = [], [], []
         with torch.no_grad():
-            for image in images.float().split(1):
-                out, m, e = self.backbone.forward_sample(image)
-                logits.append(out)
-                macs.append(m)
-                executed.append(e)
-        return {"logits": torch.cat(logits), "macs": torch.tensor(macs, dtype=torch.float64),
-                "executed_macs": torch.tensor(executed, dtype=torch.float64)}
+            plan = self.plan(images)
+            if plan.use_source:
+                return self._run_source(images)
+            x = self.deployer.program_input(images.float())
+            if self.native:
+                feats, stats, executed = plan.program.run(x)
+                stats, executed = stats.tolist(), executed.tolist()
+            else:
+                feats, stats, executed = run_reference(plan.graph, x)
+            logits = self.deployer.classify(feats)
+        graph = plan.graph
+        h, w = images.shape[-2:]
+        stem = self.deployer.stem_macs(int(h), int(w))[0]
+        head = self.deployer.head_macs(graph.features.h, graph.features.w)
+        macs = [graph.paper_macs(s) for s in stats]
+        return {"logits": logits, "macs": torch.tensor(macs, dtype=torch.float64),
+                "executed_macs": torch.tensor([stem + e + head for e in executed], dtype=torch.float64)}
+
+    def _run_source(self, images):
+        model = self._source[0]
+        out = model(images)
+        c = model.backbone.complexity(images.size(2), images.size(3))
+        full = float(c.main + c.dgc + c.gen)  # masks multiply: every gated convolution runs at full width
+        return {"logits": out["logits"], "macs": out["macs"],
+                "executed_macs": torch.full((images.size(0),), full, dtype=torch.float64)}
 
 
-def deploy(model: nn.Module, native: Optional[bool] = None) -> DeployedClassifier:
+def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] = None, tune: bool = True,
+           check: Optional[bool] = None) -> DeployedClassifier:
     """The deployed (inference-only) version of a :class:`msgc.modeling.Classifier` in eval mode.
 
     BatchNorm is folded into the convolutions, attention into the gathered weights (or inputs), and
-    weights are rearranged once so that each sample's gathers are contiguous. The returned module
-    shares no tensors with ``model``; deploy again after changing ``model``'s weights.
+    weights are laid out once for the kernels. The returned module shares no tensors with ``model``;
+    deploy again after changing ``model``'s weights.
 
-    ``native``: run gated convolutions with msgc's C kernels (:mod:`msgc.deploy.native`), which read
-    open channels in place; default: where they build and the model is on the CPU in float32. False:
-    PyTorch's kernels on gathered copies (any device). A deployed model runs on the device it was
-    deployed on.
+    Args:
+        native: run msgc's C kernels (one call per batch); default: where they build and the model is on
+            the CPU in float32. False: PyTorch's kernels (any device).
+        isa: the kernel variant (``avx512``, ``avx2``, ``portable``; default: the best this CPU runs).
+        tune: choose each convolution's kernel by measuring on this machine (cached per machine);
+            False: a fixed rule.
+        check: time the deployed model against the eval model when a plan is made, and run the faster
+            (with a warning); default: with ``tune``.
     """
     backbone = getattr(model, "backbone", None)
     if backbone is None:
@@ -94,8 +185,12 @@ def deploy(model: nn.Module, native: Optional[bool] = None) -> DeployedClassifie
                          "BatchNorm running statistics and uses the gates' eval decisions)")
     on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
     if native is None:
-        native = on_cpu and native_kernels.available()
-    elif native and not (on_cpu and native_kernels.available()):
-        raise ValueError("deploy(native=True): " + ("the model must be on the CPU in float32" if not on_cpu
-                                                     else f"msgc's native kernels are {native_kernels.status()}"))
-    return DeployedClassifier(DEPLOY_REGISTRY.get(type(backbone).__name__)(backbone, native=native))
+        native = on_cpu and (native_kernels.available() if isa is None else True)
+    library = None
+    if native:
+        if not on_cpu:
+            raise ValueError("deploy(native=True): the model must be on the CPU in float32")
+        if isa is None and not native_kernels.available():
+            raise ValueError(f"deploy(native=True): msgc's native kernels are {native_kernels.status()}")
+        library = native_kernels.library(isa)
+    return DeployedClassifier(model, library, tune, tune if check is None else check)

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "Gate",
+    "Generator",
     "MaskGenerator",
     "AttentionGenerator",
     "generator_macs",
@@ -54,7 +55,12 @@ def generator_macs(in_channels: int, channels: int, heads: int, reduction: int) 
     return (in_channels + 1) * hidden + hidden * channels * heads
 
 
-class _Generator(nn.Module):
+class Generator(nn.Module):
+    """Context -> one value per sample, head and channel (``N x heads x channels``): a 1x1 convolution
+    to ``in_channels // reduction`` hidden units (``first``), BatchNorm (``norm``), ReLU and a 1x1
+    convolution to ``heads x channels`` outputs (``second``). Base of the mask and attention
+    generators."""
+
     def __init__(self, in_channels, channels, heads, reduction, bias):
         super().__init__()
         hidden = in_channels // reduction
@@ -76,11 +82,23 @@ class _Generator(nn.Module):
     def logits(self, context: torch.Tensor) -> torch.Tensor:
         return self.conv(context).view(context.size(0), self.heads, self.channels)
 
+    @property
+    def first(self) -> nn.Conv2d:
+        return self.conv[0]
+
+    @property
+    def norm(self) -> nn.BatchNorm2d:
+        return self.conv[1]
+
+    @property
+    def second(self) -> nn.Conv2d:
+        return self.conv[3]
+
     def extra_repr(self):
         return f"in={self.in_channels}, channels={self.channels}, heads={self.heads}"
 
 
-class MaskGenerator(_Generator):
+class MaskGenerator(Generator):
     """Context -> binary mask ``N x heads x channels``: which channels each head reads.
 
     The last convolution's bias starts at ``gate_bias`` (2.0 in the paper), so training starts with
@@ -97,7 +115,7 @@ class MaskGenerator(_Generator):
         return self.gate(self.logits(context))
 
 
-class AttentionGenerator(_Generator):
+class AttentionGenerator(Generator):
     """Context -> channel attention ``N x heads x channels``; starts as exactly 1 (weight 0, bias 1)."""
 
     def __init__(self, in_channels, channels, heads=1, reduction=4):

@@ -5,36 +5,24 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from ..layers import _Generator
+from ..layers import Generator
 from ..macs import Costs
 
-__all__ = ["Backbone", "GatedBlock", "mask_mean", "unread_fraction"]
-
-
-def mask_mean(mask, n: int, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of a mask ``N x heads x C`` in float64 (None: all open -> ones)."""
-    if mask is None:
-        return ref.new_ones(n, dtype=torch.float64)
-    return mask.flatten(1).double().mean(1)
-
-
-def unread_fraction(mask, n: int, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample fraction of channels that no head reads (detached; None -> zeros)."""
-    if mask is None:
-        return ref.new_zeros(n, dtype=torch.float64)
-    return (1.0 - mask.detach().double()).prod(1).mean(1)
+__all__ = ["Backbone", "GatedBlock"]
 
 
 class GatedBlock(nn.Module):
     """A block whose gated convolutions are decided from the pooled block input (its context).
 
     Subclasses implement ``block_costs(h, w) -> (terms: dict, h_out, w_out)``, where ``terms`` holds
-    ``main``, ``gen``, ``extra`` and the full cost of every gated convolution; the cached result serves
-    both the static count (:meth:`costs`) and the per-sample count in ``forward``.
+    ``main``, ``gen``, ``extra`` and the full cost of every gated convolution, and
+    ``sample_macs(h, w, *masks)``: the per-sample count from the :class:`~msgc.modeling.macs.MaskStats`
+    of the block's masks, which both its ``forward`` and the deployed network call. The cached terms
+    serve the static count (:meth:`costs`) and ``sample_macs``.
     """
 
     def _finish(self, generators):
-        self.uses_context = any(isinstance(g, _Generator) for g in generators)
+        self.uses_context = any(isinstance(g, Generator) for g in generators)
         self._terms_cache = {}
 
     def terms(self, h: int, w: int):

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ..layers import AttentionGenerator, gate_channels, gated_conv
-from ..macs import Costs, conv_out
-from .base import Backbone, GatedBlock, mask_mean, unread_fraction
+from ..macs import Costs, MaskStats, conv_out, detached
+from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
-__all__ = ["MSGCDenseNet", "DenseLayer"]
+__all__ = ["MSGCDenseNet", "DenseLayer", "transition_macs"]
 
 
 class _PreActConv(nn.Sequential):
@@ -64,15 +64,26 @@ class DenseLayer(GatedBlock):
         a2 = self.attgen2(ctx) if self.attgen2 is not None else None
         y = self.conv_1.conv(gate_channels(y, m1))
         y = gated_conv(self.conv_2.conv, self.conv_2.relu(self.conv_2.norm(y)), m2, a2)
-        t, _, _ = self.terms(x.size(2), x.size(3))
-        dgc1 = mask_mean(m1, n, x) * t["dgc1"]
-        dgc = dgc1 + mask_mean(m2, n, x) * t["dgc2"]
-        bonus = unread_fraction(m2, n, x) * dgc1.detach()
-        return torch.cat([x, y], 1), macs + (t["main"] + t["gen"]) + dgc - bonus
+        stats = MaskStats.of(m1, n, x), MaskStats.of(m2, n, x)
+        return torch.cat([x, y], 1), macs + self.sample_macs(x.size(2), x.size(3), *stats)
+
+    def sample_macs(self, h, w, m1: MaskStats, m2: MaskStats):
+        """The paper's MACs of the layer on an h x w input, from the statistics of its masks: the 1x1
+        at its input mask's share, the 3x3 at its heads', less the 1x1's outputs no head reads."""
+        t = self.terms(h, w)[0]
+        dgc1 = m1.mean * t["dgc1"]
+        dgc = dgc1 + m2.mean * t["dgc2"]
+        bonus = m2.unread * detached(dgc1)
+        return (t["main"] + t["gen"]) + dgc - bonus
 
 
 class _Stage(nn.Sequential):
     """Dense layers of one stage (``denselayer_1`` ...); passes (x, macs) through."""
+
+
+def transition_macs(channels: int, h: int, w: int) -> int:
+    """MACs of a transition's 2x2 average pooling to an h x w map, as the reference counts them."""
+    return 4 * channels * h * w
 
 
 class _Transition(nn.Module):
@@ -83,7 +94,7 @@ class _Transition(nn.Module):
     def forward(self, x_macs):
         x, macs = x_macs
         x = self.pool(x)
-        return x, macs + 4 * x.size(1) * x.size(2) * x.size(3)
+        return x, macs + transition_macs(x.size(1), x.size(2), x.size(3))
 
 
 class MSGCDenseNet(Backbone):
@@ -133,16 +144,30 @@ class MSGCDenseNet(Backbone):
             if isinstance(m, AttentionGenerator):
                 m.reset_output()
 
-    def _stem_macs(self, h, w):
+    def stem_macs(self, h, w):
+        """(MACs of the stem on an h x w image, its output h, w)."""
         h, w = conv_out(h, 3, 1, self.init_stride), conv_out(w, 3, 1, self.init_stride)
         return 27 * self.stage_channels["stem"] * h * w, h, w
+
+    @property
+    def stem(self) -> nn.Conv2d:
+        return self.features.init_conv
+
+    def stages(self):
+        """The dense layers of each stage, in order (a transition, 2x2 average pooling, between two)."""
+        return [list(m) for name, m in self.features.named_children() if name.startswith("denseblock")]
+
+    @property
+    def final_norm(self) -> nn.BatchNorm2d:
+        """The BatchNorm (then ReLU) after the last stage."""
+        return self.features_last.norm_last
 
     def head_macs(self, h, w):
         # final ReLU and average pooling, then the classifier
         return 2 * h * w * self.num_features + self.num_features * self.num_classes
 
     def complexity(self, h, w):
-        main, h, w = self._stem_macs(h, w)
+        main, h, w = self.stem_macs(h, w)
         total = Costs(main=main)
         for name, module in self.features.named_children():
             if name.startswith("denseblock"):
@@ -152,11 +177,11 @@ class MSGCDenseNet(Backbone):
                 channels = layer.in_channels + layer.growth
             elif name.startswith("transition"):
                 h, w = conv_out(h, 2, 0, 2), conv_out(w, 2, 0, 2)
-                total = total + Costs(main=4 * channels * h * w)
+                total = total + Costs(main=transition_macs(channels, h, w))
         return total + Costs(main=self.head_macs(h, w))
 
     def forward_features(self, x):
-        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
+        macs = x.new_full((x.size(0),), float(self.stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.features.init_conv(x)
         feats = OrderedDict(stem=x)
         state = (x, macs)

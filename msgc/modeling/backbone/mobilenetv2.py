@@ -6,8 +6,8 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 
 from ..layers import AttentionGenerator, gated_conv
-from ..macs import Costs, conv_out
-from .base import Backbone, GatedBlock, mask_mean, unread_fraction
+from ..macs import Costs, MaskStats, conv_out
+from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
 __all__ = ["MSGCMobileNetV2", "InvertedResidual"]
@@ -73,9 +73,29 @@ class InvertedResidual(GatedBlock):
         out = self.conv[-1](gated_conv(self.conv[-2], out, m, a))
         if self.use_res_connect:
             out = x + out
-        t, _, _ = self.terms(x.size(2), x.size(3))
-        dyn = mask_mean(m, n, x) * t["dgc"] - unread_fraction(m, n, x) * t["pwdw"]
-        return out, macs + (t["main"] + t["gen"]) + dyn
+        return out, macs + self.sample_macs(x.size(2), x.size(3), MaskStats.of(m, n, x))
+
+    def sample_macs(self, h, w, m: MaskStats):
+        """The paper's MACs of the block on an h x w input, from the statistics of its mask: the
+        projection at its heads' share, less the expansion and depthwise work on hidden channels that
+        no head reads."""
+        t = self.terms(h, w)[0]
+        return (t["main"] + t["gen"]) + (m.mean * t["dgc"] - m.unread * t["pwdw"])
+
+    @property
+    def expansion(self):
+        """The expansion (1x1 conv, BatchNorm, ReLU6), or None for expansion ratio 1."""
+        return self.conv[0] if self.expand else None
+
+    @property
+    def depthwise(self):
+        """The depthwise 3x3 (conv, BatchNorm, ReLU6)."""
+        return self.conv[1] if self.expand else self.conv[0]
+
+    @property
+    def project(self):
+        """The gated projection (1x1, ``groups = heads``) and its BatchNorm."""
+        return self.conv[-2], self.conv[-1]
 
 
 class MSGCMobileNetV2(Backbone):
@@ -128,28 +148,48 @@ class MSGCMobileNetV2(Backbone):
             if isinstance(m, AttentionGenerator):
                 m.reset_output()
 
-    def _stem_macs(self, h, w):
+    def stem_macs(self, h, w):
+        """(MACs of the stem on an h x w image, its output h, w)."""
         c = self.stage_channels["stem"]
         h, w = conv_out(h, 3, 1, self.first_stride), conv_out(w, 3, 1, self.first_stride)
         return 27 * c * h * w + c * h * w, h, w
 
-    def _last_macs(self, h, w):
+    def last_macs(self, h, w):
+        """MACs of the last 1x1 convolution (and its BatchNorm) on an h x w map."""
         cin = self.features[-1][0].in_channels
         return h * w * cin * self.last_channel + self.last_channel * h * w
 
     def head_macs(self, h, w):
         return self.last_channel * self.num_classes + self.last_channel * h * w
 
+    @property
+    def stem(self):
+        """The first convolution (conv, BatchNorm, ReLU6)."""
+        return self.features[0]
+
+    @property
+    def last_conv(self):
+        """The last 1x1 convolution (conv, BatchNorm, ReLU6)."""
+        return self.features[-1]
+
+    @property
+    def fc(self):
+        return self.classifier[-1]
+
+    def blocks(self):
+        """The inverted residual blocks, in order."""
+        return list(self.features[1:-1])
+
     def complexity(self, h, w):
-        main, h, w = self._stem_macs(h, w)
+        main, h, w = self.stem_macs(h, w)
         total = Costs(main=main)
-        for blk in self.features[1:-1]:
+        for blk in self.blocks():
             c, h, w = blk.costs(h, w)
             total = total + c
-        return total + Costs(main=self._last_macs(h, w) + self.head_macs(h, w))
+        return total + Costs(main=self.last_macs(h, w) + self.head_macs(h, w))
 
     def forward_features(self, x):
-        macs = x.new_full((x.size(0),), float(self._stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
+        macs = x.new_full((x.size(0),), float(self.stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.features[0](x)
         feats = OrderedDict(stem=x)
         state = (x, macs)
@@ -158,7 +198,7 @@ class MSGCMobileNetV2(Backbone):
             if i in self.stage_ends:
                 feats[self.stage_ends[i]] = state[0]
         x, macs = state
-        macs = macs + self._last_macs(x.size(2), x.size(3))
+        macs = macs + self.last_macs(x.size(2), x.size(3))
         feats[self.stage_ends[len(self.features) - 1]] = self.features[-1](x)
         return feats, macs
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..layers import AttentionGenerator, gate_channels, gated_conv
-from ..macs import Costs, conv_out
-from .base import Backbone, GatedBlock, mask_mean, unread_fraction
+from ..macs import Costs, MaskStats, conv_out, detached, heads_dot
+from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
 __all__ = ["MSGCResNet", "BasicBlock", "Bottleneck"]
@@ -51,6 +51,11 @@ class BasicBlock(GatedBlock):
         self.attgen2 = attention(inplanes, planes, heads, 4)
         self._finish([self.maskgen1, self.maskgen2, self.attgen1, self.attgen2])
 
+    @property
+    def shortcut(self):
+        """The downsampling shortcut as (1x1 conv, BatchNorm), or None for the identity."""
+        return None if self.downsample is None else (self.downsample[0], self.downsample[1])
+
     def block_costs(self, h, w):
         cin, p, heads = self.inplanes, self.planes, self.heads
         att = self.attgen2 is not None
@@ -79,12 +84,16 @@ class BasicBlock(GatedBlock):
         out = self.bn2(gated_conv(self.conv2, out, m2, a2))
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(out + identity)
+        return out, macs + self.sample_macs(x.size(2), x.size(3), MaskStats.of(m1, n, x), MaskStats.of(m2, n, x))
 
-        t, _, _ = self.terms(x.size(2), x.size(3))
-        dgc1 = mask_mean(m1, n, x) * t["dgc1"]
-        dgc = dgc1 + mask_mean(m2, n, x) * t["dgc2"]
-        bonus = unread_fraction(m2, n, x) * dgc1.detach()
-        return out, macs + (t["main"] + t["gen"]) + dgc - bonus
+    def sample_macs(self, h, w, m1: MaskStats, m2: MaskStats):
+        """The paper's MACs of the block on an h x w input, from the statistics of its masks: conv1
+        at its input mask's share, conv2 at its heads', less conv1's outputs that no head reads."""
+        t = self.terms(h, w)[0]
+        dgc1 = m1.mean * t["dgc1"]
+        dgc = dgc1 + m2.mean * t["dgc2"]
+        bonus = m2.unread * detached(dgc1)
+        return (t["main"] + t["gen"]) + dgc - bonus
 
 
 class Bottleneck(GatedBlock):
@@ -114,6 +123,11 @@ class Bottleneck(GatedBlock):
         self.attgen2 = attention(inplanes, width, heads, 8)
         self._finish([self.maskgen1, self.maskgen2, self.maskgen3, self.attgen2])
 
+    @property
+    def shortcut(self):
+        """The downsampling shortcut as (1x1 conv, BatchNorm), or None for the identity."""
+        return None if self.downsample is None else (self.downsample[0], self.downsample[1])
+
     def block_costs(self, h, w):
         cin, wd, heads, cout = self.inplanes, self.width, self.heads, self.planes * self.expansion
         att = self.attgen2 is not None
@@ -142,21 +156,20 @@ class Bottleneck(GatedBlock):
         out = self.bn3(self.conv3(gate_channels(out, m3)))
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(out + identity)
+        stats = (MaskStats.of(m, n, x) for m in (m1, m2, m3))
+        return out, macs + self.sample_macs(x.size(2), x.size(3), *stats)
 
-        t, _, _ = self.terms(x.size(2), x.size(3))
-        dgc1 = mask_mean(m1, n, x) * t["dgc1"]
-        dgc = dgc1 + mask_mean(m2, n, x) * t["dgc2"] + mask_mean(m3, n, x) * t["dgc3"]
-        bonus = unread_fraction(m2, n, x) * dgc1.detach() + self._bonus3(m2, m3, t["dgc2"])
-        return out, macs + (t["main"] + t["gen"]) + dgc - bonus
-
-    def _bonus3(self, m2, m3, dgc2):
-        """conv2's output channels that conv3 does not read: each head's share of them is skipped."""
-        if m2 is None or m3 is None:
-            return 0.0
-        heads = m2.size(1)
-        head_open = m2.detach().double().mean(2)  # N x heads
-        unread = (1.0 - m3.detach()[:, 0].double()).view(m3.size(0), heads, -1).mean(2)  # N x heads
-        return (head_open * unread).sum(1) * (dgc2 / heads)
+    def sample_macs(self, h, w, m1: MaskStats, m2: MaskStats, m3: MaskStats):
+        """The paper's MACs of the block on an h x w input, from the statistics of its masks: each
+        gated convolution at its mask's share, less conv1's outputs that no head of conv2 reads and
+        conv2's outputs that conv3 does not read (each head's share of them)."""
+        t = self.terms(h, w)[0]
+        dgc1 = m1.mean * t["dgc1"]
+        dgc = dgc1 + m2.mean * t["dgc2"] + m3.mean * t["dgc3"]
+        head_open, unread3 = m2.head_open(), m3.group_unread(m2.heads)
+        bonus3 = 0.0 if head_open is None or unread3 is None else heads_dot(head_open, unread3) * (t["dgc2"] / m2.heads)
+        bonus = m2.unread * detached(dgc1) + bonus3
+        return (t["main"] + t["gen"]) + dgc - bonus
 
 
 class MSGCResNet(Backbone):
@@ -212,7 +225,8 @@ class MSGCResNet(Backbone):
             if isinstance(m, AttentionGenerator):
                 m.reset_output()
 
-    def _stem_costs(self, h, w):
+    def stem_macs(self, h, w):
+        """(MACs of the stem on an h x w image as the paper counts them, its output h, w)."""
         c = self.stage_channels["stem"]
         if self.stem_kind == "imagenet":
             h, w = conv_out(h, 7, 3, 2), conv_out(w, 7, 3, 2)
@@ -222,7 +236,7 @@ class MSGCResNet(Backbone):
         return 9 * 3 * c * h * w + c * h * w, h, w
 
     def complexity(self, h, w):
-        main, h, w = self._stem_costs(h, w)
+        main, h, w = self.stem_macs(h, w)
         total = Costs(main=main)
         for blk in self.blocks():
             c, h, w = blk.costs(h, w)
@@ -234,7 +248,7 @@ class MSGCResNet(Backbone):
             yield from getattr(self, f"layer{i}")
 
     def forward_features(self, x):
-        macs = x.new_full((x.size(0),), float(self._stem_costs(x.size(2), x.size(3))[0]), dtype=torch.float64)
+        macs = x.new_full((x.size(0),), float(self.stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         feats = OrderedDict(stem=x)
         state = (x, macs)

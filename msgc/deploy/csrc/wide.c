@@ -1,0 +1,115 @@
+/* The wide kernel: a tile of RB output pixels x NV vectors of output channels stays in registers while
+ * the kernel walks the taps (outer) and the open input channels (inner), broadcasting each pixel's input
+ * value against the NV weight vectors. Inputs are read by column index, in place; weights are the
+ * blocked layout (an open channel's weights for a tap are one contiguous run of 16 outputs).
+ *
+ * Tiles per ISA (accumulators + weight vectors + one broadcast within NREG):
+ *   AVX-512: 4x6, 3x8, 2x12, 1x16 (64, 48, 32, 16 outputs)
+ *   AVX2:    3x4, 2x6, 1x12       (24, 16, 8 outputs)
+ *   NEON:    4x6, 3x8, 2x12, 1x16 (16, 12, 8, 4 outputs)
+ *   other:   4x2, 2x6, 1x12       (16, 8, 4 outputs; no FMA assumed: a product needs a register)
+ */
+#include "internal.h"
+
+const float msgc_zeros[ZERO_FLOATS];
+
+#define WIDE_TILE(NV, RB)                                                                              \
+  static void wide_##NV##x##RB(const wide_job *j, int o0, int npix, int j0) {                           \
+    const int k = j->k, kk = k * k, s = j->s, Wo = j->Wo, n = j->n;                                    \
+    const int *cols = j->cols;                                                                         \
+    const long *woff = j->woff;                                                                        \
+    vf acc[RB][NV];                                                                                    \
+    const float *wv0[NV];                                                                              \
+    for (int v = 0; v < NV; v++) {                                                                     \
+      const int c0 = j0 + v * VL, left = j->m - c0;                                                    \
+      wv0[v] = j->w + (long)(c0 / MSGC_BLOCK) * j->wblk + c0 % MSGC_BLOCK;                             \
+      vf b = vzero();                                                                                  \
+      if (j->bias && left > 0) b = left >= VL ? vload(j->bias + c0) : vload_part(j->bias + c0, left);  \
+      for (int r = 0; r < RB; r++) acc[r][v] = b;                                                      \
+    }                                                                                                  \
+    /* each pixel's input position at tap (0, 0) (no division in the tap loop) */                      \
+    int iy0[RB], ix0[RB];                                                                              \
+    {                                                                                                  \
+      int oy = o0 / Wo, ox = o0 % Wo;                                                                  \
+      for (int r = 0; r < RB; r++) {                                                                   \
+        iy0[r] = oy * s - j->p;                                                                        \
+        ix0[r] = ox * s - j->p;                                                                        \
+        if (++ox == Wo) ox = 0, oy++;                                                                  \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int t = 0; t < kk; t++) {                                                                     \
+      const int dy = t / k, dx = t % k;                                                                \
+      const float *px[RB];                                                                             \
+      int any = 0;                                                                                     \
+      for (int r = 0; r < RB; r++) {                                                                   \
+        const int iy = iy0[r] + dy, ix = ix0[r] + dx;                                                  \
+        const int inside = r < npix && iy >= 0 && iy < j->H && ix >= 0 && ix < j->W;                   \
+        px[r] = inside ? j->x + ((long)iy * j->W + ix) * j->ldx : msgc_zeros;                          \
+        any |= inside;                                                                                 \
+      }                                                                                                \
+      if (!any) continue;                                                                              \
+      const long toff = (long)t * MSGC_BLOCK;                                                          \
+      for (int c = 0; c < n; c++) {                                                                    \
+        const int ci = cols[c];                                                                        \
+        const long wo = woff[c] + toff;                                                                \
+        vf wv[NV];                                                                                     \
+        for (int v = 0; v < NV; v++) wv[v] = vload(wv0[v] + wo);                                       \
+        for (int r = 0; r < RB; r++) {                                                                 \
+          const float xv = px[r][ci];                                                                  \
+          for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                        \
+        }                                                                                              \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int r = 0; r < npix; r++) {                                                                   \
+      float *yp = j->y + (long)(o0 + r) * j->ldy + j0;                                                 \
+      const float *rp = j->res ? j->res + (long)(o0 + r) * j->ldres + j0 : 0;                          \
+      for (int v = 0; v < NV; v++) {                                                                   \
+        const int m = j->m - j0 - v * VL;                                                              \
+        if (m <= 0) break;                                                                             \
+        vf a = acc[r][v];                                                                              \
+        if (m >= VL) {                                                                                 \
+          if (rp) a += vload(rp + v * VL);                                                             \
+          vstore(yp + v * VL, vact(a, j->act));                                                        \
+        } else {                                                                                       \
+          if (rp) a += vload_part(rp + v * VL, m);                                                     \
+          vstore_part(yp + v * VL, vact(a, j->act), m);                                                \
+        }                                                                                              \
+      }                                                                                                \
+    }                                                                                                  \
+  }
+
+#if VL == 16
+WIDE_TILE(4, 6)
+WIDE_TILE(3, 8)
+WIDE_TILE(2, 12)
+WIDE_TILE(1, 16)
+const wide_tile msgc_wide_tiles[] = {{4, 6, wide_4x6}, {3, 8, wide_3x8}, {2, 12, wide_2x12}, {1, 16, wide_1x16}};
+#elif VL == 8
+WIDE_TILE(3, 4)
+WIDE_TILE(2, 6)
+WIDE_TILE(1, 12)
+const wide_tile msgc_wide_tiles[] = {{3, 4, wide_3x4}, {2, 6, wide_2x6}, {1, 12, wide_1x12}};
+#elif NREG >= 32
+WIDE_TILE(4, 6)
+WIDE_TILE(3, 8)
+WIDE_TILE(2, 12)
+WIDE_TILE(1, 16)
+const wide_tile msgc_wide_tiles[] = {{4, 6, wide_4x6}, {3, 8, wide_3x8}, {2, 12, wide_2x12}, {1, 16, wide_1x16}};
+#else
+WIDE_TILE(4, 2)
+WIDE_TILE(2, 6)
+WIDE_TILE(1, 12)
+const wide_tile msgc_wide_tiles[] = {{4, 2, wide_4x2}, {2, 6, wide_2x6}, {1, 12, wide_1x12}};
+#endif
+const int msgc_n_wide_tiles = sizeof(msgc_wide_tiles) / sizeof(msgc_wide_tiles[0]);
+
+/* The tile for `left` outputs still to cover: the widest of the family that does not exceed them
+ * (rounded up to whole vectors); family f leaves out the f widest tiles (never the last). */
+const wide_tile *msgc_wide_pick(int family, int left) {
+  const int want = (left + VL - 1) / VL;
+  int first = family < msgc_n_wide_tiles ? family : msgc_n_wide_tiles - 1;
+  if (first < 0) first = 0;
+  for (int i = first; i < msgc_n_wide_tiles; i++)
+    if (msgc_wide_tiles[i].nv <= want) return &msgc_wide_tiles[i];
+  return &msgc_wide_tiles[msgc_n_wide_tiles - 1];
+}

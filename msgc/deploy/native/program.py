@@ -1,0 +1,194 @@
+"""A deployed graph lowered to the native library's program structs, run one batch per call.
+
+Lowering numbers the buffers and sets, lays out one sample's arena (buffers whose lives do not overlap
+share memory), puts every weight in its kernel's layout and fills the op structs of ``msgc.h``. The
+structs keep raw pointers: the :class:`Program` holds every tensor they point into.
+"""
+import ctypes
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..graph import AffineOp, Buffer, ConvOp, DepthwiseOp, GapOp, GatesOp, Graph, PoolOp, SetsOp
+from . import abi
+from .library import Library, blocked
+
+__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL"]
+
+_S = abi.STRUCTS
+KERNEL_WIDE, KERNEL_PIXEL = 0, 1
+_OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_GAP = range(1, 8)
+
+
+def blocked_layout(weights) -> torch.Tensor:
+    """Per head, the blocked layout (``heads x blocks x in x k*k x 16``)."""
+    wt = weights.weight.view(weights.heads, weights.per_head, *weights.weight.shape[1:])
+    return weights.layout("blocked", lambda _: torch.stack([blocked(w) for w in wt]).contiguous())
+
+
+def plain_layout(weights) -> torch.Tensor:
+    """The plain layout (``heads x per_head x in x k*k``)."""
+    return weights.layout("plain", lambda w: w.reshape(weights.heads, weights.per_head, w.size(1), -1).contiguous())
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _roots(graph: Graph) -> Dict[int, Tuple[int, int]]:
+    """Each root buffer's life (first op, last op) among the ops that read or write it or its views."""
+    life: Dict[int, List[int]] = {}
+
+    def touch(b: Buffer, i: int):
+        r = b.parent if b.parent is not None else b
+        if r.id == graph.input.id:
+            return
+        lo, hi = life.get(r.id, (i, i))
+        life[r.id] = (min(lo, i), max(hi, i))
+
+    for i, op in enumerate(graph.ops):
+        for name in ("src", "dst", "res"):
+            b = getattr(op, name, None)
+            if b is not None:
+                touch(b, i)
+    return life
+
+
+def _layout(graph: Graph) -> Tuple[Dict[int, int], int]:
+    """Offsets (floats) of the root buffers in a sample's arena: first fit among the live ones."""
+    life = _roots(graph)
+    size = {b.id: b.h * b.w * b.cols for b in graph.buffers}
+    placed: List[Tuple[int, int, int]] = []  # (offset, size, last op)
+    offsets, top = {}, 0
+    for bid in sorted(life, key=lambda b: life[b][0]):
+        start, end = life[bid]
+        placed = [p for p in placed if p[2] >= start]
+        need, at = size[bid], 0
+        for off, sz, _ in sorted(placed):
+            if off - at >= need:
+                break
+            at = max(at, (off + sz + 15) // 16 * 16)
+        offsets[bid] = at
+        placed.append((at, need, end))
+        top = max(top, at + need)
+    return offsets, (top + 15) // 16 * 16
+
+
+class Program:
+    """The native program of a graph, with every tensor its structs point into."""
+
+    def __init__(self, graph: Graph, library: Library):
+        self.graph, self.lib = graph, library
+        self.keep: List[torch.Tensor] = []
+        offsets, top = _layout(graph)
+        self.logits_base = top
+        farena = top + graph.logits_size
+        bufs = (_S["msgc_buf"] * len(graph.buffers))()
+        for b in graph.buffers:
+            parent = -1 if b.parent is None else b.parent.id
+            bufs[b.id] = _S["msgc_buf"](b.h, b.w, b.cols, parent, b.col0, offsets.get(b.id, 0))
+        stats = {s.id: off for s, off in graph.stats_layout()}
+        self.nstats = sum(s.heads + 1 + s.groups for s, _ in graph.stats_layout())
+        sets = (_S["msgc_set"] * max(1, len(graph.sets)))()
+        iarena = 0
+        for s in graph.sets:
+            n = s.heads * s.channels
+            sets[s.id] = _S["msgc_set"](s.heads, s.channels, s.groups, iarena, farena, stats.get(s.id, -1))
+            iarena += s.heads + 1 + 3 * n + s.channels + s.groups
+            farena += n
+        kinds = {GatesOp: [], SetsOp: [], ConvOp: [], DepthwiseOp: [], AffineOp: [], PoolOp: [], GapOp: []}
+        ops = (_S["msgc_op"] * len(graph.ops))()
+        self.conv_ops: List[Tuple[int, ConvOp]] = []  # (op number, graph op)
+        for i, op in enumerate(graph.ops):
+            bucket = kinds[type(op)]
+            kind, struct = self._lower(op)
+            ops[i] = _S["msgc_op"](kind, len(bucket))
+            bucket.append(struct)
+            if isinstance(op, ConvOp):
+                self.conv_ops.append((i, op))
+        arrays = {k: (type(v[0]) * len(v))(*v) if v else None for k, v in kinds.items()}
+        self.convs = arrays[ConvOp]
+        self.structs = (ops, bufs, sets, arrays)
+        self.nfeat = graph.features.cols
+        self.program = _S["msgc_program"](
+            len(graph.ops), ctypes.addressof(ops), *(None if arrays[k] is None else ctypes.addressof(arrays[k])
+                                                      for k in (ConvOp, GatesOp, SetsOp, DepthwiseOp, AffineOp,
+                                                                PoolOp, GapOp)),
+            len(graph.buffers), ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena,
+            self.nstats, self.nfeat)
+
+    def _hold(self, t):
+        if t is not None:
+            self.keep.append(t)
+        return _ptr(t)
+
+    def _lower(self, op):
+        if isinstance(op, GatesOp):
+            g = op.generators
+            macs = op.src.h * op.src.w * op.src.cols + g.macs
+            return _OP_GATES, _S["msgc_gates_op"](op.src.id, op.src.cols, g.w1.size(0), len(g), self._hold(g.w1),
+                                                   self._hold(g.b1), self._hold(g.desc), self._hold(g.w2),
+                                                   self._hold(g.b2), self.logits_base + op.logits.offset, macs)
+        if isinstance(op, SetsOp):
+            logits = -1 if op.logits is None else self.logits_base + op.logits.offset
+            att = -1 if op.att is None else self.logits_base + op.att.offset
+            return _OP_SETS, _S["msgc_sets_op"](op.set.id, logits, self._hold(op.const), att)
+        if isinstance(op, ConvOp):
+            return _OP_CONV, self._conv_struct(op)
+        if isinstance(op, DepthwiseOp):
+            wt = op.weights
+            weight = wt.layout("taps", lambda w: w.reshape(w.size(0), -1).t().contiguous())
+            return _OP_DW, _S["msgc_dw_op"](op.src.id, op.dst.id, -1 if op.set is None else op.set.id,
+                                             _S["msgc_geom"](op.h, op.w, wt.kernel, wt.stride, wt.padding),
+                                             self._hold(weight), self._hold(wt.bias), op.act, int(wt.bn))
+        if isinstance(op, AffineOp):
+            return _OP_AFFINE, _S["msgc_affine_op"](op.src.id, op.dst.id, self._hold(op.scale), self._hold(op.shift),
+                                                     op.act, op.macs)
+        if isinstance(op, PoolOp):
+            return _OP_POOL, _S["msgc_pool_op"](op.src.id, op.dst.id, op.k)
+        if isinstance(op, GapOp):
+            return _OP_GAP, _S["msgc_gap_op"](op.src.id)
+        raise TypeError(f"deploy: no native lowering for {type(op).__name__}")
+
+    def _conv_struct(self, op: ConvOp):
+        wt = op.weights
+        plain = plain_layout(wt) if wt.stride == 1 else None
+        weights = _S["msgc_weights"](self._hold(blocked_layout(wt)), self._hold(plain), wt.in_channels,
+                                     self._hold(wt.bias), op.kernel, op.tiles)
+        return _S["msgc_conv_op"](
+            op.src.id, op.dst.id, -1 if op.res is None else op.res.id, -1 if op.in_set is None else op.in_set.id,
+            int(op.att), op.out_mode, -1 if op.out_set is None else op.out_set.id,
+            _S["msgc_geom"](op.h, op.w, wt.kernel, wt.stride, wt.padding), wt.heads, wt.in_channels, wt.per_head,
+            weights, op.act, int(wt.bn), int(op.all_rule))
+
+    def set_kernel(self, index: int, kernel: int, tiles: int) -> None:
+        """Change the kernel of the ``index``-th convolution (in :attr:`conv_ops` order)."""
+        self.convs[index].wt.kernel, self.convs[index].wt.tiles = kernel, tiles
+        op = self.conv_ops[index][1]
+        op.kernel, op.tiles = kernel, tiles
+
+    def _args(self, x: torch.Tensor, feats, stats, executed, threads: int, keep=0, op=-1, reps=0, times=None):
+        n = x.size(0)
+        x2 = x.reshape(n, -1, x.size(-1))
+        return _S["msgc_run_args"](ctypes.addressof(self.program), n, x2.data_ptr(), x2.stride(0), x2.stride(1),
+                                   feats.data_ptr(), _ptr(stats), _ptr(executed), threads, keep, op, reps, _ptr(times))
+
+    def run(self, x: torch.Tensor, threads: int = 0, keep: bool = False):
+        """``x``: ``N x h x w x C`` (contiguous, float32, CPU) -> (features ``N x C``, stats ``N x nstats``
+        int32, executed MACs ``N`` int64)."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            raise ValueError("the native program runs on contiguous float32 CPU tensors")
+        n = x.size(0)
+        feats = torch.empty(n, self.nfeat)
+        stats = torch.empty(n, max(1, self.nstats), dtype=torch.int32)
+        executed = torch.empty(n, dtype=torch.int64)
+        self.lib.run(self._args(x, feats, stats, executed, threads or torch.get_num_threads(), int(keep)))
+        return feats, stats[:, :self.nstats], executed
+
+    def time_op(self, x: torch.Tensor, op: int, reps: int, threads: int = 0) -> List[int]:
+        """Nanoseconds of ``reps`` runs of op number ``op`` on the state a ``run(x[:1], keep=True)`` of
+        this thread left."""
+        times = torch.zeros(reps, dtype=torch.int64)
+        feats = torch.empty(1, self.nfeat)
+        self.lib.run(self._args(x[:1], feats, None, None, threads or torch.get_num_threads(), 1, op, reps, times))
+        return times.tolist()

@@ -1,0 +1,129 @@
+"""Each gated convolution's kernel, chosen by measuring the candidates on this machine.
+
+Which kernel is fastest for a layer depends on the CPU (vector width, registers, caches), the layer's
+shape and how many channels its gates open, so a fixed rule is wrong somewhere. As FFTW's plans and
+cuDNN's benchmark mode do, the plan of an input size runs the program once on a real sample, then
+times every candidate of every convolution on that sample's state (the ops are replayed in C, so the
+measurement holds nothing but the kernel) and keeps the fastest. Choices are cached per machine in
+``$MSGC_CACHE/plans-<machine>.json``, keyed by the layer's shape, its open fraction (in tenths), the
+kernel variant and the thread count; a cached choice is reused without measuring.
+
+Candidates: the wide kernel with each tile family of the ISA, and (stride 1) the pixel kernel.
+"""
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .graph import ConvOp
+from .native.build import cache_dir
+from .native.program import KERNEL_PIXEL, KERNEL_WIDE, Program
+
+__all__ = ["candidates", "default_kernel", "tune", "PlanCache"]
+
+logger = logging.getLogger(__name__)
+
+
+def candidates(op: ConvOp, families: int) -> List[Tuple[int, int]]:
+    """(kernel, tile family) pairs worth measuring for ``op``."""
+    out = [(KERNEL_WIDE, f) for f in range(families)]
+    if op.weights.stride == 1:
+        out.append((KERNEL_PIXEL, 0))
+    return out
+
+
+def default_kernel(op: ConvOp) -> Tuple[int, int]:
+    """The choice without measuring: the pixel kernel for narrow stride-1 heads (<= 24 outputs, which
+    fill few lanes of the wide kernel's vectors), the wide kernel's first family otherwise."""
+    if op.weights.stride == 1 and op.weights.per_head <= 24:
+        return KERNEL_PIXEL, 0
+    return KERNEL_WIDE, 0
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        model = platform.processor()
+    return f"{platform.machine()}-{model}-{os.cpu_count()}"
+
+
+class PlanCache:
+    """The measured choices of this machine, in one JSON file (written atomically)."""
+
+    def __init__(self, path: Optional[str] = None):
+        if path is None:
+            key = hashlib.sha256(_machine().encode()).hexdigest()[:12]
+            path = os.path.join(cache_dir(), f"plans-{key}.json")
+        self.path = path
+        try:
+            with open(path) as f:
+                self.entries: Dict[str, list] = json.load(f)
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def save(self) -> None:
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(self.path))
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.entries, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only cache: measure again next time
+            logger.info("msgc.deploy: cannot write the plan cache %s (%s)", self.path, e)
+
+
+def signature(op: ConvOp, open_fraction: float, variant: str, threads: int) -> str:
+    wt = op.weights
+    return (f"{variant}/t{threads}/k{wt.kernel}s{wt.stride}p{wt.padding}/{op.h}x{op.w}/in{wt.in_channels}"
+            f"/heads{wt.heads}x{wt.per_head}/att{int(op.att)}/out{op.out_mode}/res{int(op.res is not None)}"
+            f"/open{round(open_fraction * 10)}")
+
+
+def _open_fraction(program: Program, stats: List[int], op: ConvOp) -> float:
+    if op.in_set is None or not op.in_set.masked:
+        return 1.0
+    off = dict(program.graph.stats_layout())[op.in_set]
+    s = op.in_set
+    return sum(stats[off:off + s.heads]) / (s.heads * s.channels)
+
+
+def tune(program: Program, x: torch.Tensor, threads: int, cache: Optional[PlanCache] = None, reps: int = 5,
+         slow: Optional[Dict[Tuple[int, int, int], float]] = None) -> Dict[str, int]:
+    """Choose every convolution's kernel of ``program`` by timing the candidates on sample ``x[:1]``.
+
+    ``slow`` (for tests): extra nanoseconds added to a candidate's time, keyed by (convolution
+    number, kernel, tiles). Returns counts: how many choices were measured and how many came from the cache.
+    """
+    cache = cache if cache is not None else PlanCache()
+    _, stats, _ = program.run(x[:1], threads=threads, keep=True)
+    stats = stats[0].tolist()
+    measured = reused = 0
+    for index, (number, op) in enumerate(program.conv_ops):
+        key = signature(op, _open_fraction(program, stats, op), program.lib.variant, threads)
+        cands = candidates(op, program.lib.tile_families)
+        hit = cache.entries.get(key)
+        if hit is not None and tuple(hit[:2]) in cands and not slow:
+            program.set_kernel(index, hit[0], hit[1])
+            reused += 1
+            continue
+        timings = {}
+        for rnd in range(2):  # two interleaved rounds: a slow moment of the machine hits all alike
+            for cand in cands:
+                program.set_kernel(index, *cand)
+                t = program.time_op(x, number, reps if rnd else 1, threads)
+                if rnd:
+                    timings[cand] = statistics.median(t) + (slow or {}).get((index, *cand), 0.0)
+        best = min(timings, key=timings.get)
+        program.set_kernel(index, *best)
+        cache.entries[key] = [best[0], best[1], int(timings[best])]
+        measured += 1
+    if measured and not slow:
+        cache.save()
+    return {"measured": measured, "cached": reused}
