@@ -203,7 +203,7 @@ def test_an_interface_changed_on_one_side_is_caught(tmp_path, monkeypatch):
     """A field added to a C struct (not to native/abi.py) is caught at load time, before any call."""
     monkeypatch.setenv("MSGC_CACHE", str(tmp_path / "cache"))
     csrc = tmp_path / "csrc"
-    shutil.copytree(build._CSRC, csrc)
+    shutil.copytree(build.CSRC, csrc)
     header = (csrc / "msgc.h").read_text()
     changed = header.replace("#define MSGC_GEOM(X) X(i32, h) X(i32, w)", "#define MSGC_GEOM(X) X(i32, h) X(i32, d) X(i32, w)")
     assert changed != header
@@ -226,6 +226,39 @@ def test_a_foreign_cache_file_is_not_loaded(tmp_path, monkeypatch):
     shutil.copy(portable, target)  # what a shared cache written by another machine could hold
     with pytest.raises(build.BuildError, match=f"built for portable, not {best}"):
         build.load(best)
+
+
+_SELFTEST = os.path.join(os.path.dirname(__file__), "csrc", "selftest.c")
+#: builds Python cannot load here, checked by the C self-test under user-mode emulation
+_CROSS = {"neon": (["aarch64-linux-gnu-gcc"], ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"])}
+
+
+def _selftest(tmp_path, cc, flags, run=()):
+    src = build.CSRC
+    exe = str(tmp_path / "selftest")
+    kernels = [os.path.join(src, f) for f in build.KERNEL_SOURCES]
+    subprocess.run([*cc, "-O2", "-fopenmp", "-std=gnu99", f"-I{src}", _SELFTEST, *kernels, *flags, "-lm", "-o", exe],
+                   check=True, capture_output=True, text=True)
+    return subprocess.run([*run, exe], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_c_selftest(tmp_path, variant):
+    """The C self-test (every kernel against a plain reference) passes natively, so that its verdict
+    on an emulated build means something."""
+    out = _selftest(tmp_path, [build.compiler()], build.VARIANTS[variant])
+    assert out.returncode == 0 and out.stdout.strip() == f"ok {variant}", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("isa", sorted(_CROSS))
+def test_c_selftest_of_another_architecture(tmp_path, isa):
+    """AArch64 NEON: cross-compiled and run under qemu-aarch64 (Debian's gcc-aarch64-linux-gnu and
+    qemu-user; skipped where they are missing)."""
+    cc, run = _CROSS[isa]
+    if not shutil.which(cc[0]) or not shutil.which(run[0]):
+        pytest.skip(f"{cc[0]} or {run[0]} not installed")
+    out = _selftest(tmp_path, cc, [], run)
+    assert out.returncode == 0 and out.stdout.strip() == f"ok {isa}", out.stdout + out.stderr
 
 
 def _python(code, **env):

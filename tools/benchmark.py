@@ -65,6 +65,14 @@ def parse_args(argv=None):
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared machine; "
                         "use with --threads 1, CPU only)")
+    parser.add_argument("--isa", default=None, help="native kernel variant for --mode deploy (avx512, avx2, "
+                        "portable; default: the best this CPU runs)")
+    parser.add_argument("--no-tune", action="store_true", help="deploy with the fixed kernel rule instead of "
+                        "measured per-layer choices")
+    parser.add_argument("--profile", action="store_true", help="also time every op of the deployed program "
+                        "(per stage, per kind, slowest ops)")
+    parser.add_argument("--contend", action="store_true", help="keep another process busy during the "
+                        "measurement (a one-thread eval loop of torchvision's ResNet-18)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE pairs")
@@ -144,8 +152,11 @@ def runners(cfg, args, model):
 
             out["eval"] = (step, "eval mode (closed channels multiplied by 0)")
         else:
-            deployed = deploy(model.eval())
-            out["deploy"] = (lambda x, y, d=deployed: d(x), "msgc.deploy.deploy(model)")
+            deployed = deploy(model.eval(), isa=args.isa, tune=not args.no_tune, check=False)
+            what = "msgc.deploy.deploy(model)" + (f", {deployed.library.variant} kernels" if deployed.native else
+                                                  ", PyTorch kernels")
+            out["deploy"] = (lambda x, y, d=deployed: d(x), what)
+            out["deploy"][0].deployed = deployed
     if args.compare_dense:
         train = args.mode == ["train"]
         host, what = dense_host(cfg, train)
@@ -202,10 +213,39 @@ def measure(runs, args, batches, device):
     return times
 
 
-def summary(ms):
+def summary(ms, batch):
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
     return {"median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(ms),
-            "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "n": len(ms)}
+            "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "n": len(ms),
+            "ms_per_image": statistics.median(ms) / batch}
+
+
+_BUSY = ("import torch, torchvision; torch.set_num_threads(1); net = torchvision.models.resnet18().eval(); "
+         "x = torch.randn(1, 3, 224, 224)\nwith torch.no_grad():\n    while True: net(x)")
+
+
+def contender(on: bool):
+    """Another process keeping one core busy (None unless ``on``)."""
+    if not on:
+        return None
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3)  # its start-up (imports) is not the load we mean
+    return proc
+
+
+def deploy_profile(runs, batches):
+    """Every op of the deployed program timed alone on one image: per stage, per kind, slowest ops."""
+    from msgc.deploy.profile import by_kind, by_scope, profile
+
+    deployed = runs["deploy"][0].deployed
+    if not deployed.native:
+        return None
+    rows = profile(deployed, batches(0)[0])
+    slowest = sorted(rows, key=lambda r: -r["ms"])[:12]
+    return {"total_ms": sum(r["ms"] for r in rows), "by_stage": by_scope(rows), "by_kind": by_kind(rows),
+            "slowest": slowest}
 
 
 def mac_stats(model, runs, batches, size):
@@ -219,7 +259,7 @@ def mac_stats(model, runs, batches, size):
         if name in ("eval", "train"):
             out[name] = {"macs": macs, "mac_ratio": macs / dense}
     if "deploy" in runs:
-        deployed = deploy(model)
+        deployed = runs["deploy"][0].deployed
         executed = torch.cat([deployed(b)["executed_macs"] for b in batches]).mean().item()
         out["deploy"] = {"macs": macs, "mac_ratio": macs / dense, "executed_macs": executed,
                          "executed_ratio": executed / dense}
@@ -235,13 +275,21 @@ def main(argv=None):
     batches = batch_source(args, cfg, size, device)
     runs = runners(cfg, args, model)
     macs = mac_stats(model, runs, [batches(r)[0] for r in range(max(1, min(args.batches or 4, 4)))], size)
-    times = measure(runs, args, batches, device)
+    busy = contender(args.contend)
+    try:
+        times = measure(runs, args, batches, device)
+        prof = deploy_profile(runs, batches) if args.profile and "deploy" in runs else None
+    finally:
+        if busy is not None:
+            busy.kill()
     result = {"config": args.config_file, "opts": args.opts, "device": str(device), "batches": args.batches,
               "threads": torch.get_num_threads(), "clock": args.clock, "batch_size": args.batch_size, "size": size,
-              "torch": torch.__version__, "runs": {}}
+              "torch": torch.__version__, "contended": args.contend, "runs": {}}
     for name, (_, what) in runs.items():
-        result["runs"][name] = {"what": what, **summary(times[name]), **macs.get(name, {})}
+        result["runs"][name] = {"what": what, **summary(times[name], args.batch_size), **macs.get(name, {})}
     result["ratios"], result["paired_ratios"] = ratios(result["runs"]), paired_ratios(result["runs"], times)
+    if prof is not None:
+        result["profile"] = prof
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -288,20 +336,29 @@ def report(result):
     rows = []
     for name, r in result["runs"].items():
         executed = r.get("executed_macs")
-        rows.append([name, f"{r['median_ms']:.2f}", f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}", f"{r['min_ms']:.2f}",
+        rows.append([name, f"{r['median_ms']:.2f}", f"{r['ms_per_image']:.2f}", f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
+                     f"{r['min_ms']:.2f}",
                      f"{r['macs'] / 1e6:.1f}" if "macs" in r else "",
                      f"{r['mac_ratio']:.3f}" if "mac_ratio" in r else "",
                      "" if executed is None else f"{executed / 1e6:.1f}", r["what"]])
     head = (f"{result['config']} {' '.join(result['opts'])}: {result['device']}, {result['threads']} threads, "
             f"{result['clock']} clock, "
-            f"batch {result['batch_size']}, {result['size']}x{result['size']}, torch {result['torch']}")
-    table = tabulate(rows, headers=["run", "median ms", "p25-p75", "min", "MMACs/sample", "MAC ratio",
+            f"batch {result['batch_size']}, {result['size']}x{result['size']}, torch {result['torch']}"
+            + (", another process busy" if result.get("contended") else ""))
+    table = tabulate(rows, headers=["run", "median ms", "ms/image", "p25-p75", "min", "MMACs/sample", "MAC ratio",
                                     "executed MMACs", "what"])
     lines = [head, table]
     for k, v in result["ratios"].items():
         p = result["paired_ratios"].get(k)
         lines.append(f"{k}: {v:.3f}" + ("" if p is None else
                                          f"  (round by round: median {p['median']:.3f}, IQR {p['p25']:.3f}-{p['p75']:.3f})"))
+    prof = result.get("profile")
+    if prof:
+        lines.append(f"deployed program, ops timed alone on one image: {prof['total_ms']:.2f} ms")
+        lines.append("  by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in prof["by_stage"].items()))
+        lines.append("  by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in prof["by_kind"].items()))
+        lines.append(tabulate([[r["scope"], r["op"], r.get("kernel", ""), f"{r['ms']:.3f}"] for r in prof["slowest"]],
+                              headers=["slowest ops", "", "kernel", "ms"]))
     return "\n".join(lines)
 
 

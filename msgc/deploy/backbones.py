@@ -103,7 +103,9 @@ class ResNetDeployer(BackboneDeployer):
         g.add_macs(stem)
         x = g.input
         for blk in self.blocks:
+            g.scope = blk.where
             x = blk.emit(g, x)
+        g.scope = "head"
         g.gap(x)
         g.add_macs(self.head_macs(x.h, x.w))
         return g
@@ -133,7 +135,9 @@ class MobileNetV2Deployer(BackboneDeployer):
         g.add_macs(stem)
         x = g.input
         for blk in self.blocks:
+            g.scope = blk.where
             x = blk.emit(g, x)
+        g.scope = "last_conv"
         g.add_macs(self.net[0].last_macs(x.h, x.w))
         x = g.conv(x, self.last, act=RELU6)
         g.gap(x)
@@ -178,13 +182,16 @@ class DenseNetDeployer(BackboneDeployer):
         stage, c = g.input, self.net[0].stage_channels["stem"]
         for i, (layers, width) in enumerate(zip(self.stages, self.widths)):
             if i:
+                g.scope = f"features.transition_{i}"
                 nxt = g.buffer(stage.h // 2, stage.w // 2, width)
                 g.pool(stage, 2, dst=g.view(nxt, 0, c))
                 g.add_macs(transition_macs(c, nxt.h, nxt.w))
                 stage = nxt
             for layer in layers:
+                g.scope = layer.where
                 layer.emit(g, g.view(stage, 0, c), out=g.view(stage, c, layer.growth))
                 c += layer.growth
+        g.scope = "head"
         x = g.affine(stage, self.final_norm[0], RELU)
         g.gap(x)
         g.add_macs(self.head_macs(x.h, x.w))

@@ -84,6 +84,7 @@ class BasicBlockDeployer:
     conv2 reads; each head of conv2 reads its open channels; the shortcut is added in conv2's stores."""
 
     def __init__(self, block: BasicBlock, where: str):
+        self.where = where
         self.block, self.heads, self.planes, self.inplanes = block, block.heads, block.planes, block.inplanes
         self.gates = GateSources(where, maskgen1=block.maskgen1, maskgen2=block.maskgen2, attgen1=block.attgen1,
                                  attgen2=block.attgen2)
@@ -108,6 +109,7 @@ class BottleneckDeployer:
     the outputs conv3's mask keeps (the second bonus), conv3 reading exactly those."""
 
     def __init__(self, block: Bottleneck, where: str):
+        self.where = where
         self.block, self.heads, self.width, self.inplanes = block, block.heads, block.width, block.inplanes
         self.gates = GateSources(where, maskgen1=block.maskgen1, maskgen2=block.maskgen2, maskgen3=block.maskgen3,
                                  attgen2=block.attgen2)
@@ -135,6 +137,7 @@ class InvertedResidualDeployer:
     head of the projection reads (the bonus); each projection head reads its open channels."""
 
     def __init__(self, block: InvertedResidual, where: str):
+        self.where = where
         self.block, self.heads, self.hidden = block, block.heads, block.hidden
         self.gates = GateSources(where, maskgen=block.maskgen, attgen=block.attgen)
         ex = block.expansion
@@ -162,6 +165,7 @@ class DenseLayerDeployer:
     reads (conv_2's BatchNorm folded into it), conv_2 per head, written into the stage's next columns."""
 
     def __init__(self, layer: DenseLayer, where: str):
+        self.where = where
         self.layer, self.heads, self.hidden, self.growth = layer, layer.heads, layer.hidden, layer.growth
         self.gates = GateSources(where, maskgen1=layer.maskgen1, maskgen2=layer.maskgen2, attgen2=layer.attgen2)
         self.norm = layer.conv_1.norm

@@ -182,6 +182,13 @@ class Graph:
         self.logits_size = 0
         self.features: Optional[Buffer] = None
         self._macs: List = []
+        #: where the ops come from (set by the deployers: the block's name), one per op
+        self.scope = ""
+        self.scopes: List[str] = []
+
+    def _add(self, op) -> None:
+        self.ops.append(op)
+        self.scopes.append(self.scope)
 
     # ---- buffers and sets ------------------------------------------------------------------------
 
@@ -207,7 +214,7 @@ class Graph:
             outs.append(Logits(heads * channels, self.logits_size))
             self.logits_size += heads * channels
         everything = Logits(self.logits_size - start, start)
-        self.ops.append(GatesOp(src, generators, outs, everything))
+        self._add(GatesOp(src, generators, outs, everything))
         return outs
 
     def index_set(self, heads: int, channels: int, logits: Optional[Logits] = None,
@@ -219,7 +226,7 @@ class Graph:
             return None
         s = IndexSet(heads, channels, groups, logits is not None or const is not None, id=len(self.sets))
         self.sets.append(s)
-        self.ops.append(SetsOp(s, logits, const, att))
+        self._add(SetsOp(s, logits, const, att))
         return s
 
     # ---- ops -----------------------------------------------------------------------------------
@@ -241,7 +248,7 @@ class Graph:
                     all_rule=weights.heads == 1 and mode == UNION)
         ho, wo = op.out_hw
         op.dst = dst if dst is not None else self.buffer(ho, wo, weights.out_channels)
-        self.ops.append(op)
+        self._add(op)
         return op.dst
 
     def depthwise(self, src: Buffer, weights: ConvWeights, channels: Optional[IndexSet] = None,
@@ -250,7 +257,7 @@ class Graph:
         ho = (src.h + 2 * weights.padding - weights.kernel) // weights.stride + 1
         wo = (src.w + 2 * weights.padding - weights.kernel) // weights.stride + 1
         dst = self.buffer(ho, wo, weights.out_channels)
-        self.ops.append(DepthwiseOp(src, dst, weights, src.h, src.w, channels, act))
+        self._add(DepthwiseOp(src, dst, weights, src.h, src.w, channels, act))
         return dst
 
     def affine(self, src: Buffer, bn: nn.BatchNorm2d, act: int = NONE, macs: int = 0) -> Buffer:
@@ -259,19 +266,19 @@ class Graph:
 
         scale, shift = bn_affine(bn)
         dst = self.buffer(src.h, src.w, src.cols)
-        self.ops.append(AffineOp(src, dst, scale.contiguous(), shift.contiguous(), act, macs))
+        self._add(AffineOp(src, dst, scale.contiguous(), shift.contiguous(), act, macs))
         return dst
 
     def pool(self, src: Buffer, k: int, dst: Optional[Buffer] = None) -> Buffer:
         """``k x k`` average pooling with stride ``k``."""
         dst = dst if dst is not None else self.buffer(src.h // k, src.w // k, src.cols)
-        self.ops.append(PoolOp(src, dst, k))
+        self._add(PoolOp(src, dst, k))
         return dst
 
     def gap(self, src: Buffer) -> None:
         """The sample's features: the mean of ``src`` over its pixels (the classifier follows)."""
         self.features = src
-        self.ops.append(GapOp(src))
+        self._add(GapOp(src))
 
     # ---- the paper's MACs -------------------------------------------------------------------------
 

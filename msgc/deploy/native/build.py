@@ -19,10 +19,10 @@ from typing import Dict, List, Tuple
 
 from . import abi
 
-__all__ = ["VARIANTS", "BuildError", "cache_dir", "cpu_variants", "build", "load"]
+__all__ = ["VARIANTS", "CSRC", "KERNEL_SOURCES", "BuildError", "cache_dir", "compiler", "cpu_variants", "build", "load"]
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-_KERNELS = ["wide.c", "pixel.c", "conv.c", "depthwise.c", "gates.c", "program.c", "scratch.c", "abi.c"]
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+KERNEL_SOURCES = ["wide.c", "pixel.c", "conv.c", "depthwise.c", "gates.c", "program.c", "scratch.c", "abi.c"]
 _HEADERS = ["msgc.h", "simd.h", "internal.h"]
 _COMMON = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 
@@ -53,7 +53,7 @@ class BuildError(RuntimeError):
     """The compiler failed, or the library it made is not usable."""
 
 
-def _cc() -> str:
+def compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
@@ -74,7 +74,7 @@ def cache_dir() -> str:
 
 def _compile(sources: List[str], flags: List[str], name: str, text: bytes) -> str:
     """Compile into the cache (atomically: concurrent builders each write their own temp file)."""
-    key = hashlib.sha256(text + " ".join([_cc()] + flags).encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join([compiler()] + flags).encode()).hexdigest()[:16]
     cache = cache_dir()
     path = os.path.join(cache, f"{name}-{key}.so")
     if os.path.exists(path):
@@ -83,12 +83,12 @@ def _compile(sources: List[str], flags: List[str], name: str, text: bytes) -> st
     os.close(fd)
     try:
         try:
-            proc = subprocess.run([_cc(), *flags, *sources, "-o", tmp], capture_output=True, text=True)
+            proc = subprocess.run([compiler(), *flags, *sources, "-o", tmp], capture_output=True, text=True)
         except OSError as e:
-            raise BuildError(f"cannot run the C compiler {_cc()!r} ({e})") from None
+            raise BuildError(f"cannot run the C compiler {compiler()!r} ({e})") from None
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            raise BuildError(f"{_cc()} failed: {last}")
+            raise BuildError(f"{compiler()} failed: {last}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -114,21 +114,21 @@ def cpu_variants() -> Tuple[str, ...]:
 
 def _sources_text(csrc: str) -> bytes:
     text = b""
-    for f in _HEADERS + _KERNELS:
+    for f in _HEADERS + KERNEL_SOURCES:
         with open(os.path.join(csrc, f), "rb") as fh:
             text += f.encode() + fh.read()
     return text
 
 
-def build(variant: str, csrc: str = _CSRC) -> str:
+def build(variant: str, csrc: str = CSRC) -> str:
     """The path of the variant's library (compiled from the sources in ``csrc`` on first use)."""
     if variant not in VARIANTS:
         raise BuildError(f"unknown kernel variant {variant!r}; this machine builds {', '.join(VARIANTS)}")
-    return _compile([os.path.join(csrc, f) for f in _KERNELS], _COMMON + VARIANTS[variant], f"msgc-{variant}",
+    return _compile([os.path.join(csrc, f) for f in KERNEL_SOURCES], _COMMON + VARIANTS[variant], f"msgc-{variant}",
                     _sources_text(csrc))
 
 
-def load(variant: str, csrc: str = _CSRC) -> ctypes.CDLL:
+def load(variant: str, csrc: str = CSRC) -> ctypes.CDLL:
     """Build and load a variant the CPU can run; check what it reports before use."""
     if variant not in cpu_variants():
         raise BuildError(f"this CPU cannot run the {variant} kernels (it runs {', '.join(cpu_variants())})")

@@ -1,0 +1,79 @@
+"""Where a deployed model's time goes: every op of its native program timed on one sample.
+
+The ops are replayed in C on the state that a run of the sample left (as the kernel choice does), so a
+row holds the op alone: no Python, no call overhead. Use it to find the layers that miss a goal.
+"""
+import statistics
+from collections import OrderedDict
+from typing import Dict, List
+
+import torch
+
+from .graph import AffineOp, ConvOp, DepthwiseOp, GapOp, GatesOp, PoolOp, SetsOp
+
+__all__ = ["profile", "by_scope", "by_kind"]
+
+
+def describe(op) -> str:
+    """A short name of an op's kind and shape."""
+    if isinstance(op, ConvOp):
+        wt = op.weights
+        heads = f"{wt.heads}x{wt.per_head}" if wt.heads > 1 else f"{wt.per_head}"
+        gated = "gated " if op.in_set is not None else ""
+        return f"{gated}conv {wt.kernel}x{wt.kernel}/{wt.stride} {wt.in_channels}->{heads} at {op.h}x{op.w}"
+    if isinstance(op, GatesOp):
+        return f"generators ({len(op.generators)}) on {op.src.cols} channels"
+    if isinstance(op, SetsOp):
+        return f"index sets {op.set.heads}x{op.set.channels}"
+    if isinstance(op, DepthwiseOp):
+        return f"depthwise {op.weights.kernel}x{op.weights.kernel}/{op.weights.stride} at {op.h}x{op.w}"
+    if isinstance(op, AffineOp):
+        return "batchnorm + relu"
+    if isinstance(op, PoolOp):
+        return f"avg pool {op.k}x{op.k}"
+    if isinstance(op, GapOp):
+        return "global pool"
+    return type(op).__name__
+
+
+def kind(op) -> str:
+    if isinstance(op, ConvOp):
+        return "gated conv" if op.in_set is not None else "dense conv"
+    return {GatesOp: "generators", SetsOp: "index sets", DepthwiseOp: "depthwise", AffineOp: "batchnorm",
+            PoolOp: "pooling", GapOp: "pooling"}.get(type(op), type(op).__name__)
+
+
+def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
+    """Per op of ``deployed``'s native program on ``images[:1]``: ``scope`` (block), ``kind``, ``op``
+    (kind and shape), ``ms`` (median of ``reps`` replays), and for convolutions the kernel chosen."""
+    if not deployed.native:
+        raise ValueError("profile: the deployed model does not run the native program (deploy with native=True)")
+    with torch.no_grad():
+        plan = deployed.plan(images)
+        x = deployed.deployer.program_input(images[:1].float())
+        program = plan.program
+        program.run(x, keep=True)
+        rows = []
+        for i, (op, scope) in enumerate(zip(plan.graph.ops, plan.graph.scopes)):
+            ns = program.time_op(x, i, reps)
+            row = {"scope": scope, "kind": kind(op), "op": describe(op), "ms": statistics.median(ns) / 1e6}
+            if isinstance(op, ConvOp):
+                row["kernel"] = ("pixel" if op.kernel else "wide") + ("" if op.kernel else f"/{op.tiles}")
+            rows.append(row)
+    return rows
+
+
+def _total(rows, key) -> "OrderedDict[str, float]":
+    out: "OrderedDict[str, float]" = OrderedDict()
+    for r in rows:
+        out[key(r)] = out.get(key(r), 0.0) + r["ms"]
+    return out
+
+
+def by_scope(rows: List[Dict], depth: int = 1) -> "OrderedDict[str, float]":
+    """Milliseconds per stage: the first ``depth`` parts of the scope (``layer3``, ``features.4``)."""
+    return _total(rows, lambda r: ".".join(r["scope"].split(".")[:depth]))
+
+
+def by_kind(rows: List[Dict]) -> "OrderedDict[str, float]":
+    return _total(rows, lambda r: r["kind"])
