@@ -237,7 +237,7 @@ def _selftest(tmp_path, cc, flags, run=()):
     src = build.CSRC
     exe = str(tmp_path / "selftest")
     kernels = [os.path.join(src, f) for f in build.KERNEL_SOURCES]
-    subprocess.run([*cc, "-O2", "-fopenmp", "-std=gnu99", f"-I{src}", _SELFTEST, *kernels, *flags, "-lm", "-o", exe],
+    subprocess.run([*cc, "-O2", "-pthread", "-std=gnu11", f"-I{src}", _SELFTEST, *kernels, *flags, "-lm", "-o", exe],
                    check=True, capture_output=True, text=True)
     return subprocess.run([*run, exe], capture_output=True, text=True, timeout=600)
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
@@ -94,8 +93,8 @@ def _open_fraction(program: Program, stats: List[int], op: ConvOp) -> float:
     return sum(stats[off:off + s.heads]) / (s.heads * s.channels)
 
 
-def tune(program: Program, x: torch.Tensor, threads: int, cache: Optional[PlanCache] = None, reps: int = 5,
-         slow: Optional[Dict[Tuple[int, int, int], float]] = None) -> Dict[str, int]:
+def tune(program: Program, x: torch.Tensor, threads: int, cache: Optional[PlanCache] = None, reps: int = 3,
+         rounds: int = 3, slow: Optional[Dict[Tuple[int, int, int], float]] = None) -> Dict[str, int]:
     """Choose every convolution's kernel of ``program`` by timing the candidates on sample ``x[:1]``.
 
     ``slow`` (for tests): extra nanoseconds added to a candidate's time, keyed by (convolution
@@ -114,12 +113,13 @@ def tune(program: Program, x: torch.Tensor, threads: int, cache: Optional[PlanCa
             reused += 1
             continue
         timings = {}
-        for rnd in range(2):  # two interleaved rounds: a slow moment of the machine hits all alike
+        for rnd in range(rounds + 1):  # interleaved rounds (the first warms up): a slow moment hits all alike
             for cand in cands:
                 program.set_kernel(index, *cand)
                 t = program.time_op(x, number, reps if rnd else 1, threads)
-                if rnd:
-                    timings[cand] = statistics.median(t) + (slow or {}).get((index, *cand), 0.0)
+                if rnd:  # the minimum: another process can only add time
+                    best_t = min(t) + (slow or {}).get((index, *cand), 0.0)
+                    timings[cand] = min(timings.get(cand, best_t), best_t)
         best = min(timings, key=timings.get)
         program.set_kernel(index, *best)
         cache.entries[key] = [best[0], best[1], int(timings[best])]

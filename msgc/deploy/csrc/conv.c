@@ -225,6 +225,16 @@ static void tile_pixel(const msgc_conv_args *a, const conv_plan *pl, long it) {
 
 /* ---- the entry point --------------------------------------------------------------------------------- */
 
+typedef struct {
+  const msgc_conv_args *a;
+  const conv_plan *pl;
+} conv_task;
+
+static void gather_wide_task(void *t, long e) { gather_wide(((conv_task *)t)->a, ((conv_task *)t)->pl, e); }
+static void gather_pixel_task(void *t, long e) { gather_pixel(((conv_task *)t)->a, ((conv_task *)t)->pl, e); }
+static void tile_wide_task(void *t, long it) { tile_wide(((conv_task *)t)->a, ((conv_task *)t)->pl, it); }
+static void tile_pixel_task(void *t, long it) { tile_pixel(((conv_task *)t)->a, ((conv_task *)t)->pl, it); }
+
 static long executed_macs(const msgc_conv_args *a, const conv_plan *pl, int pixel) {
   const long hw = (long)a->g.h * a->g.w;
   long macs = 0;
@@ -279,24 +289,11 @@ i32 msgc_conv(const msgc_conv_args *a) {
       }
   }
   const long entries = pixel && !hd->scale ? a->io.xcols : pl.hp[hd->heads - 1].in0 + pl.hp[hd->heads - 1].n;
-  const int copy = pixel || pl.copies > 0;
   const long work = (long)pl.npix * outputs * (entries + 1) * pl.kk;
   const int nt = a->nthreads > 1 && work > (1 << 15) ? a->nthreads : 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    if (copy) {
-#pragma omp for schedule(static)
-      for (long e = 0; e < entries; e++) {
-        if (pixel) gather_pixel(a, &pl, e);
-        else gather_wide(a, &pl, e);
-      }
-    }
-#pragma omp for schedule(static)
-    for (long it = 0; it < pl.items; it++) {
-      if (pixel) tile_pixel(a, &pl, it);
-      else tile_wide(a, &pl, it);
-    }
-  }
+  conv_task task = {a, &pl};
+  if (pixel || pl.copies > 0) msgc_parallel(pixel ? gather_pixel_task : gather_wide_task, &task, entries, nt);
+  msgc_parallel(pixel ? tile_pixel_task : tile_wide_task, &task, pl.items, nt);
   if (a->executed) *a->executed += executed_macs(a, &pl, pixel);
   return MSGC_OK;
 }

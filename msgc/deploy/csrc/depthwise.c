@@ -48,25 +48,34 @@ static inline __attribute__((always_inline)) void dw_row(const float *x, long ld
   }
 }
 
+typedef struct {
+  const float *x, *w, *bias;
+  float *y;
+  long ldx, ldy;
+  int H, W, C, k, s, p, Wo, nb, act;
+} dw_task;
+
+static void dw_item(void *arg, long it) {
+  const dw_task *d = arg;
+  /* the last block of a partial vector overlaps its neighbour (the same values written twice):
+     whole vectors are much faster than partial ones */
+  const int C = d->C, oy = (int)(it / d->nb), b = (int)(it % d->nb);
+  const int c0 = C >= VL && VL * b > C - VL ? C - VL : VL * b, m = C - c0 < VL ? C - c0 : VL;
+  if (d->k == 3 && d->s == 1) /* constants: the tap loops unroll */
+    dw_row(d->x, d->ldx, d->H, d->W, C, 3, 1, d->p, d->w, d->bias, d->y, d->ldy, d->Wo, oy, c0, m, d->act);
+  else if (d->k == 3 && d->s == 2)
+    dw_row(d->x, d->ldx, d->H, d->W, C, 3, 2, d->p, d->w, d->bias, d->y, d->ldy, d->Wo, oy, c0, m, d->act);
+  else
+    dw_row(d->x, d->ldx, d->H, d->W, C, d->k, d->s, d->p, d->w, d->bias, d->y, d->ldy, d->Wo, oy, c0, m, d->act);
+}
+
 void msgc_dw_run(const float *x, long ldx, int H, int W, int C, int k, int s, int p, const float *w,
                  const float *bias, float *y, long ldy, int act, int nthreads) {
   const int Ho = out_size(H, k, s, p), Wo = out_size(W, k, s, p);
   if (Ho <= 0 || Wo <= 0 || C <= 0) return;
-  const int nb = (C + VL - 1) / VL;
+  dw_task d = {x, w, bias, y, ldx, ldy, H, W, C, k, s, p, Wo, (C + VL - 1) / VL, act};
   const int nt = nthreads > 1 && (long)Ho * Wo * C > 16384 ? nthreads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int it = 0; it < Ho * nb; it++) {
-    /* the last block of a partial vector overlaps its neighbour (the same values written twice):
-       whole vectors are much faster than partial ones */
-    const int oy = it / nb, c0 = C >= VL && VL * (it % nb) > C - VL ? C - VL : VL * (it % nb);
-    const int m = C - c0 < VL ? C - c0 : VL;
-    if (k == 3 && s == 1) /* constants: the tap loops unroll */
-      dw_row(x, ldx, H, W, C, 3, 1, p, w, bias, y, ldy, Wo, oy, c0, m, act);
-    else if (k == 3 && s == 2)
-      dw_row(x, ldx, H, W, C, 3, 2, p, w, bias, y, ldy, Wo, oy, c0, m, act);
-    else
-      dw_row(x, ldx, H, W, C, k, s, p, w, bias, y, ldy, Wo, oy, c0, m, act);
-  }
+  msgc_parallel(dw_item, &d, (long)Ho * d.nb, nt);
 }
 
 i32 msgc_dwconv(const msgc_dw_args *a) {

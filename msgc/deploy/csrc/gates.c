@@ -17,48 +17,66 @@ static float dot(const float *a, const float *b, int n) {
   return s;
 }
 
-/* ctx[c] = mean over the hw rows of column c (partial sums of 64 rows in float, added up in double);
- * hidden[r] = relu(b1[r] + w1[r, :] . ctx); out[o + j] = b2[o + j] + w2[...] . hidden[h0 : h0 + units] */
+typedef struct {
+  const msgc_gen_args *a;
+  float *ctx, *hidden;
+  long first[65];  /* generator g's rows are second-layer rows first[g] .. first[g + 1] - 1 */
+} gen_task;
+
+/* ctx[c0 .. c0 + VL) = the mean over the hw rows (partial sums of 64 rows in float, added up in double) */
+static void context_block(void *arg, long b) {
+  const gen_task *t = arg;
+  const msgc_gen_args *a = t->a;
+  const int c0 = VL * (int)b, m = a->c - c0 < VL ? a->c - c0 : VL;
+  double total[VL] = {0};
+  for (int r0 = 0; r0 < a->hw; r0 += 64) {
+    const int r1 = r0 + 64 < a->hw ? r0 + 64 : a->hw;
+    vf part = vzero();
+    if (m == VL)
+      for (int r = r0; r < r1; r++) part += vload(a->x + (long)r * a->ldx + c0);
+    else
+      for (int r = r0; r < r1; r++) part += vload_part(a->x + (long)r * a->ldx + c0, m);
+    for (int l = 0; l < m; l++) total[l] += part[l];
+  }
+  for (int l = 0; l < m; l++) t->ctx[c0 + l] = (float)(total[l] / a->hw);
+}
+
+/* hidden[r] = relu(b1[r] + w1[r, :] . ctx) */
+static void hidden_row(void *arg, long r) {
+  const gen_task *t = arg;
+  const float v = t->a->b1[r] + dot(t->a->w1 + r * t->a->c, t->ctx, t->a->c);
+  t->hidden[r] = v > 0.0f ? v : 0.0f;
+}
+
+/* one output row of a generator's second layer: b2[o + j] + w2[..] . hidden[h0 : h0 + units] */
+static void output_row(void *arg, long i) {
+  const gen_task *t = arg;
+  const msgc_gen_args *a = t->a;
+  int g = 0;
+  while (t->first[g + 1] <= i) g++;
+  const i64 *d = a->desc + 5 * g;
+  const long j = i - t->first[g];
+  const int units = (int)d[2];
+  a->out[d[3] + j] = a->b2[d[3] + j] + dot(a->w2 + d[4] + j * units, t->hidden + d[1], units);
+}
+
+/* the context, the stacked first layers, then every generator's second layer (one parallel loop
+ * each; the second layers of all generators in one) */
 i32 msgc_generators(const msgc_gen_args *a) {
-  const int C = a->c, hw = a->hw, nh = a->nh;
+  const int C = a->c, nh = a->nh;
+  if (a->ngen > 64) return MSGC_ETOOLARGE;
   float *ctx = msgc_scratch(SCRATCH_SELECT, sizeof(float) * ((size_t)C + nh));
   if (!ctx) return MSGC_ENOMEM;
-  float *hidden = ctx + C;
-  long work = (long)hw * C + (long)nh * C;
-  for (int g = 0; g < a->ngen; g++) work += a->desc[5 * g] * a->desc[5 * g + 2];
-  const int nblk = (C + VL - 1) / VL;
-  const int nt = a->nthreads > 1 && work > 65536 ? a->nthreads : 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-#pragma omp for schedule(static)
-    for (int b = 0; b < nblk; b++) {
-      const int c0 = VL * b, m = C - c0 < VL ? C - c0 : VL;
-      double total[VL] = {0};
-      for (int r0 = 0; r0 < hw; r0 += 64) {
-        const int r1 = r0 + 64 < hw ? r0 + 64 : hw;
-        vf part = vzero();
-        if (m == VL)
-          for (int r = r0; r < r1; r++) part += vload(a->x + (long)r * a->ldx + c0);
-        else
-          for (int r = r0; r < r1; r++) part += vload_part(a->x + (long)r * a->ldx + c0, m);
-        for (int l = 0; l < m; l++) total[l] += part[l];
-      }
-      for (int l = 0; l < m; l++) ctx[c0 + l] = (float)(total[l] / hw);
-    }
-#pragma omp for schedule(static)
-    for (int r = 0; r < nh; r++) {
-      const float v = a->b1[r] + dot(a->w1 + (long)r * C, ctx, C);
-      hidden[r] = v > 0.0f ? v : 0.0f;
-    }
-    for (int g = 0; g < a->ngen; g++) {
-      const i64 *d = a->desc + 5 * g;
-      const int rows = (int)d[0], units = (int)d[2];
-      const float *hg = hidden + d[1], *wg = a->w2 + d[4], *bg = a->b2 + d[3];
-      float *og = a->out + d[3];
-#pragma omp for schedule(static) nowait
-      for (int j = 0; j < rows; j++) og[j] = bg[j] + dot(wg + (long)j * units, hg, units);
-    }
+  gen_task t = {a, ctx, ctx + C, {0}};
+  long work = (long)a->hw * C + (long)nh * C;
+  for (int g = 0; g < a->ngen; g++) {
+    t.first[g + 1] = t.first[g] + a->desc[5 * g];
+    work += a->desc[5 * g] * a->desc[5 * g + 2];
   }
+  const int nt = a->nthreads > 1 && work > 65536 ? a->nthreads : 1;
+  msgc_parallel(context_block, &t, (C + VL - 1) / VL, nt);
+  msgc_parallel(hidden_row, &t, nh, nt);
+  msgc_parallel(output_row, &t, t.first[a->ngen], nt);
   return MSGC_OK;
 }
 

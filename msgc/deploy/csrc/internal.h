@@ -8,6 +8,12 @@
 
 static inline int out_size(int size, int k, int s, int p) { return (size + 2 * p - k) / s + 1; }
 
+/* fn(ctx, i) for i in [0, n) on up to nthreads threads (the caller among them); returns when all are
+ * done. Iterations are claimed one at a time, so threads the machine does not run leave their share to
+ * the others (pool.c). Nested calls run serially. */
+typedef void (*msgc_task_fn)(void *ctx, long i);
+void msgc_parallel(msgc_task_fn fn, void *ctx, long n, int nthreads);
+
 /* Per-thread scratch memory that grows as needed and is kept between calls: one region per slot.
  * Returns NULL if it cannot be allocated. */
 enum { SCRATCH_GATHER = 0, SCRATCH_PLANES, SCRATCH_PLAN, SCRATCH_SELECT, SCRATCH_ARENA, SCRATCH_SLOTS };

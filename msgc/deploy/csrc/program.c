@@ -224,6 +224,25 @@ static int run_dw(state *st, const msgc_dw_op *o) {
   return MSGC_OK;
 }
 
+typedef struct {
+  const msgc_affine_op *o;
+  const bufrt *src, *dst;
+  long hw;
+} affine_task;
+
+static void affine_rows(void *arg, long i) { /* rows 16 i .. 16 i + 15 */
+  const affine_task *t = arg;
+  const msgc_affine_op *o = t->o;
+  const int c = t->src->cols;
+  for (long q = 16 * i; q < 16 * i + 16 && q < t->hw; q++) {
+    const float *xr = t->src->data + q * t->src->ld;
+    float *yr = t->dst->data + q * t->dst->ld;
+    int j = 0;
+    for (; j + VL <= c; j += VL) vstore(yr + j, vact(vload(xr + j) * vload(o->scale + j) + vload(o->shift + j), o->act));
+    for (; j < c; j++) yr[j] = act1(xr[j] * o->scale[j] + o->shift[j], o->act);
+  }
+}
+
 static int run_affine(state *st, const msgc_affine_op *o) {
   const bufrt *src = &st->b[o->src];
   bufrt *dst = &st->b[o->dst];
@@ -231,14 +250,8 @@ static int run_affine(state *st, const msgc_affine_op *o) {
   const int c = src->cols;
   if (src->tag != TAG_FULL) return MSGC_EPLAN;
   const int nt = st->nthreads > 1 && hw * c > 65536 ? st->nthreads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (long q = 0; q < hw; q++) {
-    const float *xr = src->data + q * src->ld;
-    float *yr = dst->data + q * dst->ld;
-    int j = 0;
-    for (; j + VL <= c; j += VL) vstore(yr + j, vact(vload(xr + j) * vload(o->scale + j) + vload(o->shift + j), o->act));
-    for (; j < c; j++) yr[j] = act1(xr[j] * o->scale[j] + o->shift[j], o->act);
-  }
+  affine_task t = {o, src, dst, hw};
+  msgc_parallel(affine_rows, &t, (hw + 15) / 16, nt);
   dst->cols = c;
   dst->tag = TAG_FULL;
   st->executed += hw * c * o->macs;
@@ -344,6 +357,17 @@ static int run_sample(const msgc_run_args *a, int i, int nthreads) {
   return rc;
 }
 
+typedef struct {
+  const msgc_run_args *a;
+  volatile int rc;
+} batch_task;
+
+static void sample_task(void *arg, long i) { /* a whole sample on one thread */
+  batch_task *t = arg;
+  const int r = run_sample(t->a, (int)i, 1);
+  if (r) t->rc = r;
+}
+
 static long now_ns(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
@@ -366,14 +390,9 @@ i32 msgc_run(const msgc_run_args *a) {
   }
   int rc = MSGC_OK;
   if (a->n >= a->nthreads && a->nthreads > 1 && !a->keep) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(a->nthreads)
-    for (int i = 0; i < a->n; i++) {
-      const int r = run_sample(a, i, 1);
-      if (r) {
-#pragma omp atomic write
-        rc = r;
-      }
-    }
+    batch_task t = {a, MSGC_OK};
+    msgc_parallel(sample_task, &t, a->n, a->nthreads);
+    rc = t.rc;
   } else {
     for (int i = 0; i < a->n && !rc; i++) rc = run_sample(a, i, a->nthreads);
   }

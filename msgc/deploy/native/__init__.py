@@ -2,7 +2,8 @@
 
 The C sources are compiled with ``$CC`` (default ``cc``) into ``$MSGC_CACHE`` (default
 ``~/.cache/msgc``), once per variant (``avx512``, ``avx2``, ``portable``; see :mod:`.build`), and loaded
-with ctypes; OpenMP is the runtime PyTorch has already loaded. The default variant is the best this
+with ctypes; they run on their own thread pool (``csrc/pool.c``), as many threads as
+``torch.get_num_threads()``. The default variant is the best this
 CPU runs (``MSGC_ISA`` picks another it can run). Where no compiler works, :func:`available` is False,
 :func:`status` says why, and deployment uses PyTorch's kernels. ``MSGC_NATIVE=0`` turns them off.
 """
