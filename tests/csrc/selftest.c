@@ -92,8 +92,8 @@ static void test_conv(int H, int k, int s, int heads, int per, int rows, int cho
   msgc_info in = {info};
   msgc_describe(&in);
   float *y = malloc(sizeof(float) * Ho * Ho * n_out);
-  for (int kernel = 0; kernel < 2; kernel++)
-    for (int tiles = 0; tiles < (kernel ? 1 : info[4]); tiles++) {
+  for (int kernel = 0; kernel < 3; kernel++)
+    for (int tiles = 0; tiles < (kernel == MSGC_KERNEL_PIXEL ? 1 : info[4]); tiles++) {
       if (kernel == MSGC_KERNEL_PIXEL && s != 1) continue;
       msgc_conv_args a = {0};
       a.g = (msgc_geom){H, H, k, s, p};

@@ -81,7 +81,8 @@ static int plan_wide(const msgc_conv_args *a, conv_plan *pl) {
   int nch = 0;
   for (int h = 0; h < hd->heads; h++) {
     head_plan *p = &pl->hp[h];
-    p->infold = hd->scale && (long)pl->kk * p->m > hw;
+    /* the gather kernel copies every head's inputs (contiguous columns for the tiles) */
+    p->infold = p->n > 0 && ((hd->scale && (long)pl->kk * p->m > hw) || a->wt.kernel == MSGC_KERNEL_GATHER);
     p->gathered = hd->ocounts || (hd->scale && !p->infold);
     p->g0 = g0;
     g0 += (p->gathered ? blocks16(p->m) * MSGC_BLOCK * p->n * pl->kk + p->m : 0) + (p->infold ? hw * p->n : 0);
@@ -104,36 +105,47 @@ static int plan_wide(const msgc_conv_args *a, conv_plan *pl) {
   return MSGC_OK;
 }
 
-/* input entry e's share of the copies: its rows of the gathered weights, its scaled input column */
-static void gather_wide(const msgc_conv_args *a, const conv_plan *pl, long e) {
+/* input entry e's rows of its head's gathered weights (chosen outputs, or scaled by attention) */
+static void gather_weights(const msgc_conv_args *a, const conv_plan *pl, long e) {
   const msgc_heads *hd = &a->hd;
   const int h = head_of_entry(pl, e), kk = pl->kk;
   const head_plan *p = &pl->hp[h];
+  if (!p->gathered) return;
   const int c = (int)(e - p->in0), n = p->n, m = p->m;
   float *dst = pl->buf + p->g0;
-  const float sc = hd->scale ? hd->scale[e] : 1.0f;
-  if (p->gathered) {
-    const float wsc = p->infold ? 1.0f : sc;
-    const long head_w = blocks16(hd->per_head) * a->wt.rows * kk * MSGC_BLOCK;
-    const float *src = a->wt.blocked + h * head_w + (long)(hd->wrow ? hd->wrow[e] : c) * kk * MSGC_BLOCK;
-    for (long b = 0; b < blocks16(m); b++)
-      for (int t = 0; t < kk; t++) {
-        float *d = dst + ((b * n + c) * kk + t) * MSGC_BLOCK;
-        const float *st = src + t * MSGC_BLOCK;
-        if (hd->ocounts) {
-          const long *o = pl->off + p->out0 + MSGC_BLOCK * b;
-          for (int l = 0; l < MSGC_BLOCK; l++) d[l] = MSGC_BLOCK * b + l < m ? st[o[l]] * wsc : 0.0f;
-        } else { /* every output, attention into the weights: whole blocks, scaled */
-          const float *sb = st + b * a->wt.rows * kk * MSGC_BLOCK;
-          for (int l = 0; l < MSGC_BLOCK; l++) d[l] = sb[l] * wsc;
-        }
+  const float wsc = hd->scale && !p->infold ? hd->scale[e] : 1.0f;
+  const long head_w = blocks16(hd->per_head) * a->wt.rows * kk * MSGC_BLOCK;
+  const float *src = a->wt.blocked + h * head_w + (long)(hd->wrow ? hd->wrow[e] : c) * kk * MSGC_BLOCK;
+  for (long b = 0; b < blocks16(m); b++)
+    for (int t = 0; t < kk; t++) {
+      float *d = dst + ((b * n + c) * kk + t) * MSGC_BLOCK;
+      const float *st = src + t * MSGC_BLOCK;
+      if (hd->ocounts) {
+        const long *o = pl->off + p->out0 + MSGC_BLOCK * b;
+        for (int l = 0; l < MSGC_BLOCK; l++) d[l] = MSGC_BLOCK * b + l < m ? st[o[l]] * wsc : 0.0f;
+      } else { /* every output, attention into the weights: whole blocks, scaled */
+        const float *sb = st + b * a->wt.rows * kk * MSGC_BLOCK;
+        for (int l = 0; l < MSGC_BLOCK; l++) d[l] = sb[l] * wsc;
       }
-    dst += blocks16(m) * MSGC_BLOCK * n * kk + m;
-  }
-  if (p->infold) {
-    const long hw = (long)a->g.h * a->g.w, ldx = a->io.ldx;
-    const float *xc = a->io.x + (hd->cols ? hd->cols[e] : c);
-    for (long q = 0; q < hw; q++) dst[q * n + c] = xc[q * ldx] * sc;
+    }
+}
+
+/* pixels 64 i .. 64 i + 63 of the heads' copied inputs: their columns side by side, times attention */
+static void copy_inputs(const msgc_conv_args *a, const conv_plan *pl, long i) {
+  const msgc_heads *hd = &a->hd;
+  const long hw = (long)a->g.h * a->g.w, ldx = a->io.ldx;
+  for (int h = 0; h < pl->heads; h++) {
+    const head_plan *p = &pl->hp[h];
+    if (!p->infold) continue;
+    const long gsize = p->gathered ? blocks16(p->m) * MSGC_BLOCK * p->n * pl->kk + p->m : 0;
+    float *dst = pl->buf + p->g0 + gsize;
+    const int *cols = hd->cols ? hd->cols + p->in0 : 0;
+    const float *sc = hd->scale ? hd->scale + p->in0 : 0;
+    for (long q = 64 * i; q < 64 * i + 64 && q < hw; q++) {
+      const float *xr = a->io.x + q * ldx;
+      float *d = dst + q * p->n;
+      for (int c = 0; c < p->n; c++) d[c] = xr[cols ? cols[c] : c] * (sc ? sc[c] : 1.0f);
+    }
   }
 }
 
@@ -230,7 +242,8 @@ typedef struct {
   const conv_plan *pl;
 } conv_task;
 
-static void gather_wide_task(void *t, long e) { gather_wide(((conv_task *)t)->a, ((conv_task *)t)->pl, e); }
+static void gather_weights_task(void *t, long e) { gather_weights(((conv_task *)t)->a, ((conv_task *)t)->pl, e); }
+static void copy_inputs_task(void *t, long i) { copy_inputs(((conv_task *)t)->a, ((conv_task *)t)->pl, i); }
 static void gather_pixel_task(void *t, long e) { gather_pixel(((conv_task *)t)->a, ((conv_task *)t)->pl, e); }
 static void tile_wide_task(void *t, long it) { tile_wide(((conv_task *)t)->a, ((conv_task *)t)->pl, it); }
 static void tile_pixel_task(void *t, long it) { tile_pixel(((conv_task *)t)->a, ((conv_task *)t)->pl, it); }
@@ -249,7 +262,7 @@ static long executed_macs(const msgc_conv_args *a, const conv_plan *pl, int pixe
 i32 msgc_conv(const msgc_conv_args *a) {
   const msgc_geom *g = &a->g;
   const msgc_heads *hd = &a->hd;
-  const int pixel = a->wt.kernel == MSGC_KERNEL_PIXEL;
+  const int pixel = a->wt.kernel == MSGC_KERNEL_PIXEL;  /* else wide (MSGC_KERNEL_GATHER: on copied inputs) */
   conv_plan pl = {0};
   pl.Ho = out_size(g->h, g->k, g->s, g->p);
   pl.Wo = out_size(g->w, g->k, g->s, g->p);
@@ -292,7 +305,14 @@ i32 msgc_conv(const msgc_conv_args *a) {
   const long work = (long)pl.npix * outputs * (entries + 1) * pl.kk;
   const int nt = a->nthreads > 1 && work > (1 << 15) ? a->nthreads : 1;
   conv_task task = {a, &pl};
-  if (pixel || pl.copies > 0) msgc_parallel(pixel ? gather_pixel_task : gather_wide_task, &task, entries, nt);
+  if (pixel) {
+    msgc_parallel(gather_pixel_task, &task, entries, nt);
+  } else {
+    int gathered = 0, infold = 0;
+    for (int h = 0; h < hd->heads; h++) gathered |= pl.hp[h].gathered, infold |= pl.hp[h].infold;
+    if (gathered) msgc_parallel(gather_weights_task, &task, entries, nt);
+    if (infold) msgc_parallel(copy_inputs_task, &task, ((long)g->h * g->w + 63) / 64, nt);
+  }
   msgc_parallel(pixel ? tile_pixel_task : tile_wide_task, &task, pl.items, nt);
   if (a->executed) *a->executed += executed_macs(a, &pl, pixel);
   return MSGC_OK;

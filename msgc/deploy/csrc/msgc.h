@@ -22,7 +22,7 @@
 /* activations fused into the stores */
 enum { MSGC_ACT_NONE = 0, MSGC_ACT_RELU = 1, MSGC_ACT_RELU6 = 2 };
 /* conv kernels (msgc_conv_op.kernel) */
-enum { MSGC_KERNEL_WIDE = 0, MSGC_KERNEL_PIXEL = 1 };
+enum { MSGC_KERNEL_WIDE = 0, MSGC_KERNEL_PIXEL = 1, MSGC_KERNEL_GATHER = 2 };
 /* program ops */
 enum { MSGC_OP_GATES = 1, MSGC_OP_SETS, MSGC_OP_CONV, MSGC_OP_DW, MSGC_OP_AFFINE, MSGC_OP_POOL, MSGC_OP_GAP };
 /* what a conv op computes (msgc_conv_op.out_mode) */
@@ -56,7 +56,9 @@ typedef const void *cv;
 
 /* weights: head i's blocked weights start at blocked + i * ceil(per_head / 16) * rows * k*k * 16, its
  * plain ones at plain + i * per_head * rows * k*k, its bias at bias + i * per_head; kernel picks the
- * wide (blocked) or the pixel (plain, stride 1) kernel, tiles the wide kernel's tile family. */
+ * wide kernel (blocked weights; reading inputs in place, or GATHER: from a contiguous copy of each
+ * head's inputs, made first) or the pixel kernel (plain weights, stride 1); tiles: the wide kernel's
+ * tile family. */
 #define MSGC_WEIGHTS(X) X(cf, blocked) X(cf, plain) X(i64, rows) X(cf, bias) X(i32, kernel) X(i32, tiles)
 
 /* input (xcols columns), output (written in full: every head's outputs side by side), residual added

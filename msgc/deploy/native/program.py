@@ -13,10 +13,11 @@ from ..graph import AffineOp, Buffer, ConvOp, DepthwiseOp, GapOp, GatesOp, Graph
 from . import abi
 from .library import Library, blocked
 
-__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL"]
+__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER"]
 
 _S = abi.STRUCTS
-KERNEL_WIDE, KERNEL_PIXEL = 0, 1
+#: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs
+KERNEL_WIDE, KERNEL_PIXEL, KERNEL_GATHER = 0, 1, 2
 _OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_GAP = range(1, 8)
 
 
