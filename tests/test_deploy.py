@@ -250,6 +250,9 @@ def test_a_deployed_model_slower_than_eval_says_so_and_runs_eval(cfg, monkeypatc
     with caplog.at_level("WARNING"):
         got = deployed(x)
     assert "running the eval model instead" in caplog.text and "ms per image" in caplog.text
+    assert len(caplog.records) == 1 and "the dense host" in caplog.text
+    timings = deployed.plan(x).timings
+    assert timings["deployed_ms"] > timings["eval_ms"] > 0 and timings["dense_ms"] > 0
     want = model(x)
     assert torch.equal(got["logits"], want["logits"]) and torch.equal(got["macs"], want["macs"])
     static = model.backbone.complexity(SIZE, SIZE)
@@ -370,3 +373,25 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     paired = tool.paired_ratios(runs, times)
     assert paired["deploy/dense"]["median"] == pytest.approx(6.0 / 9.0)  # against the faster layout
     assert paired["eval/deploy"]["median"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", ["msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"])
+def test_every_kernel_choice_gives_the_eval_outputs(cfg, name):
+    """Whichever candidate the tuner picks for a layer, the outputs are the eval model's: every
+    convolution set to each candidate in turn (where it applies), every variant this CPU runs."""
+    from msgc.deploy.tune import candidates
+
+    model = randomize(small(cfg, name, "msgc", "channel"))
+    x = images(2)
+    with torch.no_grad():
+        want = model(x)
+    for isa in native.variants():
+        deployed = deploy(model, isa=isa, tune=False)
+        plan = deployed.plan(x)
+        ops = plan.program.conv_ops
+        for cand in candidates(ops[0][1], deployed.library.tile_families):
+            for i, (_, op) in enumerate(ops):
+                plan.program.set_kernel(i, *(cand if cand in candidates(op, deployed.library.tile_families) else (0, 0)))
+            got = deployed(x)
+            torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)
+            assert torch.equal(got["macs"], want["macs"])

@@ -188,3 +188,19 @@ def test_mac_loss_follows_the_reference(cfg):
     out = model(x, y)
     assert out["loss_macs"].item() == pytest.approx(30.0 * (out["mac_ratio"].item() - 0.3), rel=1e-5)
     assert out["mac_target"].item() == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("name", ["msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"])
+def test_dense_host_is_the_network_without_gates(cfg, name):
+    """dense_host(): this class with the dense grouping and this network's weights, as a dense model
+    built from the config and loaded with the same weights."""
+    dense = build_model(small(cfg.clone(), name, grouping="dense")).eval()
+    model = mix_gates(build_model(small(cfg, name, attention="channel"))).eval()
+    host = model.backbone.dense_host().eval()
+    assert not any(isinstance(m, MaskGenerator) for m in host.modules())
+    dense.backbone.load_state_dict(host.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(host(x)[0], dense(x)["logits"])
+    own = model.backbone.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in host.state_dict().items())  # the model's own weights
+    assert host.complexity(16, 16).original == model.backbone.complexity(16, 16).original

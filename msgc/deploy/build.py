@@ -98,9 +98,10 @@ class DeployedClassifier(nn.Module):
         return self._plans[key]
 
     def _check(self, plan: _Plan, image, x, threads, reps: int = 5):
-        """Time the deployed program against the eval model on one sample; warn (once) and run the eval
-        model where it is faster."""
+        """Time the deployed program against the eval model and the dense host on one sample; warn (once)
+        where it is slower, and run the eval model where that is faster (the same outputs)."""
         model = self._source[0]
+        host = model.backbone.dense_host().eval() if model.backbone.build_args is not None else None
 
         def median_ms(fn):
             fn()
@@ -114,13 +115,19 @@ class DeployedClassifier(nn.Module):
         with torch.no_grad():
             deployed = median_ms(lambda: plan.program.run(x, threads))
             source = median_ms(lambda: model(image))
-        plan.timings = {"deployed_ms": deployed, "eval_ms": source}
+            dense = median_ms(lambda: host(image)) if host is not None else float("inf")
+        plan.timings = {"deployed_ms": deployed, "eval_ms": source, "dense_ms": dense}
+        where = f"{image.size(2)}x{image.size(3)} on {threads} threads"
         if deployed > source:
             plan.use_source = True
-            logger.warning("msgc.deploy: the deployed model takes %.2f ms per image at %dx%d on %d threads, the eval "
-                           "model %.2f ms: running the eval model instead (its outputs are the same; deploy with "
-                           "check=False to keep the deployed kernels)", deployed, image.size(2), image.size(3),
-                           threads, source)
+            logger.warning("msgc.deploy: the deployed model takes %.2f ms per image at %s, the eval model %.2f ms "
+                           "(the dense host %.2f ms): running the eval model instead (the same outputs; "
+                           "deploy(..., check=False) keeps the deployed kernels, msgc.deploy.profile shows where "
+                           "the time goes)", deployed, where, source, dense)
+        elif deployed > dense:
+            logger.warning("msgc.deploy: the deployed model takes %.2f ms per image at %s, more than the dense host "
+                           "without gates (%.2f ms; the eval model %.2f ms): its MAC savings do not become time here "
+                           "(msgc.deploy.profile shows where the time goes)", deployed, where, dense, source)
 
     def forward(self, images: torch.Tensor, labels=None):
         if torch.jit.is_tracing():

@@ -79,6 +79,23 @@ class Backbone(nn.Module):
     def complexity(self, h: int, w: int) -> Costs:
         raise NotImplementedError  # abstract
 
+    #: the constructor's arguments other than grouping and attention (None: no dense host)
+    build_args = None
+
+    def dense_host(self) -> "Backbone":
+        """The host network without gates, with this network's weights (the dense baseline that
+        timings compare with): this class built with the ``dense`` grouping and no attention. A gated
+        convolution's weights have the dense convolution's shape, so every host weight loads."""
+        if self.build_args is None:
+            raise ValueError(f"{type(self).__name__} has no dense host (it sets no build_args)")
+        from ..attention import no_attention
+        from ..grouping import DenseGrouping
+
+        host = type(self)(grouping=DenseGrouping(), attention=no_attention, **self.build_args)
+        own = self.state_dict()
+        host.load_state_dict({k: v for k, v in own.items() if k in host.state_dict()}, strict=True)
+        return host.to(next(self.parameters()).device).train(self.training)
+
     def static_macs(self, h: int = 224, w: int = 224) -> dict:
         """The reference's ``get_flops()`` numbers (original, possible, main, dgc, gen) in MACs."""
         return self.complexity(h, w).as_dict(self.heads)

@@ -105,6 +105,8 @@ class MSGCDenseNet(Backbone):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+        self.build_args = dict(num_classes=num_classes, width_mult=width_mult, stem=stem, stages=stages, growth=growth,
+                               bottleneck=bottleneck)
         growth = [max(grouping.heads, int(round(g * width_mult))) for g in growth]
         self.init_stride = 2 if stem == "imagenet" else 1
         channels = 2 * growth[0]

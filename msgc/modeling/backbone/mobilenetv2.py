@@ -106,6 +106,7 @@ class MSGCMobileNetV2(Backbone):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+        self.build_args = dict(num_classes=num_classes, width_mult=width_mult, stem=stem, round_nearest=round_nearest)
         setting, first_stride = (_IMAGENET_SETTING, 2) if stem == "imagenet" else (_CIFAR_SETTING, 1)
         cin = _make_divisible(32 * width_mult, round_nearest)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult), round_nearest)

@@ -180,6 +180,7 @@ class MSGCResNet(Backbone):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+        self.build_args = dict(block=block, layers=layers, num_classes=num_classes, width_mult=width_mult, stem=stem)
         self.stem_kind = stem
         widths = [max(1, int(round(c * width_mult))) for c in (64, 128, 256, 512)]
         self.inplanes = widths[0]
