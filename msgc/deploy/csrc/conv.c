@@ -22,8 +22,16 @@ typedef struct {
 
 typedef struct {
   int head, j0, size;      /* wide: index of the tile; pixel: output rows */
+  int kb;                  /* wide: input entries per block (0: all at once, one work item per tile) */
   long first;              /* its first work item */
 } chunk;
+
+/* wide kernel: blocks of input entries where a chunk's weights (entries x taps x 16 outputs) exceed
+   this many floats and the map has few pixel tiles (14x14 and smaller) */
+#ifndef KBLOCK_FLOATS
+#define KBLOCK_FLOATS 4096
+#endif
+#define KBLOCK_PIXELS 256
 
 typedef struct {
   int Ho, Wo, npix, kk, heads, nch;
@@ -91,10 +99,12 @@ static int plan_wide(const msgc_conv_args *a, conv_plan *pl) {
       pl->coff[e] = p->infold || !hd->cols ? (int)c : hd->cols[e];
       pl->woff[e] = (long)(p->gathered || !hd->wrow ? c : hd->wrow[e]) * pl->kk * MSGC_BLOCK;
     }
+    const long row_floats = (long)pl->kk * MSGC_BLOCK;
+    const int kb = pl->npix <= KBLOCK_PIXELS && p->n * row_floats > KBLOCK_FLOATS ? (int)(KBLOCK_FLOATS / row_floats) : 0;
     for (int j = 0; j < p->m;) {
       const wide_tile *t = msgc_wide_pick(a->wt.tiles, p->m - j);
-      pl->ch[nch] = (chunk){h, j, (int)(t - msgc_wide_tiles), items};
-      items += (pl->npix + t->rb - 1) / t->rb;
+      pl->ch[nch] = (chunk){h, j, (int)(t - msgc_wide_tiles), kb > 0 ? kb : 0, items};
+      items += kb > 0 ? 1 : (pl->npix + t->rb - 1) / t->rb;
       j += t->nv * VL;
       nch++;
     }
@@ -173,8 +183,23 @@ static void tile_wide(const msgc_conv_args *a, const conv_plan *pl, long it) {
   j.ldres = a->io.ldres;
   j.m = p->m;
   j.act = a->io.act;
-  const long o0 = (it - ch->first) * t->rb;
-  t->fn(&j, (int)o0, (int)(pl->npix - o0 < t->rb ? pl->npix - o0 : t->rb), ch->j0);
+  if (!ch->kb) { /* one pixel tile, every input entry */
+    const long o0 = (it - ch->first) * t->rb;
+    t->fn(&j, (int)o0, (int)(pl->npix - o0 < t->rb ? pl->npix - o0 : t->rb), ch->j0, 0, p->n, 0);
+    return;
+  }
+  /* the whole chunk: entries block by block, every pixel tile on a block before the next */
+  const int tiles = (pl->npix + t->rb - 1) / t->rb, per = t->rb * t->nv * VL;
+  float *part = msgc_scratch(SCRATCH_PARTIAL, sizeof(float) * (size_t)tiles * per);
+  const int kb = part ? ch->kb : p->n;  /* without the (small) buffer: every entry at once */
+  for (int cb = 0; cb < p->n || cb == 0; cb += kb) {
+    const int ce = cb + kb < p->n ? cb + kb : p->n;
+    for (int i = 0; i < tiles; i++) {
+      const int o0 = i * t->rb;
+      t->fn(&j, o0, pl->npix - o0 < t->rb ? pl->npix - o0 : t->rb, ch->j0, cb, ce, part ? part + (long)i * per : 0);
+    }
+    if (kb <= 0) break;
+  }
 }
 
 /* ---- the pixel kernel ----------------------------------------------------------------------------- */

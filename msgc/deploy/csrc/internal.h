@@ -16,7 +16,8 @@ void msgc_parallel(msgc_task_fn fn, void *ctx, long n, int nthreads);
 
 /* Per-thread scratch memory that grows as needed and is kept between calls: one region per slot.
  * Returns NULL if it cannot be allocated. */
-enum { SCRATCH_GATHER = 0, SCRATCH_PLANES, SCRATCH_PLAN, SCRATCH_SELECT, SCRATCH_ARENA, SCRATCH_SLOTS };
+enum { SCRATCH_GATHER = 0, SCRATCH_PLANES, SCRATCH_PLAN, SCRATCH_SELECT, SCRATCH_ARENA, SCRATCH_PARTIAL,
+       SCRATCH_SLOTS };
 void *msgc_scratch(int slot, size_t bytes);
 
 /* Out-of-image taps read zeros from here (longer than any row of channels a kernel reads). */
@@ -43,7 +44,9 @@ typedef struct {
   int act;
 } wide_job;
 
-typedef void (*wide_tile_fn)(const wide_job *job, int o0, int npix, int j0);
+/* input entries cb .. ce - 1 of the tile at pixel o0 (npix pixels), outputs j0 ..; part: NULL, or the
+   tile's partial sums (RB x NV vectors), read unless cb == 0 and written unless ce == n */
+typedef void (*wide_tile_fn)(const wide_job *job, int o0, int npix, int j0, int cb, int ce, float *part);
 
 typedef struct {
   int nv, rb;  /* vectors of outputs, pixels */

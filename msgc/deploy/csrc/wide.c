@@ -3,6 +3,11 @@
  * value against the NV weight vectors. Inputs are read by column index, in place; weights are the
  * blocked layout (an open channel's weights for a tap are one contiguous run of 16 outputs).
  *
+ * On small maps a chunk's weights outlive the L1 cache between its few pixel tiles; there the channels
+ * are taken in blocks (cb .. ce), every pixel tile of the chunk runs on one block before the next, and
+ * the tiles keep their partial sums in `part` between blocks, so each weight is loaded once per tile
+ * from L1 instead of from L2.
+ *
  * Tiles per ISA (accumulators + weight vectors + one broadcast within NREG):
  *   AVX-512: 4x6, 3x8, 2x12, 1x16 (64, 48, 32, 16 outputs)
  *   AVX2:    3x4, 2x6, 1x12       (24, 16, 8 outputs)
@@ -14,7 +19,7 @@
 const float msgc_zeros[ZERO_FLOATS];
 
 #define WIDE_TILE(NV, RB)                                                                              \
-  static void wide_##NV##x##RB(const wide_job *j, int o0, int npix, int j0) {                           \
+  static void wide_##NV##x##RB(const wide_job *j, int o0, int npix, int j0, int cb, int ce, float *part) { \
     const int k = j->k, kk = k * k, s = j->s, Wo = j->Wo, n = j->n;                                    \
     const int *cols = j->cols;                                                                         \
     const long *woff = j->woff;                                                                        \
@@ -25,7 +30,7 @@ const float msgc_zeros[ZERO_FLOATS];
       wv0[v] = j->w + (long)(c0 / MSGC_BLOCK) * j->wblk + c0 % MSGC_BLOCK;                             \
       vf b = vzero();                                                                                  \
       if (j->bias && left > 0) b = left >= VL ? vload(j->bias + c0) : vload_part(j->bias + c0, left);  \
-      for (int r = 0; r < RB; r++) acc[r][v] = b;                                                      \
+      for (int r = 0; r < RB; r++) acc[r][v] = part && cb > 0 ? vload(part + (r * NV + v) * VL) : b;   \
     }                                                                                                  \
     /* each pixel's input position at tap (0, 0) (no division in the tap loop) */                      \
     int iy0[RB], ix0[RB];                                                                              \
@@ -49,7 +54,7 @@ const float msgc_zeros[ZERO_FLOATS];
       }                                                                                                \
       if (!any) continue;                                                                              \
       const long toff = (long)t * MSGC_BLOCK;                                                          \
-      for (int c = 0; c < n; c++) {                                                                    \
+      for (int c = cb; c < ce; c++) {                                                                  \
         const int ci = cols[c];                                                                        \
         const long wo = woff[c] + toff;                                                                \
         vf wv[NV];                                                                                     \
@@ -59,6 +64,11 @@ const float msgc_zeros[ZERO_FLOATS];
           for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                        \
         }                                                                                              \
       }                                                                                                \
+    }                                                                                                  \
+    if (part && ce < n) { /* a block of the input channels: keep the partial sums */                   \
+      for (int r = 0; r < RB; r++)                                                                     \
+        for (int v = 0; v < NV; v++) vstore(part + (r * NV + v) * VL, acc[r][v]);                      \
+      return;                                                                                          \
     }                                                                                                  \
     for (int r = 0; r < npix; r++) {                                                                   \
       float *yp = j->y + (long)(o0 + r) * j->ldy + j0;                                                 \
