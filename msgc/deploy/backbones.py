@@ -189,8 +189,9 @@ class DenseNetDeployer(BackboneDeployer):
                 stage = nxt
             for layer in layers:
                 g.scope = layer.where
-                layer.emit(g, g.view(stage, 0, c), out=g.view(stage, c, layer.growth))
-                c += layer.growth
+                growth = layer.block.growth
+                layer.emit(g, g.view(stage, 0, c), out=g.view(stage, c, growth))
+                c += growth
         g.scope = "head"
         x = g.affine(stage, self.final_norm[0], RELU)
         g.gap(x)

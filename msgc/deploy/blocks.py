@@ -1,45 +1,48 @@
-"""Deployers of the gated blocks: each folds a block's weights once and, per input size, describes in
-a :class:`~.graph.Graph` what one sample computes, so that only what the gates keep is computed:
+"""Deployment of gated blocks from their kit description (:mod:`msgc.modeling.kit`): weights folded once,
+and per input size the ops of one sample, so that only what the gates keep is computed:
 
 - closed input channels are never read (each gated convolution reads its set's open channels);
-- output channels that nothing reads are not computed (the paper's bonus): a convolution feeding an
-  MSGC convolution computes the union of its heads' channels; a bottleneck's conv2 computes only the
-  channels conv3's mask keeps;
-- BatchNorm is folded into the convolution before it, attention into the gathered weights or inputs.
+- output channels that nothing reads are not computed (the paper's bonus): where a value flows, through
+  depthwise convolutions only, into one gated convolution, its producers compute the channels that
+  convolution reads (the union of its heads; for a multi-head producer, each head's open channels of
+  the next one-head gate);
+- BatchNorm is folded into the convolution before it (a pre-activation into the convolution that makes
+  its input), attention into the gathered weights or inputs, a residual addition into the stores of the
+  convolution it follows.
 
-A block's paper MACs are its own ``sample_macs`` (the model's function) on the sets' counts.
-
-Deployers are found through the block's class hierarchy (:data:`BLOCK_DEPLOYERS`), so a subclass of a
-block deploys as its base unless it registers its own.
+A block's paper MACs are its own ``sample_macs`` on the sets' counts. Any :class:`GatedBlock` with a
+description deploys here; another block class needs a deployer registered for it
+(:data:`BLOCK_DEPLOYERS`, found through the class hierarchy).
 """
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
-from ..modeling.backbone.condensenet import DenseLayer
-from ..modeling.backbone.mobilenetv2 import InvertedResidual
-from ..modeling.backbone.resnet import BasicBlock, Bottleneck
+from ..modeling.backbone.base import GatedBlock
 from ..modeling.grouping import StaticMask
+from ..modeling.kit import AddNode, AffineNode, ConcatNode, ConvNode, Gate, SENode
 from ..modeling.layers import AttentionGenerator, MaskGenerator
 from .fold import FoldedGenerators
 from .graph import ALL, GROUPS, NONE, RELU, RELU6, UNION, Buffer, ConvWeights, Graph, IndexSet
 from .registry import TypeRegistry
 
-__all__ = ["BLOCK_DEPLOYERS", "GateSources", "BasicBlockDeployer", "BottleneckDeployer",
-           "InvertedResidualDeployer", "DenseLayerDeployer"]
+__all__ = ["BLOCK_DEPLOYERS", "GateSources", "KitDeployer", "deploy_block"]
 
 BLOCK_DEPLOYERS = TypeRegistry("block", "msgc.deploy.BLOCK_DEPLOYERS",
-                               "a class with __init__(block, where) and emit(graph, x) -> output buffer")
+                               "a class with __init__(block, where) and emit(graph, x, out=None) -> the block's output "
+                               "buffer; or describe the block with the kit (GatedBlock.describe)")
+
+_ACT = {None: NONE, "relu": RELU, "relu6": RELU6}
 
 
 class GateSources:
-    """A block's masks and attentions, by name: generators (evaluated together on the block's
-    context), static masks (constants) or None."""
+    """A block's masks and attentions, by name: generators (evaluated together on the block's context),
+    static masks (constants) or None."""
 
-    def __init__(self, where: str, **modules: Optional[nn.Module]):
+    def __init__(self, where: str, modules: List[Tuple[str, Optional[nn.Module]]]):
         self.where, self.static, self.index = where, {}, {}
         generators = []
-        for name, module in modules.items():
+        for name, module in modules:
             if module is None:
                 continue
             if isinstance(module, StaticMask):  # as logits: +1 where open, -1 where closed
@@ -55,12 +58,8 @@ class GateSources:
         self.generators = FoldedGenerators(generators) if generators else None
         self._logits: Dict[str, object] = {}
 
-    @property
-    def needs_context(self) -> bool:
-        return self.generators is not None
-
     def emit(self, g: Graph, x: Buffer) -> None:
-        """The generators' op on ``x`` (the block's input, whose mean is the context)."""
+        """The generators' op on ``x`` (whose mean is the context)."""
         self._logits = {}
         if self.generators is not None:
             outs = g.gates(x, self.generators)
@@ -73,115 +72,153 @@ class GateSources:
                            att=self._logits.get(att), groups=groups)
 
 
-def _shortcut(block, where) -> Optional[ConvWeights]:
-    sc = block.shortcut
-    return None if sc is None else ConvWeights(sc[0], sc[1], 1, f"{where}.downsample")
+@BLOCK_DEPLOYERS.register(GatedBlock)
+class KitDeployer:
+    """A kit-described block, lowered op by op (see the module docstring)."""
 
+    def __init__(self, block: GatedBlock, where: str):
+        spec = block.spec
+        if spec is None or spec.result is None:
+            raise ValueError(f"deploy: {where} ({type(block).__name__}) has no kit description: describe it with "
+                             "GatedBlock.describe(...) or register a deployer with @msgc.deploy.BLOCK_DEPLOYERS.register")
+        self.block, self.spec, self.where = block, spec, where
+        modules = []
+        for g in spec.gates:
+            modules += [(g.mask_path, g.mask), (g.attention_path, g.attention)]
+        self.gate_names = [(g.mask_path, g.attention_path) for g in spec.gates]
+        self.sources = GateSources(where, modules)
+        self._plan_outputs()
+        self._plan_fusion()
+        self.weights: Dict[ConvNode, ConvWeights] = {}
+        for n in spec.nodes:
+            if isinstance(n, ConvNode):
+                msgc_heads = n.gate is not None and n.gate.kind == "heads" and n.conv.groups == n.gate.heads
+                if n.conv.groups > 1 and not (n.depthwise or msgc_heads):
+                    raise ValueError(f"deploy: {where}.{n.name}: a grouped convolution ({n.conv.groups} groups) that "
+                                     "is neither depthwise nor an MSGC convolution's heads has no deployed kernel")
+                bn = n.norm
+                if n in self.folded_pre:  # the consumer's pre-activation, folded into this producer
+                    bn = self.folded_pre[n].pre
+                self.weights[n] = ConvWeights(n.conv, bn, n.conv.groups, f"{where}.{n.name}")
 
-@BLOCK_DEPLOYERS.register(BasicBlock)
-class BasicBlockDeployer:
-    """ResNet basic block: conv1 reads its mask's open inputs and computes the channels some head of
-    conv2 reads; each head of conv2 reads its open channels; the shortcut is added in conv2's stores."""
+    # ---- planning (once) ----------------------------------------------------------------------------
 
-    def __init__(self, block: BasicBlock, where: str):
-        self.where = where
-        self.block, self.heads, self.planes, self.inplanes = block, block.heads, block.planes, block.inplanes
-        self.gates = GateSources(where, maskgen1=block.maskgen1, maskgen2=block.maskgen2, attgen1=block.attgen1,
-                                 attgen2=block.attgen2)
-        self.conv1 = ConvWeights(block.conv1, block.bn1, 1, f"{where}.conv1")
-        self.conv2 = ConvWeights(block.conv2, block.bn2, block.heads, f"{where}.conv2")
-        self.downsample = _shortcut(block, where)
+    def _plan_outputs(self):
+        """Which channels each producer computes: (mode, gate) per conv node, the channels of depthwise ones,
+        and the groups each gate's sets need."""
+        spec = self.spec
+        self.outputs: Dict[ConvNode, Tuple[int, Gate]] = {}
+        self.groups: Dict[Gate, int] = {}
+        for n in spec.nodes:
+            if not (isinstance(n, ConvNode) and n.gate is not None):
+                continue
+            gated, ungated = spec.bonus_chain(n)
+            if any(isinstance(u, AffineNode) for u in ungated):  # a full-width op in between: no restriction
+                continue
+            for u in ungated:
+                self.outputs[u] = (UNION, n.gate)
+            if gated is not None:
+                if gated.gate.kind == "heads":
+                    self.outputs[gated] = (GROUPS, n.gate)
+                    self.groups[n.gate] = gated.conv.groups
+                else:
+                    self.outputs[gated] = (UNION, n.gate)
+        for n, (mode, gate) in self.outputs.items():
+            if mode == UNION and not n.depthwise and n.conv.groups != 1:
+                raise ValueError(f"deploy: {self.where}.{n.name}: a grouped convolution cannot compute the union "
+                                 "of the next gate's channels")
 
-    def emit(self, g: Graph, x: Buffer) -> Buffer:
-        self.gates.emit(g, x)
-        s1 = self.gates.sets(g, "maskgen1", "attgen1", 1, self.inplanes)
-        s2 = self.gates.sets(g, "maskgen2", "attgen2", self.heads, self.planes)
-        y = g.conv(x, self.conv1, s1, att=self.block.attgen1 is not None, outputs=(UNION, s2), act=RELU)
-        identity = x if self.downsample is None else g.conv(x, self.downsample)
-        out = g.conv(y, self.conv2, s2, att=self.block.attgen2 is not None, act=RELU, res=identity)
-        g.add_block_macs(self.block.sample_macs, x.h, x.w, [s1, s2])
-        return out
+    def _plan_fusion(self):
+        """Pre-activations folded into their producers, residual additions fused into convolutions."""
+        spec = self.spec
+        self.folded_pre: Dict[ConvNode, ConvNode] = {}  # producer -> consumer whose pre it carries
+        self.pre_folded = set()
+        self.act_of: Dict[ConvNode, Optional[str]] = {}
+        for n in spec.nodes:
+            if isinstance(n, ConvNode):
+                self.act_of[n] = n.act
+        for n in spec.nodes:
+            if isinstance(n, ConvNode) and n.pre is not None:
+                p = n.x.producer
+                if (isinstance(p, ConvNode) and p.norm is None and p.act is None and spec.consumers(n.x) == [n]
+                        and not p.depthwise):
+                    self.folded_pre[p] = n
+                    self.pre_folded.add(n)
+                    self.act_of[p] = n.pre_act
+        self.fused: Dict[AddNode, Tuple[ConvNode, object]] = {}  # add -> (conv, the other operand)
+        for n in spec.nodes:
+            if not isinstance(n, AddNode):
+                continue
+            for mine, other in ((n.a, n.b), (n.b, n.a)):
+                p = mine.producer
+                if (isinstance(p, ConvNode) and self.act_of[p] is None and spec.consumers(mine) == [n]
+                        and p not in self.outputs and self._before(other, p)):
+                    self.fused[n] = (p, other)
+                    self.act_of[p] = n.act
+                    break
+            else:
+                raise ValueError(f"deploy: {self.where}.{n.name}: the kernels add a residual in the stores of the "
+                                 "convolution it follows (one without an activation of its own, whose operand is "
+                                 "computed first); this addition is not of that form")
 
+    def _before(self, value, node) -> bool:
+        """Whether ``value`` is made before ``node`` runs."""
+        nodes = self.spec.nodes
+        return value.producer is None or nodes.index(value.producer) < nodes.index(node)
 
-@BLOCK_DEPLOYERS.register(Bottleneck)
-class BottleneckDeployer:
-    """ResNet bottleneck: conv1 (open inputs -> channels some head reads), conv2 per head computing only
-    the outputs conv3's mask keeps (the second bonus), conv3 reading exactly those."""
-
-    def __init__(self, block: Bottleneck, where: str):
-        self.where = where
-        self.block, self.heads, self.width, self.inplanes = block, block.heads, block.width, block.inplanes
-        self.gates = GateSources(where, maskgen1=block.maskgen1, maskgen2=block.maskgen2, maskgen3=block.maskgen3,
-                                 attgen2=block.attgen2)
-        self.conv1 = ConvWeights(block.conv1, block.bn1, 1, f"{where}.conv1")
-        self.conv2 = ConvWeights(block.conv2, block.bn2, block.heads, f"{where}.conv2")
-        self.conv3 = ConvWeights(block.conv3, block.bn3, 1, f"{where}.conv3")
-        self.downsample = _shortcut(block, where)
-
-    def emit(self, g: Graph, x: Buffer) -> Buffer:
-        self.gates.emit(g, x)
-        s1 = self.gates.sets(g, "maskgen1", None, 1, self.inplanes)
-        s2 = self.gates.sets(g, "maskgen2", "attgen2", self.heads, self.width)
-        s3 = self.gates.sets(g, "maskgen3", None, 1, self.width, groups=self.heads)
-        y = g.conv(x, self.conv1, s1, outputs=(UNION, s2), act=RELU)
-        y = g.conv(y, self.conv2, s2, att=self.block.attgen2 is not None, outputs=(GROUPS, s3), act=RELU)
-        identity = x if self.downsample is None else g.conv(x, self.downsample)
-        out = g.conv(y, self.conv3, s3, act=RELU, res=identity)
-        g.add_block_macs(self.block.sample_macs, x.h, x.w, [s1, s2, s3])
-        return out
-
-
-@BLOCK_DEPLOYERS.register(InvertedResidual)
-class InvertedResidualDeployer:
-    """MobileNetV2 block: the expansion and the depthwise convolution only on the hidden channels some
-    head of the projection reads (the bonus); each projection head reads its open channels."""
-
-    def __init__(self, block: InvertedResidual, where: str):
-        self.where = where
-        self.block, self.heads, self.hidden = block, block.heads, block.hidden
-        self.gates = GateSources(where, maskgen=block.maskgen, attgen=block.attgen)
-        ex = block.expansion
-        self.expand = None if ex is None else ConvWeights(ex[0], ex[1], 1, f"{where}.expansion")
-        dw = block.depthwise
-        self.dw = ConvWeights(dw[0], dw[1], dw[0].groups, f"{where}.depthwise")
-        project, bn = block.project
-        self.project = ConvWeights(project, bn, block.heads, f"{where}.project")
-        self.residual = block.use_res_connect
-
-    def emit(self, g: Graph, x: Buffer) -> Buffer:
-        self.gates.emit(g, x)
-        s = self.gates.sets(g, "maskgen", "attgen", self.heads, self.hidden)
-        y = x if self.expand is None else g.conv(x, self.expand, outputs=(UNION, s), act=RELU6)
-        y = g.depthwise(y, self.dw, s, act=RELU6)
-        out = g.conv(y, self.project, s, att=self.block.attgen is not None, act=NONE,
-                     res=x if self.residual else None)
-        g.add_block_macs(self.block.sample_macs, x.h, x.w, [s])
-        return out
-
-
-@BLOCK_DEPLOYERS.register(DenseLayer)
-class DenseLayerDeployer:
-    """DenseNet layer: pre-activation of the input, conv_1 from the open inputs to the channels some head
-    reads (conv_2's BatchNorm folded into it), conv_2 per head, written into the stage's next columns."""
-
-    def __init__(self, layer: DenseLayer, where: str):
-        self.where = where
-        self.layer, self.heads, self.hidden, self.growth = layer, layer.heads, layer.hidden, layer.growth
-        self.gates = GateSources(where, maskgen1=layer.maskgen1, maskgen2=layer.maskgen2, attgen2=layer.attgen2)
-        self.norm = layer.conv_1.norm
-        self.conv1 = ConvWeights(layer.conv_1.conv, layer.conv_2.norm, 1, f"{where}.conv_1")
-        self.conv2 = ConvWeights(layer.conv_2.conv, None, layer.heads, f"{where}.conv_2")
+    # ---- emission (per input size) --------------------------------------------------------------------
 
     def emit(self, g: Graph, x: Buffer, out: Optional[Buffer] = None) -> Buffer:
-        """``x``: the stage's first columns; ``out``: where the new channels go (a view after them)."""
-        y = g.affine(x, self.norm, RELU, macs=1)  # the first ReLU counts one MAC per element, as the paper's
-        self.gates.emit(g, y)
-        s1 = self.gates.sets(g, "maskgen1", None, 1, x.cols)
-        s2 = self.gates.sets(g, "maskgen2", "attgen2", self.heads, self.hidden)
-        z = g.conv(y, self.conv1, s1, outputs=(UNION, s2), act=RELU)
-        new = g.conv(z, self.conv2, s2, att=self.layer.attgen2 is not None, act=NONE, dst=out)
-        g.add_block_macs(self.layer.sample_macs, x.h, x.w, [s1, s2])
-        return new
+        """The block's ops on ``x``; ``out``: where a concatenating block's new channels go."""
+        spec = self.spec
+        buf = {spec.input: x}
+        sets: Dict[Gate, Optional[IndexSet]] = {}
+        res_of = {conv: other for (conv, other) in self.fused.values()}
+        result_new = None  # a concatenating block: the value whose channels are new
+        if isinstance(spec.result.producer, ConcatNode) and spec.result.producer.a is spec.input:
+            result_new = spec.result.producer.b
+
+        def decide():
+            self.sources.emit(g, buf[spec.context_value])
+            for gate, (mask, att) in zip(spec.gates, self.gate_names):
+                heads = gate.heads if gate.kind == "heads" else 1
+                sets[gate] = self.sources.sets(g, mask, att, heads, gate.channels, self.groups.get(gate, 0))
+
+        decided = False
+        for n in spec.nodes:
+            if not decided and spec.context_value in buf:
+                decide()
+                decided = True
+            if isinstance(n, ConvNode):
+                src = buf[n.x]
+                if n.pre is not None and n not in self.pre_folded:
+                    src = g.affine(src, n.pre, _ACT[n.pre_act])
+                mode, gate = self.outputs.get(n, (ALL, None))
+                out_set = None if gate is None else sets[gate]
+                if n.depthwise:
+                    buf[n.out] = g.depthwise(src, self.weights[n], out_set, _ACT[self.act_of[n]])
+                    continue
+                in_set = None if n.gate is None else sets[n.gate]
+                res = buf[res_of[n]] if n in res_of else None
+                dst = out if (n.out is result_new and out is not None) else None
+                buf[n.out] = g.conv(src, self.weights[n], in_set, att=n.gate is not None and n.gate.attention is not None,
+                                    outputs=(mode, out_set), act=_ACT[self.act_of[n]], res=res, dst=dst)
+            elif isinstance(n, AffineNode):
+                buf[n.out] = g.affine(buf[n.x], n.norm, _ACT[n.act], macs=n.cost)
+            elif isinstance(n, AddNode):
+                conv, _ = self.fused[n]
+                buf[n.out] = buf[conv.out]
+            elif isinstance(n, ConcatNode):
+                if n.out is not spec.result or n.a is not spec.input:
+                    raise ValueError(f"deploy: {self.where}.{n.name}: only a block's output that appends new "
+                                     "channels to its input can be a concatenation")
+                buf[n.out] = buf[n.b]
+            elif isinstance(n, SENode):
+                raise ValueError(f"deploy: {self.where}.{n.name}: squeeze-excitation has no deployed op")
+        if not decided:
+            decide()
+        g.add_block_macs(self.block.sample_macs, x.h, x.w, [sets[gate] for gate in spec.gates])
+        return buf[result_new] if result_new is not None else buf[spec.result]
 
 
 def deploy_block(block: nn.Module, where: str):

@@ -1,47 +1,62 @@
 """The interface every backbone implements, and helpers shared by the gated blocks."""
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..kit import BlockSpec
 from ..layers import Generator
-from ..macs import Costs
+from ..macs import Costs, MaskStats
 
 __all__ = ["Backbone", "GatedBlock"]
 
 
 class GatedBlock(nn.Module):
-    """A block whose gated convolutions are decided from the pooled block input (its context).
+    """A block whose gated convolutions are decided from a pooled value of the block (its context).
 
-    Subclasses implement ``block_costs(h, w) -> (terms: dict, h_out, w_out)``, where ``terms`` holds
-    ``main``, ``gen``, ``extra`` and the full cost of every gated convolution, and
-    ``sample_macs(h, w, *masks)``: the per-sample count from the :class:`~msgc.modeling.macs.MaskStats`
-    of the block's masks, which both its ``forward`` and the deployed network call. The cached terms
-    serve the static count (:meth:`costs`) and ``sample_macs``.
+    A subclass creates its modules, then describes its computation with the kit
+    (:meth:`describe`, :mod:`msgc.modeling.kit`); its forward pass, static costs (:meth:`costs`) and
+    per-sample MACs (:meth:`sample_macs`, which the deployed network calls too) follow from the
+    description, and :mod:`msgc.deploy` deploys it without code of its own.
+
+    Protocol (the backbone's forward)::
+
+        out, macs = block((x, macs))      # macs: N per-sample MACs so far (float64)
     """
 
-    def _finish(self, generators):
-        self.uses_context = any(isinstance(g, Generator) for g in generators)
-        self._terms_cache = {}
+    spec: Optional[BlockSpec] = None
 
-    def terms(self, h: int, w: int):
-        key = (h, w)
-        if key not in self._terms_cache:
-            self._terms_cache[key] = self.block_costs(h, w)
-        return self._terms_cache[key]
+    def describe(self, in_channels: int, where: str = "", context_cost: str = "generators") -> BlockSpec:
+        """Start the block's description over an input of ``in_channels`` channels (see the kit)."""
+        self.spec = BlockSpec(self, in_channels, where or type(self).__name__, context_cost)
+        return self.spec
+
+    def _spec(self) -> BlockSpec:
+        if self.spec is None or self.spec.result is None:
+            raise NotImplementedError(f"{type(self).__name__}: describe the block with self.describe(...) and "
+                                      "end the description with .output(value)")
+        return self.spec
+
+    @property
+    def uses_context(self) -> bool:
+        """Whether some generator reads the context (else it is not pooled)."""
+        return any(isinstance(m, Generator) for g in self._spec().gates for m in (g.mask, g.attention))
 
     def costs(self, h: int, w: int) -> Tuple[Costs, int, int]:
-        t, ho, wo = self.terms(h, w)
-        dgc = sum(v for k, v in t.items() if k.startswith("dgc"))
-        return Costs(main=t["main"], dgc=dgc, gen=t["gen"], extra=t["extra"]), ho, wo
+        """The block's static costs on an ``h x w`` input, and its output size."""
+        return self._spec().costs(h, w)
 
-    def pool_cost(self, h, w, channels):
-        """The context's average pooling, counted when a generator reads it."""
-        return h * w * channels if self.uses_context else 0
+    def sample_macs(self, h: int, w: int, *masks: MaskStats):
+        """The paper's MACs of the block on an ``h x w`` input from its gates' :class:`MaskStats`
+        (in the order the gates were described)."""
+        return self._spec().sample_macs(h, w, masks)
 
-    def context(self, x):
-        return x.mean((2, 3), keepdim=True) if self.uses_context else x[:, :, :1, :1]
+    def forward(self, x_macs):
+        x, macs = x_macs
+        out, masks = self._spec().forward(x, self.uses_context)
+        stats = [MaskStats.of(m, x.size(0), x) for m in masks]
+        return out, macs + self.sample_macs(x.size(2), x.size(3), *stats)
 
 
 class Backbone(nn.Module):

@@ -9,8 +9,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..layers import AttentionGenerator, gate_channels, gated_conv
-from ..macs import Costs, MaskStats, conv_out, detached
+from ..layers import AttentionGenerator
+from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
@@ -41,40 +41,16 @@ class DenseLayer(GatedBlock):
         self.maskgen1 = grouping.channel_mask(in_channels, in_channels, reduction)
         self.maskgen2 = grouping.head_mask(in_channels, hidden, reduction)
         self.attgen2 = attention(in_channels, hidden, heads, reduction)
-        self._finish([self.maskgen1, self.maskgen2, self.attgen2])
-
-    def block_costs(self, h, w):
-        cin, hid, heads = self.in_channels, self.hidden, self.heads
-        att = self.attgen2 is not None
-        t = {"main": cin * h * w, "extra": heads * hid * h * w if att else 0}  # main: the first ReLU
-        t["dgc1"] = cin * hid * h * w
-        t["dgc2"] = hid * (9 * self.growth + (heads if att else 0) + 1) * h * w
-        # the reference always counts the context pooling of its dense layers
-        t["gen"] = h * w * cin * any(g is not None for g in (self.maskgen1, self.maskgen2, self.attgen2)) + sum(
-            g.macs for g in (self.maskgen1, self.maskgen2, self.attgen2) if g is not None)
-        return t, h, w
-
-    def forward(self, x_macs):
-        x, macs = x_macs
-        n = x.size(0)
-        y = self.conv_1.relu(self.conv_1.norm(x))
-        ctx = self.context(y)
-        m1 = self.maskgen1(ctx) if self.maskgen1 is not None else None
-        m2 = self.maskgen2(ctx) if self.maskgen2 is not None else None
-        a2 = self.attgen2(ctx) if self.attgen2 is not None else None
-        y = self.conv_1.conv(gate_channels(y, m1))
-        y = gated_conv(self.conv_2.conv, self.conv_2.relu(self.conv_2.norm(y)), m2, a2)
-        stats = MaskStats.of(m1, n, x), MaskStats.of(m2, n, x)
-        return torch.cat([x, y], 1), macs + self.sample_macs(x.size(2), x.size(3), *stats)
-
-    def sample_macs(self, h, w, m1: MaskStats, m2: MaskStats):
-        """The paper's MACs of the layer on an h x w input, from the statistics of its masks: the 1x1
-        at its input mask's share, the 3x3 at its heads', less the 1x1's outputs no head reads."""
-        t = self.terms(h, w)[0]
-        dgc1 = m1.mean * t["dgc1"]
-        dgc = dgc1 + m2.mean * t["dgc2"]
-        bonus = m2.unread * detached(dgc1)
-        return (t["main"] + t["gen"]) + dgc - bonus
+        # the reference counts the context pooling of its dense layers wherever a gate module exists
+        k = self.describe(in_channels, name, context_cost="modules")
+        x = k.input
+        y = k.affine(x, self.conv_1.norm, "relu", cost=1, name="conv_1.norm")  # the paper counts the first ReLU
+        k.context(y)
+        g1 = k.channel_gate(self.maskgen1, channels=in_channels)
+        g2 = k.head_gate(self.maskgen2, self.attgen2, channels=hidden, heads=heads)
+        y = k.conv(y, self.conv_1.conv, gate=g1, name="conv_1")
+        y = k.conv(y, self.conv_2.conv, gate=g2, pre=self.conv_2.norm, pre_act="relu", name="conv_2")
+        k.output(k.concat(x, y))
 
 
 class _Stage(nn.Sequential):

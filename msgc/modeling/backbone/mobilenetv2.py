@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torchvision.models._utils import _make_divisible
 
-from ..layers import AttentionGenerator, gated_conv
-from ..macs import Costs, MaskStats, conv_out
+from ..layers import AttentionGenerator
+from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
@@ -42,45 +42,16 @@ class InvertedResidual(GatedBlock):
         self.conv = nn.Sequential(*layers)
         self.maskgen = grouping.head_mask(inp, hidden, 4)
         self.attgen = attention(inp, hidden, heads, 4)
-        self._finish([self.maskgen, self.attgen])
-
-    def block_costs(self, h, w):
-        cin, hid, heads = self.inp, self.hidden, self.heads
-        att = self.attgen is not None
-        ho, wo = conv_out(h, 3, 1, self.stride), conv_out(w, 3, 1, self.stride)
-        t = {"pwdw": (cin * hid * h * w + hid * h * w if self.expand else 0) + 9 * hid * ho * wo + hid * ho * wo}
-        t["main"] = t["pwdw"]
-        t["dgc"] = hid * (self.oup + (heads if att else 0)) * ho * wo
-        t["extra"] = heads * hid * ho * wo if att else 0
-        # the reference always counts the context pooling of MobileNetV2's blocks
-        t["gen"] = cin * h * w * (self.maskgen is not None or att) + sum(
-            g.macs for g in (self.maskgen, self.attgen) if g is not None)
-        return t, ho, wo
-
-    def costs(self, h, w):
-        t, ho, wo = self.terms(h, w)
-        return Costs(main=t["main"], dgc=t["dgc"], gen=t["gen"], extra=t["extra"]), ho, wo
-
-    def forward(self, x_macs):
-        x, macs = x_macs
-        n = x.size(0)
-        ctx = self.context(x)
-        m = self.maskgen(ctx) if self.maskgen is not None else None
-        a = self.attgen(ctx) if self.attgen is not None else None
-        out = x
-        for layer in self.conv[:-2]:
-            out = layer(out)
-        out = self.conv[-1](gated_conv(self.conv[-2], out, m, a))
-        if self.use_res_connect:
-            out = x + out
-        return out, macs + self.sample_macs(x.size(2), x.size(3), MaskStats.of(m, n, x))
-
-    def sample_macs(self, h, w, m: MaskStats):
-        """The paper's MACs of the block on an h x w input, from the statistics of its mask: the
-        projection at its heads' share, less the expansion and depthwise work on hidden channels that
-        no head reads."""
-        t = self.terms(h, w)[0]
-        return (t["main"] + t["gen"]) + (m.mean * t["dgc"] - m.unread * t["pwdw"])
+        # the reference counts the context pooling of MobileNetV2's blocks wherever a gate module exists
+        k = self.describe(inp, name, context_cost="modules")
+        x = y = k.input
+        g = k.head_gate(self.maskgen, self.attgen, channels=hidden, heads=heads)
+        if self.expand:
+            y = k.conv(y, self.expansion[0], self.expansion[1], act="relu6", name="expansion")
+        y = k.conv(y, self.depthwise[0], self.depthwise[1], act="relu6", name="depthwise")
+        # (the reference does not count the projection's BatchNorm)
+        y = k.conv(y, self.project[0], self.project[1], gate=g, norm_cost=False, name="project")
+        k.output(k.add(x, y) if self.use_res_connect else y)
 
     @property
     def expansion(self):

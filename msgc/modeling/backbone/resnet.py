@@ -8,8 +8,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..layers import AttentionGenerator, gate_channels, gated_conv
-from ..macs import Costs, MaskStats, conv_out, detached, heads_dot
+from ..layers import AttentionGenerator
+from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
@@ -49,51 +49,19 @@ class BasicBlock(GatedBlock):
         self.maskgen2 = grouping.head_mask(inplanes, planes, 4)
         self.attgen1 = attention(inplanes, inplanes, 1, 4)
         self.attgen2 = attention(inplanes, planes, heads, 4)
-        self._finish([self.maskgen1, self.maskgen2, self.attgen1, self.attgen2])
+        k = self.describe(inplanes, name)
+        x = k.input
+        g1 = k.channel_gate(self.maskgen1, self.attgen1, channels=inplanes)
+        g2 = k.head_gate(self.maskgen2, self.attgen2, channels=planes, heads=heads)
+        y = k.conv(x, self.conv1, self.bn1, gate=g1, act="relu", name="conv1")
+        identity = x if downsample is None else k.conv(x, *self.shortcut, norm_cost=False, name="downsample")
+        y = k.conv(y, self.conv2, self.bn2, gate=g2, name="conv2")
+        k.output(k.add(y, identity, act="relu"))
 
     @property
     def shortcut(self):
         """The downsampling shortcut as (1x1 conv, BatchNorm), or None for the identity."""
         return None if self.downsample is None else (self.downsample[0], self.downsample[1])
-
-    def block_costs(self, h, w):
-        cin, p, heads = self.inplanes, self.planes, self.heads
-        att = self.attgen2 is not None
-        ho, wo = conv_out(h, 3, 1, self.stride), conv_out(w, 3, 1, self.stride)
-        t = {"main": 0, "extra": 0}
-        t["dgc1"] = (cin * h * w if att else 0) + 9 * cin * p * ho * wo + p * ho * wo
-        t["dgc2"] = (9 * p + 1) * p * ho * wo + (heads * p * ho * wo if att else 0)
-        if att:
-            t["extra"] = cin * h * w + heads * p * ho * wo
-        if self.downsample is not None:
-            t["main"] = cin * p * self.expansion * conv_out(h, 1, 0, self.stride) * conv_out(w, 1, 0, self.stride)
-        t["gen"] = self.pool_cost(h, w, cin) + sum(
-            g.macs for g in (self.maskgen1, self.maskgen2, self.attgen1, self.attgen2) if g is not None)
-        return t, ho, wo
-
-    def forward(self, x_macs):
-        x, macs = x_macs
-        n = x.size(0)
-        ctx = self.context(x)
-        m1 = self.maskgen1(ctx) if self.maskgen1 is not None else None
-        m2 = self.maskgen2(ctx) if self.maskgen2 is not None else None
-        a1 = self.attgen1(ctx) if self.attgen1 is not None else None
-        a2 = self.attgen2(ctx) if self.attgen2 is not None else None
-
-        out = self.relu(self.bn1(self.conv1(gate_channels(x, m1, a1))))
-        out = self.bn2(gated_conv(self.conv2, out, m2, a2))
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(out + identity)
-        return out, macs + self.sample_macs(x.size(2), x.size(3), MaskStats.of(m1, n, x), MaskStats.of(m2, n, x))
-
-    def sample_macs(self, h, w, m1: MaskStats, m2: MaskStats):
-        """The paper's MACs of the block on an h x w input, from the statistics of its masks: conv1
-        at its input mask's share, conv2 at its heads', less conv1's outputs that no head reads."""
-        t = self.terms(h, w)[0]
-        dgc1 = m1.mean * t["dgc1"]
-        dgc = dgc1 + m2.mean * t["dgc2"]
-        bonus = m2.unread * detached(dgc1)
-        return (t["main"] + t["gen"]) + dgc - bonus
 
 
 class Bottleneck(GatedBlock):
@@ -121,55 +89,21 @@ class Bottleneck(GatedBlock):
         self.maskgen2 = grouping.head_mask(inplanes, width, 8)
         self.maskgen3 = grouping.channel_mask(inplanes, width, 8)
         self.attgen2 = attention(inplanes, width, heads, 8)
-        self._finish([self.maskgen1, self.maskgen2, self.maskgen3, self.attgen2])
+        k = self.describe(inplanes, name)
+        x = k.input
+        g1 = k.channel_gate(self.maskgen1, channels=inplanes)
+        g2 = k.head_gate(self.maskgen2, self.attgen2, channels=width, heads=heads)
+        g3 = k.channel_gate(self.maskgen3, channels=width)
+        y = k.conv(x, self.conv1, self.bn1, gate=g1, act="relu", name="conv1")
+        y = k.conv(y, self.conv2, self.bn2, gate=g2, act="relu", name="conv2")
+        identity = x if downsample is None else k.conv(x, *self.shortcut, norm_cost=False, name="downsample")
+        y = k.conv(y, self.conv3, self.bn3, gate=g3, name="conv3")
+        k.output(k.add(y, identity, act="relu"))
 
     @property
     def shortcut(self):
         """The downsampling shortcut as (1x1 conv, BatchNorm), or None for the identity."""
         return None if self.downsample is None else (self.downsample[0], self.downsample[1])
-
-    def block_costs(self, h, w):
-        cin, wd, heads, cout = self.inplanes, self.width, self.heads, self.planes * self.expansion
-        att = self.attgen2 is not None
-        ho, wo = conv_out(h, 3, 1, self.stride), conv_out(w, 3, 1, self.stride)
-        t = {"main": 0, "extra": heads * wd * h * w if att else 0}
-        t["dgc1"] = cin * wd * h * w + wd * h * w
-        t["dgc2"] = t["extra"] + 9 * wd * wd * ho * wo + wd * ho * wo
-        t["dgc3"] = (wd + 1) * cout * ho * wo
-        if self.downsample is not None:
-            t["main"] = cin * cout * conv_out(h, 1, 0, self.stride) * conv_out(w, 1, 0, self.stride)
-        t["gen"] = self.pool_cost(h, w, cin) + sum(
-            g.macs for g in (self.maskgen1, self.maskgen2, self.maskgen3, self.attgen2) if g is not None)
-        return t, ho, wo
-
-    def forward(self, x_macs):
-        x, macs = x_macs
-        n = x.size(0)
-        ctx = self.context(x)
-        m1 = self.maskgen1(ctx) if self.maskgen1 is not None else None
-        m2 = self.maskgen2(ctx) if self.maskgen2 is not None else None
-        m3 = self.maskgen3(ctx) if self.maskgen3 is not None else None
-        a2 = self.attgen2(ctx) if self.attgen2 is not None else None
-
-        out = self.relu(self.bn1(self.conv1(gate_channels(x, m1))))
-        out = self.relu(self.bn2(gated_conv(self.conv2, out, m2, a2)))
-        out = self.bn3(self.conv3(gate_channels(out, m3)))
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(out + identity)
-        stats = (MaskStats.of(m, n, x) for m in (m1, m2, m3))
-        return out, macs + self.sample_macs(x.size(2), x.size(3), *stats)
-
-    def sample_macs(self, h, w, m1: MaskStats, m2: MaskStats, m3: MaskStats):
-        """The paper's MACs of the block on an h x w input, from the statistics of its masks: each
-        gated convolution at its mask's share, less conv1's outputs that no head of conv2 reads and
-        conv2's outputs that conv3 does not read (each head's share of them)."""
-        t = self.terms(h, w)[0]
-        dgc1 = m1.mean * t["dgc1"]
-        dgc = dgc1 + m2.mean * t["dgc2"] + m3.mean * t["dgc3"]
-        head_open, unread3 = m2.head_open(), m3.group_unread(m2.heads)
-        bonus3 = 0.0 if head_open is None or unread3 is None else heads_dot(head_open, unread3) * (t["dgc2"] / m2.heads)
-        bonus = m2.unread * detached(dgc1) + bonus3
-        return (t["main"] + t["gen"]) + dgc - bonus
 
 
 class MSGCResNet(Backbone):
