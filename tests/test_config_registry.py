@@ -81,7 +81,7 @@ def test_unknown_names_list_the_registered_ones(cfg, key, value, registry):
 
 def test_heads_that_do_not_divide_a_gated_layer(cfg):
     cfg.MODEL.MSGC.HEADS = 3
-    with pytest.raises(ValueError, match=r"layer1\.0: MODEL.MSGC.HEADS=3 does not divide its 64 channels"):
+    with pytest.raises(ValueError, match=r"layer1\.0: MODEL.MSGC.HEADS=3 does not divide its 64 output channels"):
         build_model(cfg)
 
 

@@ -194,7 +194,7 @@ def _grouping(heads=4):
 
 
 def test_heads_that_do_not_divide_a_layer_name_it():
-    with pytest.raises(ValueError, match=r"layer2\.0: MODEL\.MSGC\.HEADS=3 does not divide its 128 channels"):
+    with pytest.raises(ValueError, match=r"layer2\.0: MODEL\.MSGC\.HEADS=3 does not divide its 128 output channels"):
         BasicBlock(64, 128, 2, None, MSGCGrouping(heads=3), lambda *a: None, "layer2.0")
 
     from msgc.modeling.kit import msgc_conv2d

@@ -66,10 +66,10 @@ class GateSources:
             self._logits = {name: outs[i] for name, i in self.index.items()}
 
     def sets(self, g: Graph, mask: Optional[str], att: Optional[str], heads: int, channels: int,
-             groups: int = 0) -> Optional[IndexSet]:
+             groups: int = 0, host_groups: int = 1) -> Optional[IndexSet]:
         """The index sets of the mask named ``mask`` with the attention named ``att`` (after :meth:`emit`)."""
         return g.index_set(heads, channels, logits=self._logits.get(mask), const=self.static.get(mask),
-                           att=self._logits.get(att), groups=groups)
+                           att=self._logits.get(att), groups=groups, host_groups=host_groups)
 
 
 @BLOCK_DEPLOYERS.register(GatedBlock)
@@ -90,16 +90,19 @@ class KitDeployer:
         self._plan_outputs()
         self._plan_fusion()
         self.weights: Dict[ConvNode, ConvWeights] = {}
+        self.host_groups: Dict[ConvNode, int] = {}  # a convolution's own groups (within which heads work)
+        self.split: Dict[Gate, int] = {}  # the host groups a gate's sets are split by
         for n in spec.nodes:
             if isinstance(n, ConvNode):
-                msgc_heads = n.gate is not None and n.gate.kind == "heads" and n.conv.groups == n.gate.heads
-                if n.conv.groups > 1 and not (n.depthwise or msgc_heads):
-                    raise ValueError(f"deploy: {where}.{n.name}: a grouped convolution ({n.conv.groups} groups) that "
-                                     "is neither depthwise nor an MSGC convolution's heads has no deployed kernel")
                 bn = n.norm
                 if n in self.folded_pre:  # the consumer's pre-activation, folded into this producer
                     bn = self.folded_pre[n].pre
                 self.weights[n] = ConvWeights(n.conv, bn, n.conv.groups, f"{where}.{n.name}")
+                if not n.depthwise:
+                    heads = n.gate.heads if n.gate is not None and n.gate.kind == "heads" else 1
+                    self.host_groups[n] = n.conv.groups // heads
+                    if n.gate is not None and self.host_groups[n] > 1:
+                        self.split[n.gate] = self.host_groups[n]
 
     # ---- planning (once) ----------------------------------------------------------------------------
 
@@ -182,7 +185,8 @@ class KitDeployer:
             self.sources.emit(g, buf[spec.context_value])
             for gate, (mask, att) in zip(spec.gates, self.gate_names):
                 heads = gate.heads if gate.kind == "heads" else 1
-                sets[gate] = self.sources.sets(g, mask, att, heads, gate.channels, self.groups.get(gate, 0))
+                sets[gate] = self.sources.sets(g, mask, att, heads, gate.channels, self.groups.get(gate, 0),
+                                               self.split.get(gate, 1))
 
         decided = False
         for n in spec.nodes:
@@ -202,7 +206,8 @@ class KitDeployer:
                 res = buf[res_of[n]] if n in res_of else None
                 dst = out if (n.out is result_new and out is not None) else None
                 buf[n.out] = g.conv(src, self.weights[n], in_set, att=n.gate is not None and n.gate.attention is not None,
-                                    outputs=(mode, out_set), act=_ACT[self.act_of[n]], res=res, dst=dst)
+                                    outputs=(mode, out_set), act=_ACT[self.act_of[n]], res=res, dst=dst,
+                                    host_groups=self.host_groups[n])
             elif isinstance(n, AffineNode):
                 buf[n.out] = g.affine(buf[n.x], n.norm, _ACT[n.act], macs=n.cost)
             elif isinstance(n, AddNode):

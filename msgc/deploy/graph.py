@@ -54,6 +54,8 @@ class IndexSet:
     groups: int = 0
     masked: bool = True
     id: int = -1
+    #: the host groups of the convolution that reads it (its entries are then also split by host group)
+    host_groups: int = 1
 
 
 @dataclass(eq=False)
@@ -120,7 +122,9 @@ class ConvOp:
     act: int = NONE
     res: Optional[Buffer] = None
     all_rule: bool = False
-    #: the native kernel (0 wide, 1 pixel) and tile family, chosen when the plan is made
+    #: the convolution's own groups: its weights' heads are host groups x the set's heads
+    host_groups: int = 1
+    #: the native kernel (0 wide, 1 pixel, 2 gather) and tile family, chosen when the plan is made
     kernel: int = 0
     tiles: int = 0
 
@@ -219,12 +223,14 @@ class Graph:
 
     def index_set(self, heads: int, channels: int, logits: Optional[Logits] = None,
                   const: Optional[torch.Tensor] = None, att: Optional[Logits] = None,
-                  groups: int = 0) -> Optional[IndexSet]:
+                  groups: int = 0, host_groups: int = 1) -> Optional[IndexSet]:
         """The index sets of a mask given by ``logits`` (or the static ``const``), with attention
-        ``att``; None where there is neither a mask nor attention (every channel, unscaled)."""
-        if logits is None and const is None and att is None:
+        ``att``; None where there is neither a mask nor attention (every channel, unscaled) and no host
+        groups to split by."""
+        if logits is None and const is None and att is None and host_groups == 1:
             return None
-        s = IndexSet(heads, channels, groups, logits is not None or const is not None, id=len(self.sets))
+        s = IndexSet(heads, channels, groups, logits is not None or const is not None, id=len(self.sets),
+                     host_groups=host_groups)
         self.sets.append(s)
         self._add(SetsOp(s, logits, const, att))
         return s
@@ -233,7 +239,7 @@ class Graph:
 
     def conv(self, src: Buffer, weights: ConvWeights, in_set: Optional[IndexSet] = None, att: bool = False,
              outputs: Tuple[int, Optional[IndexSet]] = (ALL, None), act: int = NONE, res: Optional[Buffer] = None,
-             dst: Optional[Buffer] = None) -> Buffer:
+             dst: Optional[Buffer] = None, host_groups: int = 1) -> Buffer:
         """A (gated) convolution of ``src``: its heads read ``in_set``'s channels (None: all; ``att``:
         scaled by the set's attention); it computes ``outputs``: ``(ALL, None)``, ``(UNION, s)`` (the
         channels some head of ``s`` reads; one-head convolutions) or ``(GROUPS, s)`` (each head the open
@@ -241,11 +247,14 @@ class Graph:
         mode, out_set = outputs
         if mode != ALL and out_set is None:
             mode = ALL
-        if in_set is not None and in_set.channels != weights.in_channels:
+        if in_set is not None and in_set.channels != weights.in_channels * host_groups:
             raise ValueError(f"deploy: {weights.where}: a set over {in_set.channels} channels for "
-                             f"{weights.in_channels} inputs")
+                             f"{weights.in_channels * host_groups} inputs")
+        if in_set is not None and in_set.host_groups != host_groups:
+            raise ValueError(f"deploy: {weights.where}: a set split by {in_set.host_groups} host groups for a "
+                             f"convolution of {host_groups}")
         op = ConvOp(src, None, weights, src.h, src.w, in_set, att, mode, out_set, act, res,
-                    all_rule=weights.heads == 1 and mode == UNION)
+                    all_rule=weights.heads == 1 and mode == UNION, host_groups=host_groups)
         ho, wo = op.out_hw
         op.dst = dst if dst is not None else self.buffer(ho, wo, weights.out_channels)
         self._add(op)

@@ -27,11 +27,11 @@ def _act(x: torch.Tensor, act: int) -> torch.Tensor:
 
 
 def head_sets(logits: Optional[torch.Tensor], heads: int, channels: int, att: Optional[torch.Tensor],
-              groups: int = 0) -> Dict:
+              groups: int = 0, host_groups: int = 1, device=None) -> Dict:
     """numpy version of the native ``msgc_head_sets``: per head, the open channels (``idx``), their
     places in the union (``pos``) and attention (``vals``); the union (``uni``); per group the open
     channels numbered within it (``gidx``); and the counts."""
-    device = (att if logits is None else logits).device
+    device = device if logits is None and att is None else (att if logits is None else logits).device
     m = np.ones((heads, channels), bool) if logits is None else (logits.view(heads, channels) >= 0).cpu().numpy()
     rows, cols = np.nonzero(m)
     counts = m.sum(1).tolist()
@@ -53,6 +53,18 @@ def head_sets(logits: Optional[torch.Tensor], heads: int, channels: int, att: Op
         g = cols // per
         out["gcounts"] = np.bincount(g, minlength=groups).tolist()
         out["gidx"] = [torch.from_numpy((cols[g == i] - i * per).astype(np.int64)).to(device) for i in range(groups)]
+    if host_groups > 1:  # per host group g and head h (g major): channels, rows within g, places in the union
+        cg = channels // host_groups
+        split = {"hidx": [], "hrow": [], "hpos": [], "hvals": []}
+        for g in range(host_groups):
+            for h in range(heads):
+                sel = (rows == h) & (cols // cg == g)
+                split["hidx"].append(torch.from_numpy(cols[sel].astype(np.int64)).to(device))
+                split["hrow"].append(torch.from_numpy((cols[sel] - g * cg).astype(np.int64)).to(device))
+                split["hpos"].append(torch.from_numpy(where[cols[sel]].astype(np.int64)).to(device))
+                if att is not None:
+                    split["hvals"].append(att[h, torch.from_numpy(cols[sel].astype(np.int64)).to(device)])
+        out.update(split)
     return out
 
 
@@ -100,7 +112,7 @@ def _sets(st: _Sample, op: SetsOp):
     att = None if op.att is None else st.logits[op.att.offset:op.att.offset + op.att.size].view(s.heads, s.channels)
     if logits is not None:
         logits = logits.to(st.logits.device)
-    st.sets[s.id] = head_sets(logits, s.heads, s.channels, att, s.groups)
+    st.sets[s.id] = head_sets(logits, s.heads, s.channels, att, s.groups, s.host_groups, st.logits.device)
 
 
 def _head_conv(x, h, w, weight, bias, k, s, p, cols, wrows, rows, scale):
@@ -143,12 +155,20 @@ def _conv(st: _Sample, op: ConvOp):
     T = None if op.out_set is None else st.sets[op.out_set.id]
     out_tag = (_FULL, None)
     outs, macs = [], 0
-    for i in range(heads):
+    split = op.host_groups > 1
+    for i in range(heads):  # kernel head i: host group i // set heads, the set's head i % set heads
         cols = wrows = scale = None
-        if S is not None and S["masked"]:
+        if S is not None and split:
+            wrows = S["hrow"][i]
+            cols = S["hidx"][i] if tag == _FULL else S["hpos"][i]
+            scale = S["hvals"][i] if op.att else None
+        elif S is not None and S["masked"]:
             wrows = S["idx"][i]
             cols = wrows if tag == _FULL else S["pos"][i] if tag == _UNION else None
-        if S is not None and op.att:
+        elif split or op.host_groups > 1:  # an ungated grouped convolution: each group its own slice
+            cg = wt.in_channels
+            cols = torch.arange(i * cg, (i + 1) * cg, device=x.device)
+        if S is not None and op.att and not split:
             scale = S["vals"][i]
         rows = None
         if T is not None and T["masked"] and op.out_mode == UNION and T["n_uni"] < op.out_set.channels:

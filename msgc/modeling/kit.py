@@ -436,7 +436,8 @@ class BlockSpec:
             if b.gated is not None:
                 if b.gated.gate.kind == "heads":  # each head's share of the outputs the next gate does not read
                     src = masks[b.gated.gate.index]
-                    head_open, unread = src.head_open(), m.group_unread(src.heads)
+                    host_groups = b.gated.conv.groups // src.heads
+                    head_open, unread = src.head_open(), m.group_unread(src.heads, host_groups)
                     if head_open is not None and unread is not None:
                         terms.append(heads_dot(head_open, unread) * (t.cost[b.gated] / src.heads))
                 else:
@@ -486,7 +487,7 @@ class BlockSpec:
             if n.gate is None:
                 y = n.conv(x)
             elif n.gate.kind == "heads":
-                y = gated_conv(n.conv, x, masks[n.gate.index], atts[n.gate.index])
+                y = gated_conv(n.conv, x, masks[n.gate.index], atts[n.gate.index], n.gate.heads)
             else:
                 y = n.conv(gate_channels(x, masks[n.gate.index], atts[n.gate.index]))
             if n.norm is not None:

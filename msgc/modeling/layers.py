@@ -5,6 +5,8 @@ sample, head and gated channel (``N x heads x C``). Their state-dict layout (``c
 ``conv.1`` BatchNorm, ``conv.3`` 1x1 conv) is the original MSGC release's, so its checkpoints load
 without renaming.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -144,42 +146,55 @@ def gate_channels(x: torch.Tensor, mask=None, att=None) -> torch.Tensor:
     return x * scale.view(x.size(0), x.size(1), 1, 1)
 
 
-def gate_heads(x: torch.Tensor, mask=None, att=None, heads: int = 1) -> torch.Tensor:
+def gate_heads(x: torch.Tensor, mask=None, att=None, heads: int = 1, groups: int = 1) -> torch.Tensor:
     """The MSGC input: ``x`` repeated once per head, head i scaled by its mask (and attention).
 
     ``x``: N x C x H x W; ``mask``/``att``: N x heads x C (or None: all ones). Returns
-    N x (heads*C) x H x W, head-major, the input of a convolution with ``groups=heads``. One broadcast
-    replaces the reference's loop over heads.
+    N x (heads*C) x H x W, the input of a convolution with ``groups = heads x groups``: head-major
+    without host groups; with ``groups`` host groups (a ResNeXt's grouped 3x3), group-major, each
+    host group's channels repeated once per head (``[group][head][channel of the group]``), so that
+    conv group ``g * heads + h`` reads head h's copy of host group g. One broadcast replaces the
+    reference's loop over heads.
     """
     n, c, h, w = x.shape
     scale = _scale(mask, att)
     if scale is None:
-        return x.repeat(1, heads, 1, 1) if heads > 1 else x
+        if heads == 1:
+            return x
+        if groups == 1:
+            return x.repeat(1, heads, 1, 1)
+        return x.view(n, groups, 1, c // groups, h, w).expand(-1, -1, heads, -1, -1, -1).reshape(n, heads * c, h, w)
     heads = scale.size(1)
-    return (x.unsqueeze(1) * scale.view(n, heads, c, 1, 1)).view(n, heads * c, h, w)
+    if groups == 1:
+        return (x.unsqueeze(1) * scale.view(n, heads, c, 1, 1)).view(n, heads * c, h, w)
+    scale = scale.view(n, heads, groups, c // groups).transpose(1, 2).reshape(n, groups, heads, c // groups, 1, 1)
+    return (x.view(n, groups, 1, c // groups, h, w) * scale).reshape(n, heads * c, h, w)
 
 
-def gated_conv(conv: nn.Conv2d, x: torch.Tensor, mask=None, att=None) -> torch.Tensor:
-    """``conv(gate_heads(x, mask, att, conv.groups))``, computed the cheaper of two exact ways.
+def gated_conv(conv: nn.Conv2d, x: torch.Tensor, mask=None, att=None, heads: Optional[int] = None) -> torch.Tensor:
+    """``conv(gate_heads(x, mask, att, heads, conv.groups // heads))``, computed the cheaper of two exact
+    ways (``heads``: default ``conv.groups``, no host groups).
 
     The MSGC convolution's head ``i`` reads ``x`` scaled per sample by ``scale[:, i]`` (mask times
     attention). Materialising the heads' inputs writes ``heads x C x H x W`` values per sample and
     feeds a convolution with ``heads`` times the input channels. Scaling the weights instead gives
-    each sample its own dense convolution, ``W * scale[n]`` over ``x[n]`` (one grouped convolution with
-    ``groups = N``), and writes ``C_out x C x k x k`` values per sample: much less where feature maps
-    are large and channels few (the early stages; measured 2.5x faster forward and backward at
-    64 channels, 56x56, batch 16, on a CPU), more in the late stages, which keep the broadcast.
-    Both are the same sum of products (up to float rounding) and count the same MACs.
+    each sample its own convolution, ``W * scale[n]`` over ``x[n]`` (one grouped convolution with
+    ``groups = N`` times the host's groups), and writes ``C_out x C/groups x k x k`` values per
+    sample: much less where feature maps are large and channels few (the early stages), more in the
+    late stages, which keep the broadcast. Both are the same sum of products (up to float rounding)
+    and count the same MACs.
     """
-    heads = conv.groups
+    heads = conv.groups if heads is None else heads
+    groups = conv.groups // heads
     scale = _scale(mask, att)
     n, c, h, w = x.shape
     kernel = conv.kernel_size[0] * conv.kernel_size[1]
-    if scale is None or heads == 1 or c * kernel >= heads * h * w:
-        return conv(gate_heads(x, mask, att, heads))
-    out_channels = conv.out_channels
-    weight = conv.weight.view(1, heads, out_channels // heads, c, *conv.kernel_size)
-    weight = (weight * scale.view(n, heads, 1, c, 1, 1)).view(n * out_channels, c, *conv.kernel_size)
+    if scale is None or heads == 1 or c * kernel >= heads * groups * h * w:
+        return conv(gate_heads(x, mask, att, heads, groups))
+    out_channels, cg = conv.out_channels, c // groups
+    weight = conv.weight.view(1, groups, heads, out_channels // (groups * heads), cg, *conv.kernel_size)
+    scale = scale.view(n, heads, groups, cg).transpose(1, 2).reshape(n, groups, heads, 1, cg, 1, 1)
+    weight = (weight * scale).view(n * out_channels, cg, *conv.kernel_size)
     bias = None if conv.bias is None else conv.bias.repeat(n)
-    out = F.conv2d(x.reshape(1, n * c, h, w), weight, bias, conv.stride, conv.padding, conv.dilation, n)
+    out = F.conv2d(x.reshape(1, n * c, h, w), weight, bias, conv.stride, conv.padding, conv.dilation, n * groups)
     return out.view(n, out_channels, out.size(2), out.size(3))

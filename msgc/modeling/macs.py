@@ -77,9 +77,11 @@ class MaskStats:
         """Per sample and head, the fraction of the head's channels open (None: no mask)."""
         return None
 
-    def group_unread(self, groups: int):
-        """For a one-head mask over ``groups`` groups of channels: per sample and group, the fraction
-        of the group's channels closed (None: no mask)."""
+    def group_unread(self, groups: int, host_groups: int = 1):
+        """For a one-head mask over the outputs of a convolution with ``groups`` heads: per sample and
+        head, the fraction of the head's channels closed (None: no mask). With ``host_groups``, the
+        outputs are laid out host group by host group, each split among the heads (a ResNeXt's 3x3):
+        a head's channels are its share of every host group."""
         return None
 
     @staticmethod
@@ -115,9 +117,11 @@ class _TensorMask(MaskStats):
     def head_open(self):
         return self.mask.detach().double().mean(2)
 
-    def group_unread(self, groups):
+    def group_unread(self, groups, host_groups=1):
         m = self.mask.detach()[:, 0].double()
-        return (1.0 - m).view(m.size(0), groups, -1).mean(2)
+        if host_groups == 1:
+            return (1.0 - m).view(m.size(0), groups, -1).mean(2)
+        return (1.0 - m).view(m.size(0), host_groups, groups, -1).mean((1, 3))
 
 
 class _CountMask(MaskStats):
@@ -130,9 +134,13 @@ class _CountMask(MaskStats):
     def head_open(self):
         return [k / self.channels for k in self.counts]
 
-    def group_unread(self, groups):
+    def group_unread(self, groups, host_groups=1):
         per = self.channels // groups
-        return [(per - k) / per for k in self.groups]
+        if host_groups == 1:
+            return [(per - k) / per for k in self.groups]
+        # the counts come per host group and head (host group major): a head's are every host group's
+        opened = [sum(self.groups[g * groups + h] for g in range(host_groups)) for h in range(groups)]
+        return [(per - k) / per for k in opened]
 
 
 def heads_dot(a, b):

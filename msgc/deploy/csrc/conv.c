@@ -96,7 +96,7 @@ static int plan_wide(const msgc_conv_args *a, conv_plan *pl) {
     g0 += (p->gathered ? blocks16(p->m) * MSGC_BLOCK * p->n * pl->kk + p->m : 0) + (p->infold ? hw * p->n : 0);
     for (long c = 0; c < p->n; c++) {
       const long e = p->in0 + c;
-      pl->coff[e] = p->infold || !hd->cols ? (int)c : hd->cols[e];
+      pl->coff[e] = p->infold ? (int)c : hd->cols ? hd->cols[e] : (int)c + h * hd->xstep;
       pl->woff[e] = (long)(p->gathered || !hd->wrow ? c : hd->wrow[e]) * pl->kk * MSGC_BLOCK;
     }
     const long row_floats = (long)pl->kk * MSGC_BLOCK;
@@ -151,10 +151,11 @@ static void copy_inputs(const msgc_conv_args *a, const conv_plan *pl, long i) {
     float *dst = pl->buf + p->g0 + gsize;
     const int *cols = hd->cols ? hd->cols + p->in0 : 0;
     const float *sc = hd->scale ? hd->scale + p->in0 : 0;
+    const int first = h * hd->xstep;
     for (long q = 64 * i; q < 64 * i + 64 && q < hw; q++) {
       const float *xr = a->io.x + q * ldx;
       float *d = dst + q * p->n;
-      for (int c = 0; c < p->n; c++) d[c] = xr[cols ? cols[c] : c] * (sc ? sc[c] : 1.0f);
+      for (int c = 0; c < p->n; c++) d[c] = xr[cols ? cols[c] : first + c] * (sc ? sc[c] : 1.0f);
     }
   }
 }
@@ -214,7 +215,7 @@ static int plan_pixel(const msgc_conv_args *a, conv_plan *pl) {
   for (int h = 0; h < a->hd.heads; h++)
     for (int j = 0, m = pl->hp[h].m; j < m;) {
       const int rows = msgc_pixel_rows(m - j);
-      pl->ch[nch++] = (chunk){h, j, rows, 0};
+      pl->ch[nch++] = (chunk){h, j, rows, 0, 0};
       j += rows;
     }
   pl->nch = nch;
@@ -229,8 +230,9 @@ static void gather_pixel(const msgc_conv_args *a, const conv_plan *pl, long e) {
   const float *xc = a->io.x + e;
   float sc = 1.0f;
   if (a->hd.scale) {
-    const head_plan *p = &pl->hp[head_of_entry(pl, e)];
-    xc = a->io.x + (a->hd.cols ? a->hd.cols[e] : e - p->in0);
+    const int h = head_of_entry(pl, e);
+    const head_plan *p = &pl->hp[h];
+    xc = a->io.x + (a->hd.cols ? a->hd.cols[e] : e - p->in0 + h * a->hd.xstep);
     sc = a->hd.scale[e];
   }
   msgc_make_plane(xc, a->io.ldx, a->g.h, a->g.w, a->g.p, pl->plane_len, sc, pl->buf + e * pl->plane_len);
@@ -246,6 +248,7 @@ static void tile_pixel(const msgc_conv_args *a, const conv_plan *pl, long it) {
   j.plane_len = pl->plane_len;
   j.Wp = pl->Wp, j.Wo = pl->Wo, j.npos = pl->npos, j.k = a->g.k;
   j.cols = hd->scale ? 0 : hd->cols ? hd->cols + p->in0 : 0;
+  j.col0 = hd->scale || hd->cols ? 0 : h * hd->xstep;
   j.wrow = hd->wrow ? hd->wrow + p->in0 : 0;
   j.n = p->n;
   j.w = a->wt.plain + (long)h * hd->per_head * a->wt.rows * kk;

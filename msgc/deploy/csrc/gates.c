@@ -84,7 +84,7 @@ i32 msgc_generators(const msgc_gen_args *a) {
  * as Gate.forward decides in eval mode. */
 i32 msgc_head_sets(const msgc_sets_args *a) {
   const int heads = a->heads, C = a->channels;
-  int *where = msgc_scratch(SCRATCH_SELECT, sizeof(int) * (size_t)C);
+  int *where = msgc_scratch(SCRATCH_SELECT, sizeof(int) * ((size_t)C + (size_t)heads * (a->host_groups + 1)));
   if (!where) return MSGC_ENOMEM;
   for (int c = 0; c < C; c++) where[c] = -1;
   int n = 0;
@@ -108,6 +108,26 @@ i32 msgc_head_sets(const msgc_sets_args *a) {
   if (a->pos)
     for (int i = 0; i < n; i++) a->pos[i] = where[a->idx[i]];
   a->counts[heads] = nu;
+  if (a->host_groups > 1) { /* each head's entries split by host group (ascending within a head) */
+    const int G = a->host_groups, cg = C / G;
+    int *bound = where + C; /* bound[h * (G + 1) + g]: head h's first entry at or after host group g */
+    for (int h = 0, e = 0; h < heads; e += a->counts[h], h++)
+      for (int g = 0, i = e; g <= G; g++) {
+        while (i < e + a->counts[h] && (g == G || a->idx[i] < g * cg)) i++;
+        bound[h * (G + 1) + g] = i;
+      }
+    for (int g = 0, k = 0; g < G; g++)
+      for (int h = 0; h < heads; h++) {
+        const int lo = bound[h * (G + 1) + g], hi = bound[h * (G + 1) + g + 1];
+        a->hcounts[g * heads + h] = hi - lo;
+        for (int i = lo; i < hi; i++, k++) {
+          a->hidx[k] = a->idx[i];
+          a->hrow[k] = a->idx[i] - g * cg;
+          a->hpos[k] = a->pos[i];
+          if (a->att) a->hvals[k] = a->vals[i];
+        }
+      }
+  }
   if (a->groups > 0) { /* one head over groups x per: open outputs of each group, numbered within it */
     const int per = C / a->groups;
     for (int g = 0; g < a->groups; g++) a->gcounts[g] = 0;

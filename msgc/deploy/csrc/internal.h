@@ -64,7 +64,8 @@ typedef struct {
   const float *planes;  /* padded input planes, plane_len floats apart */
   long plane_len;
   int Wp, Wo, npos, k;
-  const int *cols;      /* plane per input entry (NULL: 0, 1, ...) */
+  const int *cols;      /* plane per input entry (NULL: col0, col0 + 1, ...) */
+  int col0;
   const int *wrow;
   int n;
   const float *w;       /* the head's plain weights, rows weight rows per output */

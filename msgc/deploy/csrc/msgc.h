@@ -49,10 +49,12 @@ typedef const void *cv;
 /* the heads of a gated convolution. Head i reads counts[i] input channels (counts NULL: in_channels
  * each): columns cols[..] of x and weight rows wrow[..] (flat, head after head; NULL: 0, 1, ... per
  * head), scaled by scale[..] (flat likewise; NULL: none); it computes ocounts[i] of its per_head outputs
- * (ocounts NULL: all), the output channels ocols[..] within the head (flat). */
+ * (ocounts NULL: all), the output channels ocols[..] within the head (flat). Without cols, head i's
+ * inputs start at column i * xstep of x (0: every head reads the same columns, as an MSGC convolution's
+ * heads do; in_channels: a grouped convolution, each head its own slice). */
 #define MSGC_HEADS(X) \
   X(i32, heads) X(i32, in_channels) X(i32, per_head) X(ci, counts) X(ci, cols) X(ci, wrow) X(cf, scale) \
-  X(ci, ocounts) X(ci, ocols)
+  X(ci, ocounts) X(ci, ocols) X(i32, xstep)
 
 /* weights: head i's blocked weights start at blocked + i * ceil(per_head / 16) * rows * k*k * 16, its
  * plain ones at plain + i * per_head * rows * k*k, its bias at bias + i * per_head; kernel picks the
@@ -87,10 +89,13 @@ typedef const void *cv;
  * (heads + 1: the union's size last), idx (open channels, ascending, head after head), vals (att of each
  * idx entry, if att), uni (channels some head reads), pos (each idx entry's place in uni), and, with
  * groups > 0 (one head over groups x channels / groups), gcounts (open per group) and gidx (idx within
- * its group) */
+ * its group); with host_groups > 1 (the heads of a convolution that also has host groups), the same
+ * entries split by host group, host group major: hcounts[g * heads + h], and per entry hidx (channel),
+ * hrow (channel within its host group), hpos (place in uni) and hvals (attention) */
 #define MSGC_SETS_ARGS(X) \
   X(cf, logits) X(i32, heads) X(i32, channels) X(cf, att) X(wi, counts) X(wi, idx) X(wf, vals) X(wi, uni) \
-  X(wi, pos) X(i32, groups) X(wi, gcounts) X(wi, gidx)
+  X(wi, pos) X(i32, groups) X(wi, gcounts) X(wi, gidx) X(i32, host_groups) X(wi, hcounts) X(wi, hidx) \
+  X(wi, hrow) X(wi, hpos) X(wf, hvals)
 
 /* ---- programs: a whole sample in one call -------------------------------------------------------
  * A program is a list of ops over buffers (feature maps of one sample) and index sets, both numbered
@@ -99,17 +104,19 @@ typedef const void *cv;
  * arena. A set's arrays live at ioff (ints) and foff (floats); its counts go to the sample's stats at
  * offset stats (-1: not recorded). */
 #define MSGC_BUF(X) X(i32, h) X(i32, w) X(i32, cols) X(i32, parent) X(i32, col0) X(i64, offset)
-#define MSGC_SET(X) X(i32, heads) X(i32, channels) X(i32, groups) X(i64, ioff) X(i64, foff) X(i32, stats)
+#define MSGC_SET(X) \
+  X(i32, heads) X(i32, channels) X(i32, groups) X(i32, host_groups) X(i64, ioff) X(i64, foff) X(i32, stats)
 #define MSGC_OP(X) X(i32, kind) X(i32, index)
 
 /* a convolution: reads buffer src through set in_set (-1: every channel; att: scaled by its
  * attention), writes dst (all outputs, or the union / the groups of out_set), adds buffer res (-1:
  * none) before act; bn: a folded BatchNorm (one executed MAC per output); all_rule: a one-head
- * convolution may compute its few unread outputs instead of gathering around them */
+ * convolution may compute its few unread outputs instead of gathering around them; host_groups: the
+ * convolution's own groups (heads = host_groups x the set's heads, each reading its host group) */
 #define MSGC_CONV_OP(X) \
   X(i32, src) X(i32, dst) X(i32, res) X(i32, in_set) X(i32, att) X(i32, out_mode) X(i32, out_set) \
-  X(msgc_geom, g) X(i32, heads) X(i32, in_channels) X(i32, per_head) X(msgc_weights, wt) X(i32, act) \
-  X(i32, bn) X(i32, all_rule)
+  X(msgc_geom, g) X(i32, heads) X(i32, in_channels) X(i32, per_head) X(i32, host_groups) X(msgc_weights, wt) \
+  X(i32, act) X(i32, bn) X(i32, all_rule)
 
 /* a block's generators on buffer src; logits to the float arena at out; macs: their executed MACs */
 #define MSGC_GATES_OP(X) \

@@ -33,7 +33,7 @@ const int msgc_pixel_positions = PV * VL;
       for (int v = 0; v < PV; v++) acc[r][v] = b;                                                      \
     }                                                                                                  \
     for (int c = 0; c < j->n; c++) {                                                                   \
-      const float *pl = j->planes + (long)(j->cols ? j->cols[c] : c) * j->plane_len + q0;              \
+      const float *pl = j->planes + (long)(j->cols ? j->cols[c] : j->col0 + c) * j->plane_len + q0;    \
       const long wo = (long)(j->wrow ? j->wrow[c] : c) * kk;                                           \
       for (int t = 0; t < kk; t++) {                                                                   \
         const float *xp = pl + (t / k) * Wp + t % k;                                                   \

@@ -26,8 +26,8 @@ typedef struct {
 } bufrt;
 
 typedef struct {
-  int *counts, *idx, *pos, *uni, *gcounts, *gidx;
-  float *vals;
+  int *counts, *idx, *pos, *uni, *gcounts, *gidx, *hcounts, *hidx, *hrow, *hpos;
+  float *vals, *hvals;
   int n_idx, n_uni, masked;
 } setrt;
 
@@ -63,7 +63,12 @@ static int run_sets(state *st, const msgc_sets_op *o) {
   s->uni = s->pos + hc;
   s->gcounts = s->uni + d->channels;
   s->gidx = s->gcounts + d->groups;
+  s->hcounts = s->gidx + hc;
+  s->hidx = s->hcounts + (long)d->heads * d->host_groups;
+  s->hrow = s->hidx + hc;
+  s->hpos = s->hrow + hc;
   s->vals = st->fa + d->foff;
+  s->hvals = s->vals + hc;
   msgc_sets_args a = {0};
   a.logits = o->logits >= 0 ? st->fa + o->logits : o->ext;
   a.heads = d->heads;
@@ -77,6 +82,12 @@ static int run_sets(state *st, const msgc_sets_op *o) {
   a.groups = d->groups;
   a.gcounts = s->gcounts;
   a.gidx = s->gidx;
+  a.host_groups = d->host_groups;
+  a.hcounts = s->hcounts;
+  a.hidx = s->hidx;
+  a.hrow = s->hrow;
+  a.hpos = s->hpos;
+  a.hvals = s->hvals;
   const int nu = msgc_head_sets(&a);
   if (nu < 0) return nu;
   s->n_uni = nu;
@@ -126,20 +137,22 @@ static int run_conv(state *st, const msgc_conv_op *o) {
   a.hd.heads = o->heads;
   a.hd.in_channels = o->in_channels;
   a.hd.per_head = o->per_head;
+  a.hd.xstep = o->host_groups > 1 ? o->in_channels : 0; /* without index sets: each host group its slice */
   int n_in = o->in_channels;
   if (o->in_set >= 0) {
     const setrt *s = &st->s[o->in_set];
-    if (s->masked) {
-      a.hd.counts = s->counts;
-      a.hd.wrow = s->idx;
-      n_in = s->counts[0];
-      if (src->tag == TAG_FULL) a.hd.cols = s->idx;
-      else if (src->tag_set != o->in_set) return MSGC_EPLAN;
-      else a.hd.cols = src->tag == TAG_UNION ? s->pos : 0;
+    const int split = o->host_groups > 1; /* the set's entries by host group, then head (all, unmasked) */
+    if (s->masked || split) {
+      a.hd.counts = split ? s->hcounts : s->counts;
+      a.hd.wrow = split ? s->hrow : s->idx;
+      n_in = a.hd.counts[0];
+      if (src->tag == TAG_FULL) a.hd.cols = split ? s->hidx : s->idx;
+      else if (!s->masked || src->tag_set != o->in_set || (split && src->tag != TAG_UNION)) return MSGC_EPLAN;
+      else a.hd.cols = src->tag == TAG_UNION ? (split ? s->hpos : s->pos) : 0;
     } else if (src->tag != TAG_FULL) {
       return MSGC_EPLAN;
     }
-    if (o->att) a.hd.scale = s->vals;
+    if (o->att) a.hd.scale = split ? s->hvals : s->vals;
   } else if (src->tag != TAG_FULL) {
     return MSGC_EPLAN;
   }

@@ -16,7 +16,7 @@ _POINTERS = ("cf", "wf", "ci", "wi", "cl", "wl", "cv")
 FIELDS: List[Tuple[str, str]] = [
     ("msgc_geom", "i32 h; i32 w; i32 k; i32 s; i32 p"),
     ("msgc_heads", "i32 heads; i32 in_channels; i32 per_head; ci counts; ci cols; ci wrow; cf scale; ci ocounts; "
-                   "ci ocols"),
+                   "ci ocols; i32 xstep"),
     ("msgc_weights", "cf blocked; cf plain; i64 rows; cf bias; i32 kernel; i32 tiles"),
     ("msgc_io", "cf x; i64 ldx; i32 xcols; wf y; i64 ldy; cf res; i64 ldres; i32 act"),
     ("msgc_conv_args", "msgc_geom g; msgc_heads hd; msgc_weights wt; msgc_io io; i32 bn; i32 nthreads; wl executed"),
@@ -24,12 +24,14 @@ FIELDS: List[Tuple[str, str]] = [
     ("msgc_gen_args", "cf x; i64 ldx; i32 hw; i32 c; cf w1; cf b1; i32 nh; i32 ngen; cl desc; cf w2; cf b2; wf out; "
                       "i32 nthreads"),
     ("msgc_sets_args", "cf logits; i32 heads; i32 channels; cf att; wi counts; wi idx; wf vals; wi uni; wi pos; "
-                       "i32 groups; wi gcounts; wi gidx"),
+                       "i32 groups; wi gcounts; wi gidx; i32 host_groups; wi hcounts; wi hidx; wi hrow; wi hpos; "
+                       "wf hvals"),
     ("msgc_buf", "i32 h; i32 w; i32 cols; i32 parent; i32 col0; i64 offset"),
-    ("msgc_set", "i32 heads; i32 channels; i32 groups; i64 ioff; i64 foff; i32 stats"),
+    ("msgc_set", "i32 heads; i32 channels; i32 groups; i32 host_groups; i64 ioff; i64 foff; i32 stats"),
     ("msgc_op", "i32 kind; i32 index"),
     ("msgc_conv_op", "i32 src; i32 dst; i32 res; i32 in_set; i32 att; i32 out_mode; i32 out_set; msgc_geom g; "
-                     "i32 heads; i32 in_channels; i32 per_head; msgc_weights wt; i32 act; i32 bn; i32 all_rule"),
+                     "i32 heads; i32 in_channels; i32 per_head; i32 host_groups; msgc_weights wt; i32 act; i32 bn; "
+                     "i32 all_rule"),
     ("msgc_gates_op", "i32 src; i32 c; i32 nh; i32 ngen; cf w1; cf b1; cl desc; cf w2; cf b2; i64 out; i64 macs"),
     ("msgc_sets_op", "i32 set; i64 logits; cf ext; i64 att"),
     ("msgc_dw_op", "i32 src; i32 dst; i32 set; msgc_geom g; cf weight; cf bias; i32 act; i32 bn"),

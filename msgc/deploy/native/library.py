@@ -57,14 +57,14 @@ class Library:
     def conv(self, x: torch.Tensor, h: int, w: int, k: int, s: int, p: int, heads: int, in_channels: int,
              per_head: int, out: torch.Tensor, *, blocked_weight=None, plain_weight=None, rows: int = 0,
              bias=None, counts=None, cols=None, wrow=None, scale=None, ocounts=None, ocols=None, act: int = 0,
-             res=None, kernel: int = 0, tiles: int = 0, bn: bool = False, threads: int = 0) -> int:
+             res=None, kernel: int = 0, tiles: int = 0, bn: bool = False, threads: int = 0, xstep: int = 0) -> int:
         """Every head of a gated convolution of ``x`` (``HW x C``, rows may be strided) into ``out``
         (``msgc_conv``, arguments as in ``msgc.h``). Returns the executed MACs."""
         executed = ctypes.c_int64(0)
         a = _S["msgc_conv_args"]()
         a.g = _S["msgc_geom"](h, w, k, s, p)
         a.hd = _S["msgc_heads"](heads, in_channels, per_head, _ptr(counts), _ptr(cols), _ptr(wrow), _ptr(scale),
-                                _ptr(ocounts), _ptr(ocols))
+                                _ptr(ocounts), _ptr(ocols), xstep)
         a.wt = _S["msgc_weights"](_ptr(blocked_weight), _ptr(plain_weight), rows or in_channels, _ptr(bias), kernel,
                                   tiles)
         a.io = _S["msgc_io"](x.data_ptr(), x.stride(0), x.size(1), out.data_ptr(), out.stride(0), _ptr(res),
@@ -90,26 +90,35 @@ class Library:
         _check(self.lib.msgc_generators(ctypes.byref(a)), "msgc_generators")
         return out
 
-    def head_sets(self, logits: Optional[torch.Tensor], heads: int, channels: int, att=None, groups: int = 0):
+    def head_sets(self, logits: Optional[torch.Tensor], heads: int, channels: int, att=None, groups: int = 0,
+                  host_groups: int = 1):
         """The index sets of a ``heads x channels`` gate matrix (``msgc_head_sets``) -> dict of tensors
         ``counts`` (heads + 1), ``idx``, ``pos``, ``uni``, ``vals`` (with att), ``gcounts``/``gidx``
-        (with groups)."""
+        (with groups), ``hcounts``/``hidx``/``hrow``/``hpos``/``hvals`` (with host groups)."""
         n = heads * channels
-        buf = torch.empty(heads + 1 + 3 * n + channels + groups, dtype=torch.int32)
-        counts, idx, pos = buf[:heads + 1], buf[heads + 1:heads + 1 + n], buf[heads + 1 + n:heads + 1 + 2 * n]
-        uni, rest = buf[heads + 1 + 2 * n:heads + 1 + 2 * n + channels], buf[heads + 1 + 2 * n + channels:]
-        gidx, gcounts = rest[:n], rest[n:]
+
+        def ints(k):
+            return torch.empty(max(k, 1), dtype=torch.int32)
+
+        counts, idx, pos, uni, gcounts, gidx = ints(heads + 1), ints(n), ints(n), ints(channels), ints(groups), ints(n)
+        hcounts, hidx, hrow, hpos = ints(heads * host_groups), ints(n), ints(n), ints(n)
         vals = torch.empty(n) if att is not None else None
+        hvals = torch.empty(n) if att is not None else None
         a = _S["msgc_sets_args"](_ptr(logits), heads, channels, _ptr(att), counts.data_ptr(), idx.data_ptr(),
                                  _ptr(vals), uni.data_ptr(), pos.data_ptr(), groups, gcounts.data_ptr(),
-                                 gidx.data_ptr())
+                                 gidx.data_ptr(), host_groups, hcounts.data_ptr(), hidx.data_ptr(), hrow.data_ptr(),
+                                 hpos.data_ptr(), _ptr(hvals))
         nu = _check(self.lib.msgc_head_sets(ctypes.byref(a)), "msgc_head_sets")
         total = int(counts[:heads].sum())
         out = {"counts": counts, "idx": idx[:total], "pos": pos[:total], "uni": uni[:nu]}
         if vals is not None:
             out["vals"] = vals[:total]
         if groups:
-            out["gcounts"], out["gidx"] = gcounts, gidx[:total]
+            out["gcounts"], out["gidx"] = gcounts[:groups], gidx[:total]
+        if host_groups > 1:
+            out.update(hcounts=hcounts[:heads * host_groups], hidx=hidx[:total], hrow=hrow[:total], hpos=hpos[:total])
+            if hvals is not None:
+                out["hvals"] = hvals[:total]
         return out
 
     def run(self, args) -> None:

@@ -93,10 +93,11 @@ class Program:
         sets = (_S["msgc_set"] * max(1, len(graph.sets)))()
         iarena = 0
         for s in graph.sets:
-            n = s.heads * s.channels
-            sets[s.id] = _S["msgc_set"](s.heads, s.channels, s.groups, iarena, farena, stats.get(s.id, -1))
-            iarena += s.heads + 1 + 3 * n + s.channels + s.groups
-            farena += n
+            n, split = s.heads * s.channels, s.host_groups > 1
+            sets[s.id] = _S["msgc_set"](s.heads, s.channels, s.groups, s.host_groups, iarena, farena,
+                                        stats.get(s.id, -1))
+            iarena += s.heads + 1 + 3 * n + s.channels + s.groups + (s.heads * s.host_groups + 3 * n if split else 0)
+            farena += n * (2 if split else 1)
         kinds = {GatesOp: [], SetsOp: [], ConvOp: [], DepthwiseOp: [], AffineOp: [], PoolOp: [], GapOp: []}
         ops = (_S["msgc_op"] * len(graph.ops))()
         self.conv_ops: List[Tuple[int, ConvOp]] = []  # (op number, graph op)
@@ -160,7 +161,7 @@ class Program:
             op.src.id, op.dst.id, -1 if op.res is None else op.res.id, -1 if op.in_set is None else op.in_set.id,
             int(op.att), op.out_mode, -1 if op.out_set is None else op.out_set.id,
             _S["msgc_geom"](op.h, op.w, wt.kernel, wt.stride, wt.padding), wt.heads, wt.in_channels, wt.per_head,
-            weights, op.act, int(wt.bn), int(op.all_rule))
+            op.host_groups, weights, op.act, int(wt.bn), int(op.all_rule))
 
     def set_kernel(self, index: int, kernel: int, tiles: int) -> None:
         """Change the kernel of the ``index``-th convolution (in :attr:`conv_ops` order)."""

@@ -8,6 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..kit import msgc_conv2d
 from ..layers import AttentionGenerator
 from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock
@@ -16,17 +17,12 @@ from .build import BACKBONE_REGISTRY
 __all__ = ["MSGCResNet", "BasicBlock", "Bottleneck"]
 
 
-def _conv3x3(cin, cout, stride=1, groups=1):
-    return nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
+def _conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
 
 def _conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-
-def _check_heads(channels, heads, where):
-    if channels % heads:
-        raise ValueError(f"{where}: MODEL.MSGC.HEADS={heads} does not divide its {channels} channels")
 
 
 class BasicBlock(GatedBlock):
@@ -34,14 +30,15 @@ class BasicBlock(GatedBlock):
 
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride, downsample, grouping, attention, name=""):
+    def __init__(self, inplanes, planes, stride, downsample, grouping, attention, name="", base_width=64, groups=1):
         super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError(f"{name}: basic blocks have groups=1 and width 64 per group (as torchvision's)")
         heads = grouping.heads
-        _check_heads(planes, heads, name)
         self.inplanes, self.planes, self.stride, self.heads = inplanes, planes, stride, heads
         self.conv1 = _conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes * heads, planes, groups=heads)
+        self.conv2 = msgc_conv2d(planes, planes, 3, heads, where=name)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -70,16 +67,17 @@ class Bottleneck(GatedBlock):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride, downsample, grouping, attention, name="",
-                 base_width=64):
+                 base_width=64, groups=1):
         super().__init__()
         heads = grouping.heads
-        width = int(planes * base_width / 64)
-        _check_heads(width, heads, name)
+        width = int(planes * base_width / 64) * groups
         self.inplanes, self.width, self.planes, self.stride, self.heads = (
             inplanes, width, planes, stride, heads)
+        self.host_groups = groups
         self.conv1 = _conv1x1(inplanes, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width * heads, width, stride, groups=heads)
+        # MSGC heads within each of the host's groups (ResNeXt: 32): see msgc_conv2d
+        self.conv2 = msgc_conv2d(width, width, 3, heads, stride, groups, where=name)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = _conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -110,11 +108,13 @@ class MSGCResNet(Backbone):
     """ResNet-18/34/50/101 with MSGC blocks. Stages: ``stem``, ``res2`` ... ``res5``."""
 
     def __init__(self, block, layers, grouping, attention, num_classes=1000, width_mult=1.0,
-                 stem="imagenet"):
+                 stem="imagenet", groups=1, base_width=64):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
-        self.build_args = dict(block=block, layers=layers, num_classes=num_classes, width_mult=width_mult, stem=stem)
+        self.build_args = dict(block=block, layers=layers, num_classes=num_classes, width_mult=width_mult, stem=stem,
+                               groups=groups, base_width=base_width)
+        self.groups, self.base_width = groups, base_width
         self.stem_kind = stem
         widths = [max(1, int(round(c * width_mult))) for c in (64, 128, 256, 512)]
         self.inplanes = widths[0]
@@ -143,10 +143,11 @@ class MSGCResNet(Backbone):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, grouping, attention, f"{name}.0")]
+        extra = dict(base_width=self.base_width, groups=self.groups)
+        layers = [block(self.inplanes, planes, stride, downsample, grouping, attention, f"{name}.0", **extra)]
         self.inplanes = planes * block.expansion
         for i in range(1, blocks):
-            layers.append(block(self.inplanes, planes, 1, None, grouping, attention, f"{name}.{i}"))
+            layers.append(block(self.inplanes, planes, 1, None, grouping, attention, f"{name}.{i}", **extra))
         return nn.Sequential(*layers)
 
     def _init_weights(self):
@@ -199,9 +200,9 @@ class MSGCResNet(Backbone):
         return self.fc.in_features * (h * w + self.num_classes)
 
 
-def _register(name, block, layers, doc):
+def _register(name, block, layers, doc, **extra):
     def build(grouping, attention, num_classes=1000, width_mult=1.0, stem="imagenet"):
-        return MSGCResNet(block, layers, grouping, attention, num_classes, width_mult, stem)
+        return MSGCResNet(block, layers, grouping, attention, num_classes, width_mult, stem, **extra)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = doc
@@ -212,3 +213,8 @@ _register("msgc_resnet18", BasicBlock, [2, 2, 2, 2], "MSGC ResNet-18 (the paper'
 _register("msgc_resnet34", BasicBlock, [3, 4, 6, 3], "MSGC ResNet-34.")
 _register("msgc_resnet50", Bottleneck, [3, 4, 6, 3], "MSGC ResNet-50 (the paper's ResNet-50 rows).")
 _register("msgc_resnet101", Bottleneck, [3, 4, 23, 3], "MSGC ResNet-101.")
+_register("msgc_resnext50_32x4d", Bottleneck, [3, 4, 6, 3],
+          "MSGC ResNeXt-50 32x4d: the MSGC heads of each 3x3 work within each of its 32 groups.", groups=32,
+          base_width=4)
+_register("msgc_wide_resnet50_2", Bottleneck, [3, 4, 6, 3], "MSGC Wide ResNet-50-2 (bottlenecks twice as wide).",
+          base_width=128)
