@@ -384,3 +384,20 @@ def test_training_logs_gate_images_and_histograms_to_tensorboard(tmp_path):
     image = events.Images(maps[0])[-1]
     assert (image.width, image.height) == (16 * 4, 4 * 12)  # 16 channels x 4 heads, 4 x 12 pixels each
     assert Image.open(__import__("io").BytesIO(image.encoded_image_string)).size == (64, 48)
+
+
+def test_spectrum_configs_share_one_budget():
+    """Every method of the study builds; the budget is the static grouping's own MAC ratio."""
+    from msgc.config import load_cfg
+
+    study = _tool("spectrum_study")
+    cfgs = {m: load_cfg(str(ROOT / "configs" / "spectrum" / f"{m}.yaml")) for m in study.METHODS}
+    assert {m: (c.MODEL.MSGC.GROUPING, c.MODEL.MSGC.ATTENTION) for m, c in cfgs.items()} == {
+        "dense": ("dense", "none"), "prune": ("prune", "none"), "static": ("static", "none"),
+        "msgc": ("msgc", "none"), "msgc_att": ("msgc", "channel")}
+    static = build_model(cfgs["static"]).eval()
+    with torch.no_grad():
+        ratio = float(static(torch.zeros(1, 3, 16, 16))["macs"][0]) / static.dense_macs(16, 16)
+    for method in ("prune", "static", "msgc", "msgc_att"):
+        assert cfgs[method].SOLVER.MAC_TARGET.FINAL == pytest.approx(ratio, abs=0.01)
+    assert len({(c.SOLVER.MAX_ITER, c.MODEL.BACKBONE.WIDTH_MULT, c.DATASETS.TRAIN) for c in cfgs.values()}) == 1
