@@ -13,7 +13,6 @@ spread over seeds) and prints the table (mean ± sample standard deviation over 
 Needs matplotlib for the figure: ``pip install -e ".[vis]"``.
 """
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -25,6 +24,7 @@ from msgc.analysis.figures import MatplotlibMissing, require_matplotlib, spectru
 from msgc.config import load_cfg
 from msgc.engine import exit_on_user_error
 from msgc.utils.events import read_metrics
+from msgc.utils.file_io import write_json
 
 logger = logging.getLogger("spectrum_study")
 
@@ -149,8 +149,8 @@ def main(argv=None):
     if missing:
         raise ValueError(f"runs without a final evaluation: {', '.join(missing)}")
     fig = figure(rows, os.path.join(args.output, "spectrum.png"))
-    with open(os.path.join(args.output, "spectrum.json"), "w") as f:
-        json.dump({"rows": rows, "trained": len(jobs), "wall_s": wall, "opts": args.opts}, f, indent=1)
+    write_json(os.path.join(args.output, "spectrum.json"),
+               {"rows": rows, "trained": len(jobs), "wall_s": wall, "opts": args.opts}, indent=1)
     print(table(rows))
     print(f"\n{len(jobs)} trainings in {wall:.0f} s; {os.path.join(args.output, fig['file'])} "
           f"({fig['size'][0]}x{fig['size'][1]}) and spectrum.json")

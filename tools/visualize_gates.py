@@ -21,7 +21,6 @@ attention or width is an error. A model without gates (``MODEL.MSGC.GROUPING den
 it has nothing to show. Needs matplotlib: ``pip install -e ".[vis]"``.
 """
 import argparse
-import json
 import logging
 import os
 import sys
@@ -36,6 +35,7 @@ from msgc.config import load_cfg
 from msgc.data import build_test_loader
 from msgc.engine import exit_on_user_error
 from msgc.modeling import build_model
+from msgc.utils.file_io import write_json
 
 logger = logging.getLogger("visualize_gates")
 
@@ -61,14 +61,6 @@ def prepare_output(folder: str):
             pass
     except OSError as e:
         raise OSError(f"cannot write to the output folder '{folder}': {e.strerror or e}") from None
-
-
-def write_json(path: str, data):
-    """Write ``data`` as JSON through a temporary file and a rename (never a half-written file)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def build(cfg, config_file):

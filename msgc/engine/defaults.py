@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import os
 import random
@@ -25,7 +24,7 @@ from ..modeling import Classifier, build_model
 from ..solver import build_lr_scheduler, build_mac_scheduler, build_optimizer
 from ..utils import comm
 from ..utils.events import default_writers
-from ..utils.file_io import PathManager
+from ..utils.file_io import PathManager, write_json
 from ..utils.logger import setup_logger
 from . import hooks
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
@@ -303,8 +302,8 @@ class DefaultTrainer(TrainerBase):
         results = cls.test(cfg, model)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             weights = checkpointer.get_checkpoint_file() if found else cfg.MODEL.WEIGHTS
-            _write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"),
-                        {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results})
+            write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"),
+                       {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results}, indent=1, sort_keys=True)
         return results
 
     @classmethod
@@ -392,15 +391,6 @@ def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
                       timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
                       persistent_workers=loader.persistent_workers,
                       multiprocessing_context=loader.multiprocessing_context, **extra)
-
-
-def _write_json(path: str, data):
-    """Write ``data`` as JSON through a temporary file and a rename: never a half-written file."""
-    PathManager.mkdirs(os.path.dirname(path) or ".")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with PathManager.open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _check_batch_size(cfg):
