@@ -4,7 +4,6 @@ import itertools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import warnings
 
@@ -74,8 +73,9 @@ def test_usage_maps_equal_the_masks_averaged_by_hand(cfg):
         for layer in stats["layers"]:
             block = blocks[layer["block"]]
             generator = dict(model.backbone.named_modules())[layer["name"]]
-            x = torch.cat(inputs[layer["block"]])
-            masks = (generator.logits(x.mean((2, 3), keepdim=True)) >= 0).double()  # N x heads x C
+            # batch by batch, as the model ran: other batch shapes may round a logit near 0 the other way
+            masks = torch.cat([(generator.logits(x.mean((2, 3), keepdim=True)) >= 0).double()
+                               for x in inputs[layer["block"]]])  # N x heads x C
             assert masks.shape == (20, layer["heads"], layer["channels"])
             assert torch.equal(torch.tensor(layer["usage"], dtype=torch.float64), masks.mean(0)), layer["name"]
             assert layer["open"] == pytest.approx(float(masks.mean()), abs=1e-12)
@@ -179,9 +179,9 @@ def test_attention_is_summarised_over_the_open_channels(cfg):
         for images, _ in data:
             model(images)
     handle.remove()
-    ctx = torch.cat(seen).mean((2, 3), keepdim=True)
     with torch.no_grad():
-        values = block.attgen2(ctx)[block.maskgen2(ctx) > 0].double()
+        values = torch.cat([block.attgen2(ctx)[block.maskgen2(ctx) > 0].double()
+                            for ctx in (x.mean((2, 3), keepdim=True) for x in seen)])
     assert att["count"] == values.numel() > 0
     assert att["mean"] == pytest.approx(float(values.mean()))
     assert att["quantiles"]["q50"] == pytest.approx(float(values.quantile(0.5)))
@@ -288,15 +288,6 @@ def test_tools_without_matplotlib_say_how_to_install_it(tmp_path, capsys, monkey
         line = _one_line_error(capsys, tool, args)
         assert 'pip install -e ".[vis]"' in line and "matplotlib" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "run" / "metrics.png").exists()
-
-
-def test_visualize_gates_command_line_error(tmp_path):
-    """The real command: one line on stderr, exit status 2."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "visualize_gates.py"), "--config-file", QUICKSTART,
-                           "--output", str(tmp_path / "o"), "MODEL.MSGC.GROUPING", "dense"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
 
 
 def _metrics(folder, scale=1.0, lines=None):
