@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Install msgc: ``pip install -e .`` (add ``[detection]`` for the detection project)."""
+"""Install msgc: ``pip install -e .`` (add ``[detection]`` for the detection project, ``[vis]`` for figures)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -26,6 +26,8 @@ setup(
     ],
     extras_require={
         "detection": ["pycocotools>=2.0.6"],
-        "dev": ["pytest>=7", "pycocotools>=2.0.6"],
+        # figures: tools/visualize_gates.py, tools/plot_metrics.py, tools/spectrum_study.py
+        "vis": ["matplotlib>=3.5"],
+        "dev": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.5"],
     },
 )

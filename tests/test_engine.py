@@ -296,6 +296,26 @@ def test_evaluate_weights_loads_the_last_checkpoint_through_the_overridable_chec
     assert [h._metric for h in fresh._hooks if isinstance(h, hooks.BestCheckpointer)] == ["val/top5"]
 
 
+def test_eval_only_writes_the_printed_numbers_as_json(tmp_path):
+    from msgc.evaluation import results_table
+
+    trainer = ToyTrainer(toy_cfg(tmp_path / "train"))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    cfg = toy_cfg(tmp_path / "eval")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "train" / "model_final.pth")
+    results = ToyTrainer.evaluate_weights(cfg)
+    saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert saved == {"dataset": "toy", "weights": cfg.MODEL.WEIGHTS, "results": results}
+    assert set(results) >= {"top1", "top5", "macs", "mac_ratio", "num_samples"}
+    # the logged table is drawn from the same numbers
+    assert results_table(saved["results"], "toy") == results_table(results, "toy")
+    resumed = ToyTrainer.evaluate_weights(toy_cfg(tmp_path / "train"), resume=True)
+    saved = json.loads((tmp_path / "train" / "eval_results.json").read_text())
+    last = (tmp_path / "train" / "last_checkpoint").read_text()
+    assert saved["weights"] == str(tmp_path / "train" / last) and saved["results"] == resumed
+
+
 def test_batch_that_does_not_divide_over_processes_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(comm, "get_world_size", lambda: 3)
     with pytest.raises(ValueError, match=r"IMS_PER_BATCH=8 does not divide over 3 processes"):

@@ -27,10 +27,10 @@ from collections import OrderedDict
 import torch
 from tabulate import tabulate
 
+from msgc.analysis import gated_blocks
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import ConfigError, load_cfg
 from msgc.modeling import Costs, build_model
-from msgc.modeling.backbone.base import GatedBlock
 from msgc.modeling.layers import AttentionGenerator, MaskGenerator
 
 logger = logging.getLogger("analyze_model")
@@ -58,40 +58,6 @@ def setup_cfg(args):
         logger.info("MODEL.DEVICE=%s but CUDA is not available: analysing on the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     return cfg
-
-
-# ------------------------------------------------------------------------------------------------
-# Structure: which gated block runs at which input size, and in which stage
-# ------------------------------------------------------------------------------------------------
-def gated_blocks(backbone, h, w):
-    """Run one image through the backbone and return its gated blocks in execution order.
-
-    Each entry is ``(name, block, (h_in, w_in), stage)``. A block belongs to the stage whose output it
-    produces or precedes; blocks after the last recognisable stage output go to the last stage.
-    """
-    names = {m: n for n, m in backbone.named_modules()}
-    calls = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0][0].shape[-2:], out[0])))
-             for m in backbone.modules() if isinstance(m, GatedBlock)]
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            feats, _ = backbone.forward_features(torch.zeros(1, 3, h, w, device=_device(backbone)))
-    finally:
-        backbone.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    stage_of_output = {id(t): name for name, t in feats.items()}
-    last_stage = next(reversed(feats))
-    out, pending = [], []
-    for mod, size, result in calls:
-        pending.append((names[mod], mod, tuple(size)))
-        stage = stage_of_output.get(id(result))
-        if stage is not None:
-            out += [p + (stage,) for p in pending]
-            pending = []
-    return out + [p + (last_stage,) for p in pending]
 
 
 def _device(module):

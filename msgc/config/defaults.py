@@ -142,6 +142,9 @@ _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0
 # Global test batch size over all processes.
 _C.TEST.IMS_PER_BATCH = 100
+# After each evaluation, measure the gates on this many test images (main process) and log them to
+# TensorBoard: a histogram of per-image MACs, each mask's open rate, group-wise maps (0 = off).
+_C.TEST.GATE_SUMMARY_IMAGES = 256
 
 # ---------------------------------------------------------------------------------------------------
 # Misc

@@ -5,6 +5,7 @@
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -19,11 +20,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import MSGCCheckpointer
 from ..evaluation import ClassificationEvaluator, inference_on_dataset, results_table
-from ..modeling import build_model
+from ..modeling import Classifier, build_model
 from ..solver import build_lr_scheduler, build_mac_scheduler, build_optimizer
 from ..utils import comm
 from ..utils.events import default_writers
-from ..utils.file_io import PathManager
+from ..utils.file_io import PathManager, write_json
 from ..utils.logger import setup_logger
 from . import hooks
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
@@ -228,10 +229,20 @@ class DefaultTrainer(TrainerBase):
             out.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
             # after the evaluation, whose result it reads
             out.append(hooks.BestCheckpointer(self.checkpointer, self.best_metric, cfg=cfg))
+            if self._logs_gates(model):
+                # after the evaluation, which it follows; before the writer, which sends it to TensorBoard
+                loader_fn = functools.partial(self.build_test_loader, cfg, cfg.DATASETS.TEST)
+                out.append(hooks.GateSummary(model, loader_fn, cfg.TEST.GATE_SUMMARY_IMAGES))
         if comm.is_main_process():
             # last: writes everything the hooks above logged at this iteration, evaluation included
             out.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
         return out
+
+    def _logs_gates(self, model) -> bool:
+        """TensorBoard gate summaries: for classifiers, on the main process, when OUTPUT_DIR is set."""
+        cfg = self.cfg
+        return (cfg.TEST.GATE_SUMMARY_IMAGES > 0 and bool(cfg.OUTPUT_DIR) and comm.is_main_process()
+                and isinstance(model, Classifier))
 
     def _evaluate(self) -> dict:
         broadcast_buffers(self.model)  # every rank evaluates with rank 0's BatchNorm statistics
@@ -278,7 +289,8 @@ class DefaultTrainer(TrainerBase):
     @classmethod
     def evaluate_weights(cls, cfg, resume: bool = False) -> dict:
         """``--eval-only``: build the model, load ``MODEL.WEIGHTS`` (or, with ``resume``, the last
-        checkpoint of ``OUTPUT_DIR``) and :meth:`test` it."""
+        checkpoint of ``OUTPUT_DIR``) and :meth:`test` it. The main process also writes the results
+        (the numbers of the logged table, unrounded) to ``OUTPUT_DIR/eval_results.json``."""
         model = cls.build_model(cfg)
         checkpointer = cls.build_checkpointer(cfg, model)
         found = resume and checkpointer.has_checkpoint()
@@ -287,7 +299,12 @@ class DefaultTrainer(TrainerBase):
         if not cfg.MODEL.WEIGHTS and not found:
             logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-        return cls.test(cfg, model)
+        results = cls.test(cfg, model)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            weights = checkpointer.get_checkpoint_file() if found else cfg.MODEL.WEIGHTS
+            write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"),
+                       {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results}, indent=1, sort_keys=True)
+        return results
 
     @classmethod
     def build_optimizer(cls, cfg, model):

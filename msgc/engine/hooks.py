@@ -1,4 +1,5 @@
-"""The hooks of a training run: timing, schedules, seeding, checkpoints, evaluation and writing metrics."""
+"""The hooks of a training run: timing, schedules, seeding, checkpoints, evaluation, gate summaries and
+writing metrics."""
 import datetime
 import logging
 import math
@@ -11,7 +12,7 @@ from ..utils import comm
 from .train_loop import HookBase
 
 __all__ = ["IterationTimer", "LRScheduler", "MACTargetSchedule", "IterationSeed", "PeriodicCheckpointer",
-           "EvalHook", "BestCheckpointer", "PeriodicWriter", "unwrap_model"]
+           "EvalHook", "BestCheckpointer", "PeriodicWriter", "GateSummary", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,3 +245,54 @@ class PeriodicWriter(HookBase):
         self._write()
         for writer in self._writers:
             writer.close()
+
+
+class GateSummary(HookBase):
+    """After each evaluation, measures the gates on test images and queues them for TensorBoard.
+
+    It logs, at the evaluation's iteration: a histogram of the per-image MACs (``gates/macs_per_image``),
+    each mask's open rate as a scalar (``gates/open/<layer>``, also in ``metrics.json``), and the
+    group-wise usage maps (heads x channels, channels ordered shared-first) of ``num_maps`` layers as
+    images (``gates/group_wise/<layer>``); see :mod:`msgc.analysis.gates`. Register it after
+    :class:`EvalHook` (it notices a new ``trainer.last_eval_results``) and before the writers, on the
+    main process only: it runs its own eval-mode pass over the first ``num_images`` test images.
+
+    Args:
+        model: the classifier (DistributedDataParallel is unwrapped).
+        data_loader_fn: () -> iterable of ``(images, labels)``, built at the first evaluation.
+        num_images: images measured per evaluation.
+        num_maps: layers whose usage maps become images.
+    """
+
+    def __init__(self, model, data_loader_fn, num_images: int = 256, num_maps: int = 4):
+        self._model = unwrap_model(model)
+        self._loader_fn = data_loader_fn
+        self._loader = None
+        self._num_images = int(num_images)
+        self._num_maps = int(num_maps)
+        self._seen = None
+
+    def _summarize(self):
+        from ..analysis import collect_gate_statistics, select_layers
+        from ..analysis.figures import usage_image
+
+        results = getattr(self.trainer, "last_eval_results", None)
+        if results is None or results is self._seen:
+            return
+        self._seen = results
+        if self._loader is None:
+            self._loader = self._loader_fn()
+        stats, _ = collect_gate_statistics(self._model, self._loader, self._num_images, keep_extremes=0)
+        storage = self.trainer.storage
+        storage.put_histogram("gates/macs_per_image", torch.tensor(stats["images"]["macs"], dtype=torch.float64))
+        layers = {layer["name"]: layer for layer in stats["layers"]}
+        for name, layer in layers.items():
+            storage.put_scalar(f"gates/open/{name}", layer["open"], smoothing_hint=False)
+        for name in select_layers(stats, self._num_maps):
+            storage.put_image(f"gates/group_wise/{name}", usage_image(layers[name]["usage"], layers[name]["order"]))
+
+    def after_step(self):
+        self._summarize()
+
+    def after_train(self):
+        self._summarize()

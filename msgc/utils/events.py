@@ -1,7 +1,8 @@
 """One metrics channel: an :class:`EventStorage` that everything logs into, and writers that read it.
 
 The trainer opens an :class:`EventStorage` for the whole run. Anything running inside it (the trainer,
-hooks, the model) logs scalars with ``get_event_storage().put_scalar(name, value)``; the writers
+hooks, the model) logs scalars with ``get_event_storage().put_scalar(name, value)`` (and, for
+TensorBoard only, images and histograms with ``put_image`` and ``put_histogram``); the writers
 (:class:`ConsoleWriter`, :class:`JSONWriter`, :class:`TensorboardWriter`) only read the storage, so a new
 metric shows up in the console, ``metrics.json`` and TensorBoard without touching them.
 
@@ -22,7 +23,7 @@ from fvcore.common.history_buffer import HistoryBuffer
 from .file_io import PathManager
 
 __all__ = ["EventStorage", "get_event_storage", "EventWriter", "ConsoleWriter", "JSONWriter",
-           "TensorboardWriter"]
+           "TensorboardWriter", "read_metrics"]
 
 _STORAGE_STACK = []
 
@@ -53,6 +54,7 @@ class EventStorage:
         self._smoothing_hints = {}
         self._latest = {}
         self._counts = defaultdict(int)
+        self._images, self._histograms = [], []  # for TensorBoard only: scalars are the metrics
 
     def put_scalar(self, name: str, value, smoothing_hint: bool = True, cur_iter: int = None):
         """Record ``value`` (a number or a 0-d tensor) under ``name`` at the current iteration."""
@@ -98,6 +100,24 @@ class EventStorage:
 
     def smoothing_hints(self) -> dict:
         return dict(self._smoothing_hints)
+
+    def put_image(self, name: str, image):
+        """Queue an image (``H x W x 3`` uint8 array or tensor) for TensorBoard at the current iteration."""
+        self._images.append((name, image, self.iter))
+
+    def put_histogram(self, name: str, values):
+        """Queue a histogram of ``values`` (a 1-d array or tensor) for TensorBoard at the current iteration."""
+        self._histograms.append((name, values, self.iter))
+
+    def pop_images(self) -> list:
+        """The queued ``(name, image, iteration)`` and an empty queue: the TensorBoard writer takes them."""
+        images, self._images = self._images, []
+        return images
+
+    def pop_histograms(self) -> list:
+        """The queued ``(name, values, iteration)`` and an empty queue."""
+        histograms, self._histograms = self._histograms, []
+        return histograms
 
     def put_counts(self) -> dict:
         """name -> how many values were logged so far: writers use it to find what is new."""
@@ -159,8 +179,38 @@ class JSONWriter(EventWriter):
         self._file.close()
 
 
+def read_metrics(path: str) -> list:
+    """The records of a ``metrics.json`` written by :class:`JSONWriter`, as the run finally saw them.
+
+    A resumed run appends the iterations after its checkpoint again; their new records replace the
+    old ones. An unterminated last line (a run writing, or killed while writing) is left out with a
+    warning; any other line that is not a JSON object is an error naming the file and line.
+    """
+    with PathManager.open(path, "r") as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "iteration" not in record:
+                raise ValueError("not an object with an 'iteration'")
+        except ValueError as e:
+            if number == len(lines):  # the last line has no newline: still being written
+                logging.getLogger(__name__).warning("%s:%d: incomplete last line left out", path, number)
+                break
+            raise ValueError(f"{path}:{number}: not a metrics record ({e})") from None
+        while records and records[-1]["iteration"] > record["iteration"]:
+            records.pop()  # written before a resume, and written again after it
+        records.append(record)
+    return records
+
+
 class TensorboardWriter(EventWriter):
-    """Writes every new scalar value to TensorBoard event files in ``log_dir``."""
+    """Writes every new scalar value, and the images and histograms queued in the storage
+    (:meth:`EventStorage.put_image`, :meth:`EventStorage.put_histogram`), to TensorBoard event files in
+    ``log_dir``."""
 
     def __init__(self, log_dir: str, window: int = 20):
         from torch.utils.tensorboard import SummaryWriter  # heavy import: only when used
@@ -170,8 +220,13 @@ class TensorboardWriter(EventWriter):
         self._seen = {}
 
     def write(self):
-        for name, (value, it) in _new_values(get_event_storage(), self._seen, self._window):
+        storage = get_event_storage()
+        for name, (value, it) in _new_values(storage, self._seen, self._window):
             self._writer.add_scalar(name, value, it)
+        for name, image, it in storage.pop_images():
+            self._writer.add_image(name, image, it, dataformats="HWC")
+        for name, values, it in storage.pop_histograms():
+            self._writer.add_histogram(name, values, it)
         self._writer.flush()
 
     def close(self):

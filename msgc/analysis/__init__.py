@@ -1,0 +1,13 @@
+"""Looking inside trained models: where the gates sit, what they learn, and figures of both.
+
+:mod:`~msgc.analysis.structure` maps a backbone's masks to stages and convolutions;
+:mod:`~msgc.analysis.gates` measures them over images; :mod:`~msgc.analysis.figures` draws the numbers
+(matplotlib, an optional extra: ``pip install -e ".[vis]"``).
+"""
+from .gates import (SPECTRUM, GateRecorder, channel_order, collect_gate_statistics, has_gates, pairwise_jaccard,
+                    select_layers, summarize_values)
+from .structure import AttentionLayer, GatedLayer, attention_layers, conv_macs, gated_blocks, gated_layers
+
+__all__ = ["SPECTRUM", "AttentionLayer", "GateRecorder", "GatedLayer", "attention_layers", "channel_order",
+           "collect_gate_statistics", "conv_macs", "gated_blocks", "gated_layers", "has_gates", "pairwise_jaccard",
+           "select_layers", "summarize_values"]
