@@ -190,8 +190,9 @@ def test_a_backbone_without_deployer_is_a_clear_error(cfg):
         def __init__(self):
             super().__init__(1)
 
-    with pytest.raises(ValueError, match=r"no deployer for the backbone .*Plain; register one with "
-                                         r"@msgc.deploy.BACKBONE_DEPLOYERS.register\(Plain\)"):
+    with pytest.raises(ValueError, match=r"no deployer for the backbone .*Plain: a chain of blocks deploys with "
+                                         r".*it lacks stem_layers, blocks, fc, stem_macs; or register one "
+                                         r"with @msgc.deploy.BACKBONE_DEPLOYERS.register\(Plain\)"):
         deploy(Classifier(Plain()).eval())
 
 

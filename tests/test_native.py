@@ -141,7 +141,7 @@ def test_generators_match_torch(lib):
         gen.norm.running_mean.normal_()
         gen.norm.running_var.uniform_(0.5, 2)
         gen.eval()
-    f = FoldedGenerators(gens)
+    f = FoldedGenerators.of(gens)
     x = torch.randn(37, 50)[:, 3:43]  # a column slice: strided rows
     got = lib.generators(x, f.w1, f.b1, f.desc, f.w2, f.b2)
     context = x.mean(0, keepdim=True)[..., None, None]

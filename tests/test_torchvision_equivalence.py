@@ -14,7 +14,8 @@ from msgc.modeling import build_model
 from msgc.modeling.layers import MaskGenerator
 
 CASES = [("resnet18", "msgc_resnet18"), ("resnet50", "msgc_resnet50"), ("mobilenet_v2", "msgc_mobilenetv2"),
-         ("resnext50_32x4d", "msgc_resnext50_32x4d"), ("wide_resnet50_2", "msgc_wide_resnet50_2")]
+         ("resnext50_32x4d", "msgc_resnext50_32x4d"), ("wide_resnet50_2", "msgc_wide_resnet50_2"),
+         ("regnet_y_800mf", "msgc_regnet_y_800mf")]
 
 
 def _randomise(model, generator):

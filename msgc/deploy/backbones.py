@@ -5,7 +5,7 @@ Parts that no gate touches (stems, poolings, the classifier, MobileNetV2's last 
 network and count the paper's MACs for them. A deployer is registered for a backbone class and found
 through the class hierarchy (:data:`BACKBONE_DEPLOYERS`): a subclass of ``MSGCResNet`` deploys as one.
 """
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -13,13 +13,13 @@ from torch.nn import functional as F
 
 from ..modeling.backbone.condensenet import MSGCDenseNet, transition_macs
 from ..modeling.backbone.mobilenetv2 import MSGCMobileNetV2
-from ..modeling.backbone.resnet import MSGCResNet
+from ..modeling.backbone.base import Backbone
 from .blocks import deploy_block
 from .fold import fold_bn, to_matrix
-from .graph import RELU, RELU6, ConvWeights, Graph
+from .graph import NONE, RELU, RELU6, ConvWeights, Graph
 from .registry import TypeRegistry
 
-__all__ = ["BACKBONE_DEPLOYERS", "BackboneDeployer", "ResNetDeployer", "MobileNetV2Deployer", "DenseNetDeployer"]
+__all__ = ["BACKBONE_DEPLOYERS", "BackboneDeployer", "ChainDeployer", "MobileNetV2Deployer", "DenseNetDeployer"]
 
 BACKBONE_DEPLOYERS = TypeRegistry(
     "backbone", "msgc.deploy.BACKBONE_DEPLOYERS",
@@ -27,20 +27,36 @@ BACKBONE_DEPLOYERS = TypeRegistry(
 
 
 class _Stem(nn.Module):
-    """A convolution with its BatchNorm folded, then an activation (and a max-pooling)."""
+    """A convolution (BatchNorm folded), then an activation and a max-pooling, each optional: the
+    layers of a backbone's stem, run by PyTorch (oneDNN) on the batch."""
 
-    def __init__(self, conv: nn.Conv2d, bn, act: int, maxpool: bool = False):
+    def __init__(self, layers: List[nn.Module], where: str = "stem"):
         super().__init__()
+        conv, bn, self.act, self.pool = None, None, NONE, None
+        for m in layers:
+            if isinstance(m, nn.Conv2d) and conv is None:
+                conv = m
+            elif isinstance(m, nn.BatchNorm2d) and conv is not None and bn is None:
+                bn = m
+            elif isinstance(m, (nn.ReLU, nn.ReLU6)) and self.act == NONE:
+                self.act = RELU if isinstance(m, nn.ReLU) else RELU6
+            elif isinstance(m, nn.MaxPool2d) and self.pool is None:
+                self.pool = (m.kernel_size, m.stride, m.padding)
+            elif not isinstance(m, nn.Identity):
+                raise ValueError(f"deploy: {where}: a stem deploys as a convolution, BatchNorm, ReLU(6) and max-pooling; "
+                                 f"got a {type(m).__name__}")
+        if conv is None:
+            raise ValueError(f"deploy: {where}: no convolution in the stem")
         weight, bias = fold_bn(conv.weight, bn)
         self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        self.stride, self.padding, self.act, self.maxpool = conv.stride, conv.padding, act, maxpool
+        self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
 
     def forward(self, images):
         x = F.conv2d(images.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self.stride,
-                     self.padding)
+                     self.padding, 1, self.groups)
         x = x.relu_() if self.act == RELU else x.clamp_(0, 6) if self.act == RELU6 else x
-        return F.max_pool2d(x, 3, 2, 1) if self.maxpool else x
+        return x if self.pool is None else F.max_pool2d(x, *self.pool)
 
 
 class BackboneDeployer(nn.Module):
@@ -79,16 +95,26 @@ def _blocks(blocks, names) -> list:
     return [deploy_block(b, n) for b, n in zip(blocks, names)]
 
 
-@BACKBONE_DEPLOYERS.register(MSGCResNet)
-class ResNetDeployer(BackboneDeployer):
-    """:class:`MSGCResNet` (basic and bottleneck blocks)."""
+@BACKBONE_DEPLOYERS.register(Backbone)
+class ChainDeployer(BackboneDeployer):
+    """Any backbone that is a stem, a chain of gated blocks, global pooling and a linear classifier
+    (ResNets, RegNets, a backbone of your own): it needs ``stem_layers()`` (the stem's modules in
+    order), ``blocks()``, ``fc``, ``stem_macs(h, w)`` and ``head_macs(h, w)``."""
 
-    def __init__(self, net: MSGCResNet):
+    def __init__(self, net: Backbone):
         super().__init__()
+        needs = [a for a in ("stem_layers", "blocks", "fc", "stem_macs", "head_macs") if not hasattr(net, a)]
+        if needs:
+            t = type(net)
+            raise ValueError(f"deploy: no deployer for the backbone {t.__module__}.{t.__qualname__}: a chain of blocks "
+                             f"deploys with stem_layers(), blocks(), fc, stem_macs() and head_macs(), and it lacks "
+                             f"{', '.join(needs)}; or register one with "
+                             f"@msgc.deploy.BACKBONE_DEPLOYERS.register({t.__name__})")
         self.net = [net]  # not a submodule: the MAC functions only
-        self.stem = _Stem(net.conv1, net.bn1, RELU, maxpool=not isinstance(net.maxpool, nn.Identity))
-        names = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(net, f"layer{i}")))]
-        self.blocks = _blocks(net.blocks(), names)
+        self.stem = _Stem(net.stem_layers())
+        names = _block_names(net)
+        self.blocks = _blocks(net.blocks(), [names.get(id(b), f"blocks.{i}") for i, b in enumerate(net.blocks())])
+        self.stem_channels = self.stem.weight.size(0)
         self.set_classifier(net.fc)
 
     def stem_macs(self, h, w):
@@ -99,7 +125,7 @@ class ResNetDeployer(BackboneDeployer):
 
     def graph(self, h, w):
         stem, h, w = self.stem_macs(h, w)
-        g = Graph(h, w, self.net[0].stage_channels["stem"])
+        g = Graph(h, w, self.stem_channels)
         g.add_macs(stem)
         x = g.input
         for blk in self.blocks:
@@ -111,6 +137,10 @@ class ResNetDeployer(BackboneDeployer):
         return g
 
 
+def _block_names(net: nn.Module) -> Dict[int, str]:
+    return {id(m): name for name, m in net.named_modules() if name}
+
+
 @BACKBONE_DEPLOYERS.register(MSGCMobileNetV2)
 class MobileNetV2Deployer(BackboneDeployer):
     """:class:`MSGCMobileNetV2`."""
@@ -118,7 +148,7 @@ class MobileNetV2Deployer(BackboneDeployer):
     def __init__(self, net: MSGCMobileNetV2):
         super().__init__()
         self.net = [net]
-        self.stem = _Stem(net.stem[0], net.stem[1], RELU6)
+        self.stem = _Stem(list(net.stem))
         self.blocks = _blocks(net.blocks(), [f"features.{i}" for i in range(1, len(net.blocks()) + 1)])
         self.last = ConvWeights(net.last_conv[0], net.last_conv[1], 1, "last_conv")
         self.set_classifier(net.fc)
@@ -154,7 +184,7 @@ class DenseNetDeployer(BackboneDeployer):
     def __init__(self, net: MSGCDenseNet):
         super().__init__()
         self.net = [net]
-        self.stem = _Stem(net.stem, None, 0)
+        self.stem = _Stem([net.stem])
         self.stages: List[list] = []
         for i, layers in enumerate(net.stages()):
             names = [f"features.denseblock_{i + 1}.denselayer_{j + 1}" for j in range(len(layers))]

@@ -55,7 +55,7 @@ class GateSources:
                     f"deploy: {where}.{name} is a {type(module).__name__}; deploy supports MaskGenerator, "
                     "StaticMask and AttentionGenerator (groupings msgc, prune, static, dense; attention none, "
                     "channel)")
-        self.generators = FoldedGenerators(generators) if generators else None
+        self.generators = FoldedGenerators.of(generators) if generators else None
         self._logits: Dict[str, object] = {}
 
     def emit(self, g: Graph, x: Buffer) -> None:
@@ -66,10 +66,12 @@ class GateSources:
             self._logits = {name: outs[i] for name, i in self.index.items()}
 
     def sets(self, g: Graph, mask: Optional[str], att: Optional[str], heads: int, channels: int,
-             groups: int = 0, host_groups: int = 1) -> Optional[IndexSet]:
-        """The index sets of the mask named ``mask`` with the attention named ``att`` (after :meth:`emit`)."""
+             groups: int = 0, host_groups: int = 1, scale: Optional[object] = None) -> Optional[IndexSet]:
+        """The index sets of the mask named ``mask`` with the attention named ``att`` (after :meth:`emit`),
+        or with ``scale`` (logits of another op, e.g. a squeeze-excitation) as attention."""
         return g.index_set(heads, channels, logits=self._logits.get(mask), const=self.static.get(mask),
-                           att=self._logits.get(att), groups=groups, host_groups=host_groups)
+                           att=scale if scale is not None else self._logits.get(att), groups=groups,
+                           host_groups=host_groups)
 
 
 @BLOCK_DEPLOYERS.register(GatedBlock)
@@ -89,6 +91,7 @@ class KitDeployer:
         self.sources = GateSources(where, modules)
         self._plan_outputs()
         self._plan_fusion()
+        self._plan_excitations()
         self.weights: Dict[ConvNode, ConvWeights] = {}
         self.host_groups: Dict[ConvNode, int] = {}  # a convolution's own groups (within which heads work)
         self.split: Dict[Gate, int] = {}  # the host groups a gate's sets are split by
@@ -164,6 +167,23 @@ class KitDeployer:
                                  "convolution it follows (one without an activation of its own, whose operand is "
                                  "computed first); this addition is not of that form")
 
+    def _plan_excitations(self):
+        """A squeeze-excitation's scale is folded into the one convolution that reads it (as attention on
+        its input channels): that convolution's sets are made after the excitation."""
+        self.excitations: Dict[SENode, FoldedGenerators] = {}
+        self.excited: Dict[ConvNode, SENode] = {}
+        for n in self.spec.nodes:
+            if not isinstance(n, SENode):
+                continue
+            readers = self.spec.consumers(n.out)
+            conv = readers[0] if len(readers) == 1 else None
+            if not (isinstance(conv, ConvNode) and not conv.depthwise and conv.conv.groups == 1
+                    and (conv.gate is None or (conv.gate.kind == "channel" and conv.gate.attention is None))):
+                raise ValueError(f"deploy: {self.where}.{n.name}: a squeeze-excitation deploys folded into the one "
+                                 "ungrouped convolution that reads it, whose gate has no attention of its own")
+            self.excitations[n] = FoldedGenerators.of_squeeze_excitation(n.module, f"{self.where}.{n.name}")
+            self.excited[conv] = n
+
     def _before(self, value, node) -> bool:
         """Whether ``value`` is made before ``node`` runs."""
         nodes = self.spec.nodes
@@ -181,12 +201,20 @@ class KitDeployer:
         if isinstance(spec.result.producer, ConcatNode) and spec.result.producer.a is spec.input:
             result_new = spec.result.producer.b
 
+        deferred = {conv.gate for conv in self.excited if conv.gate is not None}
+        scales = {}  # a squeeze-excitation's output value -> the logits of its scale
+
+        def make_set(gate, scale=None):
+            mask, att = self.gate_names[gate.index]
+            heads = gate.heads if gate.kind == "heads" else 1
+            sets[gate] = self.sources.sets(g, mask, att, heads, gate.channels, self.groups.get(gate, 0),
+                                           self.split.get(gate, 1), scale)
+
         def decide():
             self.sources.emit(g, buf[spec.context_value])
-            for gate, (mask, att) in zip(spec.gates, self.gate_names):
-                heads = gate.heads if gate.kind == "heads" else 1
-                sets[gate] = self.sources.sets(g, mask, att, heads, gate.channels, self.groups.get(gate, 0),
-                                               self.split.get(gate, 1))
+            for gate in spec.gates:
+                if gate not in deferred:
+                    make_set(gate)
 
         decided = False
         for n in spec.nodes:
@@ -202,12 +230,20 @@ class KitDeployer:
                 if n.depthwise:
                     buf[n.out] = g.depthwise(src, self.weights[n], out_set, _ACT[self.act_of[n]])
                     continue
-                in_set = None if n.gate is None else sets[n.gate]
+                if n in self.excited:  # the excitation's scale as attention on this convolution's inputs
+                    scale = scales[self.excited[n].out]
+                    if n.gate is not None:
+                        make_set(n.gate, scale)
+                        in_set = sets[n.gate]
+                    else:
+                        in_set = g.index_set(1, n.x.channels, att=scale)
+                else:
+                    in_set = None if n.gate is None else sets[n.gate]
+                att = in_set is not None and (n in self.excited or (n.gate is not None and n.gate.attention is not None))
                 res = buf[res_of[n]] if n in res_of else None
                 dst = out if (n.out is result_new and out is not None) else None
-                buf[n.out] = g.conv(src, self.weights[n], in_set, att=n.gate is not None and n.gate.attention is not None,
-                                    outputs=(mode, out_set), act=_ACT[self.act_of[n]], res=res, dst=dst,
-                                    host_groups=self.host_groups[n])
+                buf[n.out] = g.conv(src, self.weights[n], in_set, att=att, outputs=(mode, out_set),
+                                    act=_ACT[self.act_of[n]], res=res, dst=dst, host_groups=self.host_groups[n])
             elif isinstance(n, AffineNode):
                 buf[n.out] = g.affine(buf[n.x], n.norm, _ACT[n.act], macs=n.cost)
             elif isinstance(n, AddNode):
@@ -218,8 +254,9 @@ class KitDeployer:
                     raise ValueError(f"deploy: {self.where}.{n.name}: only a block's output that appends new "
                                      "channels to its input can be a concatenation")
                 buf[n.out] = buf[n.b]
-            elif isinstance(n, SENode):
-                raise ValueError(f"deploy: {self.where}.{n.name}: squeeze-excitation has no deployed op")
+            elif isinstance(n, SENode):  # its scale, from the pooled input, folded into its reader
+                (scales[n.out],) = g.gates(buf[n.x], self.excitations[n])
+                buf[n.out] = buf[n.x]
         if not decided:
             decide()
         g.add_block_macs(self.block.sample_macs, x.h, x.w, [sets[gate] for gate in spec.gates])

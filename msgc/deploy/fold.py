@@ -25,32 +25,52 @@ def fold_bn(weight: torch.Tensor, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.T
 
 
 class FoldedGenerators:
-    """A block's generators evaluated together: their first 1x1 convolutions (BatchNorm folded) stacked
-    into one matrix ``w1``/``b1``, their second ones packed into ``w2``/``b2`` with ``desc`` (per
-    generator: rows, first hidden unit, hidden units, first output, first weight). ``shapes``: each
-    generator's (heads, channels); ``macs``: their MACs as the paper counts them."""
+    """Generators evaluated together on one context: their first 1x1 convolutions (BatchNorm folded)
+    stacked into one matrix ``w1``/``b1`` (then ReLU), their second ones packed into ``w2``/``b2`` with
+    ``desc`` (per generator: rows, first hidden unit, hidden units, first output, first weight, output
+    activation: 0 none, 1 sigmoid). ``shapes``: each one's (heads, channels); ``macs``: their MACs as
+    the paper counts them. Made with :meth:`of` (a block's mask and attention generators) or
+    :meth:`of_squeeze_excitation`."""
 
-    def __init__(self, generators: List[Generator]):
-        firsts, biases, seconds, desc = [], [], [], []
-        unit = row = weight = 0
-        self.shapes, self.macs = [], 0
+    DESC_FIELDS = 6
+
+    def __init__(self, parts: List[Tuple]):
+        """``parts``: per generator (w1, b1, w2, b2, heads, channels, macs, activation)."""
+        desc, unit, row, weight = [], 0, 0, 0
+        self.shapes, self.macs, self.seconds, self.acts = [], 0, [], []
+        for w1, b1, w2, b2, heads, channels, macs, act in parts:
+            desc.append([w2.size(0), unit, w2.size(1), row, weight, act])
+            unit, row, weight = unit + w2.size(1), row + w2.size(0), weight + w2.numel()
+            self.shapes.append((heads, channels))
+            self.macs += macs
+            self.seconds.append((w2, b2))
+            self.acts.append(act)
+        self.in_channels = parts[0][0].size(1) if parts else 0
+        self.w1 = torch.cat([p[0] for p in parts]).contiguous() if parts else None
+        self.b1 = torch.cat([p[1] for p in parts]).contiguous() if parts else None
+        self.w2 = torch.cat([w.view(-1) for w, _ in self.seconds]) if parts else None
+        self.b2 = torch.cat([b for _, b in self.seconds]) if parts else None
+        self.desc = torch.tensor(desc, dtype=torch.int64).view(-1, self.DESC_FIELDS)
+
+    @classmethod
+    def of(cls, generators: List[Generator]) -> "FoldedGenerators":
+        parts = []
         for g in generators:
             w1, b1 = fold_bn(g.first.weight.flatten(1), g.norm)
-            firsts.append(w1)
-            biases.append(b1)
             w2 = g.second.weight.detach().float().flatten(1).contiguous()
-            seconds.append((w2, g.second.bias.detach().float()))
-            desc.append([w2.size(0), unit, w2.size(1), row, weight])
-            unit, row, weight = unit + w2.size(1), row + w2.size(0), weight + w2.numel()
-            self.shapes.append((g.heads, g.channels))
-            self.macs += g.macs
-        self.in_channels = generators[0].in_channels if generators else 0
-        self.w1 = torch.cat(firsts).contiguous() if firsts else None
-        self.b1 = torch.cat(biases).contiguous() if firsts else None
-        self.w2 = torch.cat([w.view(-1) for w, _ in seconds]) if seconds else None
-        self.b2 = torch.cat([b for _, b in seconds]) if seconds else None
-        self.desc = torch.tensor(desc, dtype=torch.int64).view(-1, 5)
-        self.seconds = seconds
+            parts.append((w1, b1, w2, g.second.bias.detach().float(), g.heads, g.channels, g.macs, 0))
+        return cls(parts)
+
+    @classmethod
+    def of_squeeze_excitation(cls, se: nn.Module, where: str = "") -> "FoldedGenerators":
+        """torchvision's ``SqueezeExcitation`` (ReLU, then sigmoid) as one generator of one head."""
+        if not (isinstance(se.activation, nn.ReLU) and isinstance(se.scale_activation, nn.Sigmoid)):
+            raise ValueError(f"deploy: {where}: a squeeze-excitation deploys with ReLU and sigmoid, got "
+                             f"{type(se.activation).__name__} and {type(se.scale_activation).__name__}")
+        f1, f2 = se.fc1, se.fc2
+        w1, b1 = f1.weight.detach().float().flatten(1).contiguous(), f1.bias.detach().float().clone()
+        w2, b2 = f2.weight.detach().float().flatten(1).contiguous(), f2.bias.detach().float().clone()
+        return cls([(w1, b1, w2, b2, 1, f2.out_channels, w1.numel() + w2.numel(), 1)])
 
     def __len__(self):
         return len(self.shapes)

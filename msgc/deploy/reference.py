@@ -100,7 +100,8 @@ def _gates(st: _Sample, op: GatesOp):
     gens = op.generators
     hidden = torch.addmv(gens.b1, gens.w1, x.mean(0)).relu_()
     for (w2, b2), d, out in zip(gens.seconds, gens.desc.tolist(), op.outputs):
-        st.logits[out.offset:out.offset + out.size] = torch.addmv(b2, w2, hidden[d[1]:d[1] + d[2]])
+        logits = torch.addmv(b2, w2, hidden[d[1]:d[1] + d[2]])
+        st.logits[out.offset:out.offset + out.size] = logits.sigmoid_() if d[5] == 1 else logits
     st.executed += x.numel() + gens.macs
 
 

@@ -31,7 +31,8 @@ Costs follow structure, with the paper's conventions (``get_flops()`` of the ref
 - a convolution costs ``out x in/groups x k x k x out_pixels``; a BatchNorm after it one MAC per
   output element (``norm_cost=False``: not counted, as the reference does for shortcuts and
   MobileNetV2's projection), a pre-activation before it one per input element;
-- attention costs one multiplication per input element of each head;
+- attention costs one multiplication per input element of each head; a squeeze-excitation its
+  pooling and its scaling (one per element each) and its two layers;
 - a convolution with a gate is *gated work* (``dgc``, at full width), others are ``main``; the
   context's pooling and the generators are ``gen`` (``context_cost``: counted where a generator reads
   the context, or, as the reference does for MobileNetV2 and DenseNet, wherever a gate module exists);
@@ -403,7 +404,8 @@ class BlockSpec:
             elif isinstance(n, SENode):
                 ih, iw = size[n.x]
                 m = n.module
-                cost[n] = n.x.channels * ih * iw + 2 * m.fc1.in_channels * m.fc1.out_channels  # pool, both layers
+                # the pooling and the scaling (one per element each) and both layers
+                cost[n] = 2 * n.x.channels * ih * iw + 2 * m.fc1.in_channels * m.fc1.out_channels
                 main += cost[n]
                 size[n.out] = (ih, iw)
             else:  # add, concat: free

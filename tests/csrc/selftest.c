@@ -140,7 +140,7 @@ static void test_generators(void) {
   const int hw = 37, C = 40, nh = 10, rows = 24;
   float *x = fill((long)hw * C), *w1 = fill((long)nh * C), *b1 = fill(nh), *w2 = fill((long)rows * nh), *b2 = fill(rows);
   float out[24], want[24], ctx[40], hidden[10];
-  const int64_t desc[5] = {rows, 0, nh, 0, 0};
+  const int64_t desc[6] = {rows, 0, nh, 0, 0, 0};
   for (int c = 0; c < C; c++) {
     double m = 0;
     for (int r = 0; r < hw; r++) m += x[r * C + c];
@@ -156,7 +156,7 @@ static void test_generators(void) {
     for (int r = 0; r < nh; r++) v += w2[j * nh + r] * hidden[r];
     want[j] = (float)v;
   }
-  msgc_gen_args a = {x, C, hw, C, w1, b1, nh, 1, desc, w2, b2, out, 2};
+  msgc_gen_args a = {x, C, hw, C, w1, b1, nh, 1, desc, 6, w2, b2, out, 2};
   msgc_generators(&a);
   expect("generators", out, want, 1, rows, rows, rows);
   free(x), free(w1), free(b1), free(w2), free(b2);

@@ -2,6 +2,8 @@
  *
  * The generators are matrix-vector products bound by reading their weights (ResNet-50 reads 43 MB of
  * them per image): parallel over rows, one pass over each weight row. */
+#include <math.h>
+
 #include "internal.h"
 
 static float dot(const float *a, const float *b, int n) {
@@ -54,24 +56,26 @@ static void output_row(void *arg, long i) {
   const msgc_gen_args *a = t->a;
   int g = 0;
   while (t->first[g + 1] <= i) g++;
-  const i64 *d = a->desc + 5 * g;
+  const i64 *d = a->desc + (long)a->desc_fields * g;
   const long j = i - t->first[g];
   const int units = (int)d[2];
-  a->out[d[3] + j] = a->b2[d[3] + j] + dot(a->w2 + d[4] + j * units, t->hidden + d[1], units);
+  const float v = a->b2[d[3] + j] + dot(a->w2 + d[4] + j * units, t->hidden + d[1], units);
+  a->out[d[3] + j] = d[5] == 1 ? 1.0f / (1.0f + expf(-v)) : v;
 }
 
 /* the context, the stacked first layers, then every generator's second layer (one parallel loop
  * each; the second layers of all generators in one) */
 i32 msgc_generators(const msgc_gen_args *a) {
   const int C = a->c, nh = a->nh;
-  if (a->ngen > 64) return MSGC_ETOOLARGE;
+  if (a->ngen > 64 || a->desc_fields != 6) return MSGC_ETOOLARGE;
   float *ctx = msgc_scratch(SCRATCH_SELECT, sizeof(float) * ((size_t)C + nh));
   if (!ctx) return MSGC_ENOMEM;
   gen_task t = {a, ctx, ctx + C, {0}};
   long work = (long)a->hw * C + (long)nh * C;
   for (int g = 0; g < a->ngen; g++) {
-    t.first[g + 1] = t.first[g] + a->desc[5 * g];
-    work += a->desc[5 * g] * a->desc[5 * g + 2];
+    const i64 *d = a->desc + (long)a->desc_fields * g;
+    t.first[g + 1] = t.first[g] + d[0];
+    work += d[0] * d[2];
   }
   const int nt = a->nthreads > 1 && work > 65536 ? a->nthreads : 1;
   msgc_parallel(context_block, &t, (C + VL - 1) / VL, nt);

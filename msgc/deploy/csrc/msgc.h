@@ -79,11 +79,12 @@ typedef const void *cv;
   X(i32, nthreads)
 
 /* a block's generators: the context (mean of x's rows), the stacked first layers (w1: nh x c, ReLU),
- * each generator's second layer: desc[5 g ..] = rows, first hidden unit, hidden units, first output,
- * first weight of w2; logits written to out */
+ * each generator's second layer: desc[desc_fields * g ..] = rows, first hidden unit, hidden units, first
+ * output, first weight of w2, output activation (0 none, 1 sigmoid: a squeeze-excitation); logits
+ * written to out */
 #define MSGC_GEN_ARGS(X) \
-  X(cf, x) X(i64, ldx) X(i32, hw) X(i32, c) X(cf, w1) X(cf, b1) X(i32, nh) X(i32, ngen) X(cl, desc) X(cf, w2) \
-  X(cf, b2) X(wf, out) X(i32, nthreads)
+  X(cf, x) X(i64, ldx) X(i32, hw) X(i32, c) X(cf, w1) X(cf, b1) X(i32, nh) X(i32, ngen) X(cl, desc) \
+  X(i32, desc_fields) X(cf, w2) X(cf, b2) X(wf, out) X(i32, nthreads)
 
 /* a heads x channels gate matrix (open where logit >= 0; logits NULL: all open) -> index sets: counts
  * (heads + 1: the union's size last), idx (open channels, ascending, head after head), vals (att of each
@@ -120,8 +121,8 @@ typedef const void *cv;
 
 /* a block's generators on buffer src; logits to the float arena at out; macs: their executed MACs */
 #define MSGC_GATES_OP(X) \
-  X(i32, src) X(i32, c) X(i32, nh) X(i32, ngen) X(cf, w1) X(cf, b1) X(cl, desc) X(cf, w2) X(cf, b2) \
-  X(i64, out) X(i64, macs)
+  X(i32, src) X(i32, c) X(i32, nh) X(i32, ngen) X(cf, w1) X(cf, b1) X(cl, desc) X(i32, desc_fields) X(cf, w2) \
+  X(cf, b2) X(i64, out) X(i64, macs)
 
 /* index sets of a mask: logits at arena offset logits, or the constant matrix ext, or none (both -1 /
  * NULL: every channel open); attention at arena offset att (-1: none) */

@@ -121,6 +121,7 @@ static int run_gates(state *st, const msgc_gates_op *o) {
   a.nh = o->nh;
   a.ngen = o->ngen;
   a.desc = o->desc;
+  a.desc_fields = o->desc_fields;
   a.w2 = o->w2;
   a.b2 = o->b2;
   a.out = st->fa + o->out;

@@ -21,8 +21,8 @@ FIELDS: List[Tuple[str, str]] = [
     ("msgc_io", "cf x; i64 ldx; i32 xcols; wf y; i64 ldy; cf res; i64 ldres; i32 act"),
     ("msgc_conv_args", "msgc_geom g; msgc_heads hd; msgc_weights wt; msgc_io io; i32 bn; i32 nthreads; wl executed"),
     ("msgc_dw_args", "msgc_geom g; i32 c; cf x; i64 ldx; cf weight; cf bias; wf y; i64 ldy; i32 act; i32 nthreads"),
-    ("msgc_gen_args", "cf x; i64 ldx; i32 hw; i32 c; cf w1; cf b1; i32 nh; i32 ngen; cl desc; cf w2; cf b2; wf out; "
-                      "i32 nthreads"),
+    ("msgc_gen_args", "cf x; i64 ldx; i32 hw; i32 c; cf w1; cf b1; i32 nh; i32 ngen; cl desc; i32 desc_fields; "
+                      "cf w2; cf b2; wf out; i32 nthreads"),
     ("msgc_sets_args", "cf logits; i32 heads; i32 channels; cf att; wi counts; wi idx; wf vals; wi uni; wi pos; "
                        "i32 groups; wi gcounts; wi gidx; i32 host_groups; wi hcounts; wi hidx; wi hrow; wi hpos; "
                        "wf hvals"),
@@ -32,7 +32,8 @@ FIELDS: List[Tuple[str, str]] = [
     ("msgc_conv_op", "i32 src; i32 dst; i32 res; i32 in_set; i32 att; i32 out_mode; i32 out_set; msgc_geom g; "
                      "i32 heads; i32 in_channels; i32 per_head; i32 host_groups; msgc_weights wt; i32 act; i32 bn; "
                      "i32 all_rule"),
-    ("msgc_gates_op", "i32 src; i32 c; i32 nh; i32 ngen; cf w1; cf b1; cl desc; cf w2; cf b2; i64 out; i64 macs"),
+    ("msgc_gates_op", "i32 src; i32 c; i32 nh; i32 ngen; cf w1; cf b1; cl desc; i32 desc_fields; cf w2; cf b2; "
+                      "i64 out; i64 macs"),
     ("msgc_sets_op", "i32 set; i64 logits; cf ext; i64 att"),
     ("msgc_dw_op", "i32 src; i32 dst; i32 set; msgc_geom g; cf weight; cf bias; i32 act; i32 bn"),
     ("msgc_affine_op", "i32 src; i32 dst; cf scale; cf shift; i32 act; i32 macs"),

@@ -72,7 +72,7 @@ def cache_dir() -> str:
     return cache
 
 
-def _compile(sources: List[str], flags: List[str], name: str, text: bytes) -> str:
+def _compile(sources: List[str], flags: List[str], name: str, text: bytes, libs: List[str] = ()) -> str:
     """Compile into the cache (atomically: concurrent builders each write their own temp file)."""
     key = hashlib.sha256(text + " ".join([compiler()] + flags).encode()).hexdigest()[:16]
     cache = cache_dir()
@@ -83,7 +83,7 @@ def _compile(sources: List[str], flags: List[str], name: str, text: bytes) -> st
     os.close(fd)
     try:
         try:
-            proc = subprocess.run([compiler(), *flags, *sources, "-o", tmp], capture_output=True, text=True)
+            proc = subprocess.run([compiler(), *flags, *sources, "-o", tmp, *libs], capture_output=True, text=True)
         except OSError as e:
             raise BuildError(f"cannot run the C compiler {compiler()!r} ({e})") from None
         if proc.returncode != 0:
@@ -125,7 +125,7 @@ def build(variant: str, csrc: str = CSRC) -> str:
     if variant not in VARIANTS:
         raise BuildError(f"unknown kernel variant {variant!r}; this machine builds {', '.join(VARIANTS)}")
     return _compile([os.path.join(csrc, f) for f in KERNEL_SOURCES], _COMMON + VARIANTS[variant], f"msgc-{variant}",
-                    _sources_text(csrc))
+                    _sources_text(csrc), ["-lm"])
 
 
 def load(variant: str, csrc: str = CSRC) -> ctypes.CDLL:

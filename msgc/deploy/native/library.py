@@ -85,7 +85,7 @@ class Library:
         """Every generator's logits on the context of x, concatenated (``msgc_generators``)."""
         out = torch.empty(b2.numel())
         a = _S["msgc_gen_args"](x.data_ptr(), x.stride(0), x.size(0), x.size(1), w1.data_ptr(), b1.data_ptr(),
-                                w1.size(0), desc.size(0), desc.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                                w1.size(0), desc.size(0), desc.data_ptr(), desc.size(1), w2.data_ptr(), b2.data_ptr(),
                                 out.data_ptr(), threads or torch.get_num_threads())
         _check(self.lib.msgc_generators(ctypes.byref(a)), "msgc_generators")
         return out

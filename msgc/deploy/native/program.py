@@ -129,8 +129,9 @@ class Program:
             g = op.generators
             macs = op.src.h * op.src.w * op.src.cols + g.macs
             return _OP_GATES, _S["msgc_gates_op"](op.src.id, op.src.cols, g.w1.size(0), len(g), self._hold(g.w1),
-                                                   self._hold(g.b1), self._hold(g.desc), self._hold(g.w2),
-                                                   self._hold(g.b2), self.logits_base + op.logits.offset, macs)
+                                                   self._hold(g.b1), self._hold(g.desc), g.desc.size(1),
+                                                   self._hold(g.w2), self._hold(g.b2), self.logits_base + op.logits.offset,
+                                                   macs)
         if isinstance(op, SetsOp):
             logits = -1 if op.logits is None else self.logits_base + op.logits.offset
             att = -1 if op.att is None else self.logits_base + op.att.offset

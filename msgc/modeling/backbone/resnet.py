@@ -183,6 +183,10 @@ class MSGCResNet(Backbone):
         for i in range(1, 5):
             yield from getattr(self, f"layer{i}")
 
+    def stem_layers(self):
+        """The stem's modules in order (convolution, BatchNorm, ReLU, max-pooling)."""
+        return [self.conv1, self.bn1, self.relu, self.maxpool]
+
     def forward_features(self, x):
         macs = x.new_full((x.size(0),), float(self.stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
