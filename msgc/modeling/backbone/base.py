@@ -92,7 +92,17 @@ class Backbone(nn.Module):
         raise NotImplementedError  # abstract
 
     def complexity(self, h: int, w: int) -> Costs:
-        raise NotImplementedError  # abstract
+        """The whole network's static costs on an ``h x w`` image. This default is a chain's: the stem
+        (``stem_macs``), each of ``blocks()``, then the head (override it for other shapes)."""
+        if not all(hasattr(self, a) for a in ("stem_macs", "blocks")):
+            raise NotImplementedError(f"{type(self).__name__}: implement complexity(h, w), or stem_macs(h, w) and "
+                                      "blocks() for a chain of blocks")
+        main, h, w = self.stem_macs(h, w)
+        total = Costs(main=main)
+        for blk in self.blocks():
+            c, h, w = blk.costs(h, w)
+            total = total + c
+        return total + Costs(main=self.head_macs(h, w))
 
     #: the constructor's arguments other than grouping and attention (None: no dense host)
     build_args = None

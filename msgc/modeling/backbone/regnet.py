@@ -19,7 +19,7 @@ from torchvision.ops import SqueezeExcitation
 
 from ..kit import msgc_conv2d
 from ..layers import AttentionGenerator
-from ..macs import Costs, conv_out
+from ..macs import conv_out
 from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
@@ -127,13 +127,6 @@ class MSGCRegNet(Backbone):
     def head_macs(self, h, w):
         return self.fc.in_features * (h * w + self.num_classes)
 
-    def complexity(self, h, w):
-        main, h, w = self.stem_macs(h, w)
-        total = Costs(main=main)
-        for blk in self.blocks():
-            c, h, w = blk.costs(h, w)
-            total = total + c
-        return total + Costs(main=self.head_macs(h, w))
 
     def forward_features(self, x):
         macs = x.new_full((x.size(0),), float(self.stem_macs(x.size(2), x.size(3))[0]), dtype=torch.float64)

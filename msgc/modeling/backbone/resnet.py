@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kit import msgc_conv2d
 from ..layers import AttentionGenerator
-from ..macs import Costs, conv_out
+from ..macs import conv_out
 from .base import Backbone, GatedBlock
 from .build import BACKBONE_REGISTRY
 
@@ -171,13 +171,6 @@ class MSGCResNet(Backbone):
             return main + 4 * c * h * w, h, w
         return 9 * 3 * c * h * w + c * h * w, h, w
 
-    def complexity(self, h, w):
-        main, h, w = self.stem_macs(h, w)
-        total = Costs(main=main)
-        for blk in self.blocks():
-            c, h, w = blk.costs(h, w)
-            total = total + c
-        return total + Costs(main=self.head_macs(h, w))
 
     def blocks(self):
         for i in range(1, 5):
