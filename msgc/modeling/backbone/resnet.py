@@ -8,6 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ...utils.errors import InvalidValueError
 from ..layers import AttentionGenerator, gate_channels, gated_conv
 from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock, mask_mean, unread_fraction
@@ -26,7 +27,7 @@ def _conv1x1(cin, cout, stride=1):
 
 def _check_heads(channels, heads, where):
     if channels % heads:
-        raise ValueError(f"{where}: MODEL.MSGC.HEADS={heads} does not divide its {channels} channels")
+        raise InvalidValueError(f"{where}: MODEL.MSGC.HEADS={heads} does not divide its {channels} channels")
 
 
 class BasicBlock(GatedBlock):
@@ -166,7 +167,7 @@ class MSGCResNet(Backbone):
                  stem="imagenet"):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+            raise InvalidValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
         self.stem_kind = stem
         widths = [max(1, int(round(c * width_mult))) for c in (64, 128, 256, 512)]
         self.inplanes = widths[0]
