@@ -86,6 +86,9 @@ BAD_INPUT = {
     "no process": (["--num-gpus", "0"], "error: --num-gpus and --num-machines must be >= 1, got 0 and 1" + HINT),
     "machine rank": (["--num-machines", "2", "--machine-rank", "2"],
                      "error: --machine-rank must be in [0, 2), got 2" + HINT),
+    "auto address for two machines": (["--num-machines", "2"],
+                                      "error: --dist-url auto works on one machine only; give "
+                                      "tcp://<machine 0 address>:<port>" + HINT),
     "not an int": (["--num-gpus", "two"], "error: argument --num-gpus: invalid int value: 'two' (see {prog} --help)"),
     "unknown dataset": (["DATASETS.TRAIN", "imagenett"],
                         "error: no dataset named 'imagenett' is registered; registered: cifar10, cifar100, digits, "
