@@ -113,5 +113,7 @@ def test_cli_bad_config_key_is_one_line_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "analyze_model.py"), "--config-file", str(tmp_path / "c.yaml"),
          "MODEL.HEADS", "2"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'MODEL.HEADS'")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: unknown config key 'MODEL.HEADS' in the command-line overrides; did you mean MODEL.MSGC.HEADS, "
+        "MODEL.WEIGHTS, MODEL.DEVICE? (MSGC_DEBUG=1 shows the traceback)"]

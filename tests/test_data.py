@@ -9,6 +9,7 @@ from PIL import Image
 from msgc.config import get_cfg
 from msgc.data import (DATASET_REGISTRY, CorruptImageError, InferenceSampler, TrainingSampler,
                        build_dataset, build_test_loader, build_train_loader, digits_split)
+from msgc.utils.errors import InvalidValueError
 from msgc.utils.registry import UnknownNameError
 
 
@@ -49,17 +50,25 @@ def take(iterable, n):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_training_shards_split_each_epoch_of_one_shared_permutation(world_size):
     size, seed, epochs = 10, 7, 3
-    generator = torch.Generator().manual_seed(seed)
-    perms = [torch.randperm(size, generator=generator).tolist() for _ in range(epochs)]
-    assert perms[0] != perms[1]  # a fresh order per epoch
-    streams = [take(TrainingSampler(size, seed=seed, rank=r, world_size=world_size), 9)
-               for r in range(world_size)]
-    for rank, stream in enumerate(streams):
-        expected = [i for p in perms for i in p[rank::world_size]]  # the same permutations on all ranks
-        assert stream == expected[:9]
+    perms = [TrainingSampler(size, seed=seed, rank=0, world_size=1).epoch(e) for e in range(epochs)]
+    assert perms[0] != perms[1] and all(sorted(p) == list(range(size)) for p in perms)  # a fresh order per epoch
+    stream = sum(perms, [])  # the global stream: the epochs one after the other
+    n = len(stream) // world_size
+    streams = [take(TrainingSampler(size, seed=seed, rank=r, world_size=world_size), n) for r in range(world_size)]
+    for rank, local in enumerate(streams):
+        assert local == stream[rank::world_size][:n]  # every rank takes every world_size-th position
     for epoch in range(epochs):
-        shards = [set(perms[epoch][r::world_size]) for r in range(world_size)]
+        positions = range(epoch * size, (epoch + 1) * size)
+        shards = [{stream[p] for p in positions if p % world_size == r} for r in range(world_size)]
         assert set().union(*shards) == set(range(size)) and sum(map(len, shards)) == size
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_training_sampler_starts_anywhere_and_tells_positions(world_size):
+    full = take(TrainingSampler(7, seed=4, rank=world_size - 1, world_size=world_size, with_positions=True), 40)
+    assert [p for p, _ in full] == list(range(world_size - 1, 40 * world_size, world_size))
+    late = take(TrainingSampler(7, seed=4, rank=world_size - 1, world_size=world_size, start=23), 17)
+    assert late == [i for _, i in full[23:]]  # skipping reads no permutation but the current one
 
 
 def test_training_sampler_seed_and_no_shuffle():
@@ -67,13 +76,14 @@ def test_training_sampler_seed_and_no_shuffle():
     assert a == take(TrainingSampler(50, seed=1, rank=0, world_size=1), 50)
     assert a != take(TrainingSampler(50, seed=2, rank=0, world_size=1), 50)
     assert sorted(a) == list(range(50))
-    assert take(TrainingSampler(5, shuffle=False, rank=1, world_size=2), 5) == [1, 3, 1, 3, 1]
+    # positions 1, 3, 5, 7, 9 of the stream 0 1 2 3 4 | 0 1 2 3 4
+    assert take(TrainingSampler(5, shuffle=False, rank=1, world_size=2), 5) == [1, 3, 0, 2, 4]
 
 
 def test_sampler_rejects_bad_rank_and_empty_dataset():
     with pytest.raises(ValueError, match="rank 2 is outside the world of 2"):
         InferenceSampler(10, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(InvalidValueError, match="non-empty"):
         TrainingSampler(0, rank=0, world_size=1)
 
 
@@ -130,6 +140,52 @@ def test_train_loader_with_workers_is_reproducible():
         assert torch.equal(a, b) and torch.equal(la, lb)
     other = take(build_train_loader(cfg, rank=1, world_size=2), 1)[0]
     assert not torch.equal(other[1], first[0][0][1][:8])
+
+
+def _counting(cfg, split, transform):
+    """Synthetic images that count how often they are read (in this process)."""
+    from msgc.data.datasets import SyntheticDataset
+
+    class Counting(SyntheticDataset):
+        reads = 0
+
+        def __getitem__(self, index):
+            Counting.reads += 1
+            return super().__getitem__(index)
+
+    _counting.dataset = Counting(30, 12, 10, seed=4, transform=transform)
+    return _counting.dataset
+
+
+def test_train_batches_depend_on_neither_workers_nor_where_the_stream_starts(monkeypatch):
+    """Every sample's crop and flip come from its place in the stream: a loader started at iteration 4,
+    with 2 workers, gives the batches 4, 5, ... of a loader started at 0 without workers; the skipped
+    batches are not read."""
+    get = DATASET_REGISTRY.get
+    monkeypatch.setattr(DATASET_REGISTRY, "get", lambda name: _counting if name == "counting" else get(name))
+    cfg = small_cfg("counting", size=8, **{"INPUT.MIN_SCALE": "0.2", "INPUT.RANDOM_FLIP": "True"})
+    full = take(build_train_loader(cfg, rank=1, world_size=2), 6)
+    assert _counting.dataset.reads == 6 * 8
+    late = take(build_train_loader(cfg, start_iter=4, rank=1, world_size=2), 2)
+    assert _counting.dataset.reads == 2 * 8  # a new dataset: nothing read for iterations 0-3
+    cfg.DATALOADER.NUM_WORKERS = 2
+    workers = take(build_train_loader(cfg, start_iter=4, rank=1, world_size=2), 2)
+    for (a, la), (b, lb), (c, lc) in zip(full[4:], late, workers):
+        assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(a, c) and torch.equal(la, lc)
+    assert not torch.equal(full[0][0], full[1][0])
+
+
+def test_random_resized_crop_follows_its_generator_and_its_ranges():
+    from msgc.data.transforms import random_resized_crop_box
+
+    boxes = [random_resized_crop_box(40, 60, (0.3, 1.0), generator=torch.Generator().manual_seed(s))
+             for s in range(200)]
+    assert boxes[:3] == [random_resized_crop_box(40, 60, (0.3, 1.0), generator=torch.Generator().manual_seed(s))
+                         for s in range(3)]
+    assert len(set(boxes)) > 150
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 40 - h and 0 <= left <= 60 - w
+        assert 0.3 * 2400 * 0.9 <= h * w <= 2400 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1  # rounding
 
 
 def test_test_loader_covers_each_image_once_across_ranks():

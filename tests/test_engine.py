@@ -235,6 +235,7 @@ def _weights(model):
 
 
 def test_resume_continues_exactly(tmp_path):
+    torch.manual_seed(0)  # the same initial weights for both runs (train_net's default_setup seeds)
     full = ToyTrainer(toy_cfg(tmp_path / "full"))
     full.resume_or_load(resume=False)
     full.train()
@@ -244,6 +245,7 @@ def test_resume_continues_exactly(tmp_path):
             if self.trainer.iter == 2:
                 raise KeyboardInterrupt
 
+    torch.manual_seed(0)
     first = ToyTrainer(toy_cfg(tmp_path / "part"))
     first.register_hooks([Interrupt()])
     first.resume_or_load(resume=False)
@@ -257,6 +259,53 @@ def test_resume_continues_exactly(tmp_path):
     second.train()
     a, b = _weights(full.model), _weights(second.model)
     assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_sigterm_saves_the_step_and_stops_and_more_signals_during_the_save_change_nothing(tmp_path, monkeypatch):
+    import signal
+
+    from msgc.utils import file_io
+    from msgc.utils.preemption import EXIT_STATUS
+
+    settings = {"SOLVER.CHECKPOINT_PERIOD": 0, "TEST.EVAL_PERIOD": 0}
+    torch.manual_seed(0)  # the same initial weights (train_net's default_setup seeds)
+    full = ToyTrainer(toy_cfg(tmp_path / "full", **settings))
+    full.resume_or_load(resume=False)
+    full.train()
+
+    class Signal(HookBase):  # registered last: the signal arrives after the check of iteration 1
+        def after_step(self):
+            if self.trainer.iter == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def open_and_signal(path, mode="r", *args, **kwargs):  # the save gets a SIGUSR1 and a SIGTERM of its own
+        if "model_" in os.path.basename(path):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return open(path, mode, *args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(file_io, "open", open_and_signal, raising=False)
+    torch.manual_seed(0)
+    first = ToyTrainer(toy_cfg(tmp_path / "part", **settings))
+    first.register_hooks([Signal()])
+    first.resume_or_load(resume=False)
+    with pytest.raises(SystemExit) as e:
+        first.train()
+    monkeypatch.undo()
+    assert e.value.code == EXIT_STATUS and "stopped by SIGTERM after iteration 2" in str(e.value)
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    files = {f for f in os.listdir(tmp_path / "part") if not f.startswith("events.out.tfevents")}
+    assert files == {"last_checkpoint", "metrics.json", "model_0000002.pth"}  # no temporary file
+    assert (tmp_path / "part" / "last_checkpoint").read_text() == "model_0000002.pth"
+
+    second = ToyTrainer(toy_cfg(tmp_path / "part", **settings))
+    second.resume_or_load(resume=True)
+    assert second.start_iter == 3
+    second.train()
+    a, b = _weights(full.model), _weights(second.model)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 

@@ -13,14 +13,14 @@ Prints, at the test size (``INPUT.TEST_SIZE``):
 - fvcore's ``FlopCountAnalysis`` of the dense host as an independent cross-check of "original".
 
 Images come from the test loader when the test dataset exists (``--images test``), else they are
-random normal images (already "normalised"; ``--images random``). Weights are loaded from
-``MODEL.WEIGHTS`` when set: gate statistics of a randomly initialised model say little.
-``--json`` prints one JSON object instead, for scripts.
+random normal images (already "normalised"; ``--images random``). The static numbers need no
+weights; ``MODEL.WEIGHTS`` is loaded only for the measured columns (gate statistics of a randomly
+initialised model say little), and when it cannot be loaded (e.g. a URL on a machine without
+internet access) the tool prints the static tables and says what it skipped. ``--num-images 0``
+skips the measurement. ``--json`` prints one JSON object instead, for scripts.
 """
-import argparse
 import json
 import logging
-import sys
 import warnings
 from collections import OrderedDict
 
@@ -29,9 +29,10 @@ from tabulate import tabulate
 
 from msgc.analysis import gated_blocks
 from msgc.checkpoint import MSGCCheckpointer
-from msgc.config import ConfigError, load_cfg
+from msgc.config import load_cfg
 from msgc.modeling import Costs, build_model
 from msgc.modeling.layers import AttentionGenerator, MaskGenerator
+from msgc.utils.errors import ArgumentParser, UserError, exit_on_user_error, one_line
 
 logger = logging.getLogger("analyze_model")
 
@@ -41,9 +42,10 @@ _COST_FIELDS = ("main", "dgc", "gen", "extra")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
-    parser.add_argument("--num-images", type=int, default=32, help="images over which gates are measured")
+    parser.add_argument("--num-images", type=int, default=32,
+                        help="images over which gates are measured (0: static numbers only, no weights loaded)")
     parser.add_argument("--images", choices=("auto", "test", "random"), default="auto",
                         help="test loader, random normal images, or the test loader if its data exists")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -87,10 +89,10 @@ def image_batches(cfg, num_images, source, batch_size, size):
             from msgc.data import build_test_loader
 
             loader = build_test_loader(cfg)
-        except (ImportError, OSError, ValueError, KeyError) as e:
+        except UserError as e:
             if source == "test":
                 raise
-            logger.info("no test data (%s): measuring on random normal images", e)
+            logger.info("no test data (%s): measuring on random normal images", one_line(e))
         else:
             batches, seen = [], 0
             for images, _ in loader:
@@ -298,22 +300,38 @@ def format_report(result) -> str:
         ops = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(f["by_operator"].items(), key=lambda kv: -kv[1]))
         out += ["", f"fvcore FlopCountAnalysis of the dense host: {f['mflops']:.4f} M flops "
                 f"({100 * f['ratio_to_original']:.2f}% of original; {ops}).", f"Note: {f['note']}."]
+    if "skipped" in result:
+        out += ["", f"Skipped: {result['skipped']}."]
     return "\n".join(out)
+
+
+def load_weights(model, weights: str):
+    """Load ``weights`` (if any) for the measured columns; returns what was skipped without them, or None."""
+    if not weights:
+        return None
+    try:
+        MSGCCheckpointer(model).load(weights)
+    except UserError as e:
+        return f"the measured MACs and open-gate ratios, because MODEL.WEIGHTS could not be loaded: {one_line(e)}"
+    return None
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg = setup_cfg(args)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        MSGCCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model = build_model(cfg)  # the static numbers need no weights
     size = cfg.INPUT.TEST_SIZE
-    source, batches = image_batches(cfg, args.num_images, args.images, args.batch_size, size)
+    skipped = load_weights(model, cfg.MODEL.WEIGHTS) if args.num_images > 0 else None
+    source, batches = None, None
+    if args.num_images > 0 and skipped is None:
+        source, batches = image_batches(cfg, args.num_images, args.images, args.batch_size, size)
     result = analyze(model, size, batches or None, dense_host(cfg))
     result["config_file"] = args.config_file
     result["model"] = cfg.MODEL.BACKBONE.NAME
-    if args.num_images > 0:
+    if source is not None:
         result["image_source"] = source
+    if skipped:
+        result["skipped"] = skipped
     if args.json:
         print(json.dumps(result))
     else:
@@ -323,7 +341,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with exit_on_user_error():  # bad input: one line, exit status 2
         main()
-    except (ValueError, ConfigError) as e:
-        sys.exit(f"error: {e}")

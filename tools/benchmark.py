@@ -22,7 +22,6 @@ Without ``--weights`` the model keeps random weights and every mask generator's 
 operating point of the paper's models. ``MODEL.WEIGHTS`` of the config is ignored: only ``--weights``
 loads weights, so the tool never downloads anything by itself.
 """
-import argparse
 import copy
 import json
 import os
@@ -34,6 +33,7 @@ import torch
 from tabulate import tabulate
 
 from msgc.config import load_cfg
+from msgc.utils.errors import ArgumentParser, exit_on_user_error
 from msgc.deploy import deploy
 from msgc.modeling import build_model
 from msgc.modeling.layers import MaskGenerator
@@ -43,7 +43,7 @@ _TORCHVISION = {"msgc_resnet18": "resnet18", "msgc_resnet34": "resnet34", "msgc_
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
     parser.add_argument("--weights", default="", help="checkpoint to load (default: random weights)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -363,4 +363,5 @@ def report(result):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_user_error():  # bad input (a config key, a weights file, ...): one line, exit status 2
+        main(sys.argv[1:])

@@ -14,6 +14,7 @@ import sys
 
 from msgc.analysis.figures import MatplotlibMissing, require_matplotlib, training_curves_figure
 from msgc.engine import exit_on_user_error
+from msgc.utils.errors import FileWriteError, InvalidValueError, MissingFileError
 from msgc.utils.events import read_metrics
 
 
@@ -28,15 +29,15 @@ def parse_args(argv=None):
 def load_runs(folders, labels=None) -> dict:
     """``{label: records}`` of each folder's metrics.json (one-line errors for a missing or broken file)."""
     if labels is not None and len(labels) != len(folders):
-        raise ValueError(f"--labels gives {len(labels)} names for {len(folders)} runs")
+        raise InvalidValueError(f"--labels gives {len(labels)} names for {len(folders)} runs")
     runs = {}
     for i, folder in enumerate(folders):
         path = os.path.join(folder, "metrics.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist: is {folder} the OUTPUT_DIR of a training run?")
+            raise MissingFileError(f"{path} does not exist: is {folder} the OUTPUT_DIR of a training run?")
         records = read_metrics(path)
         if not records:
-            raise ValueError(f"{path} holds no record yet")
+            raise InvalidValueError(f"{path} holds no record yet")
         label = labels[i] if labels else os.path.basename(os.path.normpath(folder)) or folder
         while label in runs:
             label += "'"
@@ -51,11 +52,11 @@ def main(argv=None):
     output = args.output or (os.path.join(args.runs[0], "metrics.png") if len(args.runs) == 1 else "metrics.png")
     folder = os.path.dirname(output) or "."
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {output}: the folder {folder} does not exist")
+        raise FileWriteError(f"cannot write {output}: the folder {folder} does not exist")
     try:
         figure = training_curves_figure(runs, output)
     except OSError as e:
-        raise OSError(f"cannot write {output}: {e.strerror or e}") from None
+        raise FileWriteError(f"cannot write {output}: {e.strerror or e}") from None
     print(f"{output} ({figure['size'][0]}x{figure['size'][1]}): {len(runs)} run(s)")
     return figure
 

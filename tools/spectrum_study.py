@@ -24,6 +24,7 @@ import time
 from msgc.analysis.figures import MatplotlibMissing, require_matplotlib, spectrum_figure
 from msgc.config import load_cfg
 from msgc.engine import exit_on_user_error
+from msgc.utils.errors import InvalidValueError
 from msgc.utils.events import read_metrics
 from msgc.utils.file_io import write_json
 
@@ -155,7 +156,7 @@ def main(argv=None):
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
     rows, missing = collect(args.output, args.methods, args.seeds, max_iter)
     if missing:
-        raise ValueError(f"runs without a final evaluation: {', '.join(missing)}")
+        raise InvalidValueError(f"runs without a final evaluation: {', '.join(missing)}")
     fig = figure(rows, os.path.join(args.output, "spectrum.png"))
     write_json(os.path.join(args.output, "spectrum.json"),
                {"rows": rows, "trained": len(jobs), "wall_s": wall, "cpu_s": cpu, "opts": args.opts}, indent=1)

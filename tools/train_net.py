@@ -9,7 +9,7 @@ Examples::
     # ImageNet on the 8 GPUs of one machine; KEY VALUE pairs override the config
     python tools/train_net.py --config-file configs/msgc_r50.yaml --num-gpus 8 OUTPUT_DIR output/r50
 
-    # continue an interrupted run from OUTPUT_DIR/last_checkpoint
+    # continue an interrupted or preempted run from OUTPUT_DIR/last_checkpoint (options before KEY VALUE)
     python tools/train_net.py --config-file configs/msgc_r50.yaml --num-gpus 8 --resume
 
     # evaluate weights (this project's, torchvision's or an original release checkpoint)
@@ -62,9 +62,20 @@ def main(args):
     return results
 
 
-if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    with exit_on_user_error():  # bad input: one line, no traceback
-        device = load_config(args).MODEL.DEVICE  # the launcher needs it: NCCL for GPUs, gloo for the CPU
+def invoke_main(argv=None):
+    """The command line: check what can be checked, then start ``main`` on every process.
+
+    Bad input, found here, in any rank or in a data-loader worker, ends the run with one line
+    ``error: ...`` and exit status 2; a run stopped by SIGTERM or SIGUSR1 exits with status 143 after
+    saving a checkpoint.
+    """
+    with exit_on_user_error():
+        args = default_argument_parser(epilog=__doc__).parse_args(argv)
+        cfg = load_config(args)
+        Trainer.check_config(cfg, args)  # before any process starts
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,), device=device)
+               dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
+
+
+if __name__ == "__main__":
+    invoke_main()

@@ -35,6 +35,7 @@ from msgc.config import load_cfg
 from msgc.data import build_test_loader
 from msgc.engine import exit_on_user_error
 from msgc.modeling import build_model
+from msgc.utils.errors import FileWriteError, InvalidValueError
 from msgc.utils.file_io import write_json
 
 logger = logging.getLogger("visualize_gates")
@@ -60,7 +61,7 @@ def prepare_output(folder: str):
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
             pass
     except OSError as e:
-        raise OSError(f"cannot write to the output folder '{folder}': {e.strerror or e}") from None
+        raise FileWriteError(f"cannot write to the output folder '{folder}': {e.strerror or e}") from None
 
 
 def build(cfg, config_file):
@@ -70,7 +71,7 @@ def build(cfg, config_file):
         cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     if not has_gates(model):
-        raise ValueError(f"{config_file}: the model (MODEL.MSGC.GROUPING {cfg.MODEL.MSGC.GROUPING}) has no gates, "
+        raise InvalidValueError(f"{config_file}: the model (MODEL.MSGC.GROUPING {cfg.MODEL.MSGC.GROUPING}) has no gates, "
                          "so there is nothing to visualize; use a gated grouping (msgc, prune or static)")
     if cfg.MODEL.WEIGHTS:
         load_gated_weights(model, cfg.MODEL.WEIGHTS)

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from ..utils.errors import InvalidValueError
+
 __all__ = ["MatplotlibMissing", "require_matplotlib", "usage_image", "group_wise_figure", "layer_wise_figure",
            "sample_wise_figure", "extremes_figure", "attention_figure", "write_gate_figures",
            "training_curves_figure", "spectrum_figure", "DPI"]
@@ -66,7 +68,7 @@ def _layer(stats, name):
     for layer in stats["layers"]:
         if layer["name"] == name:
             return layer
-    raise ValueError(f"no gated layer '{name}'; the gated layers are: {', '.join(l['name'] for l in stats['layers'])}")
+    raise InvalidValueError(f"no gated layer '{name}'; the gated layers are: {', '.join(l['name'] for l in stats['layers'])}")
 
 
 def group_wise_figure(stats, path, layers):

@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..utils.errors import InvalidValueError, MissingFileError
 from .structure import attention_layers, gated_layers
 
 __all__ = ["SPECTRUM", "collect_gate_statistics", "GateRecorder", "pairwise_jaccard", "channel_order",
@@ -109,20 +110,20 @@ def load_gated_weights(model, path: str):
 
     The checkpointer lets generator tensors be missing (they keep their initialisation) or unused;
     figures of such gates would show an untrained or another model's gates, so either is an error
-    here (a ValueError naming the file and a key), as is any misfit the checkpointer refuses.
+    here (an InvalidValueError naming the file and a key), as is any misfit the checkpointer refuses.
     """
     from ..checkpoint import MSGCCheckpointer
     from ..checkpoint.formats import LOAD_INFO_KEY, check_fit, is_generator_key, load_checkpoint_file
 
     if "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint {path} does not exist")
+        raise MissingFileError(f"MODEL.WEIGHTS: checkpoint {path} does not exist")
     data = load_checkpoint_file(path, model)
     missing, unexpected = check_fit(model.state_dict(), data["model"], data[LOAD_INFO_KEY])
     for keys, what in ((missing, "has no weights for {} gate tensors of the model"),
                        (unexpected, "holds {} gate tensors that the model lacks")):
         gates = [k for k in keys if is_generator_key(k)]
         if gates:
-            raise ValueError(f"{path} {what.format(len(gates))} (e.g. '{gates[0]}'): it was trained with "
+            raise InvalidValueError(f"{path} {what.format(len(gates))} (e.g. '{gates[0]}'): it was trained with "
                              "another MODEL.MSGC.GROUPING, ATTENTION or HEADS than the config's")
     MSGCCheckpointer(model).load(path)
 
@@ -325,7 +326,7 @@ def collect_gate_statistics(model, batches, num_images=None, keep_extremes: int 
     finally:
         model.train(was_training)
     if not samples.macs:
-        raise ValueError("no image to measure the gates on: the dataset is empty or --num-images is 0")
+        raise InvalidValueError("no image to measure the gates on: the dataset is empty or --num-images is 0")
     return _report(model, size, recorder, samples, class_names)
 
 

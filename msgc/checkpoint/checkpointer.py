@@ -1,11 +1,13 @@
 """``MSGCCheckpointer``: fvcore's Checkpointer with crash-safe saves and strict, format-aware loads."""
 import logging
 import os
+import re
 
 import torch
 from fvcore.common.checkpoint import Checkpointer
 
-from ..utils.file_io import PathManager
+from ..utils.errors import FileWriteError
+from ..utils.file_io import PathManager, get_local_path, is_url, write_atomic
 from .formats import (LOAD_INFO_KEY, CheckpointError, LoadInfo, check_fit, incompatible_keys_table,
                       load_checkpoint_file)
 
@@ -19,10 +21,15 @@ class MSGCCheckpointer(Checkpointer):
 
     - ``save(name, **extra)`` writes ``name.pth`` in ``save_dir`` through a temporary file and
       ``os.replace``, then updates the ``last_checkpoint`` pointer the same way: a crash at any instant
-      leaves the previous checkpoint loadable. Pass ``cfg=`` to store the config as a YAML string.
-    - ``load(path_or_url)`` reads local paths and URLs (iopath) and recognises the file's format
-      itself (see :mod:`msgc.checkpoint.formats`): this project's checkpoints, torchvision state dicts
-      and original MSGC release checkpoints.
+      leaves the previous checkpoint loadable. A write that fails (disk full, ...) leaves the previous
+      checkpoint and ``last_checkpoint`` as they were and raises
+      :class:`~msgc.utils.errors.FileWriteError` naming the file and the errno. Pass ``cfg=`` to store
+      the config as a YAML string.
+    - ``remove_old(prefix, keep)`` deletes periodic checkpoints beyond the newest ``keep``.
+    - ``load(path_or_url)`` reads local paths and URLs (iopath; a URL that cannot be fetched is an
+      error naming the local file that would replace it) and recognises the file's format itself (see
+      :mod:`msgc.checkpoint.formats`): this project's checkpoints, torchvision state dicts and
+      original MSGC release checkpoints.
 
     Loads are checked before anything is copied, so a failed load leaves the model as it was. Host
     tensors (everything but the ``maskgen*``/``attgen*`` generators) must match one to one: a host
@@ -38,6 +45,9 @@ class MSGCCheckpointer(Checkpointer):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.path_manager = PathManager
 
+    #: the iteration of the last checkpoint this checkpointer saved (None: none yet)
+    last_saved_iteration = None
+
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
@@ -50,24 +60,54 @@ class MSGCCheckpointer(Checkpointer):
         data.update(kwargs)
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
-        os.makedirs(self.save_dir, exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            write_atomic(path, lambda f: torch.save(data, f))
+        except FileWriteError as e:
+            raise FileWriteError(f"{e}; {self._intact()}") from e
         self.logger.info("Saved checkpoint to %s", path)
         self.tag_last_checkpoint(basename)
+        self.last_saved_iteration = kwargs.get("iteration")
+
+    def _intact(self) -> str:
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+        if not previous:
+            return "no earlier checkpoint in this folder"
+        return f"the previous checkpoint {previous}, named in last_checkpoint, is intact"
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(last_filename_basename)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            write_atomic(path, lambda f: f.write(last_filename_basename), mode="w")
+        except FileWriteError as e:
+            raise FileWriteError(f"{e}; {self._intact()}") from e
+
+    def remove_old(self, prefix: str, keep: int) -> list:
+        """Delete ``<prefix>_<7 digits>.pth`` files of ``save_dir`` beyond the newest ``keep``.
+
+        Never deletes the file named in ``last_checkpoint`` (nor ``model_best.pth`` and
+        ``model_final.pth``, whose names do not match); ``keep`` <= 0 keeps everything. Call it after
+        a save, which has written the new checkpoint and ``last_checkpoint``. A file that cannot be
+        deleted is a warning. Returns the deleted paths.
+        """
+        if keep <= 0 or not self.save_dir or not self.save_to_disk:
+            return []
+        pattern = re.compile(rf"^{re.escape(prefix)}_(\d{{7}})\.pth$")
+        found = sorted((int(m.group(1)), m.group(0)) for m in map(pattern.match, os.listdir(self.save_dir)) if m)
+        protected = {os.path.basename(self.get_checkpoint_file())} if self.has_checkpoint() else set()
+        removed = []
+        for _, basename in found[:-keep]:
+            if basename in protected:
+                continue
+            path = os.path.join(self.save_dir, basename)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError as e:
+                logger.warning("Could not delete the old checkpoint %s: %s", path, e)
+        if removed:
+            logger.info("Deleted %d old checkpoint(s), keeping the newest %d: %s", len(removed), keep,
+                        ", ".join(os.path.basename(p) for p in removed))
+        return removed
 
     def load(self, path: str, checkpointables=None):
         """Load weights of any format msgc knows (see :mod:`msgc.checkpoint.formats`).
@@ -77,10 +117,10 @@ class MSGCCheckpointer(Checkpointer):
         unreadable, of an unknown format, or does not fit the model (a missing or unexpected host
         tensor, or a shape mismatch); nothing is loaded then.
         """
-        if path and "://" not in path and not os.path.isfile(path):
+        if path and not is_url(path) and not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
         self._source = path
-        return super().load(path, checkpointables=checkpointables)
+        return super().load(get_local_path(path) if path else path, checkpointables=checkpointables)
 
     def _load_file(self, f: str):
         return load_checkpoint_file(f, self.model, display_path=getattr(self, "_source", None))

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from tabulate import tabulate
 
-from ..utils.file_io import PathManager
+from ..utils.errors import InvalidValueError
+from ..utils.file_io import get_local_path
 
 __all__ = [
     "CheckpointError",
@@ -58,7 +59,7 @@ _FORMAT_NAMES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidValueError):
     """A checkpoint cannot be read, has an unknown format, or does not fit the model."""
 
 
@@ -79,8 +80,9 @@ class LoadInfo(NamedTuple):
 
 def read_checkpoint(path: str) -> Any:
     """``torch.load(weights_only=True)`` of a local path or URL; any failure is one clear line."""
+    local = get_local_path(path)  # a URL that cannot be fetched: DownloadError
     try:
-        with PathManager.open(path, "rb") as f:
+        with open(local, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None

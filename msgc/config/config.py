@@ -1,12 +1,16 @@
 """A thin layer over fvcore's CfgNode: strict keys with suggestions, safe yaml, ``_BASE_`` files."""
 import difflib
+import os
 
+import yaml
 from fvcore.common.config import CfgNode as _FvcoreCfgNode
+
+from ..utils.errors import MissingFileError, UserError
 
 __all__ = ["CfgNode", "ConfigError"]
 
 
-class ConfigError(KeyError):
+class ConfigError(UserError, KeyError):
     """A config file or override names a key that does not exist, or gives a value of a wrong type."""
 
     def __str__(self):  # KeyError would print its message in quotes
@@ -21,6 +25,17 @@ def _flat_keys(node, prefix=""):
         if isinstance(v, dict):
             keys.extend(_flat_keys(v, full + "."))
     return keys
+
+
+def _type_hint(cfg, key):
+    """``"SOLVER.MAX_ITER takes an int (now 600)"``, or None when the key's value has no simple type."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    names = {bool: "True or False", int: "an int", float: "a number", str: "a string", list: "a list",
+             tuple: "a list"}
+    name = names.get(type(node))
+    return f"{key} takes {name} (now {node!r})" if name else None
 
 
 def _unknown_key_message(key, valid, where):
@@ -41,6 +56,20 @@ class CfgNode(_FvcoreCfgNode):
     file that names it, and the file's keys override its base's.
     """
 
+    @classmethod
+    def _open_cfg(cls, filename):
+        if not os.path.isfile(filename):
+            raise MissingFileError(f"config file {filename} does not exist")
+        return super()._open_cfg(filename)
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        try:
+            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(e).split())
+            raise ConfigError(f"config file {filename} is not valid YAML: {problem}") from None
+
     def merge_from_file(self, cfg_filename, allow_unsafe=False):
         loaded = self.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe)
         self._check_keys(loaded, f"config file {cfg_filename}")
@@ -56,10 +85,12 @@ class CfgNode(_FvcoreCfgNode):
         for key in cfg_list[0::2]:
             if key not in valid:
                 raise ConfigError(_unknown_key_message(key, valid, "the command-line overrides"))
-        try:
-            return super().merge_from_list(cfg_list)
-        except (KeyError, ValueError, AssertionError) as e:
-            raise ConfigError(f"command-line overrides: {e}") from None
+        for key, value in zip(cfg_list[0::2], cfg_list[1::2]):
+            try:
+                super().merge_from_list([key, value])
+            except (KeyError, ValueError, AssertionError) as e:
+                raise ConfigError(f"command-line override {key} {value}: {_type_hint(self, key) or e}") from None
+        return self
 
     def _check_keys(self, loaded, where):
         valid = _flat_keys(self)

@@ -116,6 +116,10 @@ _C.SOLVER.WARMUP_ITERS = 0
 _C.SOLVER.WARMUP_FACTOR = 0.001
 # Save a checkpoint every this many iterations (and at the end).
 _C.SOLVER.CHECKPOINT_PERIOD = 5000
+# Keep the newest this many periodic checkpoints (model_<iteration>.pth), deleting older ones after each
+# save; 0 keeps all. model_best.pth, model_final.pth and the file named in last_checkpoint are never
+# deleted.
+_C.SOLVER.CHECKPOINT_MAX_KEEP = 3
 # Stop with an error when a loss is NaN or infinite.
 _C.SOLVER.CHECK_FINITE_LOSS = True
 

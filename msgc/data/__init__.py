@@ -4,14 +4,15 @@ Importing this package registers the built-in datasets (imagenet, imagefolder, c
 digits, synthetic).
 """
 from . import datasets  # noqa: F401  (registers the built-in datasets)
-from .build import (DATASET_REGISTRY, DEFAULT_SAMPLER_SEED, build_dataset, build_test_loader,
-                    build_train_loader)
+from .build import (DATASET_REGISTRY, DEFAULT_SAMPLER_SEED, SeededSamples, augment_image, build_dataset,
+                    build_loader, build_test_loader, build_train_loader, check_dataset)
 from .datasets import CorruptImageError, digits_split
-from .samplers import InferenceSampler, TrainingSampler
-from .transforms import build_transform, test_transform, train_transform
+from .samplers import InferenceSampler, TrainingSampler, seed_from
+from .transforms import TrainTransform, build_transform, test_transform, train_transform
 
 __all__ = [
-    "DATASET_REGISTRY", "DEFAULT_SAMPLER_SEED", "CorruptImageError", "InferenceSampler", "TrainingSampler",
-    "build_dataset", "build_test_loader", "build_train_loader", "build_transform", "digits_split",
-    "test_transform", "train_transform",
+    "DATASET_REGISTRY", "DEFAULT_SAMPLER_SEED", "CorruptImageError", "InferenceSampler", "SeededSamples",
+    "TrainTransform", "TrainingSampler", "augment_image", "build_dataset", "build_loader", "build_test_loader",
+    "build_train_loader", "build_transform", "check_dataset", "digits_split", "seed_from", "test_transform",
+    "train_transform",
 ]

@@ -1,18 +1,22 @@
 """The dataset registry, its builder, and the training and test loaders built from a config."""
+import functools
 import logging
+import os
 import random
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from ..utils import comm
+from ..utils.errors import InvalidValueError
+from ..utils.preemption import guard_worker, owner_exiting, stop_signals_blocked
 from ..utils.registry import Registry
-from .samplers import InferenceSampler, TrainingSampler
+from .samplers import SAMPLE_STREAM, InferenceSampler, TrainingSampler, seed_from
 from .transforms import build_transform
 
-__all__ = ["DATASET_REGISTRY", "DEFAULT_SAMPLER_SEED", "build_dataset", "build_train_loader",
-           "build_test_loader"]
+__all__ = ["DATASET_REGISTRY", "DEFAULT_SAMPLER_SEED", "SeededSamples", "augment_image", "build_dataset",
+           "build_loader", "build_train_loader", "build_test_loader", "check_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +26,17 @@ Registry for datasets, selected by ``DATASETS.TRAIN`` and ``DATASETS.TEST``.
 
 An entry is a callable ``fn(cfg, split, transform) -> torch.utils.data.Dataset`` where ``split`` is
 "train" or "test" and ``transform`` (built from cfg.INPUT by :func:`build_dataset`) maps a PIL image or
-a ``3 x H x W`` uint8 tensor to a normalised float tensor. Items are ``(image, label)`` with ``image`` a
-float ``3 x H x W`` tensor and ``label`` an int in ``[0, len(dataset.classes))``. The dataset has an
+a ``3 x H x W`` uint8 tensor to a normalised float tensor, or is None. Items are ``(image, label)``
+with ``label`` an int in ``[0, len(dataset.classes))`` and ``image`` the transformed image (a float
+``3 x H x W`` tensor), or, when ``transform`` is None, the image as read: the training loader builds
+the train split so and augments each sample with a generator of its own (:class:`SeededSamples`).
+An entry must not draw random numbers itself (they would differ after a resume). The dataset has an
 attribute ``classes`` (class names in label order); :func:`build_dataset` sets ``name``. An entry reads
-its own keys from cfg (e.g. ``DATASETS.ROOT``) and raises a one-line error naming the path or key when
-its data is missing. Register your own with ``@DATASET_REGISTRY.register("name")`` in your module and
-import that module before building.
+its own keys from cfg (e.g. ``DATASETS.ROOT``) and raises a one-line error (a
+:class:`~msgc.utils.errors.UserError`) naming the path or key when its data is missing. It may have an
+attribute ``check(cfg, split)`` that raises the same error cheaply, without reading the data
+(:func:`check_dataset`; launchers call it before starting processes). Register your own with
+``@DATASET_REGISTRY.register("name")`` in your module and import that module before building.
 """
 
 # Seed of the training order when cfg.SEED is negative. The order must be the same on every process
@@ -35,40 +44,101 @@ import that module before building.
 DEFAULT_SAMPLER_SEED = 0
 
 
-def build_dataset(cfg, name: str, split: str):
-    """Build the registered dataset ``name`` for ``split`` ("train"/"test") with the transforms of cfg.
+def build_dataset(cfg, name: str, split: str, transform=True):
+    """Build the registered dataset ``name`` for ``split`` ("train"/"test").
 
-    Raises ValueError if the dataset has more classes than ``MODEL.NUM_CLASSES``: its labels would
-    fall outside the classifier's outputs.
+    ``transform``: True applies the transform of cfg for the split; None gives the items as read (PIL
+    images or uint8 tensors), which the training loader augments itself (see :class:`SeededSamples`);
+    or a transform to apply. Raises an error if the dataset has more classes than
+    ``MODEL.NUM_CLASSES``: its labels would fall outside the classifier's outputs.
     """
-    dataset = DATASET_REGISTRY.get(name)(cfg, split, build_transform(cfg, split))
+    if transform is True:
+        transform = build_transform(cfg, split)
+    dataset = DATASET_REGISTRY.get(name)(cfg, split, transform)
     dataset.name = name
     num_classes = len(dataset.classes)
     if num_classes > cfg.MODEL.NUM_CLASSES:
-        raise ValueError(f"dataset '{name}' has {num_classes} classes but MODEL.NUM_CLASSES is "
-                         f"{cfg.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES to at least {num_classes}")
+        raise InvalidValueError(f"dataset '{name}' has {num_classes} classes but MODEL.NUM_CLASSES is "
+                                f"{cfg.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES to at least {num_classes}")
     logger.info("dataset '%s' (%s): %d images, %d classes", name, split, len(dataset), num_classes)
     return dataset
 
 
-def build_train_loader(cfg, *, rank=None, world_size=None) -> DataLoader:
+def check_dataset(cfg, name: str, split: str):
+    """Check cheaply, without reading the data, that dataset ``name`` can be built for ``split``.
+
+    Raises the error that building would raise for an unknown name or a missing folder (the entry's
+    optional ``check(cfg, split)``); launchers call it before starting processes.
+    """
+    check = getattr(DATASET_REGISTRY.get(name), "check", None)
+    if check is not None:
+        check(cfg, split)
+
+
+class SeededSamples(Dataset):
+    """A dataset's items augmented with a random generator of their own: the training loader's dataset.
+
+    It is indexed by the ``(position, index)`` pairs of a :class:`TrainingSampler` built with
+    ``with_positions=True``: item ``index`` of ``dataset``, augmented by ``augment(item, generator)``
+    with a ``torch.Generator`` seeded from ``(seed, position)``. A sample's augmentation is then a
+    function of its place in the training stream alone, not of the process, the DataLoader worker or
+    the random state that prepares it: a resumed run, or one with another ``DATALOADER.NUM_WORKERS``,
+    augments every sample as the uninterrupted run does.
+
+    Args:
+        dataset: items as read (no random transform of their own).
+        augment: ``(item, generator) -> item``; :func:`augment_image` makes one from an image transform.
+        seed: the run's seed (the same on every process).
+    """
+
+    def __init__(self, dataset, augment, seed: int):
+        self.dataset, self.augment, self.seed = dataset, augment, int(seed)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def generator(self, position: int) -> torch.Generator:
+        """The generator of the sample at ``position`` of the training stream."""
+        return torch.Generator().manual_seed(seed_from(self.seed, SAMPLE_STREAM, position))
+
+    def __getitem__(self, key):
+        position, index = key
+        return self.augment(self.dataset[index], self.generator(position))
+
+
+def augment_image(transform):
+    """``(item, generator) -> item`` for ``(image, label)`` items: ``(transform(image, generator), label)``."""
+    return functools.partial(_augment_image, transform)
+
+
+def _augment_image(transform, item, generator):
+    image, label = item
+    return transform(image, generator), label
+
+
+def build_train_loader(cfg, *, start_iter: int = 0, rank=None, world_size=None) -> DataLoader:
     """An endless loader of ``(images N x 3 x H x W, labels N long)`` batches of ``DATASETS.TRAIN``.
 
     ``N = SOLVER.IMS_PER_BATCH // world_size``: each process loads its share of the global batch from
     its shard of a :class:`TrainingSampler` seeded with ``cfg.SEED`` (or :data:`DEFAULT_SAMPLER_SEED`
-    when negative). Workers get deterministic, per-process distinct seeds; with
-    ``DATALOADER.NUM_WORKERS = 0`` augmentations use the global torch RNG, which the caller seeds.
-    The loader has no length; iterate it and stop after the wanted number of iterations.
-    ``rank`` and ``world_size`` default to :mod:`msgc.utils.comm`'s (give them to simulate a process).
+    when negative), starting with the batch of iteration ``start_iter``: the skipped batches are
+    skipped by the sampler, none of their images is read. Every sample is augmented with a generator
+    seeded from its position in the stream (:class:`SeededSamples`), so the batches of an iteration
+    are the same whatever ``start_iter`` and ``DATALOADER.NUM_WORKERS``. The loader has no length;
+    iterate it and stop after the wanted number of iterations. ``rank`` and ``world_size`` default to
+    :mod:`msgc.utils.comm`'s (give them to simulate a process).
     """
     rank = comm.get_rank() if rank is None else rank
     world_size = comm.get_world_size() if world_size is None else world_size
     batch = _local_train_batch(cfg.SOLVER.IMS_PER_BATCH, world_size)
-    dataset = build_dataset(cfg, cfg.DATASETS.TRAIN, "train")
+    dataset = build_dataset(cfg, cfg.DATASETS.TRAIN, "train", transform=None)
     seed = cfg.SEED if cfg.SEED >= 0 else DEFAULT_SAMPLER_SEED
-    sampler = TrainingSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
-    generator = torch.Generator().manual_seed(seed + rank)
-    return _loader(cfg, dataset, BatchSampler(sampler, batch, drop_last=True), generator, persistent=True)
+    samples = SeededSamples(dataset, augment_image(build_transform(cfg, "train")), seed)
+    samples.classes, samples.name = dataset.classes, dataset.name
+    sampler = TrainingSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size,
+                              start=start_iter * batch, with_positions=True)
+    return build_loader(samples, BatchSampler(sampler, batch, drop_last=True), cfg.DATALOADER.NUM_WORKERS,
+                        _collate, pin_memory=_pin(cfg), generator=torch.Generator().manual_seed(seed + rank))
 
 
 def build_test_loader(cfg, name=None, *, rank=None, world_size=None) -> DataLoader:
@@ -81,22 +151,43 @@ def build_test_loader(cfg, name=None, *, rank=None, world_size=None) -> DataLoad
     dataset = build_dataset(cfg, name or cfg.DATASETS.TEST, "test")
     sampler = InferenceSampler(len(dataset), rank=rank, world_size=world_size)
     batch = max(1, cfg.TEST.IMS_PER_BATCH // world_size)
-    return _loader(cfg, dataset, BatchSampler(sampler, batch, drop_last=False))
+    return build_loader(dataset, BatchSampler(sampler, batch, drop_last=False), cfg.DATALOADER.NUM_WORKERS,
+                        _collate, pin_memory=_pin(cfg))
 
 
 def _local_train_batch(global_batch: int, world_size: int) -> int:
     if global_batch <= 0 or global_batch % world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={global_batch} is not divisible by the world size "
-                         f"{world_size}; use a positive multiple of {world_size}")
+        raise InvalidValueError(f"SOLVER.IMS_PER_BATCH={global_batch} is not divisible by the world size "
+                                f"{world_size}; use a positive multiple of {world_size}")
     return global_batch // world_size
 
 
-def _loader(cfg, dataset, batch_sampler, generator=None, persistent=False) -> DataLoader:
-    workers = cfg.DATALOADER.NUM_WORKERS
-    pin = torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda")
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_collate,
-                      worker_init_fn=_seed_worker, generator=generator, pin_memory=pin,
-                      persistent_workers=persistent and workers > 0)
+def _pin(cfg) -> bool:
+    return torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda")
+
+
+def build_loader(dataset, batch_sampler, num_workers: int, collate_fn, pin_memory: bool = False,
+                 generator=None) -> DataLoader:
+    """A DataLoader whose workers survive a scheduler's stop signal (see :mod:`msgc.utils.preemption`).
+
+    Its workers seed Python's and NumPy's generators from their torch seed (which DataLoader draws
+    from ``generator``), and ignore SIGTERM and SIGUSR1 until this process exits: the signal is the
+    training process's to handle, and it needs the batch in flight. Workers are not persistent: an
+    endless training loader is iterated once.
+    """
+    init = functools.partial(_init_worker, owner_exiting() if num_workers > 0 else None, os.getpid())
+    return _GuardedLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
+                          worker_init_fn=init, pin_memory=pin_memory, generator=generator)
+
+
+class _GuardedLoader(DataLoader):
+    """Starts its worker processes with the stop signals blocked; each unblocks them once guarded."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with stop_signals_blocked():
+            return super().__iter__()
 
 
 def _collate(items):
@@ -104,9 +195,15 @@ def _collate(items):
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-def _seed_worker(worker_id):
+def _init_worker(exiting, owner: int, worker_id):
     """Seed Python's and NumPy's RNGs from the worker's torch seed (which DataLoader derives from the
-    loader's generator), so that augmentations using any of them are reproducible."""
+    loader's generator), and ignore the stop signals until the owner exits. A worker whose owner died
+    while it started leaves at once (DataLoader's own watchdog would take the orphan's new parent for
+    its owner)."""
+    if os.getppid() != owner:
+        os._exit(0)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    if exiting is not None:
+        guard_worker(exiting)

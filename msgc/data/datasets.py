@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 
+from ..utils.errors import InvalidValueError, MissingFileError, UserError
 from .build import DATASET_REGISTRY
 
 __all__ = ["CorruptImageError", "ImageFolderDataset", "TensorImageDataset", "SyntheticDataset",
@@ -19,7 +20,7 @@ __all__ = ["CorruptImageError", "ImageFolderDataset", "TensorImageDataset", "Syn
 logger = logging.getLogger(__name__)
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(UserError, OSError):
     """An image file that cannot be read or decoded."""
 
 
@@ -37,7 +38,7 @@ def load_rgb(path: str) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------
 def _subfolders(path: str) -> list:
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset folder '{path}' does not exist")
+        raise MissingFileError(f"dataset folder '{path}' does not exist")
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
 
 
@@ -70,16 +71,16 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
     def find_classes(self, directory):
         unknown = sorted(set(_subfolders(directory)) - set(self._given_classes))
         if unknown:
-            raise ValueError(f"class folder '{os.path.join(directory, unknown[0])}' is not one of the "
-                             f"{len(self._given_classes)} classes of the training split")
+            raise InvalidValueError(f"class folder '{os.path.join(directory, unknown[0])}' is not one of the "
+                                    f"{len(self._given_classes)} classes of the training split")
         return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
 
     def _check_no_empty_class(self):
         counts = Counter(self.targets)
         for name in _subfolders(self.root):
             if counts[self.class_to_idx[name]] == 0:
-                raise ValueError(f"class folder '{os.path.join(self.root, name)}' has no images "
-                                 f"(extensions {', '.join(self.extensions)})")
+                raise InvalidValueError(f"class folder '{os.path.join(self.root, name)}' has no images "
+                                        f"(extensions {', '.join(self.extensions)})")
 
     def __getitem__(self, index):
         for offset in range(len(self)):
@@ -101,23 +102,31 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
                            "this process", error, len(self.skipped))
 
 
-def _folder_dataset(cfg, split, transform, test_folders):
-    """The ``train/`` folder of DATASETS.ROOT for "train", else the first of ``test_folders`` there."""
+def _folders(cfg, split, test_folders):
+    """(the split's folder, the folder whose subfolders are the classes), checked to exist.
+
+    The split's folder is ``train/`` of DATASETS.ROOT for "train", else the first of ``test_folders``
+    there; the classes are those of ``train/`` when it exists.
+    """
     root = cfg.DATASETS.ROOT
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset folder '{root}' (DATASETS.ROOT) does not exist")
+        raise MissingFileError(f"dataset folder '{root}' (DATASETS.ROOT) does not exist")
     candidates = ["train"] if split == "train" else test_folders
     folders = [os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))]
     if not folders:
-        raise FileNotFoundError(f"dataset folder '{os.path.join(root, candidates[0])}' does not exist "
-                                f"(DATASETS.ROOT needs {' or '.join(c + '/' for c in candidates)} for "
-                                f"the {split} split)")
+        raise MissingFileError(f"dataset folder '{os.path.join(root, candidates[0])}' does not exist "
+                               f"(DATASETS.ROOT needs {' or '.join(c + '/' for c in candidates)} for "
+                               f"the {split} split)")
     train_folder = os.path.join(root, "train")
-    class_source = train_folder if os.path.isdir(train_folder) else folders[0]
+    return folders[0], train_folder if os.path.isdir(train_folder) else folders[0]
+
+
+def _folder_dataset(cfg, split, transform, test_folders):
+    folder, class_source = _folders(cfg, split, test_folders)
     classes = _subfolders(class_source)
     if not classes:
-        raise FileNotFoundError(f"dataset folder '{class_source}' has no class folders")
-    return ImageFolderDataset(folders[0], classes, transform, skip_corrupt=cfg.DATALOADER.SKIP_CORRUPT)
+        raise MissingFileError(f"dataset folder '{class_source}' has no class folders")
+    return ImageFolderDataset(folder, classes, transform, skip_corrupt=cfg.DATALOADER.SKIP_CORRUPT)
 
 
 @DATASET_REGISTRY.register("imagenet")
@@ -126,25 +135,36 @@ def imagenet(cfg, split, transform):
     return _folder_dataset(cfg, split, transform, ["val"])
 
 
+imagenet.check = lambda cfg, split: _folders(cfg, split, ["val"])
+
+
 @DATASET_REGISTRY.register("imagefolder")
 def imagefolder(cfg, split, transform):
     """Any image-folder tree: DATASETS.ROOT holds ``train/`` and ``val/`` (or ``test/``)."""
     return _folder_dataset(cfg, split, transform, ["val", "test"])
 
 
+imagefolder.check = lambda cfg, split: _folders(cfg, split, ["val", "test"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # CIFAR
 # ---------------------------------------------------------------------------------------------------
-def _cifar(dataset_class, folder, cfg, split, transform):
+def _cifar_folder(cfg, folder):
     path = os.path.join(cfg.DATASETS.ROOT, folder)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"CIFAR folder '{path}' does not exist; put the extracted python version "
-                                f"of the dataset (https://www.cs.toronto.edu/~kriz/cifar.html) under "
-                                f"DATASETS.ROOT")
+        raise MissingFileError(f"CIFAR folder '{path}' does not exist; put the extracted python version "
+                               f"of the dataset (https://www.cs.toronto.edu/~kriz/cifar.html) under "
+                               f"DATASETS.ROOT")
+    return path
+
+
+def _cifar(dataset_class, folder, cfg, split, transform):
+    path = _cifar_folder(cfg, folder)
     try:
         return dataset_class(cfg.DATASETS.ROOT, train=split == "train", transform=transform, download=False)
     except RuntimeError as e:
-        raise ValueError(f"CIFAR files in '{path}' are incomplete or corrupt: {e}") from e
+        raise InvalidValueError(f"CIFAR files in '{path}' are incomplete or corrupt: {e}") from e
 
 
 @DATASET_REGISTRY.register("cifar10")
@@ -153,10 +173,16 @@ def cifar10(cfg, split, transform):
     return _cifar(tv_datasets.CIFAR10, "cifar-10-batches-py", cfg, split, transform)
 
 
+cifar10.check = lambda cfg, split: _cifar_folder(cfg, "cifar-10-batches-py")
+
+
 @DATASET_REGISTRY.register("cifar100")
 def cifar100(cfg, split, transform):
     """CIFAR-100 from torchvision's files in DATASETS.ROOT (``cifar-100-python/``); never downloads."""
     return _cifar(tv_datasets.CIFAR100, "cifar-100-python", cfg, split, transform)
+
+
+cifar100.check = lambda cfg, split: _cifar_folder(cfg, "cifar-100-python")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +264,7 @@ class SyntheticDataset(Dataset):
 
     def __init__(self, length: int, size: int, num_classes: int, seed: int = 0, transform=None):
         if length <= 0:
-            raise ValueError(f"synthetic dataset length must be positive, got {length}")
+            raise InvalidValueError(f"synthetic dataset length must be positive, got {length}")
         self.length, self.size, self.seed, self.transform = length, size, seed, transform
         self.classes = [str(c) for c in range(num_classes)]
 

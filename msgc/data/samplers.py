@@ -4,14 +4,14 @@ for inference.
 Both take ``rank`` and ``world_size`` from :mod:`msgc.utils.comm` unless given, so tests can simulate
 any number of processes in one.
 """
-import itertools
-
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from ..utils import comm
+from ..utils.errors import InvalidValueError
 
-__all__ = ["TrainingSampler", "InferenceSampler"]
+__all__ = ["TrainingSampler", "InferenceSampler", "seed_from"]
 
 
 def _rank_and_world(rank, world_size):
@@ -25,35 +25,62 @@ def _rank_and_world(rank, world_size):
 class TrainingSampler(Sampler):
     """An endless stream of indices in ``[0, size)``, sharded across processes.
 
-    Every process draws the same sequence of permutations (one per epoch) from a generator seeded with
-    ``seed``, and keeps positions ``rank, rank + world_size, ...`` of each. So within an epoch the
-    processes see disjoint indices whose union is the whole dataset, and no communication is needed.
-    The stream never ends and the sampler has no length: the training loop decides when to stop.
+    The global stream is a sequence of epochs, each a permutation of ``[0, size)`` drawn from a
+    generator seeded with ``(seed, epoch)``; process ``rank`` takes its positions ``rank, rank +
+    world_size, rank + 2 world_size, ...``. So within an epoch the processes see disjoint indices
+    whose union is the whole dataset, every process sees as many samples, and no communication is
+    needed. Iteration ``i`` of a run with local batch ``b`` covers global positions ``[i b world_size,
+    (i + 1) b world_size)`` whatever the number of processes. The stream never ends and the sampler
+    has no length: the training loop decides when to stop.
 
     Args:
         size: number of samples in the dataset.
         shuffle: draw a fresh permutation per epoch; if False, every epoch is ``0, 1, ..., size - 1``.
         seed: seed of the permutations; it MUST be the same on every process.
         rank, world_size: this process's shard; default from :mod:`msgc.utils.comm`.
+        start: the number of this process's samples to skip, e.g. ``start_iter x local batch`` when
+            resuming; skipping costs one permutation, whatever ``start`` is.
+        with_positions: yield ``(position, index)`` pairs, ``position`` being the sample's place in the
+            global stream (what :class:`msgc.data.SeededSamples` seeds a sample's augmentation with).
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank=None, world_size=None):
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank=None, world_size=None,
+                 start: int = 0, with_positions: bool = False):
         if size <= 0:
-            raise ValueError(f"TrainingSampler needs a non-empty dataset, got size {size}")
+            raise InvalidValueError(f"TrainingSampler needs a non-empty dataset, got size {size}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         self.size, self.shuffle, self.seed = size, shuffle, int(seed)
         self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.start, self.with_positions = int(start), with_positions
 
-    def _epochs(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        while True:
-            if self.shuffle:
-                yield torch.randperm(self.size, generator=generator).tolist()
-            else:
-                yield list(range(self.size))
+    def epoch(self, number: int) -> list:
+        """The order of epoch ``number`` (the same on every process)."""
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(seed_from(self.seed, EPOCH_STREAM, number))
+        return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self):
-        for order in self._epochs():
-            yield from itertools.islice(order, self.rank, None, self.world_size)
+        position = self.start * self.world_size + self.rank
+        number, order = position // self.size, None
+        while True:
+            if position // self.size != number or order is None:
+                number = position // self.size
+                order = self.epoch(number)
+            index = order[position % self.size]
+            yield (position, index) if self.with_positions else index
+            position += self.world_size
+
+
+# Tags that keep the random streams derived from one seed apart (see seed_from).
+EPOCH_STREAM, SAMPLE_STREAM = 1, 2
+
+
+def seed_from(*values: int) -> int:
+    """A 63-bit seed mixed from integers by numpy's SeedSequence: the same on every machine, and
+    unrelated seeds for nearby inputs (``seed_from(s, SAMPLE_STREAM, p)`` seeds sample ``p``)."""
+    return int(np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class InferenceSampler(Sampler):

@@ -1,6 +1,6 @@
 """Training: the hook-based loop, the default trainer and set-up, and multi-process launch."""
 from . import hooks
-from .defaults import DefaultTrainer, create_ddp_model, default_argument_parser, default_setup
+from .defaults import DefaultTrainer, create_ddp_model, default_argument_parser, default_setup, resume_command
 from .defaults import exit_on_user_error
 from .hooks import HookBase
 from .launch import launch
@@ -8,4 +8,4 @@ from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
 __all__ = ["AMPTrainer", "DefaultTrainer", "HookBase", "SimpleTrainer", "TrainerBase", "create_ddp_model",
            "default_argument_parser", "default_setup", "exit_on_user_error", "hooks",
-           "launch"]
+           "launch", "resume_command"]

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import random
+import shlex
 import sys
 import weakref
 
@@ -21,23 +22,62 @@ from torch.utils.data import DataLoader, Sampler
 from ..checkpoint import MSGCCheckpointer
 from ..evaluation import ClassificationEvaluator, inference_on_dataset, results_table
 from ..modeling import Classifier, build_model
-from ..solver import build_lr_scheduler, build_mac_scheduler, build_optimizer
+from ..solver import build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
 from ..utils import comm
+from ..utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
 from ..utils.events import default_writers
-from ..utils.file_io import PathManager, write_json
+from ..utils.file_io import PathManager, get_local_path, is_url, write_json
 from ..utils.logger import setup_logger
 from . import hooks
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "create_ddp_model", "broadcast_buffers", "skip_batches",
-           "DefaultTrainer"]
+__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "resume_command", "create_ddp_model",
+           "broadcast_buffers", "skip_batches", "DefaultTrainer"]
 
 logger = logging.getLogger("msgc.engine")
 
 
+class _TrainArgumentParser(ArgumentParser):
+    """One-line errors; an option after the ``KEY VALUE`` overrides is an error saying to put it first.
+
+    Everything after the first override is an override (argparse's REMAINDER), so ``... SOLVER.BASE_LR
+    0.1 --resume`` would otherwise read ``--resume`` as a config key.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        parsed = super().parse_args(argv, namespace)
+        options = {o for action in self._actions for o in action.option_strings}
+        misplaced = [t for t in parsed.opts if t.split("=")[0] in options]
+        if misplaced:
+            self.error(f"{misplaced[0]} comes after the KEY VALUE overrides, where it would be read as a config "
+                       f"key or value; put the options first: {self.prog} "
+                       f"{shlex.join(self._options_first(argv, parsed.opts))}")
+        return parsed
+
+    def _options_first(self, argv, opts) -> list:
+        """``argv`` with the options found among the overrides (and their values) moved before them."""
+        takes = {o: 0 if action.nargs == 0 else 1 for action in self._actions for o in action.option_strings}
+        moved, kept, i = [], [], 0
+        while i < len(opts):
+            n = takes.get(opts[i].split("=")[0])
+            if n is None:
+                kept.append(opts[i])
+                i += 1
+            else:
+                n = 0 if "=" in opts[i] else n
+                moved += opts[i:i + 1 + n]
+                i += 1 + n
+        return argv[: len(argv) - len(opts)] + moved + kept
+
+
 def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
-    """The arguments of ``tools/train_net.py``: config, resume/eval, processes and machines, overrides."""
-    parser = argparse.ArgumentParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments of ``tools/train_net.py``: config, resume/eval, processes and machines, overrides.
+
+    Errors are one line (``error: ...``, exit status 2), among them an option placed after the
+    ``KEY VALUE`` overrides.
+    """
+    parser = _TrainArgumentParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to a yaml config")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT_DIR/last_checkpoint (model, optimizer, schedules, iteration)")
@@ -49,26 +89,29 @@ def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
     parser.add_argument("--dist-url", default="auto",
                         help="tcp://<machine 0 address>:<port> where the processes meet; auto: a free local port")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.1 MODEL.DEVICE cpu")
+                        help="config overrides as KEY VALUE pairs, after the options, e.g. SOLVER.BASE_LR 0.1 "
+                        "MODEL.DEVICE cpu")
     return parser
 
 
-# Errors that bad input raises (a config key, a path, a file, a value): the command line shows their
-# message alone, in one line. Other exceptions are bugs and keep their traceback.
-USER_ERRORS = (KeyError, ValueError, OSError)
+def resume_command(argv=None) -> str:
+    """The command line that resumes this run: this process's, with ``--resume`` among its options.
 
-
-@contextlib.contextmanager
-def exit_on_user_error():
-    """Turn a bad-input error into a one-line message and exit status 2 (``MSGC_DEBUG=1``: traceback)."""
+    ``argv`` defaults to ``sys.argv`` (which spawned processes share with the command that started
+    them). Under torchrun the torchrun options are not known here; the command says where they go.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    script, rest = argv[0], argv[1:]
     try:
-        yield
-    except USER_ERRORS as e:
-        if os.environ.get("MSGC_DEBUG"):
-            raise
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg} (MSGC_DEBUG=1 shows the traceback)", file=sys.stderr)
-        sys.exit(2)
+        parsed, unknown = default_argument_parser().parse_known_args(rest)
+        opts = parsed.opts if not unknown else []
+    except SystemExit:  # not train_net's arguments
+        opts = []
+    head = rest[: len(rest) - len(opts)]
+    if "--resume" not in head:
+        head.append("--resume")
+    launcher = ["torchrun", "<the same torchrun options>"] if "TORCHELASTIC_RUN_ID" in os.environ else ["python"]
+    return " ".join(launcher + [shlex.quote(t) for t in [script] + head + opts])
 
 
 def default_setup(cfg, args=None):
@@ -168,6 +211,7 @@ class DefaultTrainer(TrainerBase):
         super().__init__()
         if not logging.getLogger("msgc").handlers:  # default_setup was not called: log to the console
             setup_logger(distributed_rank=comm.get_rank())
+        check_solver(cfg)
         _check_batch_size(cfg)
         self.cfg = cfg
         model = self.build_model(cfg)
@@ -223,7 +267,11 @@ class DefaultTrainer(TrainerBase):
             hooks.MACTargetSchedule(model, self.mac_scheduler) if hasattr(model, "set_mac_target") else None,
             hooks.LRScheduler(),
             # checkpoint before evaluating: a crash in the evaluation still leaves this iteration's checkpoint
-            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter, cfg=cfg),
+            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter,
+                                       max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_KEEP, cfg=cfg),
+            # after that checkpoint (which it reuses) and before the evaluation, which a stopping run skips
+            hooks.PreemptionCheckpointer(self.checkpointer, max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_KEEP,
+                                         resume_command=resume_command, cfg=cfg),
         ]
         if cfg.DATASETS.TEST:
             out.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
@@ -263,6 +311,10 @@ class DefaultTrainer(TrainerBase):
     def run_step(self):
         self._trainer.iter = self.iter
         self._trainer.run_step()
+
+    def after_train(self):
+        super().after_train()
+        self._trainer.drop_data_iterator()
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -325,12 +377,46 @@ class DefaultTrainer(TrainerBase):
     def build_train_loader(cls, cfg, start_iter: int = 0):
         """The endless training loader of this process, positioned at iteration ``start_iter``.
 
-        A resumed run then sees the batches the uninterrupted run would have seen (see
-        :func:`skip_batches`). An override must honour ``start_iter`` the same way.
+        A resumed run then sees the batches, augmentations included, that the uninterrupted run would
+        have seen, with any number of DataLoader workers (see :func:`msgc.data.build_train_loader`).
+        An override must honour ``start_iter`` the same way (:func:`skip_batches` does it for any
+        DataLoader with a batch sampler).
         """
         from ..data import build_train_loader
 
-        return skip_batches(build_train_loader(cfg), start_iter)
+        return build_train_loader(cfg, start_iter=start_iter)
+
+    @classmethod
+    def check_config(cls, cfg, args):
+        """Check what can be checked before any process starts; raise a one-line error otherwise.
+
+        ``tools/train_net.py`` calls it in the launching process with its command-line ``args``, so
+        that bad input stops the run before processes are spawned: schedule values
+        (:func:`msgc.solver.check_solver`), the batch sizes against the number of processes, the
+        datasets' folders (:func:`msgc.data.check_dataset`) and ``MODEL.WEIGHTS`` (a local file must
+        exist; a URL is fetched now, once, into iopath's cache), unless ``--resume`` finds a checkpoint
+        to continue from. Override it to add a project's checks.
+        """
+        from ..data import check_dataset
+        from .launch import launched_world_size
+
+        if not args.eval_only:
+            check_solver(cfg)
+            if cfg.DATASETS.TRAIN:
+                check_dataset(cfg, cfg.DATASETS.TRAIN, "train")
+        _check_batch_size(cfg, launched_world_size(args.num_gpus, args.num_machines))
+        for key, value in (("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD),
+                           ("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS)):
+            if value < 0:
+                raise InvalidValueError(f"{key} must be >= 0, got {value}")
+        if cfg.DATASETS.TEST:
+            check_dataset(cfg, cfg.DATASETS.TEST, "test")
+        weights = cfg.MODEL.WEIGHTS
+        if not weights or (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+            return
+        if not is_url(weights) and not os.path.isfile(weights):
+            raise MissingFileError(f"MODEL.WEIGHTS: checkpoint {weights} does not exist")
+        get_local_path(weights)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
@@ -375,10 +461,10 @@ def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
     """The same loader, starting after its first ``num_batches`` batches.
 
     Only the batch sampler's indices are skipped: no image is read for the skipped batches, so
-    resuming late in a long run costs only the iteration over the skipped indices. Worker processes
-    keep their seeds; with ``DATALOADER.NUM_WORKERS 0`` the augmentations draw from the main process's
-    generator, which :class:`~msgc.engine.hooks.IterationSeed` makes a function of the iteration, and a
-    resumed run is then identical to an uninterrupted one.
+    resuming late in a long run costs only the iteration over the skipped indices. The augmentations
+    of the resumed batches are those of the uninterrupted run only if they do not depend on a worker's
+    random state (msgc's own training loader seeds each sample instead, see
+    :class:`msgc.data.SeededSamples`).
     """
     if num_batches <= 0:
         return loader
@@ -393,8 +479,11 @@ def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
                       multiprocessing_context=loader.multiprocessing_context, **extra)
 
 
-def _check_batch_size(cfg):
-    world = comm.get_world_size()
-    if cfg.SOLVER.IMS_PER_BATCH % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} does not divide over {world} "
-                         "processes: make the global batch a multiple of the number of processes")
+def _check_batch_size(cfg, world=None):
+    world = comm.get_world_size() if world is None else world
+    if cfg.SOLVER.IMS_PER_BATCH <= 0 or cfg.SOLVER.IMS_PER_BATCH % world:
+        raise InvalidValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} does not divide over {world} "
+                                "processes: make the global batch a positive multiple of the number of "
+                                "processes")
+    if cfg.TEST.IMS_PER_BATCH <= 0:
+        raise InvalidValueError(f"TEST.IMS_PER_BATCH must be positive, got {cfg.TEST.IMS_PER_BATCH}")

@@ -9,10 +9,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..utils import comm
+from ..utils.preemption import EXIT_STATUS, Preempted, StopRequest
 from .train_loop import HookBase
 
 __all__ = ["IterationTimer", "LRScheduler", "MACTargetSchedule", "IterationSeed", "PeriodicCheckpointer",
-           "EvalHook", "BestCheckpointer", "PeriodicWriter", "GateSummary", "unwrap_model"]
+           "PreemptionCheckpointer", "EvalHook", "BestCheckpointer", "PeriodicWriter", "GateSummary", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,9 @@ class MACTargetSchedule(HookBase):
 class IterationSeed(HookBase):
     """Re-seeds torch's random generators at each iteration from (seed, iteration, rank).
 
-    Random numbers drawn during a step (the gates' noise, dropout, augmentations drawn in the main
-    process) then depend only on the iteration, so a run resumed from a checkpoint draws exactly what the
-    uninterrupted run drew, on any number of processes.
+    Random numbers drawn during a step (the gates' noise, dropout) then depend only on the iteration,
+    so a run resumed from a checkpoint draws exactly what the uninterrupted run drew. (The training
+    loader's augmentations have generators of their own, see :class:`msgc.data.SeededSamples`.)
     """
 
     def __init__(self, seed: int):
@@ -117,14 +118,18 @@ class PeriodicCheckpointer(HookBase):
     """Saves ``<prefix>_<iter>`` every ``period`` iterations and ``model_final`` after the last one.
 
     Only the main process writes (the checkpointer's ``save_to_disk``). Each save records the finished
-    iteration; ``save_kwargs`` (e.g. ``cfg=cfg``) are passed to every save.
+    iteration; ``save_kwargs`` (e.g. ``cfg=cfg``) are passed to every save. After each periodic save,
+    the periodic checkpoints beyond the newest ``max_to_keep`` are deleted (0 keeps all; see
+    ``MSGCCheckpointer.remove_old``: the file named in ``last_checkpoint`` always stays).
     """
 
-    def __init__(self, checkpointer, period: int, max_iter: int = None, file_prefix: str = "model", **save_kwargs):
+    def __init__(self, checkpointer, period: int, max_iter: int = None, file_prefix: str = "model",
+                 max_to_keep: int = 0, **save_kwargs):
         self._checkpointer = checkpointer
         self._period = int(period)
         self._max_iter = max_iter
         self._prefix = file_prefix
+        self._keep = int(max_to_keep)
         self._kwargs = save_kwargs
 
     def after_step(self):
@@ -134,6 +139,72 @@ class PeriodicCheckpointer(HookBase):
             self._checkpointer.save(f"{self._prefix}_final", iteration=it, **self._kwargs)
         elif self._period > 0 and (it + 1) % self._period == 0:
             self._checkpointer.save(f"{self._prefix}_{it:07d}", iteration=it, **self._kwargs)
+            if self._keep > 0:
+                self._checkpointer.remove_old(self._prefix, self._keep)
+
+
+class PreemptionCheckpointer(HookBase):
+    """On SIGTERM or SIGUSR1: finish the step, save it, and stop with exit status 143.
+
+    Schedulers send SIGTERM before they kill a job (SLURM's ``--signal=USR1@<seconds>`` sends SIGUSR1
+    ahead of the end). The handler only records the signal (:class:`msgc.utils.preemption.StopRequest`,
+    installed from ``before_train`` to ``after_train``). After every ``check_period``-th step the
+    processes agree whether any of them received one (one tiny all-reduce over gloo, see
+    :func:`msgc.utils.comm.any_process`), so that all stop after the same iteration; then the main
+    process saves ``<prefix>_<iter>`` (unless this iteration's checkpoint was just saved), deletes
+    periodic checkpoints beyond ``max_to_keep``, logs the command that resumes the run, and every
+    process raises :class:`~msgc.utils.preemption.Preempted` once the save is done. More signals
+    during the save are recorded and change nothing; the save itself is atomic.
+
+    Register it after :class:`PeriodicCheckpointer` (it reuses that save) and before
+    :class:`EvalHook` (a stopping run does not start an evaluation; a signal during one takes effect
+    after it).
+
+    Args:
+        checkpointer: the trainer's checkpointer.
+        file_prefix, max_to_keep: as :class:`PeriodicCheckpointer`'s.
+        resume_command: () -> the command line that resumes the run, for the log.
+        check_period: steps between two checks (1: every step).
+        save_kwargs: passed to the save (e.g. ``cfg=cfg``).
+    """
+
+    def __init__(self, checkpointer, file_prefix: str = "model", max_to_keep: int = 0, resume_command=None,
+                 check_period: int = 1, **save_kwargs):
+        self._checkpointer = checkpointer
+        self._prefix = file_prefix
+        self._keep = int(max_to_keep)
+        self._command = resume_command
+        self._period = max(1, int(check_period))
+        self._kwargs = save_kwargs
+        self.request = StopRequest()
+
+    def before_train(self):
+        if not self.request.install():
+            logger.warning("Training runs outside the main thread: SIGTERM and SIGUSR1 cannot be caught, "
+                           "a signal ends the run without a checkpoint")
+
+    def after_train(self):
+        self.request.uninstall()
+
+    def after_step(self):
+        it = self.trainer.iter
+        if (it + 1) % self._period and it + 1 < self.trainer.max_iter:
+            return
+        if not comm.any_process(self.request.requested):
+            return
+        received = self.request.names() or "a stop signal (in another process)"
+        logger.warning("%s received: stopping after iteration %d", received, it)
+        name = f"{self._prefix}_final" if it + 1 >= self.trainer.max_iter else f"{self._prefix}_{it:07d}"
+        if getattr(self._checkpointer, "last_saved_iteration", None) != it:
+            self._checkpointer.save(name, iteration=it, **self._kwargs)
+            if self._keep > 0:
+                self._checkpointer.remove_old(self._prefix, self._keep)
+        comm.synchronize()  # nobody leaves before the checkpoint is on disk
+        message = f"stopped by {received} after iteration {it}"
+        if comm.is_main_process():
+            logger.warning("Stopped after iteration %d with a checkpoint (exit status %d). Resume with:\n  %s",
+                           it, EXIT_STATUS, self._command() if self._command else "the same command with --resume")
+        raise Preempted(message)
 
 
 class EvalHook(HookBase):

@@ -12,9 +12,10 @@ import weakref
 
 import torch
 
+from ..utils.errors import InvalidValueError, UserError, one_line
 from ..utils.events import EventStorage, get_event_storage
 
-__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer"]
+__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer", "NonFiniteLossError"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class TrainerBase:
                     self.run_step()
                     self.after_step()
                 self.iter = max_iter  # marks a finished run for the after_train hooks
+            except UserError as e:  # bad input: the command line shows it in one line, no traceback
+                logger.error("Training stopped at iteration %d: %s", self.iter, one_line(e))
+                raise
             except Exception:
                 logger.exception("Exception during training at iteration %d:", self.iter)
                 raise
@@ -159,6 +163,15 @@ class SimpleTrainer(TrainerBase):
         self._data_iter = None
         self.device = next(model.parameters()).device
 
+    def drop_data_iterator(self):
+        """Forget the data loader's iterator (a DataLoader's worker processes end with it); the next
+        batch starts a new one."""
+        self._data_iter = None
+
+    def after_train(self):
+        super().after_train()
+        self.drop_data_iterator()
+
     def next_batch(self):
         """The next ``(images, labels)`` on the model's device, and the seconds spent waiting for it."""
         if self._data_iter is None:
@@ -188,7 +201,7 @@ class SimpleTrainer(TrainerBase):
         total = float(loss.detach())
         if self.check_finite_loss and not math.isfinite(total):
             losses = ", ".join(f"{k}={v:.6g}" for k, v in values.items() if k.startswith("loss_"))
-            raise FloatingPointError(f"loss is not finite at iteration {self.iter}: {losses} (total {total}); "
+            raise NonFiniteLossError(f"loss is not finite at iteration {self.iter}: {losses} (total {total}); "
                                      "lower the learning rate or check the data")
         storage = get_event_storage()
         storage.put_scalars(total_loss=total, data_time=data_time)
@@ -197,6 +210,10 @@ class SimpleTrainer(TrainerBase):
 
     def state_dict(self) -> dict:
         return {}
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A loss became NaN or infinite: training diverged (the message names the iteration and the losses)."""
 
 
 def total_loss(outputs: dict) -> torch.Tensor:
@@ -227,7 +244,7 @@ class AMPTrainer(SimpleTrainer):
         super().__init__(model, data_loader, optimizer, check_finite_loss)
         if isinstance(dtype, str):
             if dtype not in _AMP_DTYPES:
-                raise ValueError(f"SOLVER.AMP.DTYPE must be one of {sorted(_AMP_DTYPES)}, got '{dtype}'")
+                raise InvalidValueError(f"SOLVER.AMP.DTYPE must be one of {sorted(_AMP_DTYPES)}, got '{dtype}'")
             dtype = _AMP_DTYPES[dtype]
         self.dtype = dtype
         if dtype == torch.float16 and grad_scaler is None:

@@ -5,6 +5,7 @@ import torch
 from tabulate import tabulate
 
 from ..utils import comm
+from ..utils.errors import InvalidValueError
 from .evaluator import DatasetEvaluator
 
 __all__ = ["ClassificationEvaluator", "results_table"]
@@ -55,7 +56,7 @@ class ClassificationEvaluator(DatasetEvaluator):
     def _check_labels(labels, num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)]
         if bad.numel():
-            raise ValueError(f"test label {int(bad[0])} is out of range for a model with {num_classes} classes")
+            raise InvalidValueError(f"test label {int(bad[0])} is out of range for a model with {num_classes} classes")
 
     def _add_macs(self, macs: torch.Tensor, size: tuple):
         total = sum((Fraction(v) for v in macs.detach().double().cpu().tolist()), Fraction(0))
@@ -72,7 +73,7 @@ class ClassificationEvaluator(DatasetEvaluator):
         states = comm.all_gather(self._state())
         count = sum(s[0] for s in states)
         if count == 0:
-            raise ValueError("the evaluation saw no sample: the test dataset is empty")
+            raise InvalidValueError("the evaluation saw no sample: the test dataset is empty")
         results = {f"top{k}": 100.0 * sum(s[1][k] for s in states) / count for k in self._topk}
         results["num_samples"] = count
         if any(s[4] for s in states):

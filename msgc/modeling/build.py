@@ -1,6 +1,7 @@
 """``build_model(cfg)``: the classifier of the config, on ``cfg.MODEL.DEVICE``."""
 import torch
 
+from ..utils.errors import InvalidValueError
 from .backbone import build_backbone
 from .classifier import Classifier
 
@@ -14,8 +15,8 @@ def build_model(cfg):
     """
     device = torch.device(cfg.MODEL.DEVICE)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("MODEL.DEVICE is 'cuda' but this machine has no CUDA device; "
-                           "add 'MODEL.DEVICE cpu' to the command line")
+        raise InvalidValueError("MODEL.DEVICE is 'cuda' but this machine has no CUDA device; "
+                                "add 'MODEL.DEVICE cpu' to the command line")
     model = Classifier(build_backbone(cfg), label_smoothing=cfg.MODEL.LABEL_SMOOTHING,
                        mac_loss_weight=cfg.MODEL.MSGC.LOSS_WEIGHT)
     return model.to(device)

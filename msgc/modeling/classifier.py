@@ -1,11 +1,16 @@
 """The classification model: a backbone, the classification loss and the sparsity (MAC) loss."""
+import logging
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils.errors import InvalidValueError
 from .layers import Gate
 
 __all__ = ["Classifier"]
+
+logger = logging.getLogger(__name__)
 
 
 class Classifier(nn.Module):
@@ -13,7 +18,10 @@ class Classifier(nn.Module):
 
     Eval mode: ``model(images)`` -> ``{"logits": N x classes, "macs": N}``.
     Train mode: ``model(images, labels)`` -> ``{"loss_cls", "loss_macs"}`` plus detached metrics
-    (``mac_ratio``, ``mac_target``, ``gate_open``) under keys without the ``loss_`` prefix.
+    (``mac_ratio``, ``mac_target``, ``gate_open``) under keys without the ``loss_`` prefix. A backbone
+    whose MACs do not depend on any trained parameter (no gate: grouping "dense", or a registered
+    backbone without MSGC layers) gets no ``loss_macs``, which could not change it; the first such
+    forward pass logs it.
     The MAC target is set from outside (the trainer's schedule) through :meth:`set_mac_target`.
 
     Args:
@@ -56,20 +64,28 @@ class Classifier(nn.Module):
         num_classes = logits.size(1)
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
-            raise ValueError(f"label {bad} is out of range for MODEL.NUM_CLASSES={num_classes}")
+            raise InvalidValueError(f"label {bad} is out of range for MODEL.NUM_CLASSES={num_classes}")
         loss_cls = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         ratio = macs.mean() / self.dense_macs(*size)
         target = self.mac_target
-        if ratio.detach().item() >= target.item():
-            loss_macs = self.mac_loss_weight * (ratio - target)
+        out = {"loss_cls": loss_cls, "mac_ratio": ratio.detach(), "mac_target": target.clone()}
+        if not ratio.requires_grad:
+            self._say_no_gates()
+        elif ratio.detach().item() >= target.item():
+            out["loss_macs"] = self.mac_loss_weight * (ratio - target)
         else:
-            loss_macs = ratio.new_zeros(())
-        out = {"loss_cls": loss_cls, "loss_macs": loss_macs, "mac_ratio": ratio.detach(),
-               "mac_target": target.clone()}
+            out["loss_macs"] = ratio.new_zeros(())
         gate_open = self.gate_open_ratio()
         if gate_open is not None:
             out["gate_open"] = gate_open
         return out
+
+    def _say_no_gates(self):
+        if not getattr(self, "_said_no_gates", False):
+            self._said_no_gates = True
+            logger.info("%s has no gate (its MACs depend on no trained parameter): training without the "
+                        "sparsity loss loss_macs; MODEL.MSGC.LOSS_WEIGHT and the MAC target have no effect",
+                        type(self.backbone).__name__)
 
     def gate_open_ratio(self):
         """Mean fraction of open gates over the gates of the last forward pass (None if no gate)."""

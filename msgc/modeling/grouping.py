@@ -5,6 +5,7 @@
 from typing import Optional
 
 import torch
+from ..utils.errors import InvalidValueError
 from ..utils.registry import Registry
 from torch import nn
 
@@ -35,7 +36,7 @@ class Grouping:
 
     def __init__(self, heads: int = 4, temperature: float = 2.0 / 3.0, gate_bias: float = 2.0):
         if heads < 1:
-            raise ValueError(f"MODEL.MSGC.HEADS must be >= 1, got {heads}")
+            raise InvalidValueError(f"MODEL.MSGC.HEADS must be >= 1, got {heads}")
         self.heads = heads
         self.temperature = temperature
         self.gate_bias = gate_bias
@@ -95,7 +96,7 @@ class StaticMask(nn.Module):
     def __init__(self, channels: int, heads: int):
         super().__init__()
         if channels % heads:
-            raise ValueError(f"static grouping: {heads} heads do not divide {channels} channels")
+            raise InvalidValueError(f"static grouping: {heads} heads do not divide {channels} channels")
         mask = torch.zeros(heads, channels)
         for i in range(heads):
             mask[i, i * channels // heads:(i + 1) * channels // heads] = 1

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils.errors import InvalidValueError
 from .layers import Generator, gate_channels, gated_conv
 from .macs import Costs, MaskStats, conv_out, detached, heads_dot
 
@@ -63,10 +64,10 @@ def msgc_conv2d(in_channels: int, out_channels: int, kernel: int, heads: int, st
     input broadcast once per head; its weights have the dense convolution's shape, so the host's
     weights load into it. A head count that does not divide the layer is an error naming ``where``."""
     if out_channels % (heads * groups):
-        raise ValueError(f"{where}: MODEL.MSGC.HEADS={heads} does not divide its {out_channels} output channels"
+        raise InvalidValueError(f"{where}: MODEL.MSGC.HEADS={heads} does not divide its {out_channels} output channels"
                          + (f" ({out_channels // groups} in each of its {groups} groups)" if groups > 1 else ""))
     if in_channels % groups:
-        raise ValueError(f"{where}: {groups} groups do not divide its {in_channels} input channels")
+        raise InvalidValueError(f"{where}: {groups} groups do not divide its {in_channels} input channels")
     return nn.Conv2d(in_channels * heads, out_channels, kernel, stride, kernel // 2, groups=heads * groups, bias=False)
 
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils.errors import InvalidValueError
+
 __all__ = [
     "Gate",
     "Generator",
@@ -67,7 +69,7 @@ class Generator(nn.Module):
         super().__init__()
         hidden = in_channels // reduction
         if hidden < 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"generator over {in_channels} input channels with reduction {reduction} has no "
                 "hidden channel; use a wider layer or a smaller reduction"
             )

@@ -1,10 +1,11 @@
 """Builders of the optimizer and of the learning-rate and MAC-target schedules; ``SCHEDULER_REGISTRY``."""
+from ..utils.errors import InvalidValueError
 from ..utils.registry import Registry
 from .lr_scheduler import LRScheduleMultiplier, with_warmup
 from .mac_scheduler import MACTargetScheduler
 from .optimizer import build_optimizer
 
-__all__ = ["SCHEDULER_REGISTRY", "build_lr_scheduler", "build_mac_scheduler", "build_optimizer"]
+__all__ = ["SCHEDULER_REGISTRY", "build_lr_scheduler", "build_mac_scheduler", "build_optimizer", "check_solver"]
 
 SCHEDULER_REGISTRY = Registry("SCHEDULER")
 SCHEDULER_REGISTRY.__doc__ = """
@@ -23,8 +24,43 @@ A schedule that makes no sense for one of them raises ValueError saying so.
 """
 
 
+def _require(ok: bool, key: str, value, what: str):
+    if not ok:
+        raise InvalidValueError(f"{key} must be {what}, got {value!r}")
+
+
+def check_solver(cfg):
+    """Refuse SOLVER values that no schedule can follow, naming the key and what it must be.
+
+    Called by the schedule builders, and by launchers before any process starts.
+    """
+    s = cfg.SOLVER
+    _require(isinstance(s.MAX_ITER, int) and s.MAX_ITER > 0, "SOLVER.MAX_ITER", s.MAX_ITER,
+             "a positive number of iterations")
+    _require(0 <= s.WARMUP_ITERS < s.MAX_ITER, "SOLVER.WARMUP_ITERS", s.WARMUP_ITERS,
+             f"in [0, SOLVER.MAX_ITER={s.MAX_ITER})")
+    _require(0.0 <= s.WARMUP_FACTOR <= 1.0, "SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR, "in [0, 1]")
+    _require(s.IMS_PER_BATCH > 0, "SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, "a positive number of images")
+    _require(s.BASE_LR >= 0, "SOLVER.BASE_LR", s.BASE_LR, ">= 0")
+    _require(s.PRETRAINED_LR_MULT >= 0, "SOLVER.PRETRAINED_LR_MULT", s.PRETRAINED_LR_MULT, ">= 0")
+    _require(0.0 <= s.MOMENTUM < 1.0, "SOLVER.MOMENTUM", s.MOMENTUM, "in [0, 1)")
+    for key in ("WEIGHT_DECAY", "WEIGHT_DECAY_NORM", "WEIGHT_DECAY_GATES"):
+        _require(s[key] >= 0, f"SOLVER.{key}", s[key], ">= 0")
+    _require(s.GAMMA > 0, "SOLVER.GAMMA", s.GAMMA, "> 0")
+    _require(all(isinstance(x, int) and x > 0 for x in s.STEPS), "SOLVER.STEPS", list(s.STEPS),
+             "positive iterations")
+    _require(s.CHECKPOINT_PERIOD >= 0, "SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD,
+             ">= 0 (0: only the final checkpoint)")
+    _require(s.CHECKPOINT_MAX_KEEP >= 0, "SOLVER.CHECKPOINT_MAX_KEEP", s.CHECKPOINT_MAX_KEEP, ">= 0 (0: keep all)")
+    t = s.MAC_TARGET
+    _require(0.0 < t.FINAL <= 1.0, "SOLVER.MAC_TARGET.FINAL", t.FINAL, "in (0, 1]")
+    _require(0.0 <= t.PSTART < t.PSTOP <= 1.0, "SOLVER.MAC_TARGET.PSTART and PSTOP", [t.PSTART, t.PSTOP],
+             "0 <= PSTART < PSTOP <= 1 (fractions of the training)")
+
+
 def build_lr_scheduler(cfg, optimizer) -> LRScheduleMultiplier:
     """The per-iteration LR scheduler of the config (registered schedule x linear warm-up)."""
+    check_solver(cfg)
     schedule = SCHEDULER_REGISTRY.get(cfg.SOLVER.LR_SCHEDULER_NAME)(cfg, "lr")
     warmup = cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER
     schedule = with_warmup(schedule, warmup, cfg.SOLVER.WARMUP_FACTOR)
@@ -33,5 +69,6 @@ def build_lr_scheduler(cfg, optimizer) -> LRScheduleMultiplier:
 
 def build_mac_scheduler(cfg) -> MACTargetScheduler:
     """The per-iteration MAC-target scheduler of the config (``SOLVER.MAC_TARGET``)."""
+    check_solver(cfg)
     schedule = SCHEDULER_REGISTRY.get(cfg.SOLVER.MAC_TARGET.NAME)(cfg, "mac_target")
     return MACTargetScheduler(schedule, cfg.SOLVER.MAX_ITER)

@@ -2,6 +2,8 @@
 from fvcore.common.param_scheduler import ParamScheduler
 from torch.optim.lr_scheduler import LRScheduler
 
+from ..utils.errors import InvalidValueError
+
 __all__ = ["LRScheduleMultiplier", "Warmup", "with_warmup"]
 
 
@@ -14,8 +16,8 @@ class Warmup(ParamScheduler):
 
     def __init__(self, schedule: ParamScheduler, length: float, factor: float):
         if not 0.0 < length < 1.0:
-            raise ValueError(f"warm-up length must be a fraction of training in (0, 1), got {length}: "
-                             "SOLVER.WARMUP_ITERS must be smaller than SOLVER.MAX_ITER")
+            raise InvalidValueError(f"warm-up length must be a fraction of training in (0, 1), got {length}: "
+                                    "SOLVER.WARMUP_ITERS must be smaller than SOLVER.MAX_ITER")
         self.schedule, self.length, self.factor = schedule, length, factor
 
     def __call__(self, where: float) -> float:
@@ -48,7 +50,7 @@ class LRScheduleMultiplier(LRScheduler):
 
     def __init__(self, optimizer, schedule: ParamScheduler, max_iter: int, last_iter: int = -1):
         if max_iter <= 0:
-            raise ValueError(f"SOLVER.MAX_ITER must be positive, got {max_iter}")
+            raise InvalidValueError(f"SOLVER.MAX_ITER must be positive, got {max_iter}")
         self.schedule = schedule
         self.max_iter = max_iter
         super().__init__(optimizer, last_epoch=last_iter)

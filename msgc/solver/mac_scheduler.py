@@ -1,6 +1,8 @@
 """The MAC-target scheduler: the current target of the sparsity loss at each iteration."""
 from fvcore.common.param_scheduler import ParamScheduler
 
+from ..utils.errors import InvalidValueError
+
 __all__ = ["MACTargetScheduler"]
 
 
@@ -20,7 +22,7 @@ class MACTargetScheduler:
 
     def __init__(self, schedule: ParamScheduler, max_iter: int, last_iter: int = -1):
         if max_iter <= 0:
-            raise ValueError(f"SOLVER.MAX_ITER must be positive, got {max_iter}")
+            raise InvalidValueError(f"SOLVER.MAX_ITER must be positive, got {max_iter}")
         self.schedule = schedule
         self.max_iter = max_iter
         self.iter = last_iter + 1

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from ..utils.errors import InvalidValueError
+
 __all__ = ["build_optimizer", "param_groups", "GATE_KEYWORDS"]
 
 # A parameter belongs to the gate/attention generators when its name contains one of these. "mask" is
@@ -49,5 +51,5 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, s.BASE_LR, s.PRETRAINED_LR_MULT, s.WEIGHT_DECAY, s.WEIGHT_DECAY_NORM,
                           s.WEIGHT_DECAY_GATES)
     if not groups:
-        raise ValueError("the model has no trainable parameters")
+        raise InvalidValueError("the model has no trainable parameters (are all its parameters frozen?)")
     return torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV)

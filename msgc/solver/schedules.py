@@ -3,6 +3,7 @@ import math
 
 from fvcore.common.param_scheduler import ConstantParamScheduler, MultiStepParamScheduler, ParamScheduler
 
+from ..utils.errors import InvalidValueError
 from .build import SCHEDULER_REGISTRY
 
 __all__ = ["Ramp", "linear", "cosine", "multistep", "constant"]
@@ -18,7 +19,8 @@ class Ramp(ParamScheduler):
 
     def __init__(self, begin: float, end: float, start: float = 0.0, stop: float = 1.0, shape: str = "linear"):
         if not 0.0 <= start < stop:
-            raise ValueError(f"a schedule needs 0 <= start < stop, got start={start}, stop={stop}")
+            raise InvalidValueError(f"a schedule needs 0 <= start < stop, got start={start}, stop={stop} "
+                                    "(SOLVER.MAC_TARGET.PSTART and PSTOP)")
         if shape not in ("linear", "cosine"):
             raise ValueError(f"ramp shape must be 'linear' or 'cosine', got '{shape}'")
         self.begin, self.end, self.start, self.stop, self.shape = begin, end, start, stop, shape
@@ -37,7 +39,7 @@ class Ramp(ParamScheduler):
 def _mac_ramp(cfg, shape: str) -> Ramp:
     t = cfg.SOLVER.MAC_TARGET
     if not 0.0 < t.FINAL <= 1.0:
-        raise ValueError(f"SOLVER.MAC_TARGET.FINAL must be in (0, 1], got {t.FINAL}")
+        raise InvalidValueError(f"SOLVER.MAC_TARGET.FINAL must be in (0, 1], got {t.FINAL}")
     return Ramp(1.0, t.FINAL, t.PSTART, t.PSTOP, shape)
 
 
@@ -57,8 +59,8 @@ def cosine(cfg, what: str) -> ParamScheduler:
 def multistep(cfg, what: str) -> ParamScheduler:
     """LR only: multiplied by SOLVER.GAMMA at each iteration of SOLVER.STEPS."""
     if what != "lr":
-        raise ValueError("the 'multistep' schedule is for the learning rate only; use 'linear' or 'cosine' "
-                         "for SOLVER.MAC_TARGET.NAME")
+        raise InvalidValueError("the 'multistep' schedule is for the learning rate only; use 'linear' or 'cosine' "
+                                "for SOLVER.MAC_TARGET.NAME")
     steps = sorted(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
     values = [cfg.SOLVER.GAMMA ** k for k in range(len(steps) + 1)]
     return MultiStepParamScheduler(values, num_updates=cfg.SOLVER.MAX_ITER, milestones=steps)

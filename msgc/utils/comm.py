@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
-           "all_gather", "all_reduce_sum"]
+           "all_gather", "all_reduce_sum", "any_process"]
 
 # set by msgc.engine.launch for the processes of one machine
 _LOCAL_RANK = 0
@@ -61,3 +61,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is True on any process (returns it at world size 1).
+
+    One all-reduce of a one-element CPU tensor over gloo, whatever the main backend: no GPU kernel,
+    no device synchronisation, cheap enough to call every iteration.
+    """
+    if get_world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(value.item())

@@ -1,10 +1,12 @@
 """fvcore's Registry, with an unknown-name error that lists what is registered."""
 from fvcore.common.registry import Registry as _FvcoreRegistry
 
+from .errors import UserError
+
 __all__ = ["Registry", "UnknownNameError"]
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A registry was asked for a name that nothing registered."""
 
     def __str__(self):

@@ -25,8 +25,9 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # msgc_detection, from any working folder
 
 from msgc.config import get_cfg  # noqa: E402
-from msgc.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
-from msgc.engine.defaults import skip_batches  # noqa: E402
+from msgc.engine import (DefaultTrainer, default_argument_parser, default_setup, exit_on_user_error,  # noqa: E402
+                         hooks, launch)
+from msgc.engine.launch import launched_world_size  # noqa: E402
 from msgc.evaluation import inference_on_dataset  # noqa: E402
 from msgc.utils import comm  # noqa: E402
 from msgc.utils.logger import setup_logger  # noqa: E402
@@ -35,6 +36,7 @@ from msgc_detection import (COCOEvaluator, DetectionCheckpointer, add_detection_
                             build_detection_dataset, build_detection_test_loader, build_detection_train_loader,
                             build_detector)
 from msgc_detection.config import check_detection_config  # noqa: E402
+from msgc_detection.data import check_detection_dataset  # noqa: E402
 from msgc_detection.solver import build_detection_optimizer  # noqa: E402
 
 logger = logging.getLogger("msgc_detection.train_net")
@@ -62,7 +64,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
-        return skip_batches(build_detection_train_loader(cfg), start_iter)
+        return build_detection_train_loader(cfg, start_iter=start_iter)
+
+    @classmethod
+    def check_config(cls, cfg, args):
+        """The core's checks before any process starts, with the detection datasets and settings."""
+        check_detection_config(cfg, launched_world_size(args.num_gpus, args.num_machines))
+        for name in filter(None, ([] if args.eval_only else [cfg.DATASETS.TRAIN]) + [cfg.DATASETS.TEST]):
+            check_detection_dataset(name, cfg.DATASETS.ROOT)
+        core = cfg.clone()
+        core.defrost()
+        core.DATASETS.TRAIN = core.DATASETS.TEST = ""  # names of the detection catalog, checked above
+        super().check_config(core, args)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -117,8 +130,20 @@ def main(args):
     return trainer.train()
 
 
+def invoke_main(argv=None):
+    """The command line: check what can be checked, then start ``main`` on every process.
+
+    Bad input, found here, in any rank or in a data-loader worker, ends the run with one line
+    ``error: ...`` and exit status 2; a run stopped by SIGTERM or SIGUSR1 exits with status 143 after
+    saving a checkpoint.
+    """
+    with exit_on_user_error():
+        args = default_argument_parser(epilog=__doc__).parse_args(argv)
+        cfg = load_config(args)
+        Trainer.check_config(cfg, args)  # before any process starts
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
+
+
 if __name__ == "__main__":
-    args = default_argument_parser(epilog=__doc__).parse_args()
-    device = load_config(args).MODEL.DEVICE  # the launcher needs it: NCCL for GPUs, gloo for the CPU
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), device=device)
+    invoke_main()

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ...utils.errors import InvalidValueError
 from ..layers import AttentionGenerator
 from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock
@@ -32,7 +33,7 @@ class DenseLayer(GatedBlock):
         super().__init__()
         heads = grouping.heads
         if growth % heads:
-            raise ValueError(f"{name}: MODEL.MSGC.HEADS={heads} does not divide its growth rate {growth}")
+            raise InvalidValueError(f"{name}: MODEL.MSGC.HEADS={heads} does not divide its growth rate {growth}")
         hidden = bottleneck * growth
         self.in_channels, self.growth, self.hidden, self.heads = in_channels, growth, hidden, heads
         self.conv_1 = _PreActConv(in_channels, hidden)
@@ -80,7 +81,7 @@ class MSGCDenseNet(Backbone):
                  stages=(4, 6, 8, 10, 8), growth=(8, 16, 32, 64, 128), bottleneck=4):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+            raise InvalidValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
         self.build_args = dict(num_classes=num_classes, width_mult=width_mult, stem=stem, stages=stages, growth=growth,
                                bottleneck=bottleneck)
         growth = [max(grouping.heads, int(round(g * width_mult))) for g in growth]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torchvision.models._utils import _make_divisible
 
+from ...utils.errors import InvalidValueError
 from ..layers import AttentionGenerator
 from ..macs import Costs, conv_out
 from .base import Backbone, GatedBlock
@@ -32,7 +33,7 @@ class InvertedResidual(GatedBlock):
         heads = grouping.heads
         hidden = int(round(inp * expand_ratio))
         if oup % heads:
-            raise ValueError(f"{name}: MODEL.MSGC.HEADS={heads} does not divide its {oup} output channels")
+            raise InvalidValueError(f"{name}: MODEL.MSGC.HEADS={heads} does not divide its {oup} output channels")
         self.inp, self.oup, self.hidden, self.stride, self.heads = inp, oup, hidden, stride, heads
         self.expand = expand_ratio != 1
         self.use_res_connect = stride == 1 and inp == oup
@@ -76,7 +77,7 @@ class MSGCMobileNetV2(Backbone):
                  round_nearest=8):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+            raise InvalidValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
         self.build_args = dict(num_classes=num_classes, width_mult=width_mult, stem=stem, round_nearest=round_nearest)
         setting, first_stride = (_IMAGENET_SETTING, 2) if stem == "imagenet" else (_CIFAR_SETTING, 1)
         cin = _make_divisible(32 * width_mult, round_nearest)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
+from ...utils.errors import InvalidValueError
 from ..kit import msgc_conv2d
 from ..layers import AttentionGenerator
 from ..macs import conv_out
@@ -67,7 +68,7 @@ class MSGCRegNet(Backbone):
                  depths=(1, 3, 8, 2), widths=(64, 144, 320, 784), group_width=16, se_ratio=0.25, stem_width=32):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+            raise InvalidValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
         self.build_args = dict(num_classes=num_classes, width_mult=width_mult, stem=stem, depths=depths, widths=widths,
                                group_width=group_width, se_ratio=se_ratio, stem_width=stem_width)
         # widths stay multiples of the group width (RegNet's quantisation)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ...utils.errors import InvalidValueError
 from ..kit import msgc_conv2d
 from ..layers import AttentionGenerator
 from ..macs import conv_out
@@ -33,7 +34,7 @@ class BasicBlock(GatedBlock):
     def __init__(self, inplanes, planes, stride, downsample, grouping, attention, name="", base_width=64, groups=1):
         super().__init__()
         if groups != 1 or base_width != 64:
-            raise ValueError(f"{name}: basic blocks have groups=1 and width 64 per group (as torchvision's)")
+            raise InvalidValueError(f"{name}: basic blocks have groups=1 and width 64 per group (as torchvision's)")
         heads = grouping.heads
         self.inplanes, self.planes, self.stride, self.heads = inplanes, planes, stride, heads
         self.conv1 = _conv3x3(inplanes, planes, stride)
@@ -111,7 +112,7 @@ class MSGCResNet(Backbone):
                  stem="imagenet", groups=1, base_width=64):
         super().__init__(grouping.heads)
         if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
+            raise InvalidValueError(f"MODEL.BACKBONE.STEM must be 'imagenet' or 'cifar', got '{stem}'")
         self.build_args = dict(block=block, layers=layers, num_classes=num_classes, width_mult=width_mult, stem=stem,
                                groups=groups, base_width=base_width)
         self.groups, self.base_width = groups, base_width

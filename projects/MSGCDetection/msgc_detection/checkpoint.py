@@ -12,6 +12,7 @@ import logging
 from typing import Dict, Tuple
 
 from msgc.checkpoint import MSGCCheckpointer
+from msgc.checkpoint import CheckpointError
 from msgc.checkpoint.formats import LOAD_INFO_KEY, LoadInfo
 
 __all__ = ["DetectionCheckpointer", "BODY_PREFIX", "map_classification_state_dict"]
@@ -74,7 +75,7 @@ class DetectionCheckpointer(MSGCCheckpointer):
             state_dict = {k[len(BODY_PREFIX):]: v for k, v in state_dict.items()}
         mapped, dropped = map_classification_state_dict(state_dict, set(self.model.state_dict()))
         if not mapped:
-            raise ValueError(f"{info.path}: no backbone weights in this checkpoint")
+            raise CheckpointError(f"{info.path}: no backbone weights in this checkpoint")
         counters = [k for k in dropped if k.endswith("num_batches_tracked")]
         others = [k for k in dropped if k not in counters]
         logger.info("%s (%s): classification weights -> detector backbone: %d tensors; dropped: %s and %d "

@@ -1,5 +1,6 @@
 """The config keys of MSGCDetection, added to msgc's default tree by :func:`add_detection_config`."""
 from msgc.config import CfgNode as CN
+from msgc.utils.errors import InvalidValueError
 
 __all__ = ["add_detection_config", "check_detection_config"]
 
@@ -94,6 +95,6 @@ def check_detection_config(cfg, world_size: int = 1):
     """Refuse settings that would fail deep inside torch during training, with the fix in the message."""
     per_process = cfg.SOLVER.IMS_PER_BATCH // max(1, world_size)
     if cfg.MODEL.DETECTOR.NORM in ("BN", "SyncBN") and per_process < 2 and cfg.MODEL.MSGC.GROUPING != "dense":
-        raise ValueError(f"MODEL.DETECTOR.NORM '{cfg.MODEL.DETECTOR.NORM}' with {per_process} image per process: "
-                         "the gates' BatchNorm sees one value per image and needs at least 2; use FrozenBN "
-                         "or more images per process (SOLVER.IMS_PER_BATCH)")
+        raise InvalidValueError(f"MODEL.DETECTOR.NORM '{cfg.MODEL.DETECTOR.NORM}' with {per_process} image per "
+                                "process: the gates' BatchNorm sees one value per image and needs at least 2; use "
+                                "FrozenBN or more images per process (SOLVER.IMS_PER_BATCH)")

@@ -4,16 +4,17 @@ import logging
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, Dataset
 
-from msgc.data.samplers import InferenceSampler, TrainingSampler
+from msgc.data import CorruptImageError, InferenceSampler, SeededSamples, TrainingSampler, build_loader
 from msgc.utils import comm
+from msgc.utils.errors import InvalidValueError
 
 from .catalog import resolve_dataset
 from .coco import CocoRecords, load_coco_json
 
 __all__ = ["BatchList", "DetectionDataset", "build_detection_dataset", "build_detection_train_loader",
-           "build_detection_test_loader"]
+           "build_detection_test_loader", "random_flip"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ class DetectionDataset(Dataset):
 
     Args:
         coco: the checked records of a COCO json (see :func:`load_coco_json`).
-        flip: flip each image horizontally (with its boxes) with probability 1/2.
+        flip: whether training should flip images (:func:`random_flip`, applied by the training loader
+            with each sample's own generator); the items themselves are never flipped.
     """
 
     def __init__(self, coco: CocoRecords, flip: bool = False):
@@ -39,16 +41,27 @@ class DetectionDataset(Dataset):
             with Image.open(r["file_name"]) as f:
                 image = np.asarray(f.convert("RGB"))
         except OSError as e:
-            raise OSError(f"cannot read image {r['file_name']}: {e}") from None
+            raise CorruptImageError(f"cannot read image {r['file_name']}: {e}") from None
         if image.shape[:2] != (r["height"], r["width"]):
-            raise ValueError(f"{r['file_name']} is {image.shape[1]}x{image.shape[0]} but {self.coco.json_file} "
-                             f"says {r['width']}x{r['height']}; its boxes would not fit the image")
+            raise InvalidValueError(f"{r['file_name']} is {image.shape[1]}x{image.shape[0]} but {self.coco.json_file} "
+                                    f"says {r['width']}x{r['height']}; its boxes would not fit the image")
         image = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255)
         boxes = torch.from_numpy(r["boxes"].copy())
-        if self.flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-            boxes = torch.stack([r["width"] - boxes[:, 2], boxes[:, 1], r["width"] - boxes[:, 0], boxes[:, 3]], 1)
         return image, {"boxes": boxes, "labels": torch.from_numpy(r["labels"].copy()), "image_id": r["image_id"]}
+
+
+def random_flip(item, generator):
+    """Flip ``(image, target)`` horizontally, boxes included, with probability 1/2 drawn from ``generator``."""
+    image, target = item
+    if float(torch.rand((), generator=generator)) >= 0.5:
+        return item
+    width, boxes = image.shape[-1], target["boxes"]
+    flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    return image.flip(-1), dict(target, boxes=flipped)
+
+
+def _no_augmentation(item, generator):
+    return item
 
 
 def _move(obj, device, non_blocking):
@@ -92,24 +105,27 @@ def build_detection_dataset(cfg, name: str, train: bool) -> DetectionDataset:
 def _per_process(total: int, what: str) -> int:
     world = comm.get_world_size()
     if total % world:
-        raise ValueError(f"{what}={total} is not divisible by the {world} processes")
+        raise InvalidValueError(f"{what}={total} is not divisible by the {world} processes")
     return total // world
 
 
-def build_detection_train_loader(cfg, dataset=None):
+def build_detection_train_loader(cfg, dataset=None, start_iter: int = 0):
     """An endless loader of ``(images, targets)`` batches of ``DATASETS.TRAIN`` for this process.
 
     Each process loads ``SOLVER.IMS_PER_BATCH / world size`` images per batch from its shard of one
-    shuffled order seeded by ``cfg.SEED`` (0 when negative), the same on every process.
+    shuffled order seeded by ``cfg.SEED`` (0 when negative), the same on every process, starting
+    with the batch of iteration ``start_iter`` (skipped images are not read). Flips are drawn from
+    each sample's own generator (:class:`msgc.data.SeededSamples`): a resumed run, with any number of
+    DataLoader workers, flips the images the uninterrupted run flips.
     """
     if dataset is None:
         dataset = build_detection_dataset(cfg, cfg.DATASETS.TRAIN, train=True)
     batch = _per_process(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
     seed = cfg.SEED if cfg.SEED >= 0 else 0
-    sampler = BatchSampler(TrainingSampler(len(dataset), shuffle=True, seed=seed), batch, drop_last=True)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
-                      collate_fn=collate_detection, generator=torch.Generator().manual_seed(seed + comm.get_rank()),
-                      persistent_workers=cfg.DATALOADER.NUM_WORKERS > 0)
+    samples = SeededSamples(dataset, random_flip if dataset.flip else _no_augmentation, seed)
+    sampler = TrainingSampler(len(dataset), shuffle=True, seed=seed, start=start_iter * batch, with_positions=True)
+    return build_loader(samples, BatchSampler(sampler, batch, drop_last=True), cfg.DATALOADER.NUM_WORKERS,
+                        collate_detection, generator=torch.Generator().manual_seed(seed + comm.get_rank()))
 
 
 def build_detection_test_loader(cfg, name: str = None, dataset=None):
@@ -117,5 +133,5 @@ def build_detection_test_loader(cfg, name: str = None, dataset=None):
     if dataset is None:
         dataset = build_detection_dataset(cfg, name or cfg.DATASETS.TEST, train=False)
     batch = max(1, cfg.TEST.IMS_PER_BATCH // comm.get_world_size())
-    return DataLoader(dataset, batch_size=batch, sampler=InferenceSampler(len(dataset)),
-                      num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=collate_detection)
+    return build_loader(dataset, BatchSampler(InferenceSampler(len(dataset)), batch, drop_last=False),
+                        cfg.DATALOADER.NUM_WORKERS, collate_detection)

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 from msgc.utils import comm
+from msgc.utils.errors import MissingFileError
 from msgc.utils.registry import Registry
 
 from .toy_shapes import generate_toy_shapes, toy_paths
 
-__all__ = ["DATASET_CATALOG", "CocoDatasetSpec", "register_coco_instances", "resolve_dataset"]
+__all__ = ["DATASET_CATALOG", "CocoDatasetSpec", "check_detection_dataset", "register_coco_instances",
+           "resolve_dataset"]
 
 DATASET_CATALOG = Registry("DETECTION_DATASET")
 DATASET_CATALOG.__doc__ = """
@@ -56,13 +58,25 @@ def resolve_dataset(name: str, root: str) -> Tuple[str, str]:
         if comm.get_local_rank() == 0 and not os.path.exists(json_file):
             spec.generate(os.path.join(root, spec.generate_root))
         comm.synchronize()  # every process, whether or not it saw the set missing
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"dataset '{name}': annotation file {json_file} does not exist "
-                                f"(DATASETS.ROOT is '{root}')")
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"dataset '{name}': image folder {image_root} does not exist "
-                                f"(DATASETS.ROOT is '{root}')")
+    _check_paths(name, root, json_file, image_root)
     return json_file, image_root
+
+
+def check_detection_dataset(name: str, root: str):
+    """Check cheaply that dataset ``name`` is registered and its files exist (or will be generated)."""
+    spec = DATASET_CATALOG.get(name)
+    json_file, image_root = (os.path.join(root, p) for p in (spec.json_file, spec.image_root))
+    if spec.generate is None or os.path.exists(json_file):
+        _check_paths(name, root, json_file, image_root)
+
+
+def _check_paths(name, root, json_file, image_root):
+    if not os.path.isfile(json_file):
+        raise MissingFileError(f"dataset '{name}': annotation file {json_file} does not exist "
+                               f"(DATASETS.ROOT is '{root}')")
+    if not os.path.isdir(image_root):
+        raise MissingFileError(f"dataset '{name}': image folder {image_root} does not exist "
+                               f"(DATASETS.ROOT is '{root}')")
 
 
 def _register_builtin():

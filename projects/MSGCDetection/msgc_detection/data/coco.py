@@ -13,6 +13,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from msgc.utils.errors import InvalidValueError, MissingFileError
+
 __all__ = ["CocoRecords", "load_coco_json"]
 
 logger = logging.getLogger(__name__)
@@ -58,20 +60,20 @@ def _read_json(json_file):
         with open(json_file) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{json_file}: cannot read a COCO json ({e})") from None
+        raise InvalidValueError(f"{json_file}: cannot read a COCO json ({e})") from None
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
-        raise ValueError(f"{json_file}: not a COCO instances json, it has no list '{missing[0]}'")
+        raise InvalidValueError(f"{json_file}: not a COCO instances json, it has no list '{missing[0]}'")
     return data
 
 
 def _categories(data, json_file, num_classes):
     cats = sorted(data["categories"], key=lambda c: c["id"])
     if not cats:
-        raise ValueError(f"{json_file}: the json declares no categories")
+        raise InvalidValueError(f"{json_file}: the json declares no categories")
     if len(cats) > num_classes:
-        raise ValueError(f"{json_file} declares {len(cats)} categories but MODEL.NUM_CLASSES is {num_classes}; "
-                         f"set MODEL.NUM_CLASSES to {len(cats)}")
+        raise InvalidValueError(f"{json_file} declares {len(cats)} categories but MODEL.NUM_CLASSES is {num_classes}; "
+                                f"set MODEL.NUM_CLASSES to {len(cats)}")
     return [c["id"] for c in cats], [str(c.get("name", c["id"])) for c in cats]
 
 
@@ -79,9 +81,9 @@ def _images(data, json_file, image_root, skips, skip_missing):
     images, missing = {}, []
     for im in data["images"]:
         if im.get("id") in images:
-            raise ValueError(f"{json_file}: image id {im.get('id')} appears twice")
+            raise InvalidValueError(f"{json_file}: image id {im.get('id')} appears twice")
         if not all(isinstance(im.get(k), int) and im[k] > 0 for k in ("height", "width")):
-            raise ValueError(f"{json_file}: image id {im.get('id')} has no positive integer height and width")
+            raise InvalidValueError(f"{json_file}: image id {im.get('id')} has no positive integer height and width")
         path = os.path.join(image_root, im["file_name"])
         if not os.path.isfile(path):
             missing.append(path)
@@ -89,8 +91,8 @@ def _images(data, json_file, image_root, skips, skip_missing):
         images[im["id"]] = {"image_id": im["id"], "file_name": path, "height": im["height"],
                             "width": im["width"], "boxes": [], "labels": []}
     if missing and not skip_missing:
-        raise FileNotFoundError(f"{json_file}: {len(missing)} image files do not exist (first: {missing[0]}); "
-                                "set DATALOADER.SKIP_CORRUPT True to skip them")
+        raise MissingFileError(f"{json_file}: {len(missing)} image files do not exist (first: {missing[0]}); "
+                               "set DATALOADER.SKIP_CORRUPT True to skip them")
     for path in missing:
         skips.add("images whose file does not exist", path)
     return images
@@ -134,8 +136,9 @@ def load_coco_json(json_file: str, image_root: str, num_classes: int, filter_emp
     images = _images(data, json_file, image_root, skips, skip_missing)
     for ann in data["annotations"]:
         if ann.get("category_id") not in label_of:
-            raise ValueError(f"{json_file}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, "
-                             f"which the json's categories do not declare ({category_ids})")
+            raise InvalidValueError(f"{json_file}: annotation {ann.get('id')} has category_id "
+                                    f"{ann.get('category_id')}, "
+                                    f"which the json's categories do not declare ({category_ids})")
         image = images.get(ann.get("image_id"))
         if image is None:
             skips.add("annotations of images that are not loaded", f"annotation {ann.get('id')}")
@@ -159,5 +162,5 @@ def load_coco_json(json_file: str, image_root: str, num_classes: int, filter_emp
         records.append(image)
     skips.log(json_file)
     if not records:
-        raise ValueError(f"{json_file}: no image is left to use (skipped: {dict(skips.counts)})")
+        raise InvalidValueError(f"{json_file}: no image is left to use (skipped: {dict(skips.counts)})")
     return CocoRecords(json_file, records, category_ids, class_names, dict(skips.counts))

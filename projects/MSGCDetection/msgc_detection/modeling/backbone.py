@@ -16,6 +16,7 @@ from msgc.modeling import build_backbone
 from msgc.modeling.layers import AttentionGenerator, MaskGenerator
 from msgc.modeling.backbone.resnet import MSGCResNet
 from msgc.utils import comm
+from msgc.utils.errors import InvalidValueError
 
 __all__ = ["MSGCFPN", "build_msgc_fpn", "freeze_stages", "convert_frozen_batchnorm", "EXTRA_LEVELS"]
 
@@ -77,11 +78,11 @@ def freeze_stages(body: nn.Module, freeze_at: int) -> None:
     if freeze_at <= 0:
         return
     if not isinstance(body, MSGCResNet):
-        raise ValueError(f"MODEL.DETECTOR.FREEZE_AT={freeze_at} is defined for MSGC ResNets only, "
-                         f"not {type(body).__name__}; set it to 0")
+        raise InvalidValueError(f"MODEL.DETECTOR.FREEZE_AT={freeze_at} is defined for MSGC ResNets only, "
+                                f"not {type(body).__name__}; set it to 0")
     stages = _resnet_stages(body)
     if freeze_at > len(stages):
-        raise ValueError(f"MODEL.DETECTOR.FREEZE_AT={freeze_at}: the backbone has {len(stages)} stages")
+        raise InvalidValueError(f"MODEL.DETECTOR.FREEZE_AT={freeze_at}: the backbone has {len(stages)} stages")
     for modules in stages[:freeze_at]:
         for m in modules:
             for p in m.parameters():
@@ -107,7 +108,7 @@ class MSGCFPN(nn.Module):
         super().__init__()
         _check_in_features(body, in_features)
         if extra not in EXTRA_LEVELS:
-            raise ValueError(f"unknown extra FPN levels '{extra}'; use one of {sorted(EXTRA_LEVELS)}")
+            raise InvalidValueError(f"unknown extra FPN levels '{extra}'; use one of {sorted(EXTRA_LEVELS)}")
         self.body = body
         self.in_features = list(in_features)
         extra_block = LastLevelMaxPool() if extra == "pool" else LastLevelP6P7(out_channels, out_channels)
@@ -136,15 +137,15 @@ class MSGCFPN(nn.Module):
 
 def _check_in_features(body, in_features):
     if not in_features:
-        raise ValueError("MODEL.DETECTOR.IN_FEATURES is empty; name the backbone stages the FPN reads")
+        raise InvalidValueError("MODEL.DETECTOR.IN_FEATURES is empty; name the backbone stages the FPN reads")
     for f in in_features:
         if f not in body.stage_channels:
-            raise ValueError(f"MODEL.DETECTOR.IN_FEATURES names '{f}', which {type(body).__name__} does not "
-                             f"have; its stages: {', '.join(body.stage_channels)}")
+            raise InvalidValueError(f"MODEL.DETECTOR.IN_FEATURES names '{f}', which {type(body).__name__} does not "
+                                    f"have; its stages: {', '.join(body.stage_channels)}")
     strides = [body.stage_strides[f] for f in in_features]
     if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-        raise ValueError(f"MODEL.DETECTOR.IN_FEATURES {list(in_features)} have strides {strides}; an FPN "
-                         "needs each stage at twice the stride of the one before")
+        raise InvalidValueError(f"MODEL.DETECTOR.IN_FEATURES {list(in_features)} have strides {strides}; an FPN "
+                                "needs each stage at twice the stride of the one before")
 
 
 def _normalise(module: nn.Module, norm: str, key: str) -> nn.Module:
@@ -153,7 +154,7 @@ def _normalise(module: nn.Module, norm: str, key: str) -> nn.Module:
     if norm == "SyncBN":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module) if comm.get_world_size() > 1 else module
     if norm != "BN":
-        raise ValueError(f"{key} must be 'FrozenBN', 'BN' or 'SyncBN', got '{norm}'")
+        raise InvalidValueError(f"{key} must be 'FrozenBN', 'BN' or 'SyncBN', got '{norm}'")
     return module
 
 
@@ -162,7 +163,7 @@ def build_msgc_fpn(cfg, extra: str) -> MSGCFPN:
     det = cfg.MODEL.DETECTOR
     body = drop_classifier(build_backbone(cfg))
     if det.GATE_NORM not in ("", "FrozenBN"):
-        raise ValueError(f"MODEL.DETECTOR.GATE_NORM must be '' (as NORM) or 'FrozenBN', got '{det.GATE_NORM}'")
+        raise InvalidValueError(f"MODEL.DETECTOR.GATE_NORM must be '' (as NORM) or 'FrozenBN', got '{det.GATE_NORM}'")
     if det.GATE_NORM == "FrozenBN":
         for m in body.modules():
             if isinstance(m, (MaskGenerator, AttentionGenerator)):

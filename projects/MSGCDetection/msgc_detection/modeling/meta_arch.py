@@ -2,6 +2,7 @@
 
 ``DETECTOR_REGISTRY`` holds one builder per detector; :func:`build_detector` calls the configured one.
 """
+import logging
 from typing import Dict, List, Optional
 
 import torch
@@ -13,9 +14,12 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from msgc.modeling.layers import Gate
+from msgc.utils.errors import InvalidValueError
 from msgc.utils.registry import Registry
 
 from .backbone import MSGCFPN, build_msgc_fpn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DETECTOR_REGISTRY", "MSGCDetector", "build_detector", "mac_loss"]
 
@@ -131,8 +135,13 @@ class MSGCDetector(nn.Module):
     def _mac_terms(self):
         macs, dense = self._take_macs()
         ratio = macs.mean() / dense
-        out = {"loss_macs": mac_loss(ratio, self.mac_target, self.mac_loss_weight),
-               "mac_ratio": ratio.detach(), "mac_target": self.mac_target.clone()}
+        out = {"mac_ratio": ratio.detach(), "mac_target": self.mac_target.clone()}
+        if ratio.requires_grad:
+            out["loss_macs"] = mac_loss(ratio, self.mac_target, self.mac_loss_weight)
+        elif not getattr(self, "_said_no_gates", False):  # no gate (or frozen ones): the loss could not act
+            self._said_no_gates = True
+            logger.info("the backbone's MACs depend on no trained parameter (no gate, or frozen gates): training "
+                        "without the sparsity loss loss_macs")
         gates = [m.last_open for m in self.backbone.modules() if isinstance(m, Gate) and hasattr(m, "last_open")]
         if gates:
             out["gate_open"] = torch.stack(gates).mean()
@@ -144,22 +153,22 @@ class MSGCDetector(nn.Module):
         boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=self.device).reshape(-1, 4)
         labels = torch.as_tensor(target["labels"], dtype=torch.int64, device=self.device).reshape(-1)
         if boxes.size(0) != labels.size(0):
-            raise ValueError(f"{where}: {boxes.size(0)} boxes but {labels.size(0)} labels")
+            raise InvalidValueError(f"{where}: {boxes.size(0)} boxes but {labels.size(0)} labels")
         bad = ~torch.isfinite(boxes).all(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
         if bad.any():
-            raise ValueError(f"{where}: box {boxes[bad][0].tolist()} is not finite or has no area "
-                             "(boxes are x1, y1, x2, y2 with x2 > x1 and y2 > y1)")
+            raise InvalidValueError(f"{where}: box {boxes[bad][0].tolist()} is not finite or has no area "
+                                    "(boxes are x1, y1, x2, y2 with x2 > x1 and y2 > y1)")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"{where}: label {labels[(labels < 0) | (labels >= self.num_classes)][0].item()} "
-                             f"is outside 0..{self.num_classes - 1} (MODEL.NUM_CLASSES={self.num_classes})")
+            raise InvalidValueError(f"{where}: label {labels[(labels < 0) | (labels >= self.num_classes)][0].item()} "
+                                    f"is outside 0..{self.num_classes - 1} (MODEL.NUM_CLASSES={self.num_classes})")
         return {"boxes": boxes, "labels": labels + self.label_offset}
 
 
 def _anchor_generator(cfg, num_levels: int) -> AnchorGenerator:
     sizes = [tuple(int(s) for s in level) for level in cfg.MODEL.DETECTOR.ANCHOR_SIZES]
     if len(sizes) != num_levels:
-        raise ValueError(f"MODEL.DETECTOR.ANCHOR_SIZES has {len(sizes)} levels but the FPN has {num_levels} "
-                         f"({len(cfg.MODEL.DETECTOR.IN_FEATURES)} stages of IN_FEATURES and its extra levels)")
+        raise InvalidValueError(f"MODEL.DETECTOR.ANCHOR_SIZES has {len(sizes)} levels but the FPN has {num_levels} "
+                                f"({len(cfg.MODEL.DETECTOR.IN_FEATURES)} stages of IN_FEATURES and its extra levels)")
     ratios = tuple(float(r) for r in cfg.MODEL.DETECTOR.ANCHOR_ASPECT_RATIOS)
     return AnchorGenerator(tuple(sizes), (ratios,) * num_levels)
 
