@@ -216,7 +216,7 @@ def test_the_kernel_choice_avoids_a_slow_candidate(cfg, tmp_path):
     model = randomize(small(cfg, "msgc_resnet18", "msgc", "channel"))
     deployed = deploy(model, tune=False)
     graph = deployed.deployer.graph(SIZE, SIZE)
-    x = deployed.deployer.program_input(images(1))
+    x = images(1).contiguous()
     cache = PlanCache(str(tmp_path / "plans.json"))
     program = Program(graph, deployed.library)
     first = tune(program, x, 1, cache)  # layers of the same shape and open fraction share a choice

@@ -2,12 +2,11 @@
 
     deployed = deploy(model.eval())      # folds weights once; shares nothing with model
     out = deployed(images)               # per input size, the first call makes a plan:
-        stem (PyTorch, batched) -> program input N x h x w x C
-        plan = graph of the blocks for h x w  (deployers, once per size)
+        plan = graph of the whole network for h x w, image to logits (deployers, once per size)
                + native: program (lowered once), kernels chosen by measuring (tune), whole-model check
         native program (one C call per batch) | PyTorch interpreter (per sample)
-            -> pooled features, each sample's open counts, executed MACs
-        classifier (PyTorch); paper MACs from the counts (the source blocks' own functions)
+            -> logits, each sample's open counts, executed MACs
+        paper MACs from the counts (the source blocks' own functions)
 """
 import logging
 import statistics
@@ -87,17 +86,17 @@ class DeployedClassifier(nn.Module):
                 plan.program = Program(graph, self.library)
                 for i, (_, op) in enumerate(plan.program.conv_ops):
                     plan.program.set_kernel(i, *default_kernel(op))
-                x = self.deployer.program_input(images[:1].float())
+                x = images[:1].float().contiguous()
                 if self.tune:
                     counts = tune(plan.program, x, threads)
                     logger.info("msgc.deploy: %dx%d plan: %d kernels measured, %d from the cache", h, w,
                                 counts["measured"], counts["cached"])
                 if self.check:
-                    self._check(plan, images[:1].float(), x, threads)
+                    self._check(plan, x, threads)
             self._plans[key] = plan
         return self._plans[key]
 
-    def _check(self, plan: _Plan, image, x, threads, reps: int = 5):
+    def _check(self, plan: _Plan, image, threads, reps: int = 5):
         """Time the deployed program against the eval model and the dense host on one sample; warn (once)
         where it is slower, and run the eval model where that is faster (the same outputs)."""
         model = self._source[0]
@@ -113,7 +112,7 @@ class DeployedClassifier(nn.Module):
             return statistics.median(times)
 
         with torch.no_grad():
-            deployed = median_ms(lambda: plan.program.run(x, threads))
+            deployed = median_ms(lambda: plan.program.run(image, threads))
             source = median_ms(lambda: model(image))
             dense = median_ms(lambda: host(image)) if host is not None else float("inf")
         plan.timings = {"deployed_ms": deployed, "eval_ms": source, "dense_ms": dense}
@@ -143,20 +142,15 @@ class DeployedClassifier(nn.Module):
             plan = self.plan(images)
             if plan.use_source:
                 return self._run_source(images)
-            x = self.deployer.program_input(images.float())
+            x = images.float().contiguous()
             if self.native:
-                feats, stats, executed = plan.program.run(x)
+                logits, stats, executed = plan.program.run(x)
                 stats, executed = stats.tolist(), executed.tolist()
             else:
-                feats, stats, executed = run_reference(plan.graph, x)
-            logits = self.deployer.classify(feats)
-        graph = plan.graph
-        h, w = images.shape[-2:]
-        stem = self.deployer.stem_macs(int(h), int(w))[0]
-        head = self.deployer.head_macs(graph.features.h, graph.features.w)
-        macs = [graph.paper_macs(s) for s in stats]
+                logits, stats, executed = run_reference(plan.graph, x)
+        macs = [plan.graph.paper_macs(s) for s in stats]
         return {"logits": logits, "macs": torch.tensor(macs, dtype=torch.float64),
-                "executed_macs": torch.tensor([stem + e + head for e in executed], dtype=torch.float64)}
+                "executed_macs": torch.tensor(executed, dtype=torch.float64)}
 
     def _run_source(self, images):
         model = self._source[0]

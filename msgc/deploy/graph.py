@@ -22,7 +22,7 @@ from ..modeling.macs import MaskStats
 from .fold import FoldedGenerators, fold_bn
 
 __all__ = ["Buffer", "IndexSet", "Logits", "ConvWeights", "ConvOp", "GatesOp", "SetsOp", "DepthwiseOp", "AffineOp",
-           "PoolOp", "GapOp", "Graph", "ALL", "UNION", "GROUPS", "NONE", "RELU", "RELU6"]
+           "PoolOp", "HeadOp", "Graph", "ALL", "UNION", "GROUPS", "NONE", "RELU", "RELU6"]
 
 #: activations fused into an op's stores
 NONE, RELU, RELU6 = 0, 1, 2
@@ -160,11 +160,19 @@ class PoolOp:
     src: Buffer
     dst: Buffer
     k: int
+    stride: int
+    padding: int
+    kind: str = "avg"  # or "max"
+    macs: int = 4  # executed MACs per output element, as the paper counts the op
 
 
 @dataclass(eq=False)
-class GapOp:
+class HeadOp:
+    """The classifier: global average pooling of ``src``, then ``weight`` (classes x C) and ``bias``."""
+
     src: Buffer
+    weight: torch.Tensor
+    bias: torch.Tensor
 
 
 @dataclass
@@ -176,7 +184,8 @@ class _BlockMacs:
 
 
 class Graph:
-    """What one sample computes after the stem, for one input size, with the paper's MAC bookkeeping."""
+    """What one sample computes, from its image (the input buffer, ``h x w x 3``) to its logits, for one
+    input size, with the paper's MAC bookkeeping."""
 
     def __init__(self, h: int, w: int, channels: int):
         self.input = Buffer(h, w, channels, id=0)
@@ -184,7 +193,8 @@ class Graph:
         self.sets: List[IndexSet] = []
         self.ops: list = []
         self.logits_size = 0
-        self.features: Optional[Buffer] = None
+        self.features: Optional[Buffer] = None  # the buffer the classifier reads
+        self.classes = 0
         self._macs: List = []
         #: where the ops come from (set by the deployers: the block's name), one per op
         self.scope = ""
@@ -278,16 +288,21 @@ class Graph:
         self._add(AffineOp(src, dst, scale.contiguous(), shift.contiguous(), act, macs))
         return dst
 
-    def pool(self, src: Buffer, k: int, dst: Optional[Buffer] = None) -> Buffer:
-        """``k x k`` average pooling with stride ``k``."""
-        dst = dst if dst is not None else self.buffer(src.h // k, src.w // k, src.cols)
-        self._add(PoolOp(src, dst, k))
+    def pool(self, src: Buffer, k: int, dst: Optional[Buffer] = None, kind: str = "avg", stride: Optional[int] = None,
+             padding: int = 0, macs: int = 4) -> Buffer:
+        """``k x k`` average or max pooling (stride ``k`` unless given); ``macs``: executed MACs per
+        output element, as the paper counts the op."""
+        stride = k if stride is None else stride
+        ho, wo = (src.h + 2 * padding - k) // stride + 1, (src.w + 2 * padding - k) // stride + 1
+        dst = dst if dst is not None else self.buffer(ho, wo, src.cols)
+        self._add(PoolOp(src, dst, k, stride, padding, kind, macs))
         return dst
 
-    def gap(self, src: Buffer) -> None:
-        """The sample's features: the mean of ``src`` over its pixels (the classifier follows)."""
+    def head(self, src: Buffer, fc: nn.Linear) -> None:
+        """The classifier on the mean of ``src`` over its pixels: the sample's logits."""
         self.features = src
-        self._add(GapOp(src))
+        self.classes = fc.out_features
+        self._add(HeadOp(src, fc.weight.detach().float().contiguous(), fc.bias.detach().float().contiguous()))
 
     # ---- the paper's MACs -------------------------------------------------------------------------
 

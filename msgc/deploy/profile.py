@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import torch
 
-from .graph import AffineOp, ConvOp, DepthwiseOp, GapOp, GatesOp, PoolOp, SetsOp
+from .graph import AffineOp, ConvOp, DepthwiseOp, GatesOp, HeadOp, PoolOp, SetsOp
 
 __all__ = ["profile", "by_scope", "by_kind"]
 
@@ -30,9 +30,9 @@ def describe(op) -> str:
     if isinstance(op, AffineOp):
         return "batchnorm + relu"
     if isinstance(op, PoolOp):
-        return f"avg pool {op.k}x{op.k}"
-    if isinstance(op, GapOp):
-        return "global pool"
+        return f"{op.kind} pool {op.k}x{op.k}/{op.stride} at {op.src.h}x{op.src.w}"
+    if isinstance(op, HeadOp):
+        return f"global pool + classifier {op.src.cols}->{op.weight.size(0)}"
     return type(op).__name__
 
 
@@ -40,7 +40,7 @@ def kind(op) -> str:
     if isinstance(op, ConvOp):
         return "gated conv" if op.in_set is not None else "dense conv"
     return {GatesOp: "generators", SetsOp: "index sets", DepthwiseOp: "depthwise", AffineOp: "batchnorm",
-            PoolOp: "pooling", GapOp: "pooling"}.get(type(op), type(op).__name__)
+            PoolOp: "pooling", HeadOp: "classifier"}.get(type(op), type(op).__name__)
 
 
 def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
@@ -50,7 +50,7 @@ def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
         raise ValueError("profile: the deployed model does not run the native program (deploy with native=True)")
     with torch.no_grad():
         plan = deployed.plan(images)
-        x = deployed.deployer.program_input(images[:1].float())
+        x = images[:1].float().contiguous()
         program = plan.program
         program.run(x, keep=True)
         rows = []
@@ -58,7 +58,8 @@ def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
             ns = program.time_op(x, i, reps)
             row = {"scope": scope, "kind": kind(op), "op": describe(op), "ms": statistics.median(ns) / 1e6}
             if isinstance(op, ConvOp):
-                row["kernel"] = ("wide", "pixel", "gather")[op.kernel] + ("" if op.kernel == 1 else f"/{op.tiles}")
+                row["kernel"] = ("wide", "pixel", "gather")[op.kernel] + (
+                    "" if op.kernel == 1 else f"/{op.tiles % 16}" + ("/pixel-major" if op.tiles & 16 else ""))
             rows.append(row)
     return rows
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .graph import (ALL, GROUPS, RELU, RELU6, UNION, AffineOp, Buffer, ConvOp, DepthwiseOp, GapOp, GatesOp, Graph,
+from .graph import (ALL, GROUPS, RELU, RELU6, UNION, AffineOp, Buffer, ConvOp, DepthwiseOp, GatesOp, Graph, HeadOp,
                     IndexSet, PoolOp, SetsOp)
 
 __all__ = ["run_reference", "head_sets"]
@@ -218,12 +218,23 @@ def _pool(st: _Sample, op: PoolOp):
     x, _ = st.read(op.src)
     b = op.src
     image = x.reshape(1, b.h, b.w, -1).permute(0, 3, 1, 2)
-    out = F.avg_pool2d(image, op.k, op.k).permute(0, 2, 3, 1).reshape(-1, x.size(1))
+    if op.kind == "max":
+        out = F.max_pool2d(image, op.k, op.stride, op.padding)
+    else:
+        out = F.avg_pool2d(image, op.k, op.stride, op.padding)
+    out = out.permute(0, 2, 3, 1).reshape(-1, x.size(1))
     st.write(op.dst, out)
-    st.executed += op.k * op.k * out.numel()
+    st.executed += op.macs * out.numel()
 
 
-_RUN = {GatesOp: _gates, SetsOp: _sets, ConvOp: _conv, DepthwiseOp: _depthwise, AffineOp: _affine, PoolOp: _pool}
+def _head(st: _Sample, op: HeadOp):
+    x, _ = st.read(op.src)
+    st.logits_out = torch.addmv(op.bias, op.weight, x.mean(0))
+    st.executed += x.numel() + op.weight.numel()
+
+
+_RUN = {GatesOp: _gates, SetsOp: _sets, ConvOp: _conv, DepthwiseOp: _depthwise, AffineOp: _affine, PoolOp: _pool,
+        HeadOp: _head}
 
 
 def _stats(graph: Graph, st: _Sample) -> List[int]:
@@ -234,17 +245,15 @@ def _stats(graph: Graph, st: _Sample) -> List[int]:
     return out
 
 
-def run_reference(graph: Graph, x: torch.Tensor):
-    """Run ``graph`` on the samples ``x`` (``N x h x w x C``) -> (pooled features ``N x C``, stats per
-    sample, executed MACs per sample)."""
-    feats, stats, executed = [], [], []
-    for sample in x:
-        st = _Sample(graph, sample.reshape(-1, sample.size(-1)))
+def run_reference(graph: Graph, images: torch.Tensor):
+    """Run ``graph`` on ``images`` (``N x 3 x H x W``) -> (logits ``N x classes``, stats per sample,
+    executed MACs per sample)."""
+    logits, stats, executed = [], [], []
+    for image in images:
+        st = _Sample(graph, image.permute(1, 2, 0).reshape(-1, image.size(0)))
         for op in graph.ops:
-            if isinstance(op, GapOp):
-                feats.append(st.read(op.src)[0].mean(0))
-            else:
-                _RUN[type(op)](st, op)
+            _RUN[type(op)](st, op)
+        logits.append(st.logits_out)
         stats.append(_stats(graph, st))
         executed.append(st.executed)
-    return torch.stack(feats), stats, executed
+    return torch.stack(logits), stats, executed

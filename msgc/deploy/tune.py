@@ -9,8 +9,8 @@ measurement holds nothing but the kernel) and keeps the fastest. Choices are cac
 kernel variant and the thread count; a cached choice is reused without measuring.
 
 Candidates: the wide kernel with each tile family of the ISA, reading the open inputs in place or from
-a contiguous copy made first (gather, then a dense register-tiled product), and, for stride 1, the
-pixel kernel.
+a contiguous copy made first (gather, then a dense register-tiled product), in chunk-major or
+pixel-major order, and, for stride 1, the pixel kernel.
 """
 import hashlib
 import json
@@ -24,7 +24,7 @@ import torch
 
 from .graph import ConvOp
 from .native.build import cache_dir
-from .native.program import KERNEL_GATHER, KERNEL_PIXEL, KERNEL_WIDE, Program
+from .native.program import KERNEL_GATHER, KERNEL_PIXEL, KERNEL_WIDE, TILES_PIXEL_MAJOR, Program
 
 __all__ = ["candidates", "default_kernel", "tune", "PlanCache"]
 
@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 def candidates(op: ConvOp, families: int) -> List[Tuple[int, int]]:
     """(kernel, tile family) pairs worth measuring for ``op``."""
-    out = [(kernel, f) for kernel in (KERNEL_WIDE, KERNEL_GATHER) for f in range(families)]
+    out = [(kernel, f + order) for kernel in (KERNEL_WIDE, KERNEL_GATHER) for f in range(families)
+           for order in (0, TILES_PIXEL_MAJOR)]
     if op.weights.stride == 1:
         out.append((KERNEL_PIXEL, 0))
     return out

@@ -18,6 +18,8 @@ typedef struct {
   int n, m;                /* input entries, outputs */
   int infold, gathered;    /* attention into the inputs; weights gathered */
   long g0;                 /* the head's copies in the gather buffer: weights, then biases, then inputs */
+  int ch0, nch;            /* wide: its chunks */
+  long it0;                /* wide, pixel-major: its first work item */
 } head_plan;
 
 typedef struct {
@@ -25,6 +27,10 @@ typedef struct {
   int kb;                  /* wide: input entries per block (0: all at once, one work item per tile) */
   long first;              /* its first work item */
 } chunk;
+
+/* wide kernel, pixel-major order: a work item is a block of this many output pixels of one head (a
+   multiple of every tile's pixels), all its chunks one after the other on the same inputs */
+#define PIXEL_BLOCK 48
 
 /* wide kernel: blocks of input entries where a chunk's weights (entries x taps x 16 outputs) exceed
    this many floats and the map has few pixel tiles (14x14 and smaller) */
@@ -34,7 +40,7 @@ typedef struct {
 #define KBLOCK_PIXELS 256
 
 typedef struct {
-  int Ho, Wo, npix, kk, heads, nch;
+  int Ho, Wo, npix, kk, heads, nch, pixel_major;
   long items, copies;      /* work items; floats of copies */
   head_plan *hp;
   chunk *ch;
@@ -100,14 +106,19 @@ static int plan_wide(const msgc_conv_args *a, conv_plan *pl) {
       pl->woff[e] = (long)(p->gathered || !hd->wrow ? c : hd->wrow[e]) * pl->kk * MSGC_BLOCK;
     }
     const long row_floats = (long)pl->kk * MSGC_BLOCK;
-    const int kb = pl->npix <= KBLOCK_PIXELS && p->n * row_floats > KBLOCK_FLOATS ? (int)(KBLOCK_FLOATS / row_floats) : 0;
+    const int kb = !pl->pixel_major && pl->npix <= KBLOCK_PIXELS && p->n * row_floats > KBLOCK_FLOATS
+                       ? (int)(KBLOCK_FLOATS / row_floats) : 0;
+    p->ch0 = nch;
+    p->it0 = items;
     for (int j = 0; j < p->m;) {
-      const wide_tile *t = msgc_wide_pick(a->wt.tiles, p->m - j);
+      const wide_tile *t = msgc_wide_pick(a->wt.tiles & MSGC_TILES_FAMILY, p->m - j);
       pl->ch[nch] = (chunk){h, j, (int)(t - msgc_wide_tiles), kb > 0 ? kb : 0, items};
-      items += kb > 0 ? 1 : (pl->npix + t->rb - 1) / t->rb;
+      if (!pl->pixel_major) items += kb > 0 ? 1 : (pl->npix + t->rb - 1) / t->rb;
       j += t->nv * VL;
       nch++;
     }
+    p->nch = nch - p->ch0;
+    if (pl->pixel_major && p->m > 0) items += (pl->npix + PIXEL_BLOCK - 1) / PIXEL_BLOCK;
   }
   pl->nch = nch;
   pl->items = items;
@@ -160,30 +171,58 @@ static void copy_inputs(const msgc_conv_args *a, const conv_plan *pl, long i) {
   }
 }
 
-static void tile_wide(const msgc_conv_args *a, const conv_plan *pl, long it) {
+/* the tile job of head h (its inputs, weights, bias and outputs) */
+static void head_job(const msgc_conv_args *a, const conv_plan *pl, int h, wide_job *j) {
   const msgc_heads *hd = &a->hd;
+  const head_plan *p = &pl->hp[h];
+  const int kk = pl->kk;
+  const long gsize = p->gathered ? blocks16(p->m) * MSGC_BLOCK * p->n * kk : 0;
+  const long head_w = blocks16(hd->per_head) * a->wt.rows * kk * MSGC_BLOCK;
+  j->x = p->infold ? pl->buf + p->g0 + gsize + (p->gathered ? p->m : 0) : a->io.x;
+  j->ldx = p->infold ? p->n : a->io.ldx;
+  j->H = a->g.h, j->W = a->g.w, j->Wo = pl->Wo, j->k = a->g.k, j->s = a->g.s, j->p = a->g.p;
+  j->cols = pl->coff + p->in0;
+  j->woff = pl->woff + p->in0;
+  j->n = p->n;
+  j->w = p->gathered ? pl->buf + p->g0 : a->wt.blocked + h * head_w;
+  j->wblk = (p->gathered ? p->n : a->wt.rows) * kk * MSGC_BLOCK;
+  j->bias = !a->wt.bias ? 0 : hd->ocounts ? pl->buf + p->g0 + gsize : a->wt.bias + (long)h * hd->per_head;
+  j->y = a->io.y + p->out0;
+  j->ldy = a->io.ldy;
+  j->res = a->io.res ? a->io.res + p->out0 : 0;
+  j->ldres = a->io.ldres;
+  j->m = p->m;
+  j->act = a->io.act;
+}
+
+static int head_of_item(const conv_plan *pl, long it) {
+  int lo = 0, hi = pl->heads - 1;
+  while (lo < hi) { /* the last head whose first item is <= it (heads without items share the next's) */
+    const int mid = (lo + hi + 1) / 2;
+    if (pl->hp[mid].it0 <= it) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+static void tile_wide(const msgc_conv_args *a, const conv_plan *pl, long it) {
+  wide_job j;
+  if (pl->pixel_major) { /* a block of pixels of one head: every chunk on the same inputs */
+    const int h = head_of_item(pl, it);
+    const head_plan *p = &pl->hp[h];
+    head_job(a, pl, h, &j);
+    const int b0 = (int)(it - p->it0) * PIXEL_BLOCK, b1 = b0 + PIXEL_BLOCK < pl->npix ? b0 + PIXEL_BLOCK : pl->npix;
+    for (int c = p->ch0; c < p->ch0 + p->nch; c++) {
+      const chunk *ch = &pl->ch[c];
+      const wide_tile *t = &msgc_wide_tiles[ch->size];
+      for (int o0 = b0; o0 < b1; o0 += t->rb) t->fn(&j, o0, b1 - o0 < t->rb ? b1 - o0 : t->rb, ch->j0, 0, p->n, 0);
+    }
+    return;
+  }
   const chunk *ch = &pl->ch[find_chunk(pl, it)];
   const wide_tile *t = &msgc_wide_tiles[ch->size];
   const head_plan *p = &pl->hp[ch->head];
-  const int kk = pl->kk, h = ch->head;
-  const long gsize = p->gathered ? blocks16(p->m) * MSGC_BLOCK * p->n * kk : 0;
-  const long head_w = blocks16(hd->per_head) * a->wt.rows * kk * MSGC_BLOCK;
-  wide_job j;
-  j.x = p->infold ? pl->buf + p->g0 + gsize + (p->gathered ? p->m : 0) : a->io.x;
-  j.ldx = p->infold ? p->n : a->io.ldx;
-  j.H = a->g.h, j.W = a->g.w, j.Wo = pl->Wo, j.k = a->g.k, j.s = a->g.s, j.p = a->g.p;
-  j.cols = pl->coff + p->in0;
-  j.woff = pl->woff + p->in0;
-  j.n = p->n;
-  j.w = p->gathered ? pl->buf + p->g0 : a->wt.blocked + h * head_w;
-  j.wblk = (p->gathered ? p->n : a->wt.rows) * kk * MSGC_BLOCK;
-  j.bias = !a->wt.bias ? 0 : hd->ocounts ? pl->buf + p->g0 + gsize : a->wt.bias + (long)h * hd->per_head;
-  j.y = a->io.y + p->out0;
-  j.ldy = a->io.ldy;
-  j.res = a->io.res ? a->io.res + p->out0 : 0;
-  j.ldres = a->io.ldres;
-  j.m = p->m;
-  j.act = a->io.act;
+  head_job(a, pl, ch->head, &j);
   if (!ch->kb) { /* one pixel tile, every input entry */
     const long o0 = (it - ch->first) * t->rb;
     t->fn(&j, (int)o0, (int)(pl->npix - o0 < t->rb ? pl->npix - o0 : t->rb), ch->j0, 0, p->n, 0);
@@ -297,6 +336,7 @@ i32 msgc_conv(const msgc_conv_args *a) {
   pl.npix = pl.Ho * pl.Wo;
   pl.kk = g->k * g->k;
   pl.heads = hd->heads;
+  pl.pixel_major = !pixel && (a->wt.tiles & MSGC_TILES_PIXEL_MAJOR) != 0;
   if (pl.Ho <= 0 || pl.Wo <= 0 || hd->heads <= 0) return MSGC_OK;
   if (pl.kk > MSGC_MAX_TAPS || (pixel && g->s != 1)) return MSGC_ETOOLARGE;
   /* the plan's arrays: per head, chunks (at most one per VL outputs or output row, plus one), offsets of

@@ -23,8 +23,14 @@
 enum { MSGC_ACT_NONE = 0, MSGC_ACT_RELU = 1, MSGC_ACT_RELU6 = 2 };
 /* conv kernels (msgc_conv_op.kernel) */
 enum { MSGC_KERNEL_WIDE = 0, MSGC_KERNEL_PIXEL = 1, MSGC_KERNEL_GATHER = 2 };
+/* msgc_weights.tiles: the wide kernel's tile family (low bits), and its work order: chunk-major (a
+   work item is one tile; a chunk's weights stay in cache over its tiles) or PIXEL_MAJOR (a work item is
+   a block of output pixels, every chunk of its head on the same inputs: for few inputs, many outputs) */
+enum { MSGC_TILES_FAMILY = 15, MSGC_TILES_PIXEL_MAJOR = 16 };
 /* program ops */
-enum { MSGC_OP_GATES = 1, MSGC_OP_SETS, MSGC_OP_CONV, MSGC_OP_DW, MSGC_OP_AFFINE, MSGC_OP_POOL, MSGC_OP_GAP };
+enum { MSGC_OP_GATES = 1, MSGC_OP_SETS, MSGC_OP_CONV, MSGC_OP_DW, MSGC_OP_AFFINE, MSGC_OP_POOL, MSGC_OP_HEAD };
+/* poolings */
+enum { MSGC_POOL_AVG = 0, MSGC_POOL_MAX = 1 };
 /* what a conv op computes (msgc_conv_op.out_mode) */
 enum { MSGC_OUT_ALL = 0, MSGC_OUT_UNION = 1, MSGC_OUT_GROUPS = 2 };
 /* status codes */
@@ -135,23 +141,27 @@ typedef const void *cv;
 /* dst = act(src * scale + shift) per column; macs: executed MACs per element */
 #define MSGC_AFFINE_OP(X) X(i32, src) X(i32, dst) X(cf, scale) X(cf, shift) X(i32, act) X(i32, macs)
 
-/* k x k average pooling, stride k */
-#define MSGC_POOL_OP(X) X(i32, src) X(i32, dst) X(i32, k)
+/* k x k average or max pooling, stride s, padding p (max: padding never wins; avg: no padding);
+ * macs: executed MACs counted per output element (as the paper counts the op) */
+#define MSGC_POOL_OP(X) X(i32, src) X(i32, dst) X(i32, kind) X(i32, k) X(i32, s) X(i32, p) X(i32, macs)
 
-/* global average pooling of src into the sample's features */
-#define MSGC_GAP_OP(X) X(i32, src)
+/* the classifier: global average pooling of src, then logits = bias + weight (classes x C) . pooled,
+ * written to the sample's outputs */
+#define MSGC_HEAD_OP(X) X(i32, src) X(cf, weight) X(cf, bias) X(i32, classes)
 
+/* input_nchw: the samples are images (C x H x W, planar), copied into buffer 0 (HW x C, in the arena);
+ * otherwise buffer 0 is the sample itself (HW x C, rows x_ld apart). nout: outputs per sample */
 #define MSGC_PROGRAM(X) \
   X(i32, n_ops) X(cv, ops) X(cv, convs) X(cv, gates) X(cv, sets_ops) X(cv, dws) X(cv, affines) X(cv, pools) \
-  X(cv, gaps) X(i32, n_bufs) X(cv, bufs) X(i32, n_sets) X(cv, sets) X(i64, farena) X(i64, iarena) \
-  X(i32, nstats) X(i32, nfeat)
+  X(cv, heads) X(i32, n_bufs) X(cv, bufs) X(i32, n_sets) X(cv, sets) X(i64, farena) X(i64, iarena) \
+  X(i32, nstats) X(i32, nout) X(i32, input_nchw)
 
-/* run samples [0, n): sample i's input at x + i * x_stride (rows of x_ld floats), its pooled features
- * to feats + i * nfeat, stats to stats + i * nstats, executed MACs to executed[i]. With op >= 0, run
- * only that op, reps times, on the state the last run of this thread left (n = 1, keep = 1 then), and
- * write each repetition's nanoseconds to times. keep: leave the state for such replays. */
+/* run samples [0, n): sample i's input at x + i * x_stride, its outputs (logits) to out + i * nout,
+ * stats to stats + i * nstats, executed MACs to executed[i]. With op >= 0, run only that op, reps
+ * times, on the state the last run of this thread left (n = 1, keep = 1 then), and write each
+ * repetition's nanoseconds to times. keep: leave the state for such replays. */
 #define MSGC_RUN_ARGS(X) \
-  X(cv, program) X(i32, n) X(cf, x) X(i64, x_stride) X(i64, x_ld) X(wf, feats) X(wi, stats) X(wl, executed) \
+  X(cv, program) X(i32, n) X(cf, x) X(i64, x_stride) X(i64, x_ld) X(wf, out) X(wi, stats) X(wl, executed) \
   X(i32, nthreads) X(i32, keep) X(i32, op) X(i32, reps) X(wl, times)
 
 /* what the library was built for: out[0..4] = floats per vector, vector registers, MSGC_BLOCK,
@@ -164,7 +174,7 @@ typedef const void *cv;
   S(msgc_sets_args, MSGC_SETS_ARGS) S(msgc_buf, MSGC_BUF) S(msgc_set, MSGC_SET) S(msgc_op, MSGC_OP) \
   S(msgc_conv_op, MSGC_CONV_OP) S(msgc_gates_op, MSGC_GATES_OP) S(msgc_sets_op, MSGC_SETS_OP) \
   S(msgc_dw_op, MSGC_DW_OP) S(msgc_affine_op, MSGC_AFFINE_OP) S(msgc_pool_op, MSGC_POOL_OP) \
-  S(msgc_gap_op, MSGC_GAP_OP) S(msgc_program, MSGC_PROGRAM) S(msgc_run_args, MSGC_RUN_ARGS) \
+  S(msgc_head_op, MSGC_HEAD_OP) S(msgc_program, MSGC_PROGRAM) S(msgc_run_args, MSGC_RUN_ARGS) \
   S(msgc_info, MSGC_INFO)
 
 #define MSGC_FIELD_DECL(type, name) type name;

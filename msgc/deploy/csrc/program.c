@@ -11,6 +11,7 @@
  * Batches: with at least as many samples as threads, every thread runs whole samples (ops on one
  * thread each); otherwise samples run one after the other with every op on all threads.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -275,34 +276,72 @@ static int run_affine(state *st, const msgc_affine_op *o) {
 static int run_pool(state *st, const msgc_pool_op *o) {
   const bufrt *src = &st->b[o->src];
   bufrt *dst = &st->b[o->dst];
-  const int k = o->k, ho = src->h / k, wo = src->w / k, c = src->cols;
-  const float inv = 1.0f / (k * k);
+  const int k = o->k, s = o->s, p = o->p, c = src->cols;
+  const int ho = out_size(src->h, k, s, p), wo = out_size(src->w, k, s, p);
   if (src->tag != TAG_FULL) return MSGC_EPLAN;
+  const float inv = 1.0f / (k * k);
   for (int oy = 0; oy < ho; oy++)
     for (int ox = 0; ox < wo; ox++) {
       float *yr = dst->data + ((long)oy * wo + ox) * dst->ld;
-      for (int j = 0; j < c; j++) yr[j] = 0.0f;
+      for (int j = 0; j < c; j++) yr[j] = o->kind == MSGC_POOL_MAX ? -INFINITY : 0.0f;
       for (int dy = 0; dy < k; dy++)
         for (int dx = 0; dx < k; dx++) {
-          const float *xr = src->data + ((long)(oy * k + dy) * src->w + ox * k + dx) * src->ld;
-          for (int j = 0; j < c; j++) yr[j] += xr[j];
+          const int iy = oy * s - p + dy, ix = ox * s - p + dx;
+          if (iy < 0 || iy >= src->h || ix < 0 || ix >= src->w) continue;
+          const float *xr = src->data + ((long)iy * src->w + ix) * src->ld;
+          if (o->kind == MSGC_POOL_MAX)
+            for (int j = 0; j < c; j++) yr[j] = xr[j] > yr[j] ? xr[j] : yr[j];
+          else
+            for (int j = 0; j < c; j++) yr[j] += xr[j];
         }
-      for (int j = 0; j < c; j++) yr[j] *= inv;
+      if (o->kind != MSGC_POOL_MAX)
+        for (int j = 0; j < c; j++) yr[j] *= inv;
     }
   dst->cols = c;
   dst->tag = TAG_FULL;
-  st->executed += (long)k * k * ho * wo * c;
+  st->executed += (long)o->macs * ho * wo * c;
   return MSGC_OK;
 }
 
-static void run_gap(const state *st, const msgc_gap_op *o, float *feats) {
+typedef struct {
+  const msgc_head_op *o;
+  const float *pooled;
+  float *out;
+  int c;
+} head_task;
+
+static void head_rows(void *arg, long i) { /* classes 16 i .. 16 i + 15 */
+  const head_task *t = arg;
+  for (long j = 16 * i; j < 16 * i + 16 && j < t->o->classes; j++) {
+    const float *w = t->o->weight + j * t->c;
+    vf acc = vzero();
+    int l = 0;
+    for (; l + VL <= t->c; l += VL) acc += vload(w + l) * vload(t->pooled + l);
+    float v = vsum(acc);
+    for (; l < t->c; l++) v += w[l] * t->pooled[l];
+    t->out[j] = t->o->bias[j] + v;
+  }
+}
+
+static int run_head(state *st, const msgc_head_op *o, float *out) {
   const bufrt *src = &st->b[o->src];
   const long hw = (long)src->h * src->w;
-  for (int j = 0; j < src->cols; j++) {
-    double total = 0.0;
-    for (long q = 0; q < hw; q++) total += src->data[q * src->ld + j];
-    feats[j] = (float)(total / hw);
+  const int c = src->cols;
+  float *pooled = msgc_scratch(SCRATCH_SELECT, sizeof(float) * (size_t)c);
+  if (!pooled || src->tag != TAG_FULL) return pooled ? MSGC_EPLAN : MSGC_ENOMEM;
+  double *sum = (double *)msgc_scratch(SCRATCH_PARTIAL, sizeof(double) * (size_t)c);
+  if (!sum) return MSGC_ENOMEM;
+  for (int j = 0; j < c; j++) sum[j] = 0.0;
+  for (long q = 0; q < hw; q++) {
+    const float *xr = src->data + q * src->ld;
+    for (int j = 0; j < c; j++) sum[j] += xr[j];
   }
+  for (int j = 0; j < c; j++) pooled[j] = (float)(sum[j] / hw);
+  head_task t = {o, pooled, out, c};
+  const int nt = st->nthreads > 1 && (long)o->classes * c > 65536 ? st->nthreads : 1;
+  msgc_parallel(head_rows, &t, (o->classes + 15) / 16, nt);
+  st->executed += hw * c + (long)o->classes * c;
+  return MSGC_OK;
 }
 
 static int run_op(state *st, int i, float *feats) {
@@ -315,7 +354,7 @@ static int run_op(state *st, int i, float *feats) {
     case MSGC_OP_DW: return run_dw(st, &((const msgc_dw_op *)pg->dws)[op->index]);
     case MSGC_OP_AFFINE: return run_affine(st, &((const msgc_affine_op *)pg->affines)[op->index]);
     case MSGC_OP_POOL: return run_pool(st, &((const msgc_pool_op *)pg->pools)[op->index]);
-    case MSGC_OP_GAP: run_gap(st, &((const msgc_gap_op *)pg->gaps)[op->index], feats); return MSGC_OK;
+    case MSGC_OP_HEAD: return run_head(st, &((const msgc_head_op *)pg->heads)[op->index], feats);
     default: return MSGC_EPLAN;
   }
 }
@@ -360,12 +399,20 @@ static int run_sample(const msgc_run_args *a, int i, int nthreads) {
   int rc = open_state(&st, pg, 1);
   if (rc) return rc;
   st.nthreads = nthreads;
-  st.b[0].data = (float *)(a->x + (long)i * a->x_stride);
-  st.b[0].ld = a->x_ld;
-  const msgc_buf *d = (const msgc_buf *)pg->bufs;
-  for (int j = 1; j < pg->n_bufs; j++)
-    if (d[j].parent == 0) st.b[j].data = st.b[0].data + d[j].col0, st.b[j].ld = a->x_ld;
-  for (int op = 0; op < pg->n_ops && !rc; op++) rc = run_op(&st, op, a->feats + (long)i * pg->nfeat);
+  const float *x = a->x + (long)i * a->x_stride;
+  if (pg->input_nchw) { /* planar image -> buffer 0 (in the arena), channels-last */
+    bufrt *b = &st.b[0];
+    const long hw = (long)b->h * b->w;
+    for (long q = 0; q < hw; q++)
+      for (int c = 0; c < b->cols; c++) b->data[q * b->ld + c] = x[c * hw + q];
+  } else {
+    st.b[0].data = (float *)x;
+    st.b[0].ld = a->x_ld;
+    const msgc_buf *d = (const msgc_buf *)pg->bufs;
+    for (int j = 1; j < pg->n_bufs; j++)
+      if (d[j].parent == 0) st.b[j].data = st.b[0].data + d[j].col0, st.b[j].ld = a->x_ld;
+  }
+  for (int op = 0; op < pg->n_ops && !rc; op++) rc = run_op(&st, op, a->out + (long)i * pg->nout);
   if (a->stats) record_stats(&st, a->stats + (long)i * pg->nstats);
   if (a->executed) a->executed[i] = st.executed;
   return rc;
@@ -394,7 +441,7 @@ i32 msgc_run(const msgc_run_args *a) {
     state st;
     int rc = open_state(&st, pg, 0);
     st.nthreads = a->nthreads;
-    float *feats = a->feats;
+    float *feats = a->out;
     for (int r = 0; r < a->reps && !rc; r++) {
       const long t0 = now_ns();
       rc = run_op(&st, a->op, feats);

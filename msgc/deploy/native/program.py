@@ -9,16 +9,18 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..graph import AffineOp, Buffer, ConvOp, DepthwiseOp, GapOp, GatesOp, Graph, PoolOp, SetsOp
+from ..graph import AffineOp, Buffer, ConvOp, DepthwiseOp, GatesOp, Graph, HeadOp, PoolOp, SetsOp
 from . import abi
 from .library import Library, blocked
 
-__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER"]
+__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "TILES_PIXEL_MAJOR"]
 
 _S = abi.STRUCTS
 #: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs
 KERNEL_WIDE, KERNEL_PIXEL, KERNEL_GATHER = 0, 1, 2
-_OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_GAP = range(1, 8)
+#: added to a tile family: the wide kernel's pixel-major work order (msgc.h)
+TILES_PIXEL_MAJOR = 16
+_OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_HEAD = range(1, 8)
 
 
 def blocked_layout(weights) -> torch.Tensor:
@@ -42,10 +44,8 @@ def _roots(graph: Graph) -> Dict[int, Tuple[int, int]]:
 
     def touch(b: Buffer, i: int):
         r = b.parent if b.parent is not None else b
-        if r.id == graph.input.id:
-            return
         lo, hi = life.get(r.id, (i, i))
-        life[r.id] = (min(lo, i), max(hi, i))
+        life[r.id] = (min(lo, 0 if r.id == graph.input.id else i), max(hi, i))  # the image: from the start
 
     for i, op in enumerate(graph.ops):
         for name in ("src", "dst", "res"):
@@ -98,7 +98,7 @@ class Program:
                                         stats.get(s.id, -1))
             iarena += s.heads + 1 + 3 * n + s.channels + s.groups + (s.heads * s.host_groups + 3 * n if split else 0)
             farena += n * (2 if split else 1)
-        kinds = {GatesOp: [], SetsOp: [], ConvOp: [], DepthwiseOp: [], AffineOp: [], PoolOp: [], GapOp: []}
+        kinds = {GatesOp: [], SetsOp: [], ConvOp: [], DepthwiseOp: [], AffineOp: [], PoolOp: [], HeadOp: []}
         ops = (_S["msgc_op"] * len(graph.ops))()
         self.conv_ops: List[Tuple[int, ConvOp]] = []  # (op number, graph op)
         for i, op in enumerate(graph.ops):
@@ -111,13 +111,13 @@ class Program:
         arrays = {k: (type(v[0]) * len(v))(*v) if v else None for k, v in kinds.items()}
         self.convs = arrays[ConvOp]
         self.structs = (ops, bufs, sets, arrays)
-        self.nfeat = graph.features.cols
+        self.nout = graph.classes
         self.program = _S["msgc_program"](
             len(graph.ops), ctypes.addressof(ops), *(None if arrays[k] is None else ctypes.addressof(arrays[k])
                                                       for k in (ConvOp, GatesOp, SetsOp, DepthwiseOp, AffineOp,
-                                                                PoolOp, GapOp)),
+                                                                PoolOp, HeadOp)),
             len(graph.buffers), ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena,
-            self.nstats, self.nfeat)
+            self.nstats, self.nout, 1)
 
     def _hold(self, t):
         if t is not None:
@@ -148,9 +148,11 @@ class Program:
             return _OP_AFFINE, _S["msgc_affine_op"](op.src.id, op.dst.id, self._hold(op.scale), self._hold(op.shift),
                                                      op.act, op.macs)
         if isinstance(op, PoolOp):
-            return _OP_POOL, _S["msgc_pool_op"](op.src.id, op.dst.id, op.k)
-        if isinstance(op, GapOp):
-            return _OP_GAP, _S["msgc_gap_op"](op.src.id)
+            return _OP_POOL, _S["msgc_pool_op"](op.src.id, op.dst.id, int(op.kind == "max"), op.k, op.stride, op.padding,
+                                                 op.macs)
+        if isinstance(op, HeadOp):
+            return _OP_HEAD, _S["msgc_head_op"](op.src.id, self._hold(op.weight), self._hold(op.bias),
+                                                 op.weight.size(0))
         raise TypeError(f"deploy: no native lowering for {type(op).__name__}")
 
     def _conv_struct(self, op: ConvOp):
@@ -170,28 +172,26 @@ class Program:
         op = self.conv_ops[index][1]
         op.kernel, op.tiles = kernel, tiles
 
-    def _args(self, x: torch.Tensor, feats, stats, executed, threads: int, keep=0, op=-1, reps=0, times=None):
-        n = x.size(0)
-        x2 = x.reshape(n, -1, x.size(-1))
-        return _S["msgc_run_args"](ctypes.addressof(self.program), n, x2.data_ptr(), x2.stride(0), x2.stride(1),
-                                   feats.data_ptr(), _ptr(stats), _ptr(executed), threads, keep, op, reps, _ptr(times))
+    def _args(self, x: torch.Tensor, out, stats, executed, threads: int, keep=0, op=-1, reps=0, times=None):
+        return _S["msgc_run_args"](ctypes.addressof(self.program), x.size(0), x.data_ptr(), x.stride(0), 0,
+                                   out.data_ptr(), _ptr(stats), _ptr(executed), threads, keep, op, reps, _ptr(times))
 
-    def run(self, x: torch.Tensor, threads: int = 0, keep: bool = False):
-        """``x``: ``N x h x w x C`` (contiguous, float32, CPU) -> (features ``N x C``, stats ``N x nstats``
-        int32, executed MACs ``N`` int64)."""
-        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+    def run(self, images: torch.Tensor, threads: int = 0, keep: bool = False):
+        """``images``: ``N x 3 x H x W`` (contiguous float32 CPU) -> (logits ``N x classes``, stats
+        ``N x nstats`` int32, executed MACs ``N`` int64)."""
+        if images.dtype != torch.float32 or images.device.type != "cpu" or not images.is_contiguous():
             raise ValueError("the native program runs on contiguous float32 CPU tensors")
-        n = x.size(0)
-        feats = torch.empty(n, self.nfeat)
+        n = images.size(0)
+        out = torch.empty(n, self.nout)
         stats = torch.empty(n, max(1, self.nstats), dtype=torch.int32)
         executed = torch.empty(n, dtype=torch.int64)
-        self.lib.run(self._args(x, feats, stats, executed, threads or torch.get_num_threads(), int(keep)))
-        return feats, stats[:, :self.nstats], executed
+        self.lib.run(self._args(images, out, stats, executed, threads or torch.get_num_threads(), int(keep)))
+        return out, stats[:, :self.nstats], executed
 
-    def time_op(self, x: torch.Tensor, op: int, reps: int, threads: int = 0) -> List[int]:
-        """Nanoseconds of ``reps`` runs of op number ``op`` on the state a ``run(x[:1], keep=True)`` of
-        this thread left."""
+    def time_op(self, images: torch.Tensor, op: int, reps: int, threads: int = 0) -> List[int]:
+        """Nanoseconds of ``reps`` runs of op number ``op`` on the state a ``run(images[:1], keep=True)``
+        of this thread left."""
         times = torch.zeros(reps, dtype=torch.int64)
-        feats = torch.empty(1, self.nfeat)
-        self.lib.run(self._args(x[:1], feats, None, None, threads or torch.get_num_threads(), 1, op, reps, times))
+        out = torch.empty(1, self.nout)
+        self.lib.run(self._args(images[:1], out, None, None, threads or torch.get_num_threads(), 1, op, reps, times))
         return times.tolist()
