@@ -76,6 +76,25 @@ def _blocks(blocks, names) -> list:
     return [deploy_block(b, n) for b, n in zip(blocks, names)]
 
 
+def _stem_and_blocks(net, stem: _Stem, blocks: list, h: int, w: int) -> Tuple[Graph, Buffer]:
+    """The graph of an ``h x w`` image through ``stem`` and a chain of block deployers."""
+    g = BackboneDeployer.image_graph(h, w)
+    g.add_macs(net.stem_macs(h, w)[0])
+    x = stem.emit(g)
+    for blk in blocks:
+        g.scope = blk.where
+        x = blk.emit(g, x)
+    return g, x
+
+
+def _head(g: Graph, net, x: Buffer, fc: nn.Linear) -> Graph:
+    """Global pooling and the classifier on ``x``, with the paper's MACs of the head."""
+    g.scope = "head"
+    g.head(x, fc)
+    g.add_macs(net.head_macs(x.h, x.w))
+    return g
+
+
 def _module_names(net: nn.Module) -> Dict[int, str]:
     return {id(m): name for name, m in net.named_modules() if name}
 
@@ -102,17 +121,8 @@ class ChainDeployer(BackboneDeployer):
         self.fc = [net.fc]
 
     def graph(self, h, w):
-        net = self.net[0]
-        g = self.image_graph(h, w)
-        g.add_macs(net.stem_macs(h, w)[0])
-        x = self.stem.emit(g)
-        for blk in self.blocks:
-            g.scope = blk.where
-            x = blk.emit(g, x)
-        g.scope = "head"
-        g.head(x, self.fc[0])
-        g.add_macs(net.head_macs(x.h, x.w))
-        return g
+        g, x = _stem_and_blocks(self.net[0], self.stem, self.blocks, h, w)
+        return _head(g, self.net[0], x, self.fc[0])
 
 
 @BACKBONE_DEPLOYERS.register(MSGCMobileNetV2)
@@ -129,19 +139,11 @@ class MobileNetV2Deployer(BackboneDeployer):
 
     def graph(self, h, w):
         net = self.net[0]
-        g = self.image_graph(h, w)
-        g.add_macs(net.stem_macs(h, w)[0])
-        x = self.stem.emit(g)
-        for blk in self.blocks:
-            g.scope = blk.where
-            x = blk.emit(g, x)
+        g, x = _stem_and_blocks(net, self.stem, self.blocks, h, w)
         g.scope = "last_conv"
         g.add_macs(net.last_macs(x.h, x.w))
         x = g.conv(x, self.last, act=RELU6)
-        g.scope = "head"
-        g.head(x, self.fc[0])
-        g.add_macs(net.head_macs(x.h, x.w))
-        return g
+        return _head(g, net, x, self.fc[0])
 
 
 @BACKBONE_DEPLOYERS.register(MSGCDenseNet)
@@ -184,9 +186,7 @@ class DenseNetDeployer(BackboneDeployer):
                 c += growth
         g.scope = "head"
         x = g.affine(stage, self.final_norm[0], RELU, macs=1)  # the head's final ReLU, as the paper counts it
-        g.head(x, self.fc[0])
-        g.add_macs(net.head_macs(x.h, x.w))
-        return g
+        return _head(g, net, x, self.fc[0])
 
 
 def deploy_backbone(backbone: nn.Module) -> BackboneDeployer:
