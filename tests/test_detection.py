@@ -19,7 +19,7 @@ from msgc_detection import (COCOEvaluator, DetectionCheckpointer, add_detection_
                             build_detection_test_loader, build_detection_train_loader, build_detector,
                             generate_toy_shapes, map_classification_state_dict, register_coco_instances)
 from msgc_detection.checkpoint import BODY_PREFIX  # noqa: E402
-from msgc_detection.data import load_coco_json  # noqa: E402
+from msgc_detection.data import load_coco_json, to_unit_range  # noqa: E402
 from msgc_detection.data.catalog import DATASET_CATALOG  # noqa: E402
 
 SIZE = 64  # side of the test images
@@ -235,7 +235,8 @@ def test_toy_set_is_deterministic_and_its_boxes_are_valid(toy_root, tmp_path):
             assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= SIZE and y + h <= SIZE
     loader = build_detection_train_loader(toy_cfg(toy_root))
     images, targets = next(iter(loader))
-    assert len(images) == 2 and images[0].shape == (3, SIZE, SIZE) and 0 <= images[0].min() <= images[0].max() <= 1
+    assert len(images) == 2 and images[0].shape == (3, SIZE, SIZE) and images[0].dtype == torch.uint8
+    assert torch.allclose(to_unit_range(images, "cpu")[0], images[0] / 255.0, rtol=0, atol=1e-7)  # the preprocess
     assert targets[0]["boxes"].shape[1] == 4 and targets[0]["labels"].dtype == torch.int64
 
 

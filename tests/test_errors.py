@@ -15,7 +15,7 @@ from PIL import Image
 
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import get_cfg
-from msgc.data.datasets import load_rgb
+from msgc.data import read_image
 from msgc.modeling import build_model
 from msgc.utils import file_io
 from msgc.utils.errors import InvalidValueError, UserError, error_line, exit_on_user_error
@@ -119,6 +119,14 @@ def test_gpus_that_are_not_there(tmp_path, train_net, cli):
                       "--num-gpus, or add MODEL.DEVICE cpu to the command line to run CPU processes" + HINT)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_decoding_without_a_gpu(tmp_path, train_net, cli):
+    code, err = cli(train_net.invoke_main, _train(tmp_path, "INPUT.DECODE_DEVICE", "cuda"))
+    assert code == 2
+    assert err[0] == ("error: INPUT.DECODE_DEVICE cuda decodes JPEGs on the GPU, but this machine has no CUDA "
+                      "device (torch.cuda.is_available() is False): set INPUT.DECODE_DEVICE cpu" + HINT)
+
+
 def test_option_after_the_overrides_says_to_put_options_first(train_net, cli):
     argv = ["--config-file", "c.yaml", "SOLVER.BASE_LR", "0.1", "--resume", "--num-gpus", "2", "SEED", "3"]
     code, err = cli(train_net.invoke_main, argv)
@@ -157,7 +165,7 @@ def test_corrupt_image_in_a_data_loader_worker(tmp_path, train_net, cli):
     bad = tmp_path / "data" / "train" / "a" / "0.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(UserError) as reason:
-        load_rgb(str(bad))
+        read_image(str(bad))
     argv = _train(tmp_path, "DATASETS.TRAIN", "imagefolder", "DATASETS.TEST", "", "DATASETS.ROOT",
                   str(tmp_path / "data"), "DATALOADER.NUM_WORKERS", "1", "SOLVER.IMS_PER_BATCH", "4",
                   "SOLVER.MAX_ITER", "30", "SEED", "1")

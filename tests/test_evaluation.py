@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from msgc.config import get_cfg
-from msgc.data import build_test_loader
+from msgc.data import build_normalizer, build_test_loader
 from msgc.engine import launch
 from msgc.evaluation import ClassificationEvaluator, inference_on_dataset, results_table
 from msgc.modeling import build_model
@@ -84,7 +84,8 @@ def _evaluate(world_size):
     torch.manual_seed(0)
     cfg = _cfg(world_size)
     model = build_model(cfg)
-    return inference_on_dataset(model, build_test_loader(cfg), ClassificationEvaluator(model.dense_macs))
+    return inference_on_dataset(model, build_test_loader(cfg), ClassificationEvaluator(model.dense_macs),
+                                preprocess=build_normalizer(cfg))
 
 
 def _two_process_worker(path):

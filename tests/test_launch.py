@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from msgc.data import TrainingSampler
-from msgc.data.datasets import load_rgb
+from msgc.data import read_image
 from msgc.engine.launch import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_corrupt_image_read_by_a_worker_of_rank_1_ends_every_process_with_one_li
     first_of_rank1 = ordered[TrainingSampler(size, seed=5, rank=0, world_size=1).epoch(0)[1]]
     first_of_rank1.write_bytes(b"not an image")
     with pytest.raises(Exception) as reason:
-        load_rgb(str(first_of_rank1))
+        read_image(str(first_of_rank1))
     args = ["--num-gpus", "2", *SMALL, "DATASETS.TRAIN", "imagefolder", "DATASETS.TEST", "", "DATASETS.ROOT",
             str(root), "DATALOADER.NUM_WORKERS", "1", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3"]
     code, log, err = _finish(_start(tmp_path, args, tmp_path / "out"))

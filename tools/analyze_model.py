@@ -86,9 +86,9 @@ def image_batches(cfg, num_images, source, batch_size, size):
     """(description, list of normalised image batches): the test loader's images or random ones."""
     if source in ("auto", "test"):
         try:
-            from msgc.data import build_test_loader
+            from msgc.data import build_normalizer, build_test_loader
 
-            loader = build_test_loader(cfg)
+            loader, normalize = build_test_loader(cfg), build_normalizer(cfg)
         except UserError as e:
             if source == "test":
                 raise
@@ -98,7 +98,7 @@ def image_batches(cfg, num_images, source, batch_size, size):
             for images, _ in loader:
                 if seen >= num_images:
                     break
-                batches.append(images[: num_images - seen])
+                batches.append(normalize(images[: num_images - seen], "cpu"))
                 seen += batches[-1].size(0)
             return "test loader", batches
     gen = torch.Generator().manual_seed(0)

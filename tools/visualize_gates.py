@@ -32,7 +32,7 @@ from msgc.analysis import collect_gate_statistics, has_gates, select_layers
 from msgc.analysis.figures import MatplotlibMissing, require_matplotlib, write_gate_figures
 from msgc.analysis.gates import load_gated_weights
 from msgc.config import load_cfg
-from msgc.data import build_test_loader
+from msgc.data import build_normalizer, build_test_loader
 from msgc.engine import exit_on_user_error
 from msgc.modeling import build_model
 from msgc.utils.errors import FileWriteError, InvalidValueError
@@ -89,7 +89,7 @@ def main(argv=None):
     dataset = args.dataset or cfg.DATASETS.TEST
     loader = build_test_loader(cfg, dataset)
     stats, images = collect_gate_statistics(model, loader, args.num_images, args.extremes,
-                                            getattr(loader.dataset, "classes", None))
+                                            getattr(loader.dataset, "classes", None), build_normalizer(cfg))
     layers = args.layers or select_layers(stats, 4)
     figures = write_gate_figures(stats, images, args.output, layers, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
     stats.update(config_file=args.config_file, weights=cfg.MODEL.WEIGHTS, dataset=dataset,

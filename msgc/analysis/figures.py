@@ -180,6 +180,8 @@ def sample_wise_figure(stats, path):
 
 
 def _display(image, mean, std):
+    if str(getattr(image, "dtype", "")) in ("uint8", "torch.uint8"):  # as the loaders give them
+        return np.asarray(image, dtype=np.float64).transpose(1, 2, 0) / 255.0
     x = np.asarray(image, dtype=np.float64)
     if mean is not None and std is not None:
         x = x * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]
@@ -192,8 +194,10 @@ def extremes_figure(stats, images, path, mean=None, std=None, class_names=None):
     """The cheapest (top row) and most expensive (bottom row) images with their MACs and prediction.
 
     Args:
-        images: ``{"cheapest": [...], "most_expensive": [...]}`` tensors ``3 x H x W`` (normalised).
-        mean, std: the normalisation to undo for display (None: each image is stretched to [0, 1]).
+        images: ``{"cheapest": [...], "most_expensive": [...]}`` tensors ``3 x H x W``: uint8 (shown as
+            they are) or normalised float.
+        mean, std: the normalisation of float images, undone for display (None: each float image is
+            stretched to [0, 1]).
     """
     plt = require_matplotlib()
     names = class_names or stats["classes"]["names"]

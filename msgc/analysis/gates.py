@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..data.preprocess import to_device
 from ..utils.errors import InvalidValueError, MissingFileError
 from .structure import attention_layers, gated_layers
 
@@ -290,25 +291,30 @@ def _stages(layers):
     return list(stages.values())
 
 
-def collect_gate_statistics(model, batches, num_images=None, keep_extremes: int = 8, class_names=None) -> tuple:
+def collect_gate_statistics(model, batches, num_images=None, keep_extremes: int = 8, class_names=None,
+                            preprocess=None) -> tuple:
     """Run ``model`` (a classifier) in eval mode over ``batches`` and measure its gates.
 
     Args:
         model: an msgc :class:`~msgc.modeling.Classifier` (``model(images)`` gives ``logits`` and ``macs``).
-        batches: an iterable of ``(images, labels)`` (normalised images on any device).
+        batches: an iterable of ``(images, labels)`` (a loader's uint8 images, or normalised float ones,
+            on any device).
         num_images: stop after this many images (None: all).
         keep_extremes: how many of the cheapest and of the most expensive images to keep.
         class_names: names of the labels (default: their numbers).
+        preprocess: ``(images, device) -> images``, the model's input on its device:
+            :func:`msgc.data.build_normalizer` for uint8 batches (default :func:`msgc.data.to_device`).
 
     Returns:
         ``(stats, extremes)``: the dict described in this module's docstring, and ``{"cheapest": [...],
-        "most_expensive": [...]}`` lists of ``3 x H x W`` image tensors in the order of
-        ``stats["extremes"]``.
+        "most_expensive": [...]}`` lists of ``3 x H x W`` image tensors (as ``batches`` gave them) in the
+        order of ``stats["extremes"]``.
 
     Raises:
         ValueError: no image in ``batches``.
     """
     device = next(model.parameters()).device
+    preprocess = to_device if preprocess is None else preprocess
     recorder, size = None, None
     samples = _Samples(keep_extremes)
     was_training = model.training
@@ -320,7 +326,7 @@ def collect_gate_statistics(model, batches, num_images=None, keep_extremes: int 
                     size = tuple(images.shape[-2:])
                     layers = gated_layers(model.backbone, *size), attention_layers(model.backbone, *size)
                     recorder = stack.enter_context(GateRecorder(*layers))
-                outputs = model(images.to(device))
+                outputs = model(preprocess(images, device))
                 recorder.end_batch()
                 samples.add(images, labels, outputs)
     finally:

@@ -59,9 +59,14 @@ _C.INPUT.RANDOM_FLIP = True
 _C.INPUT.TEST_RESIZE = 256
 # Side of the square test crop.
 _C.INPUT.TEST_SIZE = 224
-# Per-channel mean and std (RGB, in [0, 1] units) for normalisation in the data pipeline.
+# Per-channel mean and std (RGB, in [0, 1] units) of the normalisation. The loaders hand uint8 images;
+# msgc.data.Normalizer normalises them on the model's device (in the training step and the evaluation).
 _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
 _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+# Where image files' JPEGs are decoded: "cpu" (torchvision.io in the DataLoader workers) or "cuda"
+# (nvjpeg on this process's GPU, in the training process: needs DATALOADER.NUM_WORKERS 0; untested on a
+# GPU by this project). Only image-folder datasets (imagenet, imagefolder) decode files.
+_C.INPUT.DECODE_DEVICE = "cpu"
 
 # ---------------------------------------------------------------------------------------------------
 # Datasets and loader
@@ -80,9 +85,11 @@ _C.DATASETS.SYNTHETIC_LENGTH = 64
 _C.DATASETS.SYNTHETIC_TEST_LENGTH = 64
 
 _C.DATALOADER = CN()
-# Worker processes per data loader.
+# Worker processes per data loader (per training process), at most the CPU cores of the machine divided
+# by its processes: more is lowered to that, with a warning. 0 loads in the training process.
 _C.DATALOADER.NUM_WORKERS = 4
-# Skip corrupt images with a warning and a count in the log, instead of stopping with an error.
+# Corrupt image files (not an image, truncated): False stops with a one-line error naming the file;
+# True replaces each by the next readable sample, with a warning naming it and a count in the log.
 _C.DATALOADER.SKIP_CORRUPT = False
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,17 +6,19 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, default_collate
 
 from ..utils import comm
 from ..utils.errors import InvalidValueError
 from ..utils.preemption import guard_worker, owner_exiting, stop_signals_blocked
 from ..utils.registry import Registry
+from .decode import check_decode_device
 from .samplers import SAMPLE_STREAM, InferenceSampler, TrainingSampler, seed_from
 from .transforms import build_transform
 
 __all__ = ["DATASET_REGISTRY", "DEFAULT_SAMPLER_SEED", "SeededSamples", "augment_image", "build_dataset",
-           "build_loader", "build_train_loader", "build_test_loader", "check_dataset"]
+           "build_loader", "build_train_loader", "build_test_loader", "check_dataset", "cores_per_process",
+           "loader_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +28,13 @@ Registry for datasets, selected by ``DATASETS.TRAIN`` and ``DATASETS.TEST``.
 
 An entry is a callable ``fn(cfg, split, transform) -> torch.utils.data.Dataset`` where ``split`` is
 "train" or "test" and ``transform`` (built from cfg.INPUT by :func:`build_dataset`) maps a PIL image or
-a ``3 x H x W`` uint8 tensor to a normalised float tensor, or is None. Items are ``(image, label)``
-with ``label`` an int in ``[0, len(dataset.classes))`` and ``image`` the transformed image (a float
-``3 x H x W`` tensor), or, when ``transform`` is None, the image as read: the training loader builds
-the train split so and augments each sample with a generator of its own (:class:`SeededSamples`).
+a ``3 x H x W`` uint8 tensor to a ``3 x H x W`` uint8 tensor, or is None. Items are ``(image, label)``
+with ``label`` an int in ``[0, len(dataset.classes))`` and ``image`` the transformed image, or, when
+``transform`` is None, the image as read (a PIL image or a uint8 tensor; files are best read with
+:func:`msgc.data.read_image`): the training loader builds the train split so and augments each sample
+with a generator of its own (:class:`SeededSamples`). Images stay uint8 up to the model's device, where
+:class:`msgc.data.Normalizer` normalises them; an entry whose transform gives float images hands them
+to the model as they are (taken as normalised).
 An entry must not draw random numbers itself (they would differ after a resume). The dataset has an
 attribute ``classes`` (class names in label order); :func:`build_dataset` sets ``name``. An entry reads
 its own keys from cfg (e.g. ``DATASETS.ROOT``) and raises a one-line error (a
@@ -47,11 +52,13 @@ DEFAULT_SAMPLER_SEED = 0
 def build_dataset(cfg, name: str, split: str, transform=True):
     """Build the registered dataset ``name`` for ``split`` ("train"/"test").
 
-    ``transform``: True applies the transform of cfg for the split; None gives the items as read (PIL
-    images or uint8 tensors), which the training loader augments itself (see :class:`SeededSamples`);
-    or a transform to apply. Raises an error if the dataset has more classes than
-    ``MODEL.NUM_CLASSES``: its labels would fall outside the classifier's outputs.
+    ``transform``: True applies the transform of cfg for the split (to uint8 images); None gives the
+    items as read (PIL images or uint8 tensors), which the training loader augments itself (see
+    :class:`SeededSamples`); or a transform to apply. Raises an error if the dataset has more classes
+    than ``MODEL.NUM_CLASSES``: its labels would fall outside the classifier's outputs, and for an
+    ``INPUT.DECODE_DEVICE`` this machine or ``DATALOADER.NUM_WORKERS`` cannot serve.
     """
+    check_decode_device(cfg.INPUT.DECODE_DEVICE, cfg.DATALOADER.NUM_WORKERS)
     if transform is True:
         transform = build_transform(cfg, split)
     dataset = DATASET_REGISTRY.get(name)(cfg, split, transform)
@@ -67,9 +74,11 @@ def build_dataset(cfg, name: str, split: str, transform=True):
 def check_dataset(cfg, name: str, split: str):
     """Check cheaply, without reading the data, that dataset ``name`` can be built for ``split``.
 
-    Raises the error that building would raise for an unknown name or a missing folder (the entry's
-    optional ``check(cfg, split)``); launchers call it before starting processes.
+    Raises the error that building would raise for an unknown name, a missing folder (the entry's
+    optional ``check(cfg, split)``) or an ``INPUT.DECODE_DEVICE`` that cannot be served; launchers call
+    it before starting processes.
     """
+    check_decode_device(cfg.INPUT.DECODE_DEVICE, cfg.DATALOADER.NUM_WORKERS)
     check = getattr(DATASET_REGISTRY.get(name), "check", None)
     if check is not None:
         check(cfg, split)
@@ -117,7 +126,7 @@ def _augment_image(transform, item, generator):
 
 
 def build_train_loader(cfg, *, start_iter: int = 0, rank=None, world_size=None) -> DataLoader:
-    """An endless loader of ``(images N x 3 x H x W, labels N long)`` batches of ``DATASETS.TRAIN``.
+    """An endless loader of ``(images N x 3 x H x W uint8, labels N long)`` batches of ``DATASETS.TRAIN``.
 
     ``N = SOLVER.IMS_PER_BATCH // world_size``: each process loads its share of the global batch from
     its shard of a :class:`TrainingSampler` seeded with ``cfg.SEED`` (or :data:`DEFAULT_SAMPLER_SEED`
@@ -125,8 +134,10 @@ def build_train_loader(cfg, *, start_iter: int = 0, rank=None, world_size=None) 
     skipped by the sampler, none of their images is read. Every sample is augmented with a generator
     seeded from its position in the stream (:class:`SeededSamples`), so the batches of an iteration
     are the same whatever ``start_iter`` and ``DATALOADER.NUM_WORKERS``. The loader has no length;
-    iterate it and stop after the wanted number of iterations. ``rank`` and ``world_size`` default to
-    :mod:`msgc.utils.comm`'s (give them to simulate a process).
+    iterate it and stop after the wanted number of iterations. The images are uint8 (normalise them on
+    the model's device with :func:`msgc.data.build_normalizer`), in pinned memory when the model is on
+    CUDA. ``rank`` and ``world_size`` default to :mod:`msgc.utils.comm`'s (give them to simulate a
+    process).
     """
     rank = comm.get_rank() if rank is None else rank
     world_size = comm.get_world_size() if world_size is None else world_size
@@ -144,15 +155,16 @@ def build_train_loader(cfg, *, start_iter: int = 0, rank=None, world_size=None) 
 def build_test_loader(cfg, name=None, *, rank=None, world_size=None) -> DataLoader:
     """A loader over this process's exact shard of the test split of ``name`` (default DATASETS.TEST).
 
-    Batches hold ``max(1, TEST.IMS_PER_BATCH // world_size)`` images; the last one may be smaller.
-    Over all processes every test image is loaded exactly once (see :class:`InferenceSampler`).
+    Batches of uint8 images hold ``max(1, TEST.IMS_PER_BATCH // world_size)`` images; the last one may
+    be smaller. Over all processes every test image is loaded exactly once (see
+    :class:`InferenceSampler`). Its workers are persistent: iterating the loader again reuses them.
     """
     world_size = comm.get_world_size() if world_size is None else world_size
     dataset = build_dataset(cfg, name or cfg.DATASETS.TEST, "test")
     sampler = InferenceSampler(len(dataset), rank=rank, world_size=world_size)
     batch = max(1, cfg.TEST.IMS_PER_BATCH // world_size)
     return build_loader(dataset, BatchSampler(sampler, batch, drop_last=False), cfg.DATALOADER.NUM_WORKERS,
-                        _collate, pin_memory=_pin(cfg))
+                        _collate, pin_memory=_pin(cfg), persistent_workers=True)
 
 
 def _local_train_batch(global_batch: int, world_size: int) -> int:
@@ -163,21 +175,52 @@ def _local_train_batch(global_batch: int, world_size: int) -> int:
 
 
 def _pin(cfg) -> bool:
-    return torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda")
+    """Pin batches for the copy to a CUDA model (unless they are decoded on the GPU already)."""
+    return (torch.cuda.is_available() and str(cfg.MODEL.DEVICE).startswith("cuda")
+            and cfg.INPUT.DECODE_DEVICE == "cpu")
+
+
+def cores_per_process() -> int:
+    """The CPU cores this process may run on, shared by the processes of this machine (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // comm.get_local_size())
+
+
+def loader_workers(asked: int) -> int:
+    """``asked`` DataLoader workers, at most :func:`cores_per_process` (with a warning when fewer).
+
+    More decoding processes than cores only take turns on them, each with its own copy of the
+    dataset's file list and prefetched batches.
+    """
+    cores = cores_per_process()
+    if asked > cores:
+        _warn_once(f"DATALOADER.NUM_WORKERS={asked} is more than the {cores} CPU core(s) of this process "
+                   f"({comm.get_local_size()} process(es) on this machine): using {cores} worker(s)")
+        return cores
+    return asked
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str):
+    logger.warning(message)
 
 
 def build_loader(dataset, batch_sampler, num_workers: int, collate_fn, pin_memory: bool = False,
-                 generator=None) -> DataLoader:
+                 generator=None, persistent_workers: bool = False) -> DataLoader:
     """A DataLoader whose workers survive a scheduler's stop signal (see :mod:`msgc.utils.preemption`).
 
-    Its workers seed Python's and NumPy's generators from their torch seed (which DataLoader draws
-    from ``generator``), and ignore SIGTERM and SIGUSR1 until this process exits: the signal is the
-    training process's to handle, and it needs the batch in flight. Workers are not persistent: an
-    endless training loader is iterated once.
+    ``num_workers`` is capped at the cores of this process (:func:`loader_workers`). Its workers seed
+    Python's and NumPy's generators from their torch seed (which DataLoader draws from ``generator``),
+    and ignore SIGTERM and SIGUSR1 until this process exits: the signal is the training process's to
+    handle, and it needs the batch in flight. ``persistent_workers`` (when there are workers) keeps
+    them between iterations of the loader: test loaders use it; an endless training loader, iterated
+    once, does not, so that its workers end with the trainer's iterator.
     """
+    num_workers = loader_workers(num_workers)
     init = functools.partial(_init_worker, owner_exiting() if num_workers > 0 else None, os.getpid())
     return _GuardedLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
-                          worker_init_fn=init, pin_memory=pin_memory, generator=generator)
+                          worker_init_fn=init, pin_memory=pin_memory, generator=generator,
+                          persistent_workers=persistent_workers and num_workers > 0)
 
 
 class _GuardedLoader(DataLoader):
@@ -191,8 +234,10 @@ class _GuardedLoader(DataLoader):
 
 
 def _collate(items):
+    """``(images N x 3 x H x W, labels N)``; in a worker, the images are stacked straight into shared
+    memory (``default_collate`` does that), which saves a copy on the way to the training process."""
     images, labels = zip(*items)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    return default_collate(list(images)), torch.tensor(labels, dtype=torch.long)
 
 
 def _init_worker(exiting, owner: int, worker_id):

@@ -1,36 +1,24 @@
 """The built-in datasets: image folders (ImageNet and any other), CIFAR, scikit-learn's digits and
 synthetic data. Each is registered in :data:`DATASET_REGISTRY` and follows its contract.
 """
+import functools
 import logging
 import os
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 
-from ..utils.errors import InvalidValueError, MissingFileError, UserError
+from ..utils.errors import InvalidValueError, MissingFileError
 from .build import DATASET_REGISTRY
+from .decode import CorruptImageError, load_rgb, read_image
 
 __all__ = ["CorruptImageError", "ImageFolderDataset", "TensorImageDataset", "SyntheticDataset",
-           "load_rgb", "digits_split"]
+           "load_rgb", "read_image", "digits_split"]
 
 logger = logging.getLogger(__name__)
-
-
-class CorruptImageError(UserError, OSError):
-    """An image file that cannot be read or decoded."""
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Read an image file as an RGB PIL image; raises :class:`CorruptImageError` naming the file."""
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for damaged or unknown files
-        raise CorruptImageError(f"cannot read image '{path}': {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,23 +37,26 @@ class ImageFolderDataset(tv_datasets.ImageFolder):
     lacking a class still maps every class name to its training label; a folder not in ``classes`` is
     an error. A class folder with no image is an error too: it usually means a broken copy.
 
-    A file that cannot be decoded raises :class:`CorruptImageError` naming it. With
-    ``skip_corrupt=True`` it is replaced by the next readable sample (so batches keep their size), a
-    warning names it the first time this process meets it, and ``skipped`` holds the corrupt paths
-    this process met (each data-loader worker has its own copy and its own warnings).
+    Images are read by :func:`msgc.data.read_image` as ``3 x H x W`` uint8 RGB tensors (torchvision.io,
+    PIL for what it cannot decode). A file that cannot be decoded raises :class:`CorruptImageError`
+    naming it. With ``skip_corrupt=True`` it is replaced by the next readable sample (so batches keep
+    their size), a warning names it the first time this process meets it, and ``skipped`` holds the
+    corrupt paths this process met (each data-loader worker has its own copy and its own warnings).
 
     Args:
         root: the split's folder.
         classes: class names in label order (normally the sorted class folders of ``train/``).
-        transform: applied to each RGB PIL image.
+        transform: applied to each uint8 image.
         skip_corrupt: skip corrupt images instead of raising.
+        decode_device: where JPEGs are decoded, "cpu" or "cuda" (see :func:`msgc.data.read_image`).
     """
 
-    def __init__(self, root: str, classes, transform=None, skip_corrupt: bool = False):
+    def __init__(self, root: str, classes, transform=None, skip_corrupt: bool = False, decode_device: str = "cpu"):
         self._given_classes = list(classes)
         self.skip_corrupt = skip_corrupt
         self.skipped = set()
-        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        loader = read_image if decode_device == "cpu" else functools.partial(read_image, device=decode_device)
+        super().__init__(root, transform=transform, loader=loader, allow_empty=True)
         self._check_no_empty_class()
 
     def find_classes(self, directory):
@@ -126,7 +117,8 @@ def _folder_dataset(cfg, split, transform, test_folders):
     classes = _subfolders(class_source)
     if not classes:
         raise MissingFileError(f"dataset folder '{class_source}' has no class folders")
-    return ImageFolderDataset(folder, classes, transform, skip_corrupt=cfg.DATALOADER.SKIP_CORRUPT)
+    return ImageFolderDataset(folder, classes, transform, skip_corrupt=cfg.DATALOADER.SKIP_CORRUPT,
+                              decode_device=cfg.INPUT.DECODE_DEVICE)
 
 
 @DATASET_REGISTRY.register("imagenet")

@@ -1,8 +1,10 @@
-"""Image transforms of the data pipeline, normalisation included (models take normalised tensors).
+"""Image transforms of the data pipeline: crop, resize and flip, from uint8 images to uint8 images.
 
-The geometric steps come first, so PIL images (image folders, CIFAR) are resized by PIL exactly as the
-reference training script does, while uint8 tensors (digits, synthetic data) go through the same
-steps on tensors. Both end as float ``3 x H x W`` tensors scaled to [0, 1] and normalised.
+They take the ``3 x H x W`` uint8 tensors that :func:`msgc.data.read_image` decodes (image folders,
+digits, synthetic data) and resize them with torchvision's uint8 kernels (antialiased bilinear), or
+PIL images (CIFAR), which PIL resizes as the reference training script does; both end as ``3 x H x W``
+uint8 tensors. Conversion to float and normalisation happen later, on the model's device, in one place:
+:class:`msgc.data.Normalizer`.
 
 The training transform draws its random numbers from a ``torch.Generator`` passed with each image
 (``transform(image, generator)``), never from a global random state: the training loader gives every
@@ -13,17 +15,21 @@ DataLoader worker prepares it, nor on whether the run was resumed.
 import math
 
 import torch
-from torchvision.transforms import v2
+from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["TrainTransform", "random_resized_crop_box", "train_transform", "test_transform", "build_transform"]
+from .decode import pil_to_uint8
+
+__all__ = ["TestTransform", "TrainTransform", "random_resized_crop_box", "train_transform", "test_transform",
+           "build_transform", "to_uint8"]
 
 # RandomResizedCrop's aspect-ratio range (torchvision's default, as in the reference).
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def _to_normalised_tensor(mean, std):
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+def to_uint8(image) -> torch.Tensor:
+    """A PIL image or a ``3 x H x W`` uint8 tensor as a ``3 x H x W`` uint8 tensor."""
+    return pil_to_uint8(image) if isinstance(image, Image.Image) else image
 
 
 def _uniform(low: float, high: float, generator) -> float:
@@ -59,21 +65,22 @@ def random_resized_crop_box(height: int, width: int, scale, ratio=_RATIO, genera
 
 
 class TrainTransform:
-    """Random-resized crop of side ``size``, optional horizontal flip, conversion and normalisation.
+    """Random-resized crop of side ``size`` and optional horizontal flip, to a uint8 tensor.
 
-    ``transform(image, generator=None)`` takes a PIL image or a ``3 x H x W`` uint8 tensor and draws
-    the crop and the flip from ``generator`` (torch's default generator when None).
+    ``transform(image, generator=None)`` takes a PIL image or a ``3 x H x W`` uint8 tensor (on any
+    device) and draws the crop and the flip from ``generator`` (torch's default generator when None):
+    the same draws for both kinds of input, so a tensor and a PIL image of the same pixels get the
+    same crop and flip, and differ only by the resize kernels' rounding (PIL's and torchvision's
+    antialiased bilinear uint8 kernels: at most a few levels, measured in ``tests/test_decode.py``).
 
     Args:
         size: side of the square crop.
         min_scale: smallest fraction of the image area a crop covers (the largest is 1).
         flip: flip horizontally with probability 1/2.
-        mean, std: per-channel normalisation, in [0, 1] units.
     """
 
-    def __init__(self, size: int, min_scale: float, flip: bool, mean, std):
+    def __init__(self, size: int, min_scale: float, flip: bool):
         self.size, self.scale, self.flip = int(size), (float(min_scale), 1.0), bool(flip)
-        self.finish = v2.Compose(_to_normalised_tensor(mean, std))
 
     def __call__(self, image, generator=None):
         height, width = F.get_size(image)
@@ -81,29 +88,46 @@ class TrainTransform:
         image = F.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
         if self.flip and float(torch.rand((), generator=generator)) < 0.5:
             image = F.horizontal_flip(image)
-        return self.finish(image)
+        return to_uint8(image)
 
     def __repr__(self):
-        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, flip={self.flip}, "
-                f"finish={self.finish})")
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, flip={self.flip})"
 
 
-def train_transform(size: int, min_scale: float, flip: bool, mean, std) -> TrainTransform:
+class TestTransform:
+    """Resize the shorter side to ``resize`` (antialiased bilinear), center-crop ``size``, to a uint8 tensor.
+
+    Takes a PIL image or a ``3 x H x W`` uint8 tensor, as :class:`TrainTransform` does.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, resize: int, size: int):
+        self.resize, self.size = int(resize), int(size)
+
+    def __call__(self, image):
+        image = F.resize(image, [self.resize], antialias=True)
+        return to_uint8(F.center_crop(image, [self.size, self.size]))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(resize={self.resize}, size={self.size})"
+
+
+def train_transform(size: int, min_scale: float, flip: bool) -> TrainTransform:
     """The training transform: see :class:`TrainTransform`."""
-    return TrainTransform(size, min_scale, flip, mean, std)
+    return TrainTransform(size, min_scale, flip)
 
 
-def test_transform(resize: int, size: int, mean, std) -> v2.Compose:
-    """Resize the shorter side to ``resize``, center-crop ``size``, then convert and normalise."""
-    steps = [v2.Resize(resize), v2.CenterCrop(size)]
-    return v2.Compose(steps + _to_normalised_tensor(mean, std))
+def test_transform(resize: int, size: int) -> TestTransform:
+    """The test transform: see :class:`TestTransform`."""
+    return TestTransform(resize, size)
 
 
 def build_transform(cfg, split: str):
     """The transform of ``split`` ("train" or "test") from the INPUT section of cfg."""
     i = cfg.INPUT
     if split == "train":
-        return train_transform(i.TRAIN_SIZE, i.MIN_SCALE, i.RANDOM_FLIP, i.PIXEL_MEAN, i.PIXEL_STD)
+        return train_transform(i.TRAIN_SIZE, i.MIN_SCALE, i.RANDOM_FLIP)
     if split == "test":
-        return test_transform(i.TEST_RESIZE, i.TEST_SIZE, i.PIXEL_MEAN, i.PIXEL_STD)
+        return test_transform(i.TEST_RESIZE, i.TEST_SIZE)
     raise ValueError(f"unknown split '{split}'; expected 'train' or 'test'")

@@ -192,7 +192,8 @@ def broadcast_buffers(model):
 class DefaultTrainer(TrainerBase):
     """The standard training of an msgc classifier, built from a config.
 
-    It builds the model, optimizer, LR and MAC-target schedules and checkpointer through the
+    It builds the model, optimizer, LR and MAC-target schedules, checkpointer, loaders and the
+    preprocess of their batches (uint8 to normalised float on the model's device) through the
     ``build_*`` class methods (the override points), wraps the model in DistributedDataParallel when
     several processes run, and trains with a :class:`SimpleTrainer` (or :class:`AMPTrainer` when
     ``SOLVER.AMP.ENABLED``) that it composes. The hooks are listed, in order, in :meth:`build_hooks`.
@@ -217,10 +218,12 @@ class DefaultTrainer(TrainerBase):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         model = create_ddp_model(model)
+        preprocess = self.build_preprocess(cfg)
         if cfg.SOLVER.AMP.ENABLED:
-            self._trainer = AMPTrainer(model, None, optimizer, cfg.SOLVER.AMP.DTYPE, cfg.SOLVER.CHECK_FINITE_LOSS)
+            self._trainer = AMPTrainer(model, None, optimizer, cfg.SOLVER.AMP.DTYPE, cfg.SOLVER.CHECK_FINITE_LOSS,
+                                       preprocess=preprocess)
         else:
-            self._trainer = SimpleTrainer(model, None, optimizer, cfg.SOLVER.CHECK_FINITE_LOSS)
+            self._trainer = SimpleTrainer(model, None, optimizer, cfg.SOLVER.CHECK_FINITE_LOSS, preprocess=preprocess)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.mac_scheduler = self.build_mac_scheduler(cfg)
         self.checkpointer = self.build_checkpointer(
@@ -280,7 +283,8 @@ class DefaultTrainer(TrainerBase):
             if self._logs_gates(model):
                 # after the evaluation, which it follows; before the writer, which sends it to TensorBoard
                 loader_fn = functools.partial(self.build_test_loader, cfg, cfg.DATASETS.TEST)
-                out.append(hooks.GateSummary(model, loader_fn, cfg.TEST.GATE_SUMMARY_IMAGES))
+                out.append(hooks.GateSummary(model, loader_fn, cfg.TEST.GATE_SUMMARY_IMAGES,
+                                             preprocess=self.build_preprocess(cfg)))
         if comm.is_main_process():
             # last: writes everything the hooks above logged at this iteration, evaluation included
             out.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
@@ -374,6 +378,18 @@ class DefaultTrainer(TrainerBase):
         return build_mac_scheduler(cfg)
 
     @classmethod
+    def build_preprocess(cls, cfg):
+        """``(images, device) -> images``: the loaders' batches to the model's input, on its device.
+
+        The training step and :meth:`test` apply it to every batch. The default,
+        :func:`msgc.data.build_normalizer`, converts uint8 batches to float and normalises them with
+        ``INPUT.PIXEL_MEAN``/``STD`` on the device (channels-last on CUDA); float batches are only moved.
+        """
+        from ..data import build_normalizer
+
+        return build_normalizer(cfg)
+
+    @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
         """The endless training loader of this process, positioned at iteration ``start_iter``.
 
@@ -441,7 +457,7 @@ class DefaultTrainer(TrainerBase):
         name = cfg.DATASETS.TEST
         loader = cls.build_test_loader(cfg, name)
         evaluator = evaluator or cls.build_evaluator(cfg, name, model)
-        results = inference_on_dataset(model, loader, evaluator)
+        results = inference_on_dataset(model, loader, evaluator, preprocess=cls.build_preprocess(cfg))
         if comm.is_main_process():
             logger.info("Evaluation on %s:\n%s", name, results_table(results, name))
         return results

@@ -330,17 +330,19 @@ class GateSummary(HookBase):
 
     Args:
         model: the classifier (DistributedDataParallel is unwrapped).
-        data_loader_fn: () -> iterable of ``(images, labels)``, built at the first evaluation.
+        data_loader_fn: () -> iterable of ``(images, labels)``, built for each summary and dropped after
+            it (a loader read only in part would keep its persistent workers' prefetched batches).
         num_images: images measured per evaluation.
         num_maps: layers whose usage maps become images.
+        preprocess: ``(images, device) -> images`` (see :func:`msgc.analysis.collect_gate_statistics`).
     """
 
-    def __init__(self, model, data_loader_fn, num_images: int = 256, num_maps: int = 4):
+    def __init__(self, model, data_loader_fn, num_images: int = 256, num_maps: int = 4, preprocess=None):
         self._model = unwrap_model(model)
         self._loader_fn = data_loader_fn
-        self._loader = None
         self._num_images = int(num_images)
         self._num_maps = int(num_maps)
+        self._preprocess = preprocess
         self._seen = None
 
     def _summarize(self):
@@ -351,9 +353,8 @@ class GateSummary(HookBase):
         if results is None or results is self._seen:
             return
         self._seen = results
-        if self._loader is None:
-            self._loader = self._loader_fn()
-        stats, _ = collect_gate_statistics(self._model, self._loader, self._num_images, keep_extremes=0)
+        stats, _ = collect_gate_statistics(self._model, self._loader_fn(), self._num_images, keep_extremes=0,
+                                           preprocess=self._preprocess)
         storage = self.trainer.storage
         storage.put_histogram("gates/macs_per_image", torch.tensor(stats["images"]["macs"], dtype=torch.float64))
         layers = {layer["name"]: layer for layer in stats["layers"]}

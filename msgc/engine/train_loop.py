@@ -12,6 +12,7 @@ import weakref
 
 import torch
 
+from ..data.preprocess import to_device
 from ..utils.errors import InvalidValueError, UserError, one_line
 from ..utils.events import EventStorage, get_event_storage
 
@@ -149,17 +150,21 @@ class SimpleTrainer(TrainerBase):
             ``train``) through the ``data_loader`` attribute.
         optimizer: the optimizer of the model's parameters.
         check_finite_loss: raise :class:`FloatingPointError` on a NaN or infinite loss.
+        preprocess: ``(images, device) -> images``, what turns a batch's images into the model's input
+            on its device: :class:`msgc.data.Normalizer` for uint8 batches; default
+            :func:`msgc.data.to_device` (move only, for batches already normalised).
     """
 
     # Metrics that change slowly and are reported as logged, not as a median over a window.
     unsmoothed_metrics = ("mac_target",)
 
-    def __init__(self, model, data_loader, optimizer, check_finite_loss: bool = True):
+    def __init__(self, model, data_loader, optimizer, check_finite_loss: bool = True, preprocess=None):
         super().__init__()
         self.model = model
         self.data_loader = data_loader
         self.optimizer = optimizer
         self.check_finite_loss = check_finite_loss
+        self.preprocess = to_device if preprocess is None else preprocess
         self._data_iter = None
         self.device = next(model.parameters()).device
 
@@ -173,7 +178,8 @@ class SimpleTrainer(TrainerBase):
         self.drop_data_iterator()
 
     def next_batch(self):
-        """The next ``(images, labels)`` on the model's device, and the seconds spent waiting for it."""
+        """The next ``(images, labels)`` on the model's device (images through ``preprocess``), and the
+        seconds spent waiting for the loader."""
         if self._data_iter is None:
             if self.data_loader is None:
                 raise RuntimeError("the trainer has no data loader: set trainer.data_loader before train()")
@@ -181,8 +187,8 @@ class SimpleTrainer(TrainerBase):
         start = time.perf_counter()
         images, labels = next(self._data_iter)
         data_time = time.perf_counter() - start
-        move = dict(device=self.device, non_blocking=self.device.type == "cuda")
-        return images.to(**move), labels.to(**move), data_time
+        labels = labels.to(self.device, non_blocking=self.device.type == "cuda")
+        return self.preprocess(images, self.device), labels, data_time
 
     def run_step(self):
         if not self.model.training:
@@ -240,8 +246,8 @@ class AMPTrainer(SimpleTrainer):
     """
 
     def __init__(self, model, data_loader, optimizer, dtype="bfloat16", check_finite_loss: bool = True,
-                 grad_scaler=None):
-        super().__init__(model, data_loader, optimizer, check_finite_loss)
+                 grad_scaler=None, preprocess=None):
+        super().__init__(model, data_loader, optimizer, check_finite_loss, preprocess)
         if isinstance(dtype, str):
             if dtype not in _AMP_DTYPES:
                 raise InvalidValueError(f"SOLVER.AMP.DTYPE must be one of {sorted(_AMP_DTYPES)}, got '{dtype}'")

@@ -4,11 +4,12 @@ import functools
 import torch
 import torch.distributed as dist
 
-__all__ = ["get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
+__all__ = ["get_world_size", "get_rank", "get_local_rank", "get_local_size", "is_main_process", "synchronize",
            "all_gather", "all_reduce_sum", "any_process"]
 
 # set by msgc.engine.launch for the processes of one machine
 _LOCAL_RANK = 0
+_LOCAL_SIZE = 1
 
 
 def _on():
@@ -25,6 +26,11 @@ def get_rank() -> int:
 
 def get_local_rank() -> int:
     return _LOCAL_RANK
+
+
+def get_local_size() -> int:
+    """The number of processes of this run on this machine."""
+    return _LOCAL_SIZE
 
 
 def is_main_process() -> bool:

@@ -36,7 +36,7 @@ from msgc_detection import (COCOEvaluator, DetectionCheckpointer, add_detection_
                             build_detection_dataset, build_detection_test_loader, build_detection_train_loader,
                             build_detector)
 from msgc_detection.config import check_detection_config  # noqa: E402
-from msgc_detection.data import check_detection_dataset  # noqa: E402
+from msgc_detection.data import check_detection_dataset, to_unit_range  # noqa: E402
 from msgc_detection.solver import build_detection_optimizer  # noqa: E402
 
 logger = logging.getLogger("msgc_detection.train_net")
@@ -78,6 +78,11 @@ class Trainer(DefaultTrainer):
         super().check_config(core, args)
 
     @classmethod
+    def build_preprocess(cls, cfg):
+        # uint8 images to [0, 1] on the device; the detector's transform resizes and normalises them
+        return to_unit_range
+
+    @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name)
 
@@ -90,7 +95,7 @@ class Trainer(DefaultTrainer):
         model = hooks.unwrap_model(model)
         loader = cls.build_test_loader(cfg, cfg.DATASETS.TEST)
         evaluator = evaluator or COCOEvaluator.from_dataset(loader.dataset)
-        results = inference_on_dataset(model, loader, evaluator)
+        results = inference_on_dataset(model, loader, evaluator, preprocess=cls.build_preprocess(cfg))
         if comm.is_main_process():
             logger.info("Evaluation on %s:\n%s", cfg.DATASETS.TEST, results_table(results))
         return results

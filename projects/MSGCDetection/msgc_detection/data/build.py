@@ -1,12 +1,15 @@
-"""Datasets and loaders for detection: batches are ``(images, targets)`` lists, as torchvision's detectors take."""
+"""Datasets and loaders for detection: batches are ``(images, targets)`` lists, as torchvision's detectors take.
+
+Images travel as uint8 tensors, decoded by :func:`msgc.data.read_image`; :data:`to_unit_range` (the
+project trainer's preprocess) makes them float in [0, 1] on the model's device, and the detector's own
+transform normalises them with ``INPUT.PIXEL_MEAN``/``STD``.
+"""
 import logging
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import BatchSampler, Dataset
 
-from msgc.data import CorruptImageError, InferenceSampler, SeededSamples, TrainingSampler, build_loader
+from msgc.data import InferenceSampler, Normalizer, SeededSamples, TrainingSampler, build_loader, read_image
 from msgc.utils import comm
 from msgc.utils.errors import InvalidValueError
 
@@ -14,13 +17,17 @@ from .catalog import resolve_dataset
 from .coco import CocoRecords, load_coco_json
 
 __all__ = ["BatchList", "DetectionDataset", "build_detection_dataset", "build_detection_train_loader",
-           "build_detection_test_loader", "random_flip"]
+           "build_detection_test_loader", "random_flip", "to_unit_range"]
 
 logger = logging.getLogger(__name__)
 
+#: ``(images, device) -> images``: a batch's uint8 images as float in [0, 1] on the device (each image
+#: keeps its size); float images are only moved.
+to_unit_range = Normalizer((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
 
 class DetectionDataset(Dataset):
-    """Items ``(image, target)``: a float 3 x H x W tensor in [0, 1] and ``boxes``, ``labels``, ``image_id``.
+    """Items ``(image, target)``: a uint8 3 x H x W RGB tensor and ``boxes``, ``labels``, ``image_id``.
 
     Args:
         coco: the checked records of a COCO json (see :func:`load_coco_json`).
@@ -37,15 +44,10 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index):
         r = self.records[index]
-        try:
-            with Image.open(r["file_name"]) as f:
-                image = np.asarray(f.convert("RGB"))
-        except OSError as e:
-            raise CorruptImageError(f"cannot read image {r['file_name']}: {e}") from None
-        if image.shape[:2] != (r["height"], r["width"]):
-            raise InvalidValueError(f"{r['file_name']} is {image.shape[1]}x{image.shape[0]} but {self.coco.json_file} "
+        image = read_image(r["file_name"])  # CorruptImageError naming the file
+        if tuple(image.shape[1:]) != (r["height"], r["width"]):
+            raise InvalidValueError(f"{r['file_name']} is {image.shape[2]}x{image.shape[1]} but {self.coco.json_file} "
                                     f"says {r['width']}x{r['height']}; its boxes would not fit the image")
-        image = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255)
         boxes = torch.from_numpy(r["boxes"].copy())
         return image, {"boxes": boxes, "labels": torch.from_numpy(r["labels"].copy()), "image_id": r["image_id"]}
 
@@ -75,9 +77,9 @@ def _move(obj, device, non_blocking):
 class BatchList(list):
     """A list of images (or of targets) that moves to a device as a tensor does.
 
-    The core trainer and ``inference_on_dataset`` call ``images.to(device)`` and ``labels.to(device)``
-    on what a loader yields; detection batches are lists (images differ in size, targets are dicts),
-    so they answer that call themselves.
+    The core trainer calls ``labels.to(device)`` on what a loader yields (here the targets, dicts), and
+    a preprocess such as :data:`to_unit_range` maps lists of images image by image; detection batches are
+    lists (images differ in size), so they answer the ``to`` call themselves.
     """
 
     def to(self, device, non_blocking: bool = False) -> "BatchList":
