@@ -1,6 +1,7 @@
 """The README's registration example, run as written: the code block of "Registering your own backbone"
 is executed, built through the registry from a config, trained on the digits, and its numbers are
 checked (static MACs against a count by hand, per-sample MACs, losses, deployment)."""
+import importlib.util
 import os
 import re
 
@@ -125,6 +126,28 @@ def test_random_gates_and_attention_deploy(cfg, tiny):
     x, _ = digits(4, seed=2)
     got = check_same(model, x)
     assert len(set(got["macs"].tolist())) > 1
+
+
+def test_the_analysis_tables_see_its_blocks(cfg, tiny):
+    """tools/analyze_model.py: the blocks' row adds the gated work and the generators; the rest is the
+    stem, the shortcut and the head; the measured MACs are the model's."""
+    spec = importlib.util.spec_from_file_location("analyze_model", os.path.join(os.path.dirname(README), "tools",
+                                                                               "analyze_model.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(cfg)).eval()
+    x, _ = digits(4, seed=4)
+    result = tool.analyze(model, 16, [x])
+    blocks, outside = result["stages"]
+    main, dgc, gen = by_hand(16)
+    shortcut = 16 * 32 * 8 * 8
+    assert (blocks["stage"], blocks["blocks"]) == ("res2", 2)
+    assert (blocks["main"], blocks["dgc"], blocks["gen"]) == (shortcut, dgc, gen)
+    assert (outside["main"], outside["dgc"], outside["gen"]) == (main - shortcut, 0, 0)
+    with torch.no_grad():
+        assert result["measured"]["mean_macs"] == pytest.approx(model(x)["macs"].mean().item(), rel=1e-9)
+    assert len(result["gated_layers"]) == 4  # two masks per block
 
 
 def test_heads_that_do_not_divide_name_the_block(cfg, tiny):
