@@ -13,7 +13,8 @@ from conftest import narrow
 from msgc.modeling import BACKBONE_REGISTRY, build_model
 from msgc.modeling.attention import no_attention
 from msgc.modeling.grouping import DenseGrouping
-from msgc.modeling.layers import MaskGenerator
+from msgc.modeling.kit import msgc_conv2d
+from msgc.modeling.layers import MaskGenerator, gated_conv
 from test_deploy import check_same, randomize
 
 HOSTS = {"msgc_resnext50_32x4d": "resnext50_32x4d", "msgc_wide_resnet50_2": "wide_resnet50_2",
@@ -48,6 +49,25 @@ def test_stage_shapes(cfg, name):
         side = 32 // bb.stage_strides[stage]
         assert f.shape == (2, bb.stage_channels[stage], side, side), stage
     assert logits.shape == (2, 10) and macs.shape == (2,) and macs.dtype == torch.float64
+
+
+@pytest.mark.parametrize("side", [4, 8])  # the heads' broadcast input, then per-sample weights
+def test_heads_within_host_groups_as_the_readme_says(side):
+    """A 3x3 with 4 host groups and 2 heads: output o belongs to host group g = o // (out / 4) and, within
+    it, to head (o mod (out / 4)) // (out / 8); it reads group g's input channels scaled by that head's
+    mask and attention, and nothing of the other groups."""
+    n, c, out, groups, heads = 2, 16, 16, 4, 2
+    torch.manual_seed(0)
+    conv = msgc_conv2d(c, out, 3, heads, groups=groups)
+    x = torch.randn(n, c, side, side)
+    scale = (torch.rand(n, heads, c) > 0.4).float() * torch.rand(n, heads, c)  # mask x attention
+    got = gated_conv(conv, x, scale, None, heads)
+    per_group, per_head, cg = out // groups, out // (groups * heads), c // groups
+    for o in range(out):
+        g, h = o // per_group, (o % per_group) // per_head
+        inputs = x[:, g * cg:(g + 1) * cg] * scale[:, h, g * cg:(g + 1) * cg, None, None]
+        want = nn.functional.conv2d(inputs, conv.weight[o:o + 1], padding=1)
+        torch.testing.assert_close(got[:, o:o + 1], want, rtol=1e-5, atol=1e-5)
 
 
 # ---- static MACs, counted twice ---------------------------------------------------------------------
