@@ -22,8 +22,8 @@ HOSTS = {"msgc_resnext50_32x4d": "resnext50_32x4d", "msgc_wide_resnet50_2": "wid
 
 
 def small(cfg, name, grouping="msgc", attention="none"):
-    """A narrow host (cifar stem). ResNeXt at width 0.5 has 2 channels per group in its first stage:
-    2 heads then read one output channel of each group each, as 4 heads do at full width."""
+    """A narrow host (cifar stem). ResNeXt at width 0.5 has 2 output channels per group in its first
+    stage: with 2 heads, each head of a group computes one of them, as 4 heads do at full width."""
     narrow(cfg, name, grouping, attention)
     if "resnext" in name:
         cfg.MODEL.MSGC.HEADS = 2
