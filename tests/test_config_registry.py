@@ -1,14 +1,12 @@
-"""Config tree, yaml inheritance, strict keys, registries and a user-registered backbone."""
+"""Config tree, yaml inheritance, strict keys and registries (a user-registered backbone: test_user_backbone.py)."""
 import glob
 import os
 import re
 
 import pytest
-import torch
-from torch import nn
 
 from msgc.config import ConfigError, get_cfg
-from msgc.modeling import BACKBONE_REGISTRY, Backbone, Costs, build_model
+from msgc.modeling import build_model
 from msgc.utils.registry import UnknownNameError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,42 +81,3 @@ def test_heads_that_do_not_divide_a_gated_layer(cfg):
     cfg.MODEL.MSGC.HEADS = 3
     with pytest.raises(ValueError, match=r"layer1\.0: MODEL.MSGC.HEADS=3 does not divide its 64 output channels"):
         build_model(cfg)
-
-
-@BACKBONE_REGISTRY.register("test_tiny_backbone")
-class TinyBackbone(Backbone):
-    """A user backbone defined outside msgc: one conv, no gates."""
-
-    def __init__(self, grouping, attention, num_classes, width_mult, stem):
-        super().__init__(grouping.heads)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, num_classes)
-        self.stage_channels, self.stage_strides = {"res2": 8}, {"res2": 1}
-
-    def forward_features(self, x):
-        macs = torch.full((x.size(0),), float(27 * 8 * x.size(2) * x.size(3)), dtype=torch.float64)
-        return {"res2": torch.relu(self.conv(x))}, macs
-
-    def forward_head(self, feats):
-        return self.fc(feats["res2"].mean((2, 3)))
-
-    def head_macs(self, h, w):
-        return 8 * h * w + 8 * self.fc.out_features
-
-    def complexity(self, h, w):
-        return Costs(main=27 * 8 * h * w + self.head_macs(h, w))
-
-
-def test_user_registered_backbone_trains_one_step(cfg):
-    cfg.MODEL.BACKBONE.NAME = "test_tiny_backbone"
-    model = build_model(cfg).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    before = model.backbone.conv.weight.detach().clone()
-    losses = model(x, y)
-    sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
-    opt.step()
-    assert not torch.equal(before, model.backbone.conv.weight)
-    assert losses["mac_ratio"].item() == pytest.approx(1.0)
-    out = model.eval()(x)
-    assert out["macs"][0].item() == model.dense_macs(16, 16)

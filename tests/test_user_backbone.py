@@ -1,0 +1,156 @@
+"""The README's registration example, run as written: the code block of "Registering your own backbone"
+is executed, built through the registry from a config, trained on the digits, and its numbers are
+checked (static MACs against a count by hand, per-sample MACs, losses, deployment)."""
+import importlib.util
+import os
+import re
+
+import pytest
+import torch
+
+from msgc.modeling import BACKBONE_REGISTRY, build_model
+from test_deploy import check_same, randomize
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def readme_block(section):
+    """(the first python code block after the heading ``section`` of README.md, its first line number)."""
+    text = open(README).read()
+    at = text.index(f"\n{section}\n")
+    m = re.compile(r"```python\n(.*?)```", re.S).search(text, at)
+    return m.group(1), text.count("\n", 0, m.start(1)) + 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The README's module, executed once (its decorator registers ``tiny``)."""
+    code, line = readme_block("### Registering your own backbone")
+    namespace = {"__name__": "my_project.tiny"}
+    exec(compile("\n" * (line - 1) + code, README, "exec"), namespace)  # tracebacks name README.md lines
+    assert BACKBONE_REGISTRY.get("tiny") is namespace["Tiny"]
+    return namespace
+
+
+def tiny_cfg(cfg, grouping="msgc", attention="none"):
+    cfg.MODEL.BACKBONE.NAME = "tiny"
+    cfg.MODEL.MSGC.GROUPING, cfg.MODEL.MSGC.ATTENTION = grouping, attention
+    return cfg
+
+
+def by_hand(s, c=16, heads=4, classes=10):
+    """The tiny network's static costs on an s x s image as the paper counts them: (main, dgc, gen)."""
+    def generator(cin, channels, h):  # 1x1 to cin // 4 (+ its BatchNorm), then 1x1 to h x channels
+        return (cin + 1) * (cin // 4) + (cin // 4) * channels * h
+
+    t = s // 2  # the second block has stride 2
+    stem = 9 * 3 * c * s * s + c * s * s
+    block0 = (9 * c * c + c) * s * s + (9 * c * c + c) * s * s  # conv1 + BN, conv2 + BN: gated
+    block1 = (9 * c * 2 * c + 2 * c) * t * t + (9 * 2 * c * 2 * c + 2 * c) * t * t
+    shortcut = c * 2 * c * t * t  # its BatchNorm uncounted, as the paper's shortcuts
+    head = 2 * c * t * t + 2 * c * classes
+    gen = 2 * c * s * s + generator(c, c, 1) + generator(c, c, heads) + generator(c, c, 1) + generator(c, 2 * c, heads)
+    return stem + shortcut + head, block0 + block1, gen
+
+
+@pytest.mark.parametrize("grouping", ["msgc", "dense"])
+def test_static_macs_are_the_count_by_hand(cfg, tiny, grouping):
+    costs = build_model(tiny_cfg(cfg, grouping)).backbone.complexity(16, 16)
+    main, dgc, gen = by_hand(16)
+    assert (costs.main, costs.dgc, costs.gen, costs.extra) == (main, dgc, gen if grouping == "msgc" else 0, 0)
+    assert costs.original == main + dgc
+
+
+def digits(n, seed):
+    """``n`` of scikit-learn's 8x8 digits (shipped with it), upscaled to 16x16, in 3 channels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(seed))[:n]
+    x = torch.tensor(d.images[idx.numpy()], dtype=torch.float32)[:, None] / 8.0 - 1.0
+    x = torch.nn.functional.interpolate(x, size=16, mode="nearest").expand(-1, 3, -1, -1).contiguous()
+    return x, torch.tensor(d.target[idx.numpy()])
+
+
+def test_it_trains_counts_and_deploys(cfg, tiny):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(cfg))
+    assert [type(b).__name__ for b in model.backbone.blocks()] == ["Block", "Block"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train().set_mac_target(0.5)
+    x, y = digits(64, seed=0)
+    history = []
+    for it in range(20):
+        batch = slice(32 * (it % 2), 32 * (it % 2 + 1))
+        losses = model(x[batch], y[batch])
+        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
+        assert torch.isfinite(loss) and "loss_macs" in losses, it
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append((losses["loss_cls"].item(), losses["mac_ratio"].item()))
+    assert history[0][1] == pytest.approx(1.0, abs=0.15)  # the gates start (nearly) open
+    first, last = history[:5], history[-5:]
+    assert sum(h[0] for h in last) / 5 < sum(h[0] for h in first) / 5 - 0.1  # it learns the digits
+    assert sum(h[1] for h in last) / 5 < sum(h[1] for h in first) / 5 - 0.05  # and heads toward the target
+    main, dgc, gen = by_hand(16)
+
+    model.eval()
+    test_x, _ = digits(16, seed=1)
+    with torch.no_grad():
+        macs = model(test_x)["macs"]
+    # a sample costs the ungated work and the generators at least, and the dense work plus them at most
+    assert ((macs >= main + gen) & (macs <= main + dgc + gen)).all()
+    assert macs.mean() < main + dgc  # below the dense host, generators included
+    assert len(set(macs.tolist())) > 1  # the gates decide per sample
+    check_same(model, test_x)  # deployed: the eval model's logits (1e-4) and MACs (bit for bit)
+
+
+def test_the_dense_grouping_is_the_host(cfg, tiny):
+    """No gate: one SGD step changes the weights, no sparsity loss, every sample costs the dense MACs."""
+    model = build_model(tiny_cfg(cfg, "dense")).train()
+    x, y = digits(8, seed=3)
+    before = model.backbone.stem[0].weight.detach().clone()
+    losses = model(x, y)
+    assert "loss_macs" not in losses and losses["mac_ratio"].item() == 1.0
+    losses["loss_cls"].backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(before, model.backbone.stem[0].weight)
+    main, dgc, _ = by_hand(16)
+    assert model.eval()(x)["macs"].tolist() == [float(main + dgc)] * 8
+
+
+def test_random_gates_and_attention_deploy(cfg, tiny):
+    torch.manual_seed(0)
+    model = randomize(build_model(tiny_cfg(cfg, "msgc", "channel")))
+    x, _ = digits(4, seed=2)
+    got = check_same(model, x)
+    assert len(set(got["macs"].tolist())) > 1
+
+
+def test_the_analysis_tables_see_its_blocks(cfg, tiny):
+    """tools/analyze_model.py: the blocks' row adds the gated work and the generators; the rest is the
+    stem, the shortcut and the head; the measured MACs are the model's."""
+    spec = importlib.util.spec_from_file_location("analyze_model", os.path.join(os.path.dirname(README), "tools",
+                                                                               "analyze_model.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(cfg)).eval()
+    x, _ = digits(4, seed=4)
+    result = tool.analyze(model, 16, [x])
+    blocks, outside = result["stages"]
+    main, dgc, gen = by_hand(16)
+    shortcut = 16 * 32 * 8 * 8
+    assert (blocks["stage"], blocks["blocks"]) == ("res2", 2)
+    assert (blocks["main"], blocks["dgc"], blocks["gen"]) == (shortcut, dgc, gen)
+    assert (outside["main"], outside["dgc"], outside["gen"]) == (main - shortcut, 0, 0)
+    with torch.no_grad():
+        assert result["measured"]["mean_macs"] == pytest.approx(model(x)["macs"].mean().item(), rel=1e-9)
+    assert len(result["gated_layers"]) == 4  # two masks per block
+
+
+def test_heads_that_do_not_divide_name_the_block(cfg, tiny):
+    cfg.MODEL.MSGC.HEADS = 3
+    with pytest.raises(ValueError, match=r"layers\.0: MODEL.MSGC.HEADS=3 does not divide its 16 output channels"):
+        build_model(tiny_cfg(cfg))
