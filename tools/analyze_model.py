@@ -36,8 +36,9 @@ from msgc.utils.errors import ArgumentParser, UserError, exit_on_user_error, one
 
 logger = logging.getLogger("analyze_model")
 
-FVCORE_NOTE = ("fvcore counts one multiply-add as one flop, so its total compares with 'original' "
-               "(it also skips element-wise ops such as ReLU and residual additions)")
+FVCORE_NOTE = ("fvcore counts one multiply-add as one flop, so its total compares with 'original'; it counts "
+               "BatchNorm at 2 per element (shortcut BatchNorms too, which the paper leaves out) and skips "
+               "max-pooling (the paper: 4 per output), squeeze-excitation scaling, ReLU and residual additions")
 _COST_FIELDS = ("main", "dgc", "gen", "extra")
 
 
