@@ -10,9 +10,8 @@ Needs matplotlib: ``pip install -e ".[vis]"``.
 """
 import argparse
 import os
-import sys
 
-from msgc.analysis.figures import MatplotlibMissing, require_matplotlib, training_curves_figure
+from msgc.analysis.figures import require_matplotlib, training_curves_figure
 from msgc.engine import exit_on_user_error
 from msgc.utils.errors import FileWriteError, InvalidValueError, MissingFileError
 from msgc.utils.events import read_metrics
@@ -62,13 +61,9 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """:func:`main` with bad input (and a missing matplotlib) reported as one line and exit status 2."""
+    """:func:`main` with bad input (a missing matplotlib too) reported as one line and exit status 2."""
     with exit_on_user_error():
-        try:
-            return main(argv)
-        except MatplotlibMissing as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        return main(argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from msgc.analysis.figures import MatplotlibMissing, require_matplotlib, spectrum_figure
+from msgc.analysis.figures import require_matplotlib, spectrum_figure
 from msgc.config import load_cfg
 from msgc.engine import exit_on_user_error
 from msgc.utils.errors import InvalidValueError
@@ -171,7 +171,7 @@ def cli(argv=None):
     with exit_on_user_error():
         try:
             return main(argv)
-        except (MatplotlibMissing, RuntimeError) as e:
+        except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

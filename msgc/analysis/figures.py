@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ..utils.errors import InvalidValueError
+from ..utils.errors import InvalidValueError, UserError
 
 __all__ = ["MatplotlibMissing", "require_matplotlib", "usage_image", "group_wise_figure", "layer_wise_figure",
            "sample_wise_figure", "extremes_figure", "attention_figure", "write_gate_figures",
@@ -21,8 +21,8 @@ DPI = 100
 INSTALL_HINT = 'pip install -e ".[vis]"'
 
 
-class MatplotlibMissing(ImportError):
-    """matplotlib, the optional figure dependency, is not installed."""
+class MatplotlibMissing(UserError, ImportError):
+    """matplotlib, the optional figure dependency, is not installed (bad input: a one-line error)."""
 
 
 def require_matplotlib():
