@@ -29,9 +29,11 @@ from ..utils.events import default_writers
 from ..utils.file_io import PathManager, get_local_path, is_url, write_json
 from ..utils.logger import setup_logger
 from . import hooks
+from .launch import launch
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "resume_command", "create_ddp_model",
+__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "launch_from_command_line",
+           "resume_command", "create_ddp_model",
            "broadcast_buffers", "skip_batches", "DefaultTrainer"]
 
 logger = logging.getLogger("msgc.engine")
@@ -69,6 +71,23 @@ class _TrainArgumentParser(ArgumentParser):
                 moved += opts[i:i + 1 + n]
                 i += 1 + n
         return argv[: len(argv) - len(opts)] + moved + kept
+
+
+def launch_from_command_line(main, load_config, trainer_cls, argv=None, epilog: str = None):
+    """A training script's command line: parse ``argv`` (:func:`default_argument_parser`), load the
+    config (``load_config(args)``), check what can be checked before any process starts
+    (``trainer_cls.check_config(cfg, args)``), then run ``main(args)`` on every process (:func:`launch`).
+
+    Bad input, found here, in any rank or in a data-loader worker, ends the run with one line
+    ``error: ...`` and exit status 2; a run stopped by SIGTERM or SIGUSR1 exits with status 143 after
+    saving a checkpoint.
+    """
+    with exit_on_user_error():
+        args = default_argument_parser(epilog=epilog).parse_args(argv)
+        cfg = load_config(args)
+        trainer_cls.check_config(cfg, args)
+        return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                      dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
 
 
 def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:

@@ -25,8 +25,7 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # msgc_detection, from any working folder
 
 from msgc.config import get_cfg  # noqa: E402
-from msgc.engine import (DefaultTrainer, default_argument_parser, default_setup, exit_on_user_error,  # noqa: E402
-                         hooks, launch)
+from msgc.engine import DefaultTrainer, default_setup, hooks, launch_from_command_line  # noqa: E402
 from msgc.engine.launch import launched_world_size  # noqa: E402
 from msgc.evaluation import inference_on_dataset  # noqa: E402
 from msgc.utils import comm  # noqa: E402
@@ -136,18 +135,8 @@ def main(args):
 
 
 def invoke_main(argv=None):
-    """The command line: check what can be checked, then start ``main`` on every process.
-
-    Bad input, found here, in any rank or in a data-loader worker, ends the run with one line
-    ``error: ...`` and exit status 2; a run stopped by SIGTERM or SIGUSR1 exits with status 143 after
-    saving a checkpoint.
-    """
-    with exit_on_user_error():
-        args = default_argument_parser(epilog=__doc__).parse_args(argv)
-        cfg = load_config(args)
-        Trainer.check_config(cfg, args)  # before any process starts
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
+    """The command line (one-line errors with exit status 2; exit status 143 when preempted)."""
+    launch_from_command_line(main, load_config, Trainer, argv, epilog=__doc__)
 
 
 if __name__ == "__main__":
