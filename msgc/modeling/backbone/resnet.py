@@ -52,14 +52,9 @@ class BasicBlock(GatedBlock):
         g1 = k.channel_gate(self.maskgen1, self.attgen1, channels=inplanes)
         g2 = k.head_gate(self.maskgen2, self.attgen2, channels=planes, heads=heads)
         y = k.conv(x, self.conv1, self.bn1, gate=g1, act="relu", name="conv1")
-        identity = x if downsample is None else k.conv(x, *self.shortcut, norm_cost=False, name="downsample")
+        identity = x if downsample is None else k.conv(x, *downsample, norm_cost=False, name="downsample")
         y = k.conv(y, self.conv2, self.bn2, gate=g2, name="conv2")
         k.output(k.add(y, identity, act="relu"))
-
-    @property
-    def shortcut(self):
-        """The downsampling shortcut as (1x1 conv, BatchNorm), or None for the identity."""
-        return None if self.downsample is None else (self.downsample[0], self.downsample[1])
 
 
 class Bottleneck(GatedBlock):
@@ -95,14 +90,9 @@ class Bottleneck(GatedBlock):
         g3 = k.channel_gate(self.maskgen3, channels=width)
         y = k.conv(x, self.conv1, self.bn1, gate=g1, act="relu", name="conv1")
         y = k.conv(y, self.conv2, self.bn2, gate=g2, act="relu", name="conv2")
-        identity = x if downsample is None else k.conv(x, *self.shortcut, norm_cost=False, name="downsample")
+        identity = x if downsample is None else k.conv(x, *downsample, norm_cost=False, name="downsample")
         y = k.conv(y, self.conv3, self.bn3, gate=g3, name="conv3")
         k.output(k.add(y, identity, act="relu"))
-
-    @property
-    def shortcut(self):
-        """The downsampling shortcut as (1x1 conv, BatchNorm), or None for the identity."""
-        return None if self.downsample is None else (self.downsample[0], self.downsample[1])
 
 
 class MSGCResNet(Backbone):
