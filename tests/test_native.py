@@ -75,6 +75,23 @@ def test_conv_matches_conv2d(lib, k, s, p, h, n_out):
                 assert (out == 6).any() and (out == 0).any() and ((out > 0) & (out < 6)).any()
 
 
+@pytest.mark.parametrize("k,s,p,h", [(7, 2, 3, 37), (3, 2, 1, 40), (3, 1, 1, 29)])
+def test_few_input_channels_match_conv2d(lib, k, s, p, h):
+    """A stem: 3 input channels, so the wide kernel walks its taps by kernel rows (a row's taps and
+    channels side by side) where a tile's rows of taps lie inside the image; maps wide enough for
+    tiles inside and across the edges; every kernel and tile family."""
+    g = torch.Generator().manual_seed(k * 100 + h)
+    x = torch.randn(h * h, 5, generator=g)[:, 1:4]  # strided rows
+    weight, bias = torch.randn(64, 3, k, k, generator=g), torch.randn(64, generator=g)
+    want = F.conv2d(x.t().reshape(1, 3, h, h), weight, bias, s, p).flatten(2)[0].t().relu()
+    ho = (h + 2 * p - k) // s + 1
+    for kernel, tiles in _kernels(lib, s):
+        out = torch.full((ho * ho, 64), float("nan"))
+        lib.conv(x, h, h, k, s, p, 1, 3, 64, out, blocked_weight=native.blocked(weight),
+                 plain_weight=weight.reshape(64, 3, k * k).contiguous(), bias=bias, act=1, kernel=kernel, tiles=tiles)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
 @pytest.mark.parametrize("chosen", [False, True])
 @pytest.mark.parametrize("attention", [False, True])

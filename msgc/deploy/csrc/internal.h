@@ -33,6 +33,9 @@ typedef struct {
   const int *cols;    /* column of x of each input entry */
   const long *woff;   /* offset of each input entry's weights in a block (row * k*k * 16) */
   int n;              /* input entries */
+  const long *rx, *rw; /* rows of taps (NULL: none): entry dx * n + c of a kernel row reads x at column offset
+                          rx[..] = dx * ldx + column, weights at rw[..] = woff + dx * 16 */
+  int rn;             /* k * n */
   const float *w;     /* the head's blocked weights */
   long wblk;          /* floats per block of 16 outputs */
   const float *bias;  /* the head's biases by output (NULL: 0) */

@@ -8,6 +8,11 @@
  * the tiles keep their partial sums in `part` between blocks, so each weight is loaded once per tile
  * from L1 instead of from L2.
  *
+ * A head with few input channels per tap (a stem's 3) walks its taps by kernel rows: in a channels-last
+ * map a row's k taps of n channels lie side by side, one run of k * n entries at fixed offsets from
+ * each pixel's first tap, which saves the per-tap bookkeeping that would otherwise cost as much as the
+ * n products of a tap.
+ *
  * Tiles per ISA (accumulators + weight vectors + one broadcast within NREG):
  *   AVX-512: 4x6, 3x8, 2x12, 1x16 (64, 48, 32, 16 outputs)
  *   AVX2:    3x4, 2x6, 1x12       (24, 16, 8 outputs)
@@ -17,6 +22,18 @@
 #include "internal.h"
 
 const float msgc_zeros[ZERO_FLOATS];
+
+/* acc += the input at column (offset) XO of every pixel's row times the NV weight vectors at WO */
+#define WIDE_FMA(NV, RB, XO, WO)                                                                         \
+  do {                                                                                                 \
+    const long xo_ = (XO), wo_ = (WO);                                                                 \
+    vf wv[NV];                                                                                         \
+    for (int v = 0; v < NV; v++) wv[v] = vload(wv0[v] + wo_);                                          \
+    for (int r = 0; r < RB; r++) {                                                                     \
+      const float xv = px[r][xo_];                                                                     \
+      for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                            \
+    }                                                                                                  \
+  } while (0)
 
 #define WIDE_TILE(NV, RB)                                                                              \
   static void wide_##NV##x##RB(const wide_job *j, int o0, int npix, int j0, int cb, int ce, float *part) { \
@@ -42,8 +59,12 @@ const float msgc_zeros[ZERO_FLOATS];
         if (++ox == Wo) ox = 0, oy++;                                                                  \
       }                                                                                                \
     }                                                                                                  \
-    for (int t = 0; t < kk; t++) {                                                                     \
-      const int dy = t / k, dx = t % k;                                                                \
+    /* rows of taps (j->rx): a kernel row's k taps x n channels as one run of entries, where every     \
+       pixel's row of taps lies inside the map */                                                      \
+    int fused = j->rx != 0 && cb == 0 && ce == n;                                                    \
+    for (int r = 0; r < RB && fused; r++) fused = r >= npix || (ix0[r] >= 0 && ix0[r] + k <= j->W);    \
+    for (int t = 0; t < kk; t += fused ? k : 1) {                                                      \
+      const int dy = t / k, dx = fused ? 0 : t % k;                                                    \
       const float *px[RB];                                                                             \
       int any = 0;                                                                                     \
       for (int r = 0; r < RB; r++) {                                                                   \
@@ -54,15 +75,10 @@ const float msgc_zeros[ZERO_FLOATS];
       }                                                                                                \
       if (!any) continue;                                                                              \
       const long toff = (long)t * MSGC_BLOCK;                                                          \
-      for (int c = cb; c < ce; c++) {                                                                  \
-        const int ci = cols[c];                                                                        \
-        const long wo = woff[c] + toff;                                                                \
-        vf wv[NV];                                                                                     \
-        for (int v = 0; v < NV; v++) wv[v] = vload(wv0[v] + wo);                                       \
-        for (int r = 0; r < RB; r++) {                                                                 \
-          const float xv = px[r][ci];                                                                  \
-          for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                        \
-        }                                                                                              \
+      if (fused) {                                                                                     \
+        for (int e = 0; e < j->rn; e++) WIDE_FMA(NV, RB, j->rx[e], j->rw[e] + toff);                     \
+      } else {                                                                                         \
+        for (int c = cb; c < ce; c++) WIDE_FMA(NV, RB, cols[c], woff[c] + toff);                         \
       }                                                                                                \
     }                                                                                                  \
     if (part && ce < n) { /* a block of the input channels: keep the partial sums */                   \
