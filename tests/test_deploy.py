@@ -155,15 +155,20 @@ def test_executed_macs_at_full_size(cfg, config):
 
 @pytest.mark.parametrize("name", ["msgc_resnet18", "msgc_condensenet"])
 def test_batch_parallel_equals_sample_by_sample(cfg, name):
-    """With at least as many samples as threads, every thread runs whole samples: the same outputs as
-    one sample at a time."""
+    """With at least as many samples as threads, every thread runs whole groups of samples (each alone
+    through the first ops, then op by op from the program's group_from on); with one thread, groups
+    one after the other: the same outputs as one sample at a time."""
     model = randomize(small(cfg, name, "msgc", "channel"))
     deployed, x = deploy(model, tune=False), images(5)
     torch.set_num_threads(2)
     try:
         whole = deployed(x)
+        program = deployed.plan(x).program.program
+        assert 0 < program.group_from < program.n_ops and program.group > 1  # both orders run
     finally:
         torch.set_num_threads(1)
+    serial = deployed(x)
+    torch.testing.assert_close(serial["logits"], whole["logits"], rtol=0, atol=1e-6)
     for i in range(5):
         one = deployed(x[i:i + 1])
         torch.testing.assert_close(one["logits"], whole["logits"][i:i + 1], rtol=0, atol=1e-6)

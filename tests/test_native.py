@@ -34,8 +34,8 @@ def reference(x, h, w, weight, bias, k, s, p, cols, rows, scale=None):
 
 def _kernels(lib, s):
     """(kernel, tile family) of every candidate for a stride."""
-    out = [(kernel, f + order) for kernel in (0, 2) for f in range(lib.tile_families)  # in place / on copied inputs
-           for order in (0, 16)]  # chunk- / pixel-major
+    out = [(kernel, f + order) for kernel in (0, 2, 3) for f in range(lib.tile_families)  # in place / on copied
+           for order in (0, 16)]  # inputs / heads packed; chunk- / pixel-major
     return out + ([(1, 0)] if s == 1 else [])
 
 

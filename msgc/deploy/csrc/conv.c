@@ -347,6 +347,7 @@ static long executed_macs(const msgc_conv_args *a, const conv_plan *pl, int pixe
 i32 msgc_conv(const msgc_conv_args *a) {
   const msgc_geom *g = &a->g;
   const msgc_heads *hd = &a->hd;
+  if (a->wt.kernel == MSGC_KERNEL_PACKED && hd->heads > 1) return msgc_conv_packed(a);
   const int pixel = a->wt.kernel == MSGC_KERNEL_PIXEL;  /* else wide (MSGC_KERNEL_GATHER: on copied inputs) */
   conv_plan pl = {0};
   pl.Ho = out_size(g->h, g->k, g->s, g->p);

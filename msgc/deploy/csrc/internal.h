@@ -17,7 +17,7 @@ void msgc_parallel(msgc_task_fn fn, void *ctx, long n, int nthreads);
 /* Per-thread scratch memory that grows as needed and is kept between calls: one region per slot.
  * Returns NULL if it cannot be allocated. */
 enum { SCRATCH_GATHER = 0, SCRATCH_PLANES, SCRATCH_PLAN, SCRATCH_SELECT, SCRATCH_ARENA, SCRATCH_PARTIAL,
-       SCRATCH_SLOTS };
+       SCRATCH_PACKED, SCRATCH_SLOTS };
 void *msgc_scratch(int slot, size_t bytes);
 
 /* Out-of-image taps read zeros from here (longer than any row of channels a kernel reads). */
@@ -86,6 +86,9 @@ typedef void (*pixel_tile_fn)(const pixel_job *job, int q0, int j0);
 extern const int msgc_pixel_positions; /* output positions per tile */
 int msgc_pixel_rows(int left);         /* output channels of the tile for `left` remaining */
 pixel_tile_fn msgc_pixel_tile(int rows);
+
+/* ---- the packed kernel: a multi-head convolution as one head over the union of its inputs ---- */
+i32 msgc_conv_packed(const msgc_conv_args *a);
 
 /* ---- shared pieces ---------------------------------------------------------------------------------- */
 
