@@ -92,15 +92,16 @@ def test_few_input_channels_match_conv2d(lib, k, s, p, h):
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+@pytest.mark.parametrize("k,s,p,h", [(3, 1, 1, 8), (3, 2, 1, 8), (1, 1, 0, 8), (3, 1, 1, 40), (3, 2, 1, 37)])
 @pytest.mark.parametrize("chosen", [False, True])
 @pytest.mark.parametrize("attention", [False, True])
-def test_heads_match_conv2d(lib, k, s, p, chosen, attention):
+def test_heads_match_conv2d(lib, k, s, p, h, chosen, attention):
     """Three heads in one call: inputs by column and weight row (one head reads nothing), chosen outputs
     (one head computes none, one all), attention (folded into the inputs of wide heads, into the weights
-    of narrow ones), residual and ReLU; every kernel; against F.conv2d per head."""
-    g = torch.Generator().manual_seed(k * 10 + s + chosen + 2 * attention)
-    heads, cin, per, h, cx = 3, 13, 37, 8, 20
+    of narrow ones), residual and ReLU; every kernel; against F.conv2d per head. Wide maps have whole
+    tiles inside one output row, whose inputs the wide kernel reads a fixed stride apart."""
+    g = torch.Generator().manual_seed(k * 10 + s + chosen + 2 * attention + h)
+    heads, cin, per, cx = 3, 13, 37, 20
     x = torch.randn(h * h, cx + 2, generator=g)[:, :cx]
     weight, bias = torch.randn(heads, per, cin, k, k, generator=g), torch.randn(heads, per, generator=g)
     wrows = [torch.randperm(cin, generator=g)[:n].sort().values.int() for n in (6, 0, 13)]

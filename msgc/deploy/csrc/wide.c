@@ -11,7 +11,9 @@
  * A head with few input channels per tap (a stem's 3) walks its taps by kernel rows: in a channels-last
  * map a row's k taps of n channels lie side by side, one run of k * n entries at fixed offsets from
  * each pixel's first tap, which saves the per-tap bookkeeping that would otherwise cost as much as the
- * n products of a tap.
+ * n products of a tap. A whole tile within one output row, inside the map at every tap, reads its
+ * pixels a fixed stride apart through one pointer: RB pixel pointers outnumber the integer registers
+ * for the tiles of many pixels (1x16, 2x12), which then cost a move per product.
  *
  * Tiles per ISA (accumulators + weight vectors + one broadcast within NREG):
  *   AVX-512: 4x6, 3x8, 2x12, 1x16 (64, 48, 32, 16 outputs)
@@ -63,7 +65,26 @@ const float msgc_zeros[ZERO_FLOATS];
        pixel's row of taps lies inside the map */                                                      \
     int fused = j->rx != 0 && cb == 0 && ce == n;                                                    \
     for (int r = 0; r < RB && fused; r++) fused = r >= npix || (ix0[r] >= 0 && ix0[r] + k <= j->W);    \
-    for (int t = 0; t < kk; t += fused ? k : 1) {                                                      \
+    /* a full tile within one output row whose taps all lie inside the map: its inputs are a fixed       \
+       stride apart, one pointer for all pixels instead of RB (which outnumber the integer registers) */ \
+    const int inrow = !fused && npix == RB && iy0[RB - 1] == iy0[0] && ix0[0] >= 0 && ix0[RB - 1] + k <= j->W; \
+    for (int t = 0; inrow && t < kk; t++) {                                                            \
+      const int iy = iy0[0] + t / k;                                                                   \
+      if (iy < 0 || iy >= j->H) continue;                                                              \
+      const float *row = j->x + ((long)iy * j->W + ix0[0] + t % k) * j->ldx;                           \
+      const long S = (long)s * j->ldx, toff = (long)t * MSGC_BLOCK;                                    \
+      for (int c = cb; c < ce; c++) {                                                                  \
+        const long wo = woff[c] + toff;                                                                \
+        vf wv[NV];                                                                                     \
+        for (int v = 0; v < NV; v++) wv[v] = vload(wv0[v] + wo);                                       \
+        const float *q = row + cols[c];                                                                \
+        for (int r = 0; r < RB; r++, q += S) {                                                         \
+          const float xv = *q;                                                                         \
+          for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                        \
+        }                                                                                              \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int t = 0; !inrow && t < kk; t += fused ? k : 1) {                                            \
       const int dy = t / k, dx = fused ? 0 : t % k;                                                    \
       const float *px[RB];                                                                             \
       int any = 0;                                                                                     \
