@@ -56,9 +56,10 @@ typedef struct {
   wide_tile_fn fn;
 } wide_tile;
 
-/* the ISA's tiles, widest first; family f skips the f widest (while a narrower one is left) */
+/* the ISA's tiles: the regular ones widest first, then the row family's (7 pixels); family f < the
+   last skips the f widest regular tiles (while a narrower one is left), the last takes the row tiles */
 extern const wide_tile msgc_wide_tiles[];
-extern const int msgc_n_wide_tiles;
+extern const int msgc_n_wide_tiles, msgc_wide_families;
 const wide_tile *msgc_wide_pick(int family, int left);
 
 /* ---- the pixel kernel: tiles of RB output channels x PV vectors of output positions ----------- */
