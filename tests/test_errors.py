@@ -92,7 +92,7 @@ BAD_INPUT = {
     "not an int": (["--num-gpus", "two"], "error: argument --num-gpus: invalid int value: 'two' (see {prog} --help)"),
     "unknown dataset": (["DATASETS.TRAIN", "imagenett"],
                         "error: no dataset named 'imagenett' is registered; registered: cifar10, cifar100, digits, "
-                        "imagefolder, imagenet, synthetic" + HINT),
+                        "fashion_mnist, fashion_mnist_val, imagefolder, imagenet, synthetic" + HINT),
     "missing dataset folder": (["DATASETS.TRAIN", "imagenet", "DATASETS.ROOT", "/nonexistent/imagenet"],
                                "error: dataset folder '/nonexistent/imagenet' (DATASETS.ROOT) does not exist" + HINT),
     "missing weights": (["MODEL.WEIGHTS", "/nonexistent/w.pth"],
