@@ -1,6 +1,8 @@
 """The IDX reader and the Fashion-MNIST datasets, on IDX files the tests write."""
 import gzip
+import os
 import struct
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from msgc.config import get_cfg
 from msgc.data import build_dataset, build_test_loader, check_dataset, fashion_mnist_split
+from msgc.data import datasets
 from msgc.data.idx import read_idx
 from msgc.utils.errors import InvalidValueError, MissingFileError
 
@@ -122,7 +125,6 @@ def test_fashion_mnist_plain_files_in_a_fashion_mnist_subfolder(tmp_path):
 
 
 def test_fashion_mnist_missing_or_bad_files_are_one_line_naming_them(tmp_path, monkeypatch):
-    from msgc.data import datasets
 
     monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_FOLDER", str(tmp_path / "nowhere"))
     cfg = fashion_cfg(tmp_path / "empty")
@@ -146,3 +148,16 @@ def test_fashion_mnist_missing_or_bad_files_are_one_line_naming_them(tmp_path, m
     write_idx(tmp_path / "label" / "t10k-labels-idx1-ubyte", np.full(60, 10, np.uint8))
     with pytest.raises(InvalidValueError, match=r"holds label 10; Fashion-MNIST has 10 classes"):
         build_dataset(fashion_cfg(tmp_path / "label"), "fashion_mnist", "test")
+
+
+@pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_SYSTEM_FOLDER),
+                    reason="Debian's dataset-fashion-mnist is not installed (CI installs it when run as root)")
+def test_the_real_fashion_mnist_files_give_the_standard_splits(tmp_path):
+    cfg = fashion_cfg(tmp_path / "empty")  # nothing under DATASETS.ROOT: the package's folder is found
+    train = build_dataset(cfg, "fashion_mnist", "train", transform=None)
+    val = build_dataset(cfg, "fashion_mnist_val", "test", transform=None)
+    test = build_dataset(cfg, "fashion_mnist", "test", transform=None)
+    assert (len(train), len(val), len(test)) == (55000, 5000, 10000)
+    assert Counter(int(val[i][1]) for i in range(len(val))) == {c: 500 for c in range(10)}
+    image, label = test[0]
+    assert image.shape == (3, 28, 28) and label == 9  # the first test image is an ankle boot
