@@ -125,7 +125,6 @@ def test_fashion_mnist_plain_files_in_a_fashion_mnist_subfolder(tmp_path):
 
 
 def test_fashion_mnist_missing_or_bad_files_are_one_line_naming_them(tmp_path, monkeypatch):
-
     monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_FOLDER", str(tmp_path / "nowhere"))
     cfg = fashion_cfg(tmp_path / "empty")
     with pytest.raises(MissingFileError, match=r"Fashion-MNIST not found: looked for train-images-idx3-ubyte\[.gz\], "
