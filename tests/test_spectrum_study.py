@@ -31,7 +31,7 @@ def test_the_study_configs_follow_the_papers_protocol():
     host = cfgs.pop("host")
     assert host.SOLVER.PRETRAINED_LR_MULT == 1.0 and host.DATASETS.TRAIN == "fashion_mnist"
     for c in cfgs.values():  # stage 2: the paper's fine-tuning recipe
-        assert (c.SOLVER.PRETRAINED_LR_MULT, c.MODEL.MSGC.GATE_BIAS, c.SOLVER.LR_SCHEDULER_NAME) == (0.2, 2.0, "cosine")
+        assert (c.SOLVER.PRETRAINED_LR_MULT, c.MODEL.MSGC.GATE_BIAS, c.SOLVER.LR_SCHEDULER_NAME) == (0.04, 2.0, "cosine")
         assert (c.SOLVER.MAC_TARGET.NAME, c.SOLVER.MAC_TARGET.PSTART, c.SOLVER.MAC_TARGET.PSTOP) == ("linear", 0.0, 0.5)
         assert c.CALIBRATION.DATASET == "fashion_mnist_val" and c.DATASETS.TEST == "fashion_mnist"
     shared = lambda c: (c.MODEL.BACKBONE.WIDTH_MULT, c.INPUT.TRAIN_SIZE, c.SOLVER.IMS_PER_BATCH)  # noqa: E731
@@ -58,7 +58,7 @@ def test_both_stages_fine_tune_from_the_host_calibrate_and_report(tmp_path, caps
     with open(configs / "msgc_att.yaml", "a") as f:
         f.write("SOLVER:\n  BASE_LR: 1.0e+30\n")
     # stage 2 keeps the host's weights as loaded
-    text = (configs / "Base-Finetune.yaml").read_text().replace("PRETRAINED_LR_MULT: 0.2", "PRETRAINED_LR_MULT: 0.0")
+    text = (configs / "Base-Finetune.yaml").read_text().replace("PRETRAINED_LR_MULT: 0.04", "PRETRAINED_LR_MULT: 0.0")
     (configs / "Base-Finetune.yaml").write_text(text)
     out = tmp_path / "out"
     tool = study()
