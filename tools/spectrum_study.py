@@ -15,8 +15,7 @@ The paper's protocol in two stages (configs in ``--configs``):
    ``<output>/<method>/<point>/seed<s>``.
 
 ``--jobs`` trainings run at a time, each on ``NUM_THREADS`` threads; a run starts when its host has
-finished, and one that starts while slots would stay empty (a host that the others wait for) gets their
-threads too. A run that already finished is not trained again (``--force`` retrains); an interrupted one
+finished. A run that already finished is not trained again (``--force`` retrains); an interrupted one
 continues from its last checkpoint. A run that fails is reported with its one-line error (and its
 dependants as skipped); the others go on. Before anything trains, every run's config is built and
 checked: a budget outside (0, 1] or below the MAC ratio of every gate closed is one line.
@@ -27,8 +26,8 @@ with the numbers before calibration beside them, and says for every dynamic run 
 ratio on the test set lands within ``--tolerance`` (0.02) of its budget. It writes
 ``<output>/spectrum.json`` (every run, the table's rows, the wall and CPU time), ``spectrum.png`` (test
 top-1 against eval MAC ratio, one line per method, mean and spread over seeds) and prints the tables.
-``--quick`` is the subset of one seed, two budgets (0.53, 0.73), the dynamic methods and the static
-point beside the lower budget (8 heads), the host as the ceiling. KEY VALUE pairs after the options go to every run (e.g. ``SOLVER.MAX_ITER 300``).
+``--quick`` is the subset of one seed, two budgets (0.53, 0.73) and the two static points beside them
+(8 and 2 heads). KEY VALUE pairs after the options go to every run (e.g. ``SOLVER.MAX_ITER 300``).
 Needs matplotlib for the figure: ``pip install -e ".[vis]"``.
 """
 import argparse
@@ -58,7 +57,7 @@ METHODS = ("dense", "prune", "static", "msgc", "msgc_att")
 DYNAMIC = ("prune", "msgc", "msgc_att")
 BUDGETS = (0.35, 0.53, 0.6, 0.73)
 STATIC_HEADS = (2, 4, 8)
-QUICK = {"seeds": [0], "budgets": [0.53, 0.73], "static_heads": [8], "methods": ["prune", "static", "msgc", "msgc_att"]}
+QUICK = {"seeds": [0], "budgets": [0.53, 0.73], "static_heads": [8, 2]}
 
 
 def parse_args(argv=None):
@@ -69,7 +68,7 @@ def parse_args(argv=None):
                         help="MAC budgets of the dynamic methods (fractions of the dense host's MACs)")
     parser.add_argument("--static-heads", nargs="+", type=int, default=list(STATIC_HEADS),
                         help="head counts of the static grouping (each gives one MAC ratio)")
-    parser.add_argument("--quick", action="store_true", help="one seed, two budgets, one static point, no dense")
+    parser.add_argument("--quick", action="store_true", help="one seed, two budgets, two static points")
     parser.add_argument("--configs", default=os.path.join(ROOT, "configs", "spectrum"), help="folder of the configs")
     parser.add_argument("--output", default="output/spectrum", help="folder of the runs and the results")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each uses NUM_THREADS threads)")
@@ -102,7 +101,6 @@ class Run:
     host: Optional["Run"] = None
     budget: Optional[float] = None  # the MAC target; for static its fixed ratio
     max_iter: int = 0
-    threads: int = 1  # NUM_THREADS of its config
     calibrated: bool = False  # ends with a gate calibration (calibration.json)
     status: str = "pending"  # pending, done, failed, skipped
     error: str = ""
@@ -117,13 +115,10 @@ class Run:
     def weights(self) -> str:
         return os.path.join(self.folder, "model_final.pth")
 
-    def command(self, share: int = 1) -> list:
-        """The training's command line; ``share`` slots of the pool run it (``share`` x ``NUM_THREADS``
-        threads)."""
+    def command(self) -> list:
         host = ["MODEL.WEIGHTS", self.host.weights] if self.host is not None else []
-        threads = ["NUM_THREADS", str(share * max(1, self.threads))] if share > 1 else []
         return [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume", "--config-file", self.config,
-                *self.opts, *host, "SEED", str(self.seed), "OUTPUT_DIR", self.folder, *threads]
+                *self.opts, *host, "SEED", str(self.seed), "OUTPUT_DIR", self.folder]
 
 
 def plan(args) -> List[Run]:
@@ -177,7 +172,6 @@ def check(runs: List[Run]):
                     raise InvalidValueError(f"{run.name}: {one_line(e)}") from None
         low, high = ranges[key]
         run.max_iter = cfg.SOLVER.MAX_ITER
-        run.threads = cfg.NUM_THREADS
         if high - low > 1e-9:
             run.budget = cfg.SOLVER.MAC_TARGET.FINAL
             run.calibrated = bool(cfg.CALIBRATION.DATASET)
@@ -229,13 +223,11 @@ def train(runs: List[Run], jobs: int, log_dir: str):
         while ready and len(running) < jobs:
             run = ready.pop(0)
             pending.remove(run)
-            # the slots that nothing ready can fill until this run (a host) finishes are its own as well
-            share = (jobs - len(running)) // (len(ready) + 1) if run.threads > 0 else 1
             log = os.path.join(log_dir, "_".join(str(p) for p in (run.method, run.point, f"seed{run.seed}") if p) + ".txt")
             os.makedirs(log_dir, exist_ok=True)
             logger.info("training %s (log: %s)", run.name, log)
             handle = open(log, "w")
-            proc = subprocess.Popen(run.command(max(1, share)), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(run.command(), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
             running.append((run, proc, handle, log, time.perf_counter()))
         if not running:
             continue
