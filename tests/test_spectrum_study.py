@@ -98,6 +98,15 @@ def test_both_stages_fine_tune_from_the_host_calibrate_and_report(tmp_path, caps
     assert again["trained"] == 1 and again["rows"] == result["rows"]  # only the failed run is tried again
 
 
+def test_quick_is_one_seed_two_budgets_and_the_claims_three_methods():
+    tool = study()
+    args = tool.parse_args(["--quick"])
+    assert (args.seeds, args.budgets, args.static_heads, args.methods) == ([0], [0.53, 0.73], [8], ["prune", "static", "msgc"])
+    assert tool.parse_args(["--quick", "--methods", "msgc_att"]).methods == ["msgc_att"]
+    args = tool.parse_args(["--budgets", "0.6", "--", "SOLVER.MAX_ITER", "9"])
+    assert (args.budgets, args.opts, args.methods) == ([0.6], ["SOLVER.MAX_ITER", "9"], list(tool.METHODS))
+
+
 def test_bad_budgets_are_one_line_before_anything_trains(tmp_path, capsys):
     fake_fashion(tmp_path / "data")
     configs, opts = tiny_configs(tmp_path, tmp_path / "data")
