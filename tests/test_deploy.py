@@ -94,6 +94,19 @@ def test_deployed_equals_eval(cfg, name, grouping, attention):
         assert got["macs"].max() < 0.95 * (static.main + static.dgc + static.gen)
 
 
+@pytest.mark.parametrize("name", ["msgc_resnet18", "msgc_resnet50"])
+def test_msgc_heads_keeps_the_first_convolutions_dense(cfg, name):
+    """The ablation grouping: no single-head input mask anywhere, per-sample head masks everywhere
+    msgc has them, and the deployed network equals the eval model."""
+    model = randomize(small(cfg, name, "msgc_heads", "none"))
+    generators = lambda m, heads: {n for n, g in m.named_modules() if isinstance(g, MaskGenerator) and heads(g.heads)}  # noqa: E731
+    reference = small(cfg, name, "msgc", "none")
+    assert generators(reference, lambda h: h == 1) and not generators(model, lambda h: h == 1)
+    assert generators(model, lambda h: h > 1) == generators(reference, lambda h: h > 1)
+    got = check_same(model, images())
+    assert len(set(got["macs"].tolist())) > 1
+
+
 def _mask_generators(model):
     return [m for m in model.modules() if isinstance(m, MaskGenerator)]
 

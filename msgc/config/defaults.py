@@ -31,7 +31,8 @@ _C.MODEL.BACKBONE.STEM = "imagenet"
 
 _C.MODEL.MSGC = CN()
 # Registered grouping name (msgc.modeling.GROUPING_REGISTRY): "msgc" (the paper), "prune" (one head:
-# dynamic channel pruning), "static" (fixed grouped convolution) or "dense" (the host network).
+# dynamic channel pruning), "static" (fixed grouped convolution), "dense" (the host network) or
+# "msgc_heads" (an ablation: msgc's head masks only, the single-head input masks left out).
 _C.MODEL.MSGC.GROUPING = "msgc"
 # Registered attention name (msgc.modeling.ATTENTION_REGISTRY): "none" or "channel".
 _C.MODEL.MSGC.ATTENTION = "none"
