@@ -340,6 +340,27 @@ def test_gated_conv_equals_the_broadcast(shape):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("groups,scaled", [(1, False), (1, True), (2, False), (2, True)])
+def test_gate_heads_keeps_a_channels_last_input_channels_last(groups, scaled):
+    """A channels-last input (the Normalizer's layout on CUDA) gives the same values as a contiguous one,
+    channels-last, and gated_conv takes it on both of its paths."""
+    n, c, heads, side = 2, 8, 2, 5
+    torch.manual_seed(0)
+    x = torch.randn(n, c, side, side)
+    scale = torch.rand(n, heads, c) if scaled else None
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    want, got = gate_heads(x, scale, None, heads, groups), gate_heads(x_cl, scale, None, heads, groups)
+    assert got.shape == (n, heads * c, side, side)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    conv = nn.Conv2d(c * heads, 4 * groups, 3, 1, 1, groups=heads * groups, bias=False)
+    for small in (x_cl[:, :, :1, :1], x_cl):  # the broadcast (1x1 maps), then per-sample weights
+        mask = torch.rand(n, heads, c)
+        torch.testing.assert_close(gated_conv(conv, small, mask, None, heads),
+                                   conv(gate_heads(small.contiguous(), mask, None, heads, groups)),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_benchmark_tool_runs(tmp_path, capsys):
     import importlib.util
     import os
