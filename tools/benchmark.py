@@ -33,6 +33,7 @@ import torch
 from tabulate import tabulate
 
 from msgc.config import load_cfg
+from msgc.utils.env import check_device
 from msgc.utils.errors import ArgumentParser, exit_on_user_error
 from msgc.deploy import deploy
 from msgc.modeling import build_model
@@ -80,6 +81,7 @@ def parse_args(argv=None):
 
 
 def setup(args):
+    check_device(args.device, "--device")
     cfg = load_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = args.weights
