@@ -362,7 +362,8 @@ def test_gate_heads_keeps_a_channels_last_input_channels_last(groups, scaled):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_benchmark_tool_runs(tmp_path, capsys):
+def _benchmark_tool(tmp_path):
+    """tools/benchmark.py as a module, and a tiny config for it."""
     import importlib.util
     import os
 
@@ -373,6 +374,11 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text("MODEL:\n  BACKBONE:\n    NAME: msgc_resnet18\n    STEM: cifar\n    WIDTH_MULT: 0.25\n"
                       "  NUM_CLASSES: 10\n  MSGC:\n    ATTENTION: channel\n")
+    return tool, config
+
+
+def test_benchmark_tool_runs(tmp_path, capsys):
+    tool, config = _benchmark_tool(tmp_path)
     result = tool.main(["--config-file", str(config), "--mode", "train", "eval", "deploy", "--compare-dense",
                         "--size", "16", "--batch-size", "2", "--iters", "2", "--warmup", "1", "--batches", "2",
                         "--threads", "1", "--json", "SOLVER.IMS_PER_BATCH", "2"])
@@ -397,6 +403,26 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     paired = tool.paired_ratios(runs, times)
     assert paired["deploy/dense"]["median"] == pytest.approx(6.0 / 9.0)  # against the faster layout
     assert paired["eval/deploy"]["median"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("amp", ["bfloat16", "float16"])
+def test_benchmark_tool_trains_under_autocast_channels_last(tmp_path, capsys, amp, device):
+    """The GPU benchmark's settings (on the CPU here, unless pytest --device cuda): training steps under
+    autocast (float16 with a GradScaler), models and batches channels-last, against the dense host (this
+    project's, which needs labels in training), and deploy with PyTorch's kernels in float32."""
+    tool, config = _benchmark_tool(tmp_path)
+    common = ["--config-file", str(config), "--device", str(device), "--compare-dense", "--size", "16",
+              "--batch-size", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--amp", amp, "--channels-last",
+              "--json"]
+    result = tool.main(common + ["--mode", "train"])
+    assert result["runs"].keys() == {"train", "dense"} and (result["amp"], result["channels_last"]) == (amp, True)
+    assert "channels-last" in result["runs"]["dense"]["what"] and "train/dense" in result["ratios"]
+    for run in result["runs"].values():
+        assert run["images_per_s"] == pytest.approx(1e3 * 2 / run["median_ms"])
+    result = tool.main(common + ["--mode", "eval", "deploy", "--no-native"])
+    assert "PyTorch kernels, float32" in result["runs"]["deploy"]["what"]
+    assert 0.2 < result["runs"]["deploy"]["mac_ratio"] < 0.95
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("name", ["msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"])
