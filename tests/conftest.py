@@ -29,6 +29,14 @@ def pytest_configure(config):
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that take the ``device`` fixture ``device`` (``pytest --device cuda -m device`` runs
+    only those: what tools/gpu_selftest.py does)."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
 @pytest.fixture
 def device(request) -> torch.device:
     """The device of ``pytest --device`` (cpu by default): device-independent tests take it."""
