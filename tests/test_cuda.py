@@ -158,10 +158,15 @@ def test_gpu_decoding(tmp_path):
 
 
 def test_nccl_group_of_one_process():
+    torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0,
                                          world_size=1)
     try:
+        assert torch.distributed.get_backend() == "nccl"
         assert comm.get_world_size() == 1 and comm.all_gather({"rank": comm.get_rank()}) == [{"rank": 0}]
+        total = torch.full((3,), 2.0, device=CUDA)
+        torch.distributed.all_reduce(total)  # an NCCL collective, whatever comm skips at world size 1
+        assert total.tolist() == [2.0, 2.0, 2.0]
         comm.synchronize()
         model = build_model(small_cfg()).train()
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])

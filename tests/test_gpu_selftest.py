@@ -28,8 +28,8 @@ def test_without_cuda_every_cuda_step_is_skipped_and_said(selftest, tmp_path, ca
     steps = saved["steps"]
     names = [s["step"] for s in steps]
     assert names[:6] == ["environment", "cuda tests", "device tests", "train", "resume", "eval-only"]
-    assert {f"bench train {m}" for m in selftest.BENCH_MODELS} | {f"bench eval {m}" for m in selftest.BENCH_MODELS} \
-        | {"data gpu decoding"} <= set(names)
+    assert {f"bench {kind} {m}" for kind in ("train", "eval", "deploy") for m in selftest.BENCH_MODELS} \
+        | {"data gpu decoding", "data cpu decoding"} <= set(names)
     assert steps[0]["status"] == "passed" and steps[0]["result"]["cuda_available"] is False
     assert all(s["status"] == "skipped" and s["note"] == selftest.NO_CUDA for s in steps[1:])
     assert saved["counts"] == {"passed": 1, "failed": 0, "skipped": len(steps) - 1}

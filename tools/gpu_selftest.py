@@ -8,16 +8,19 @@ The steps, in this order (the most telling first, so that a short budget keeps t
     environment    torch, CUDA, the GPU, cuDNN, bfloat16 support
     cuda tests     pytest tests/test_cuda.py (AMP float16 + resume of the scaler, channels-last, pinned
                    loaders, nvjpeg, NCCL of one process, eval and deploy on CUDA against the CPU)
-    device tests   pytest tests --device cuda -m device (the suite's device-independent tests)
+    device tests   pytest tests --device cuda -m device (the suite's device-independent tests, but for
+                   the 48 variants of deploy against eval, which test_cuda.py samples)
     train          tools/train_net.py, msgc_r50 on synthetic 224x224 ImageNet-shaped data, --num-gpus 1,
                    AMP bfloat16 (the batches are channels-last on CUDA), then a final evaluation
     resume         the same with --resume and a later SOLVER.MAX_ITER: continues from the checkpoint
     eval-only      tools/train_net.py --eval-only of the trained weights
     bench train    tools/benchmark.py --device cuda --mode train --compare-dense, batch 128, --amp
                    bfloat16 --channels-last, for msgc_r50, msgc_r18_att, msgc_mbv2
-    bench eval     the same models: eval mode (masked) and deploy(native=False), batch 128, channels-last
+    bench eval     the same models in eval mode (closed channels masked), float32, batch 128, channels-last
     data gpu/cpu   tools/benchmark_data.py: the training loader with INPUT.DECODE_DEVICE cuda (nvjpeg,
                    in the training process), and with CPU decoding in DataLoader workers for comparison
+    bench deploy   the same models: eval mode against deploy(native=False), batch 8 (the deployed
+                   model's PyTorch interpreter runs image by image)
 
 Each step is a subprocess with its own timeout (at most what is left of ``--budget-s``); a step that
 fails or times out is recorded with its last output line and the next step still runs; once the
@@ -74,11 +77,14 @@ class Sizes:
         self.train_batch = 4 if rehearse else 64
         self.bench_batch = 2 if rehearse else 128
         self.bench_iters = (["--warmup", "1", "--iters", "2", "--threads", "1"] if rehearse else
-                            ["--warmup", "3", "--iters", "15"])
+                            ["--warmup", "3", "--iters", "10"])
+        # deploy(native=False) runs image by image in Python (the reference interpreter): a small batch
+        self.deploy = (["--batch-size", "2", "--warmup", "1", "--iters", "2", "--batches", "1", "--threads", "1"]
+                       if rehearse else ["--batch-size", "8", "--warmup", "1", "--iters", "3", "--batches", "1"])
         self.workers = "0" if rehearse else "8"
-        self.test_images = 8 if rehearse else 1024
+        self.test_images = 8 if rehearse else 512
         self.timeouts = {"train": 60, "resume": 60, "eval-only": 40, "bench": 60, "data": 60} if rehearse else \
-            {"train": 150, "resume": 90, "eval-only": 60, "bench": 75, "data": 60}
+            {"train": 150, "resume": 90, "eval-only": 60, "bench": 60, "data": 60}
 
 
 def synthetic_overrides(sizes: Sizes, output_dir: str, max_iter: int) -> list:
@@ -104,8 +110,9 @@ def plan(args, sizes: Sizes) -> list:
     steps = [
         ("cuda tests", [py, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs", "-p", "no:cacheprovider"], 120,
          pytest_note, True),
-        ("device tests", [py, "-m", "pytest", "tests", "--device", "cuda", "-m", "device", "-q", "-p",
-                          "no:cacheprovider"], 150, pytest_note, True),
+        # deploy against eval on CUDA is in test_cuda.py: the 48 variants of test_deployed_equals_eval stay on the CPU
+        ("device tests", [py, "-m", "pytest", "tests", "--device", "cuda", "-m", "device", "-k",
+                          "not test_deployed_equals_eval", "-q", "-p", "no:cacheprovider"], 120, pytest_note, True),
         ("train", train + synthetic_overrides(sizes, train_dir, sizes.train_iters), t["train"],
          training_note(train_dir, sizes, resumed=False), False),
         ("resume", train + ["--resume"] + synthetic_overrides(sizes, train_dir, sizes.resume_iters), t["resume"],
@@ -113,20 +120,25 @@ def plan(args, sizes: Sizes) -> list:
         ("eval-only", train + ["--eval-only"] + synthetic_overrides(sizes, eval_dir, 1)
          + ["MODEL.WEIGHTS", os.path.join(train_dir, "model_final.pth")], t["eval-only"], eval_note(eval_dir), False),
     ]
-    bench = [py, "tools/benchmark.py", "--device", sizes.device, "--batch-size", str(sizes.bench_batch), "--size",
-             str(sizes.size), "--compare-dense", "--channels-last", "--json", *sizes.bench_iters]
+    bench = [py, "tools/benchmark.py", "--device", sizes.device, "--size", str(sizes.size), "--compare-dense",
+             "--channels-last", "--json"]
+    batch = bench + ["--batch-size", str(sizes.bench_batch), *sizes.bench_iters]
     for model in BENCH_MODELS:
-        steps.append((f"bench train {model}", bench + ["--config-file", f"configs/{model}.yaml", "--mode", "train",
+        steps.append((f"bench train {model}", batch + ["--config-file", f"configs/{model}.yaml", "--mode", "train",
                                                        "--amp", "bfloat16"], t["bench"], benchmark_note, False))
     for model in BENCH_MODELS:
-        steps.append((f"bench eval {model}", bench + ["--config-file", f"configs/{model}.yaml", "--mode", "eval",
-                                                      "deploy", "--no-native"], t["bench"], benchmark_note, False))
+        steps.append((f"bench eval {model}", batch + ["--config-file", f"configs/{model}.yaml", "--mode", "eval"],
+                      t["bench"], benchmark_note, False))
     data = [py, "tools/benchmark_data.py", "--config-file", "configs/msgc_r50.yaml", "--folder",
             os.path.join(args.output_dir, "jpegs"), "--num-images", "256", "--batch-size", "64", "--batches", "4",
             "--repeats", "3", "--json", "MODEL.DEVICE", sizes.device]
     steps.append(("data gpu decoding", data + ["--workers", "0", "INPUT.DECODE_DEVICE", "cuda"], t["data"],
                   loader_note, True))
     steps.append(("data cpu decoding", data + ["--workers", sizes.workers], t["data"], loader_note, False))
+    for model in BENCH_MODELS:  # last: the slowest per image, the first to go when the budget runs out
+        steps.append((f"bench deploy {model}", bench + sizes.deploy + ["--config-file", f"configs/{model}.yaml",
+                                                                       "--mode", "eval", "deploy", "--no-native"],
+                      t["bench"], benchmark_note, False))
     return steps
 
 
