@@ -167,7 +167,10 @@ def run_command(command, timeout: float, log_path: str):
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
             proc.wait()
             code = None
     with open(log_path) as f:
