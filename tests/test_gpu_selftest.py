@@ -83,3 +83,15 @@ def _slow_after(run_command, name, seconds):
         return out
 
     return run
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_pytest_device_cuda_without_cuda_is_one_usage_line():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_macs.py", "--device", "cuda", "-q", "-p",
+                           "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 4  # pytest's usage error
+    assert lines == ["ERROR: --device cuda needs a CUDA device: torch.cuda.is_available() is False on this machine; "
+                     "run without --device, or on a machine with a GPU"]
