@@ -15,12 +15,11 @@ training gates meet.
 import logging
 import os
 
-import torch
-
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import load_cfg
 from msgc.engine import DefaultTrainer
 from msgc.evaluation import check_budget
+from msgc.utils.env import check_device
 from msgc.utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
 from msgc.utils.file_io import write_json
 
@@ -48,8 +47,7 @@ def output_path(weights: str, output: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_cfg(args.config_file, args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidValueError(f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but this machine has no CUDA; add MODEL.DEVICE cpu")
+    check_device(cfg.MODEL.DEVICE)
     weights = cfg.MODEL.WEIGHTS
     if not weights:
         raise InvalidValueError("give the checkpoint to calibrate: MODEL.WEIGHTS <file>")

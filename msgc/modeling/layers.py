@@ -214,21 +214,29 @@ def gate_heads(x: torch.Tensor, mask=None, att=None, heads: int = 1, groups: int
     without host groups; with ``groups`` host groups (a ResNeXt's grouped 3x3), group-major, each
     host group's channels repeated once per head (``[group][head][channel of the group]``), so that
     conv group ``g * heads + h`` reads head h's copy of host group g. One broadcast replaces the
-    reference's loop over heads.
+    reference's loop over heads. A channels-last ``x`` (what :class:`msgc.data.Normalizer` gives on
+    CUDA) gives a channels-last result: the broadcast runs with the channels as the last axis.
     """
     n, c, h, w = x.shape
     scale = _scale(mask, att)
-    if scale is None:
-        if heads == 1:
-            return x
-        if groups == 1:
-            return x.repeat(1, heads, 1, 1)
-        return x.view(n, groups, 1, c // groups, h, w).expand(-1, -1, heads, -1, -1, -1).reshape(n, heads * c, h, w)
-    heads = scale.size(1)
-    if groups == 1:
-        return (x.unsqueeze(1) * scale.view(n, heads, c, 1, 1)).view(n, heads * c, h, w)
-    scale = scale.view(n, heads, groups, c // groups).transpose(1, 2).reshape(n, groups, heads, c // groups, 1, 1)
-    return (x.view(n, groups, 1, c // groups, h, w) * scale).reshape(n, heads * c, h, w)
+    if scale is None and heads == 1:
+        return x
+    heads = heads if scale is None else scale.size(1)
+    cg = c // groups
+    if scale is not None:  # group-major: N x groups x heads x channels of the group
+        scale = scale.reshape(n, heads, groups, cg).transpose(1, 2)
+    if _channels_last(x):
+        xg = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, 1, cg)
+        out = xg.expand(-1, -1, -1, -1, heads, -1) if scale is None else xg * scale.reshape(n, 1, 1, groups, heads, cg)
+        return out.reshape(n, h, w, heads * c).permute(0, 3, 1, 2)
+    xg = x.reshape(n, groups, 1, cg, h, w)
+    out = xg.expand(-1, -1, heads, -1, -1, -1) if scale is None else xg * scale.reshape(n, groups, heads, cg, 1, 1)
+    return out.reshape(n, heads * c, h, w)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (and not also plainly contiguous, as 1x1 maps are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def gated_conv(conv: nn.Conv2d, x: torch.Tensor, mask=None, att=None, heads: Optional[int] = None) -> torch.Tensor:
@@ -252,9 +260,9 @@ def gated_conv(conv: nn.Conv2d, x: torch.Tensor, mask=None, att=None, heads: Opt
     if scale is None or heads == 1 or c * kernel >= heads * groups * h * w:
         return conv(gate_heads(x, mask, att, heads, groups))
     out_channels, cg = conv.out_channels, c // groups
-    weight = conv.weight.view(1, groups, heads, out_channels // (groups * heads), cg, *conv.kernel_size)
-    scale = scale.view(n, heads, groups, cg).transpose(1, 2).reshape(n, groups, heads, 1, cg, 1, 1)
-    weight = (weight * scale).view(n * out_channels, cg, *conv.kernel_size)
+    weight = conv.weight.reshape(1, groups, heads, out_channels // (groups * heads), cg, *conv.kernel_size)
+    scale = scale.reshape(n, heads, groups, cg).transpose(1, 2).reshape(n, groups, heads, 1, cg, 1, 1)
+    weight = (weight * scale).reshape(n * out_channels, cg, *conv.kernel_size)
     bias = None if conv.bias is None else conv.bias.repeat(n)
     out = F.conv2d(x.reshape(1, n * c, h, w), weight, bias, conv.stride, conv.padding, conv.dilation, n * groups)
-    return out.view(n, out_channels, out.size(2), out.size(3))
+    return out.reshape(n, out_channels, out.size(2), out.size(3))
