@@ -10,6 +10,38 @@ if ROOT not in sys.path:
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+#: why tests/test_cuda.py and the CUDA side of the ``device`` fixture do not run on this machine
+NO_CUDA = "needs a CUDA device: torch.cuda.is_available() is False on this machine"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="where the tests that take the `device` fixture run (default cpu); tests/test_cuda.py "
+                     "runs wherever CUDA is available")
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--device cuda {NO_CUDA}; run without --device, or on a machine with a GPU")
+        # the tests compare float32 results within 1e-4 or so: TF32 convolutions and matmuls round to 1e-3
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that take the ``device`` fixture ``device`` (``pytest --device cuda -m device`` runs
+    only those: what tools/gpu_selftest.py does)."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The device of ``pytest --device`` (cpu by default): device-independent tests take it."""
+    return torch.device(request.config.getoption("--device"))
+
 
 @pytest.fixture
 def cfg():

@@ -323,26 +323,6 @@ def test_read_metrics_keeps_what_a_resumed_run_wrote_last(tmp_path):
         read_metrics(str(path))
 
 
-def test_spectrum_study_table_and_figure(tmp_path):
-    study = _tool("spectrum_study")
-    runs = tmp_path / "runs"
-    for method, seed, top1, ratio in [("dense", 0, 90.0, 1.0), ("dense", 1, 92.0, 1.0), ("msgc", 0, 91.0, 0.52),
-                                      ("msgc", 1, 93.0, 0.48), ("prune", 0, 50.0, 0.5)]:
-        (runs / method).mkdir(parents=True, exist_ok=True)
-        last = 99 if method != "prune" else 49  # prune stopped half-way
-        _metrics(runs / method / f"seed{seed}", lines=[
-            {"iteration": 9, "val/top1": 10.0, "val/mac_ratio": 1.0, "val/macs": 5.0},
-            {"iteration": last, "val/top1": top1, "val/mac_ratio": ratio, "val/macs": ratio * 10}])
-    rows, missing = study.collect(str(runs), ["dense", "msgc", "prune"], [0, 1], max_iter=100)
-    assert [(r["method"], r["top1"], r["mac_ratio"]) for r in rows] == [
-        ("dense", [90.0, 92.0], [1.0, 1.0]), ("msgc", [91.0, 93.0], [0.52, 0.48])]
-    assert missing == [str(runs / "prune" / "seed0"), str(runs / "prune" / "seed1")]
-    table = study.table(rows)
-    assert "| msgc | 2 | 92.00 ± 1.41 | 91.00 - 93.00 | 0.500 ± 0.028 |" in table
-    figure = study.figure(rows, str(tmp_path / "s.png"))
-    assert _png_size(tmp_path / "s.png") == figure["size"]
-
-
 # ------------------------------------------------------------------------------------------------
 # TensorBoard
 # ------------------------------------------------------------------------------------------------
@@ -375,20 +355,3 @@ def test_training_logs_gate_images_and_histograms_to_tensorboard(tmp_path):
     image = events.Images(maps[0])[-1]
     assert (image.width, image.height) == (16 * 4, 4 * 12)  # 16 channels x 4 heads, 4 x 12 pixels each
     assert Image.open(__import__("io").BytesIO(image.encoded_image_string)).size == (64, 48)
-
-
-def test_spectrum_configs_share_one_budget():
-    """Every method of the study builds; the budget is the static grouping's own MAC ratio."""
-    from msgc.config import load_cfg
-
-    study = _tool("spectrum_study")
-    cfgs = {m: load_cfg(str(ROOT / "configs" / "spectrum" / f"{m}.yaml")) for m in study.METHODS}
-    assert {m: (c.MODEL.MSGC.GROUPING, c.MODEL.MSGC.ATTENTION) for m, c in cfgs.items()} == {
-        "dense": ("dense", "none"), "prune": ("prune", "none"), "static": ("static", "none"),
-        "msgc": ("msgc", "none"), "msgc_att": ("msgc", "channel")}
-    static = build_model(cfgs["static"]).eval()
-    with torch.no_grad():
-        ratio = float(static(torch.zeros(1, 3, 16, 16))["macs"][0]) / static.dense_macs(16, 16)
-    for method in ("prune", "static", "msgc", "msgc_att"):
-        assert cfgs[method].SOLVER.MAC_TARGET.FINAL == pytest.approx(ratio, abs=0.01)
-    assert len({(c.SOLVER.MAX_ITER, c.MODEL.BACKBONE.WIDTH_MULT, c.DATASETS.TRAIN) for c in cfgs.values()}) == 1

@@ -64,13 +64,14 @@ def images(n=3, seed=1):
 
 def check_same(model, x, tune=False):
     """Every kernel variant this CPU runs, and PyTorch's kernels, give the eval model's outputs: logits
-    within 1e-4, the paper's MACs bit for bit."""
+    within 1e-4, the paper's MACs bit for bit. On a GPU: PyTorch's kernels alone."""
     with torch.no_grad():
         want = model(x)
     assert want["logits"].abs().max() > 1e-2  # a difference below 1e-4 must mean something
-    assert native.available(), native.status()  # CI has a C compiler: the native path must be tested
+    on_cpu = x.device.type == "cpu"
+    assert not on_cpu or native.available(), native.status()  # CI has a C compiler: the native path must be tested
     got = None
-    for isa in [None] + native.variants():
+    for isa in [None] + (native.variants() if on_cpu else []):
         deployed = deploy(model, native=isa is not None, isa=isa, tune=tune)
         got = deployed(x)
         torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)
@@ -81,9 +82,9 @@ def check_same(model, x, tune=False):
 @pytest.mark.parametrize("attention", ["none", "channel"])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("name", BACKBONES)
-def test_deployed_equals_eval(cfg, name, grouping, attention):
-    model = randomize(small(cfg, name, grouping, attention))
-    got = check_same(model, images())
+def test_deployed_equals_eval(cfg, name, grouping, attention, device):
+    model = randomize(small(cfg, name, grouping, attention)).to(device)
+    got = check_same(model, images().to(device))
     gap = (got["executed_macs"] / got["macs"] - 1).abs()
     # tiny widths make the attention fold's count differ most (see test_executed_macs_at_full_size)
     assert gap.max() < 0.05, gap
@@ -92,6 +93,19 @@ def test_deployed_equals_eval(cfg, name, grouping, attention):
             assert len(set(got["macs"].tolist())) > 1
         static = model.backbone.complexity(SIZE, SIZE)
         assert got["macs"].max() < 0.95 * (static.main + static.dgc + static.gen)
+
+
+@pytest.mark.parametrize("name", ["msgc_resnet18", "msgc_resnet50"])
+def test_msgc_heads_keeps_the_first_convolutions_dense(cfg, name):
+    """The ablation grouping: no single-head input mask anywhere, per-sample head masks everywhere
+    msgc has them, and the deployed network equals the eval model."""
+    model = randomize(small(cfg, name, "msgc_heads", "none"))
+    generators = lambda m, heads: {n for n, g in m.named_modules() if isinstance(g, MaskGenerator) and heads(g.heads)}  # noqa: E731
+    reference = small(cfg, name, "msgc", "none")
+    assert generators(reference, lambda h: h == 1) and not generators(model, lambda h: h == 1)
+    assert generators(model, lambda h: h > 1) == generators(reference, lambda h: h > 1)
+    got = check_same(model, images())
+    assert len(set(got["macs"].tolist())) > 1
 
 
 def _mask_generators(model):
@@ -326,16 +340,16 @@ def test_unsupported_grouping_is_a_clear_error(cfg):
 
 @pytest.mark.parametrize("shape", [(4, 8, 8, 16, 4, 3, 1), (3, 16, 8, 9, 4, 3, 2), (2, 12, 24, 10, 4, 1, 1),
                                    (2, 64, 64, 4, 4, 3, 1)])
-def test_gated_conv_equals_the_broadcast(shape):
+def test_gated_conv_equals_the_broadcast(shape, device):
     """Both paths of the training-time MSGC convolution (per-sample weights where they are smaller, the
     heads' broadcast input elsewhere; the last shape takes the broadcast) match conv(gate_heads(...)) in
-    values and gradients."""
+    values and gradients (on a GPU: cuDNN's convolution with groups = N x heads)."""
     n, c, o, h, heads, k, stride = shape
     torch.manual_seed(0)
-    conv = nn.Conv2d(c * heads, o, k, stride, k // 2, groups=heads, bias=False)
-    x = torch.randn(n, c, h, h, requires_grad=True)
-    mask = (torch.rand(n, heads, c) > 0.5).float().requires_grad_()
-    att = torch.rand(n, heads, c, requires_grad=True)
+    conv = nn.Conv2d(c * heads, o, k, stride, k // 2, groups=heads, bias=False).to(device)
+    x = torch.randn(n, c, h, h, device=device, requires_grad=True)
+    mask = (torch.rand(n, heads, c, device=device) > 0.5).float().requires_grad_()
+    att = torch.rand(n, heads, c, device=device, requires_grad=True)
     want = conv(gate_heads(x, mask, att, heads))
     got = gated_conv(conv, x, mask, att)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -345,7 +359,29 @@ def test_gated_conv_equals_the_broadcast(shape):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_benchmark_tool_runs(tmp_path, capsys):
+@pytest.mark.parametrize("groups,scaled", [(1, False), (1, True), (2, False), (2, True)])
+def test_gate_heads_keeps_a_channels_last_input_channels_last(groups, scaled):
+    """A channels-last input (the Normalizer's layout on CUDA) gives the same values as a contiguous one,
+    channels-last, and gated_conv takes it on both of its paths."""
+    n, c, heads, side = 2, 8, 2, 5
+    torch.manual_seed(0)
+    x = torch.randn(n, c, side, side)
+    scale = torch.rand(n, heads, c) if scaled else None
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    want, got = gate_heads(x, scale, None, heads, groups), gate_heads(x_cl, scale, None, heads, groups)
+    assert got.shape == (n, heads * c, side, side)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    conv = nn.Conv2d(c * heads, 4 * groups, 3, 1, 1, groups=heads * groups, bias=False)
+    for small in (x_cl[:, :, :1, :1], x_cl):  # the broadcast (1x1 maps), then per-sample weights
+        mask = torch.rand(n, heads, c)
+        torch.testing.assert_close(gated_conv(conv, small, mask, None, heads),
+                                   conv(gate_heads(small.contiguous(), mask, None, heads, groups)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _benchmark_tool(tmp_path):
+    """tools/benchmark.py as a module, and a tiny config for it."""
     import importlib.util
     import os
 
@@ -356,6 +392,11 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text("MODEL:\n  BACKBONE:\n    NAME: msgc_resnet18\n    STEM: cifar\n    WIDTH_MULT: 0.25\n"
                       "  NUM_CLASSES: 10\n  MSGC:\n    ATTENTION: channel\n")
+    return tool, config
+
+
+def test_benchmark_tool_runs(tmp_path, capsys):
+    tool, config = _benchmark_tool(tmp_path)
     result = tool.main(["--config-file", str(config), "--mode", "train", "eval", "deploy", "--compare-dense",
                         "--size", "16", "--batch-size", "2", "--iters", "2", "--warmup", "1", "--batches", "2",
                         "--threads", "1", "--json", "SOLVER.IMS_PER_BATCH", "2"])
@@ -380,6 +421,26 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     paired = tool.paired_ratios(runs, times)
     assert paired["deploy/dense"]["median"] == pytest.approx(6.0 / 9.0)  # against the faster layout
     assert paired["eval/deploy"]["median"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("amp", ["bfloat16", "float16"])
+def test_benchmark_tool_trains_under_autocast_channels_last(tmp_path, capsys, amp, device):
+    """The GPU benchmark's settings (on the CPU here, unless pytest --device cuda): training steps under
+    autocast (float16 with a GradScaler), models and batches channels-last, against the dense host (this
+    project's, which needs labels in training), and deploy with PyTorch's kernels in float32."""
+    tool, config = _benchmark_tool(tmp_path)
+    common = ["--config-file", str(config), "--device", str(device), "--compare-dense", "--size", "16",
+              "--batch-size", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--amp", amp, "--channels-last",
+              "--json"]
+    result = tool.main(common + ["--mode", "train"])
+    assert result["runs"].keys() == {"train", "dense"} and (result["amp"], result["channels_last"]) == (amp, True)
+    assert "channels-last" in result["runs"]["dense"]["what"] and "train/dense" in result["ratios"]
+    for run in result["runs"].values():
+        assert run["images_per_s"] == pytest.approx(1e3 * 2 / run["median_ms"])
+    result = tool.main(common + ["--mode", "eval", "deploy", "--no-native"])
+    assert "PyTorch kernels, float32" in result["runs"]["deploy"]["what"]
+    assert 0.2 < result["runs"]["deploy"]["mac_ratio"] < 0.95
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("name", ["msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"])

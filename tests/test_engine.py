@@ -156,8 +156,8 @@ def test_simple_trainer_runs_hooks_in_order_and_logs_losses_and_metrics():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_trainer_learns_the_toy_task():
-    model = _toy_model()
+def test_trainer_learns_the_toy_task(device):
+    model = _toy_model().to(device)
     model.train()
     trainer = SimpleTrainer(model, ToyLoader(8), torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9))
     trainer.train(0, 60)
@@ -187,8 +187,8 @@ def test_nan_check_can_be_disabled():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_amp_trainer_on_cpu(dtype):
-    model = _toy_model()
+def test_amp_trainer(dtype, device):
+    model = _toy_model().to(device)
     model.train()
     trainer = AMPTrainer(model, ToyLoader(8), torch.optim.SGD(model.parameters(), lr=0.1), dtype=dtype)
     trainer.train(0, 3)
@@ -345,13 +345,14 @@ def test_evaluate_weights_loads_the_last_checkpoint_through_the_overridable_chec
     assert [h._metric for h in fresh._hooks if isinstance(h, hooks.BestCheckpointer)] == ["val/top5"]
 
 
-def test_eval_only_writes_the_printed_numbers_as_json(tmp_path):
+def test_eval_only_writes_the_printed_numbers_as_json(tmp_path, device):
     from msgc.evaluation import results_table
 
-    trainer = ToyTrainer(toy_cfg(tmp_path / "train"))
+    on = {"MODEL.DEVICE": str(device)}
+    trainer = ToyTrainer(toy_cfg(tmp_path / "train", **on))
     trainer.resume_or_load(resume=False)
     trainer.train()
-    cfg = toy_cfg(tmp_path / "eval")
+    cfg = toy_cfg(tmp_path / "eval", **on)
     cfg.MODEL.WEIGHTS = str(tmp_path / "train" / "model_final.pth")
     results = ToyTrainer.evaluate_weights(cfg)
     saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
@@ -359,7 +360,7 @@ def test_eval_only_writes_the_printed_numbers_as_json(tmp_path):
     assert set(results) >= {"top1", "top5", "macs", "mac_ratio", "num_samples"}
     # the logged table is drawn from the same numbers
     assert results_table(saved["results"], "toy") == results_table(results, "toy")
-    resumed = ToyTrainer.evaluate_weights(toy_cfg(tmp_path / "train"), resume=True)
+    resumed = ToyTrainer.evaluate_weights(toy_cfg(tmp_path / "train", **on), resume=True)
     saved = json.loads((tmp_path / "train" / "eval_results.json").read_text())
     last = (tmp_path / "train" / "last_checkpoint").read_text()
     assert saved["weights"] == str(tmp_path / "train" / last) and saved["results"] == resumed

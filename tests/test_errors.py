@@ -92,7 +92,7 @@ BAD_INPUT = {
     "not an int": (["--num-gpus", "two"], "error: argument --num-gpus: invalid int value: 'two' (see {prog} --help)"),
     "unknown dataset": (["DATASETS.TRAIN", "imagenett"],
                         "error: no dataset named 'imagenett' is registered; registered: cifar10, cifar100, digits, "
-                        "imagefolder, imagenet, synthetic" + HINT),
+                        "fashion_mnist, fashion_mnist_val, imagefolder, imagenet, synthetic" + HINT),
     "missing dataset folder": (["DATASETS.TRAIN", "imagenet", "DATASETS.ROOT", "/nonexistent/imagenet"],
                                "error: dataset folder '/nonexistent/imagenet' (DATASETS.ROOT) does not exist" + HINT),
     "missing weights": (["MODEL.WEIGHTS", "/nonexistent/w.pth"],
@@ -111,12 +111,35 @@ def test_train_net_bad_input_is_one_line_with_status_2(tmp_path, train_net, cli,
     assert err[0] == line.format(prog=os.path.basename(sys.argv[0])), err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpus_that_are_not_there(tmp_path, train_net, cli):
-    code, err = cli(train_net.invoke_main, ["--config-file", QUICKSTART, "--num-gpus", "2", "MODEL.DEVICE", "cuda"])
+    found = torch.cuda.device_count()
+    wanted = max(2, found + 1)
+    code, err = cli(train_net.invoke_main, ["--config-file", QUICKSTART, "--num-gpus", str(wanted), "MODEL.DEVICE",
+                                            "cuda"])
     assert code == 2
-    assert err[0] == ("error: --num-gpus 2 with MODEL.DEVICE cuda needs 2 GPU(s) but this machine has 0: lower "
-                      "--num-gpus, or add MODEL.DEVICE cpu to the command line to run CPU processes" + HINT)
+    assert err[0] == (f"error: --num-gpus {wanted} with MODEL.DEVICE cuda needs {wanted} GPU(s) but this machine has "
+                      f"{found}: lower --num-gpus, or add MODEL.DEVICE cpu to the command line to run CPU processes"
+                      + HINT)
+    code, err = cli(train_net.invoke_main, _train(tmp_path, "MODEL.DEVICE", f"cuda:{found}"))
+    assert code == 2
+    assert err[0] == (f"error: MODEL.DEVICE is 'cuda:{found}' but this machine has {found} GPU(s) (cuda:0 .. "
+                      f"cuda:{found - 1})" + HINT if found else
+                      f"error: MODEL.DEVICE is 'cuda:0' but this machine has no CUDA device (torch.cuda.is_available() "
+                      "is False): use MODEL.DEVICE cpu" + HINT)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu(tmp_path, train_net, cli):
+    code, err = cli(train_net.invoke_main, _train(tmp_path, "MODEL.DEVICE", "cuda"))
+    assert code == 2
+    assert err == ["error: MODEL.DEVICE is 'cuda' but this machine has no CUDA device (torch.cuda.is_available() is "
+                   "False): use MODEL.DEVICE cpu" + HINT]
+
+
+def test_a_device_torch_does_not_know(tmp_path, train_net, cli):
+    code, err = cli(train_net.invoke_main, _train(tmp_path, "MODEL.DEVICE", "gpu"))
+    assert code == 2
+    assert err == ["error: MODEL.DEVICE must be cpu, cuda or cuda:<index>, got 'gpu'" + HINT]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -351,6 +374,14 @@ def test_tools_report_bad_input_in_one_line(tmp_path, cli):
     code, err = cli(guarded, benchmark.main, ["--config-file", QUICKSTART, "MODEL.HEADZ", "2"])
     assert (code, err) == (2, ["error: unknown config key 'MODEL.HEADZ' in the command-line overrides; did you mean "
                                "MODEL.MSGC.HEADS, MODEL.DEVICE?" + HINT])
+    if not torch.cuda.is_available():
+        code, err = cli(guarded, benchmark.main, ["--config-file", QUICKSTART, "--device", "cuda"])
+        assert (code, err) == (2, ["error: --device is 'cuda' but this machine has no CUDA device "
+                                   "(torch.cuda.is_available() is False): use --device cpu" + HINT])
+        calibrate = _module(ROOT / "tools" / "calibrate_gates.py", "calibrate_gates_under_test")
+        code, err = cli(guarded, calibrate.main, ["--config-file", QUICKSTART, "MODEL.DEVICE", "cuda"])
+        assert (code, err) == (2, ["error: MODEL.DEVICE is 'cuda' but this machine has no CUDA device "
+                                   "(torch.cuda.is_available() is False): use MODEL.DEVICE cpu" + HINT])
 
 
 def test_detection_train_net_reports_bad_input_in_one_line(tmp_path, cli):

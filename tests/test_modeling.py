@@ -73,11 +73,13 @@ def test_mask_generator_starts_open_and_attention_starts_at_one(cfg):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_generators_get_gradients_in_training(cfg, name):
+def test_generators_get_gradients_in_training(cfg, name, device):
+    cfg.MODEL.DEVICE = str(device)
     model = build_model(small(cfg, name, attention="channel")).train()
-    losses = model(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    labels = torch.tensor([0, 1, 2, 3], device=device)
+    losses = model(torch.randn(4, 3, 16, 16, device=device), labels)
     model.set_mac_target(0.1)  # next pass applies the sparsity loss
-    losses = model(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+    losses = model(torch.randn(4, 3, 16, 16, device=device), labels)
     assert losses["loss_macs"] > 0
     (losses["loss_cls"] + losses["loss_macs"]).backward()
     gens = [m for m in model.modules() if isinstance(m, MaskGenerator)]

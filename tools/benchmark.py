@@ -2,14 +2,23 @@
 """Time a model of a config in training, eval or deployed mode, beside its dense host.
 
     python tools/benchmark.py --config-file CFG [--weights W] --device cpu|cuda --batch-size B \\
-        --mode train|eval|deploy [...] --compare-dense [--json] [KEY VALUE ...]
+        --mode train|eval|deploy [...] --compare-dense [--amp bfloat16|float16] [--channels-last] \\
+        [--no-native] [--json] [KEY VALUE ...]
 
 Every run (each ``--mode`` given, and the dense host with ``--compare-dense``) is warmed up, then timed
 ``--iters`` times, the runs taking turns round by round so that a busy machine slows them alike; GPU
 work is synchronised before each clock reading. Reported per run: median, quartiles and minimum in
 milliseconds per step, and MACs per sample. A step is one forward pass of a batch (eval, deploy, and
 the dense host with BatchNorm folded), or forward + backward + SGD step (train, and the dense host in
-training mode).
+training mode). Reported too: images per second (batch size over the median step).
+
+``--amp DTYPE`` runs the forward passes under ``torch.autocast`` (training steps in float16 scale the
+loss with a ``torch.amp.GradScaler``, as :class:`msgc.engine.AMPTrainer` does), except deploy's, which
+stays float32 (deployment's kernels take float32); ``--channels-last``
+lays out the models' weights and the batches channels-last (on CUDA the training loader's batches are
+channels-last already: :func:`msgc.data.build_normalizer`). ``--no-native`` deploys with PyTorch's
+kernels (``deploy(model, native=False)``), which is what deployment on a GPU always runs. ``--device
+cuda`` on a machine without CUDA is a one-line error (exit status 2).
 
 The dense host is torchvision's network with the same width and number of classes (BatchNorm folded
 into the convolutions for inference), or, where torchvision has none (DenseNet-74, the cifar stem,
@@ -22,6 +31,7 @@ Without ``--weights`` the model keeps random weights and every mask generator's 
 operating point of the paper's models. ``MODEL.WEIGHTS`` of the config is ignored: only ``--weights``
 loads weights, so the tool never downloads anything by itself.
 """
+import contextlib
 import copy
 import json
 import os
@@ -33,9 +43,11 @@ import torch
 from tabulate import tabulate
 
 from msgc.config import load_cfg
+from msgc.utils.env import check_device
 from msgc.utils.errors import ArgumentParser, exit_on_user_error
 from msgc.deploy import deploy
-from msgc.modeling import build_model
+from msgc.engine.train_loop import total_loss
+from msgc.modeling import Classifier, build_model
 from msgc.modeling.layers import MaskGenerator
 
 _TORCHVISION = {"msgc_resnet18": "resnet18", "msgc_resnet34": "resnet34", "msgc_resnet50": "resnet50",
@@ -69,6 +81,13 @@ def parse_args(argv=None):
                         "portable; default: the best this CPU runs)")
     parser.add_argument("--no-tune", action="store_true", help="deploy with the fixed kernel rule instead of "
                         "measured per-layer choices")
+    parser.add_argument("--no-native", action="store_true", help="deploy with PyTorch's kernels "
+                        "(deploy(model, native=False); the only choice on a GPU)")
+    parser.add_argument("--amp", choices=("none", "bfloat16", "float16"), default="none",
+                        help="run the forward passes under torch.autocast in this dtype (float16 training "
+                        "steps scale the loss)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="models and batches in the channels-last memory format")
     parser.add_argument("--profile", action="store_true", help="also time every op of the deployed program "
                         "(per stage, per kind, slowest ops)")
     parser.add_argument("--layers", action="store_true", help="also give every convolution's MAC rate (GMAC/s of "
@@ -86,6 +105,7 @@ def parse_args(argv=None):
 
 
 def setup(args):
+    check_device(args.device, "--device")
     cfg = load_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = args.weights
@@ -136,63 +156,95 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
 
 
+def autocast(args):
+    """The context of every timed forward pass: ``torch.autocast`` in ``--amp``'s dtype, or nothing."""
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.amp))
+
+
+def train_step(net, loss_of, args):
+    """One SGD step of ``net`` on ``(x, y)``: ``loss_of(net, x, y)`` under ``--amp``, its gradient scaled
+    for float16."""
+    opt = sgd(net)
+    scaler = torch.amp.GradScaler(torch.device(args.device).type) if args.amp == "float16" else None
+
+    def step(x, y):
+        with autocast(args):
+            loss = loss_of(net, x, y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    return step
+
+
+def inference_step(net, args, memory_format=None, amp=True):
+    """One forward pass of ``net`` without gradients, under ``--amp`` unless ``amp`` is False (the batch
+    in ``memory_format``)."""
+    def step(x, y):
+        with torch.no_grad(), autocast(args) if amp else contextlib.nullcontext():
+            net(x if memory_format is None else x.contiguous(memory_format=memory_format))
+
+    return step
+
+
+def _msgc_loss(model, x, y):
+    return total_loss(model.train()(x, y))
+
+
+def _dense_loss(net, x, y):
+    return torch.nn.functional.cross_entropy(net(x), y)
+
+
 def runners(cfg, args, model):
     """name -> (step function taking (images, labels), description)."""
     out = {}
     for mode in args.mode:
         if mode == "train":
-            opt = sgd(model)
-
-            def step(x, y, opt=opt):
-                losses = model.train()(x, y)
-                loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            out["train"] = (step, "forward + backward + SGD step")
+            out["train"] = (train_step(model, _msgc_loss, args), "forward + backward + SGD step")
         elif mode == "eval":
-            def step(x, y):
-                with torch.no_grad():
-                    model.eval()(x)
-
-            out["eval"] = (step, "eval mode (closed channels multiplied by 0)")
+            # eval mode at every step: a train run of the same round switches the model to training
+            out["eval"] = (inference_step(lambda x: model.eval()(x), args), "eval mode (closed channels multiplied by 0)")
         else:
-            deployed = deploy(model.eval(), isa=args.isa, tune=not args.no_tune, check=False)
+            deployed = deploy(model.eval(), native=False if args.no_native else None, isa=args.isa,
+                              tune=not args.no_tune, check=False)
             what = "msgc.deploy.deploy(model)" + (f", {deployed.library.variant} kernels" if deployed.native else
                                                   ", PyTorch kernels")
-            out["deploy"] = (lambda x, y, d=deployed: d(x), what)
+            out["deploy"] = (inference_step(deployed, args, amp=False), what + ", float32")
             out["deploy"][0].deployed = deployed
     if args.compare_dense:
         train = args.mode == ["train"]
         host, what = dense_host(cfg, train)
         if train:
-            opt = sgd(host)
-
-            def step(x, y):
-                loss = torch.nn.functional.cross_entropy(host(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            out["dense"] = (step, what)
+            host = host.to(memory_format=_memory_format(args))
+            loss_of = _msgc_loss if isinstance(host, Classifier) else _dense_loss  # this project's, or torchvision's
+            out["dense"] = (train_step(host, loss_of, args),
+                            what + (", channels-last" if args.channels_last else ""))
         else:
             # both memory formats: oneDNN is faster channels-last on some layers and CPUs (max-pooling
             # 112x112 NCHW costs 2.5 ms on the 2-core machine of the README), and the ratios take the
             # faster one, so that a layout change is not counted as a saving of deployment
             cl = copy.deepcopy(host).to(memory_format=torch.channels_last)
             for name, net, fmt in (("dense", host, torch.contiguous_format), ("dense_cl", cl, torch.channels_last)):
-                def step(x, y, net=net, fmt=fmt):
-                    with torch.no_grad():
-                        net(x.contiguous(memory_format=fmt))
-
-                out[name] = (step, what + (", channels-last" if fmt is torch.channels_last else ""))
+                out[name] = (inference_step(net, args, fmt),
+                             what + (", channels-last" if fmt is torch.channels_last else ""))
     return out
+
+
+def _memory_format(args):
+    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def batch_source(args, cfg, size, device):
     """step number -> (images, labels): new random ones each step, or cycled through ``--batches``."""
     def make():
-        return (torch.randn(args.batch_size, 3, size, size, device=device),
+        return (torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=_memory_format(args)),
                 torch.randint(cfg.MODEL.NUM_CLASSES, (args.batch_size,), device=device))
 
     if args.batches <= 0:
@@ -225,7 +277,7 @@ def summary(ms, batch):
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
     return {"median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(ms),
             "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "n": len(ms),
-            "ms_per_image": statistics.median(ms) / batch}
+            "ms_per_image": statistics.median(ms) / batch, "images_per_s": 1e3 * batch / statistics.median(ms)}
 
 
 _BUSY = ("import torch, torchvision; torch.set_num_threads(1); net = torchvision.models.resnet18().eval(); "
@@ -351,7 +403,7 @@ def main(argv=None):
     cfg = setup(args)
     device = torch.device(args.device)
     size = args.size or (cfg.INPUT.TRAIN_SIZE if args.mode == ["train"] else cfg.INPUT.TEST_SIZE)
-    model = build(cfg, args)
+    model = build(cfg, args).to(memory_format=_memory_format(args))
     batches = batch_source(args, cfg, size, device)
     runs = runners(cfg, args, model)
     macs = mac_stats(model, runs, [batches(r)[0] for r in range(max(1, min(args.batches or 4, 4)))], size)
@@ -366,7 +418,9 @@ def main(argv=None):
     result = {"config": args.config_file, "opts": args.opts, "device": str(device), "batches": args.batches,
               "settle_ms": args.settle_ms,
               "threads": torch.get_num_threads(), "clock": args.clock, "batch_size": args.batch_size, "size": size,
-              "torch": torch.__version__, "contended": args.contend, "runs": {}}
+              "torch": torch.__version__, "contended": args.contend, "amp": args.amp,
+              "channels_last": args.channels_last, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else None, "runs": {}}
     for name, (_, what) in runs.items():
         result["runs"][name] = {"what": what, **summary(times[name], args.batch_size), **macs.get(name, {})}
     result["ratios"], result["paired_ratios"] = ratios(result["runs"]), paired_ratios(result["runs"], times)
@@ -420,16 +474,20 @@ def report(result):
     rows = []
     for name, r in result["runs"].items():
         executed = r.get("executed_macs")
-        rows.append([name, f"{r['median_ms']:.2f}", f"{r['ms_per_image']:.2f}", f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
+        rows.append([name, f"{r['median_ms']:.2f}", f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.0f}",
+                     f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f}",
                      f"{r['min_ms']:.2f}",
                      f"{r['macs'] / 1e6:.1f}" if "macs" in r else "",
                      f"{r['mac_ratio']:.3f}" if "mac_ratio" in r else "",
                      "" if executed is None else f"{executed / 1e6:.1f}", r["what"]])
-    head = (f"{result['config']} {' '.join(result['opts'])}: {result['device']}, {result['threads']} threads, "
+    head = (f"{result['config']} {' '.join(result['opts'])}: {result['device']}"
+            + (f" ({result['gpu']})" if result.get("gpu") else "") + f", {result['threads']} threads, "
             f"{result['clock']} clock, "
             f"batch {result['batch_size']}, {result['size']}x{result['size']}, torch {result['torch']}"
+            + (f", autocast {result['amp']}" if result.get("amp", "none") != "none" else "")
+            + (", channels-last" if result.get("channels_last") else "")
             + (", another process busy" if result.get("contended") else ""))
-    table = tabulate(rows, headers=["run", "median ms", "ms/image", "p25-p75", "min", "MMACs/sample", "MAC ratio",
+    table = tabulate(rows, headers=["run", "median ms", "ms/image", "images/s", "p25-p75", "min", "MMACs/sample", "MAC ratio",
                                     "executed MMACs", "what"])
     lines = [head, table]
     for k, v in result["ratios"].items():

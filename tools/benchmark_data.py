@@ -19,6 +19,9 @@ or with ``--folder DIR``, the loader reads an image folder of generated ImageNet
 ``--num-images`` (200) photograph-like images of 500 x 375 at JPEG quality 90 (about 60 KB each;
 ImageNet's average is about 110 KB) in 10 class folders, written to DIR (kept) or to a temporary folder.
 
+With ``INPUT.DECODE_DEVICE cuda`` (and ``--workers 0``: decoding runs in the training process) the JPEGs
+are decoded by nvjpeg and cropped on the GPU; the clock is read after the GPU's work is done.
+
 ``--compare-eval N`` measures instead how the test pipeline's images (and a model's outputs on them)
 differ between the PIL path (PIL decode and resize: msgc's pipeline before torchvision.io decoding)
 and torchvision.io's, on N JPEGs of ``val/`` (the dataset's, or generated ones): the largest pixel
@@ -150,14 +153,18 @@ def cpu_seconds():
 def time_loader(cfg, args) -> tuple:
     """(the loader's number of workers, [(images per wall-clock second, per CPU-second or None)] of each repeat)."""
     loader = build_train_loader(cfg, rank=0, world_size=1)
+    # GPU decoding (INPUT.DECODE_DEVICE cuda) queues work on the GPU: wait for it before reading the clock
+    sync = torch.cuda.synchronize if cfg.INPUT.DECODE_DEVICE == "cuda" else (lambda: None)
     batches = iter(loader)
     for _ in range(args.warmup):
         next(batches)
     rates = []
     for _ in range(args.repeats):
+        sync()
         start, cpu, images = time.perf_counter(), cpu_seconds(), 0
         for _ in range(args.batches):
             images += len(next(batches)[0])
+        sync()
         wall, used = time.perf_counter() - start, cpu_seconds()
         rates.append((images / wall, images / (used - cpu) if cpu is not None and used is not None else None))
     return loader.num_workers, rates

@@ -1,18 +1,40 @@
 #!/usr/bin/env python
-"""The spectrum study: the two ends of the spectrum and its middle at the same MACs, over seeds.
+"""The spectrum study: channel pruning, static grouping and MSGC at equal measured MACs, over seeds.
 
-    python tools/spectrum_study.py [--methods dense prune static msgc msgc_att] [--seeds 0 1 2] \\
-        [--configs configs/spectrum] [--output output/spectrum] [--jobs 1] [--force] [KEY VALUE ...]
+    python tools/spectrum_study.py [--jobs 2] [--quick] [--seeds 0 1 2] [--budgets 0.35 0.53 0.6 0.73] \\
+        [--static-heads 2 4 8] [--methods dense prune static msgc msgc_att] [--configs configs/spectrum] \\
+        [--output output/spectrum] [--force] [KEY VALUE ...]
 
-Trains ``<configs>/<method>.yaml`` once per seed with ``tools/train_net.py`` (``SEED <seed>
-OUTPUT_DIR <output>/<method>/seed<seed>``, then the KEY VALUE overrides), ``--jobs`` runs at a time;
-a run whose ``metrics.json`` already holds its final evaluation is not trained again (``--force``
-retrains). Then it reads each run's final validation top-1 and MAC ratio and writes
-``<output>/spectrum.json``, the figure ``<output>/spectrum.png`` (top-1 against MAC ratio, the
-spread over seeds) and prints the table (mean ± sample standard deviation over seeds, and the range).
+The paper's protocol in two stages (configs in ``--configs``):
+
+1. ``host.yaml``: the dense host, trained from scratch once per seed (``<output>/host/seed<s>``);
+2. every method fine-tuned from its seed's host (``MODEL.WEIGHTS`` = the host's ``model_final.pth``)
+   with ``<method>.yaml``: ``prune``, ``msgc`` and ``msgc_att`` at each of ``--budgets``
+   (``SOLVER.MAC_TARGET.FINAL``), ``static`` at each of ``--static-heads`` (its MAC ratio is fixed by
+   its head count: the target is set to it), ``dense`` once (the ceiling). Runs live in
+   ``<output>/<method>/<point>/seed<s>``.
+
+``--jobs`` trainings run at a time, each on ``NUM_THREADS`` threads; a run starts when its host has
+finished. A run that already finished is not trained again (``--force`` retrains); an interrupted one
+continues from its last checkpoint. A run that fails is reported with its one-line error (and its
+dependants as skipped); the others go on. Before anything trains, every run's config is built and
+checked: a budget outside (0, 1] or below the MAC ratio of every gate closed is one line.
+
+Each dynamic run ends with its gates calibrated to its budget on the validation split
+(``CALIBRATION.DATASET``): the study reports the calibrated model's test top-1 and eval MAC ratio,
+with the numbers before calibration beside them, and says for every dynamic run whether its eval MAC
+ratio on the test set lands within ``--tolerance`` (0.02) of its budget. It writes
+``<output>/spectrum.json`` (every run, the table's rows, the wall and CPU time), ``spectrum.png`` (test
+top-1 against eval MAC ratio, one line per method, mean and spread over seeds) and prints the tables.
+``--quick`` is the subset of one seed, two budgets (0.53, 0.73) and the three methods of the claim:
+``prune``, ``msgc`` and ``static`` at 8 heads (the point beside 0.53), with the host as the ceiling
+(``--methods`` given with it wins, e.g. to add ``msgc_att``). KEY VALUE pairs after the options go to
+every run, the hosts included (after ``--`` where a list option comes last: ``--budgets 0.6 --
+SOLVER.MAX_ITER 300``); a change to stage 2 alone belongs in a copy of the configs (``--configs``).
 Needs matplotlib for the figure: ``pip install -e ".[vis]"``.
 """
 import argparse
+import json
 import logging
 import os
 import resource
@@ -20,11 +42,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from msgc.analysis.figures import require_matplotlib, spectrum_figure
 from msgc.config import load_cfg
 from msgc.engine import exit_on_user_error
-from msgc.utils.errors import InvalidValueError
+from msgc.evaluation import check_budget
+from msgc.utils.errors import InvalidValueError, UserError, one_line
 from msgc.utils.events import read_metrics
 from msgc.utils.file_io import write_json
 
@@ -32,100 +57,279 @@ logger = logging.getLogger("spectrum_study")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("dense", "prune", "static", "msgc", "msgc_att")
+DYNAMIC = ("prune", "msgc", "msgc_att")
+BUDGETS = (0.35, 0.53, 0.6, 0.73)
+STATIC_HEADS = (2, 4, 8)
+QUICK = {"seeds": [0], "budgets": [0.53, 0.73], "static_heads": [8], "methods": ["prune", "static", "msgc"]}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="config names in --configs")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods of stage 2 (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS),
+                        help="MAC budgets of the dynamic methods (fractions of the dense host's MACs)")
+    parser.add_argument("--static-heads", nargs="+", type=int, default=list(STATIC_HEADS),
+                        help="head counts of the static grouping (each gives one MAC ratio)")
+    parser.add_argument("--quick", action="store_true", help="one seed, two budgets, prune, static and msgc")
     parser.add_argument("--configs", default=os.path.join(ROOT, "configs", "spectrum"), help="folder of the configs")
     parser.add_argument("--output", default="output/spectrum", help="folder of the runs and the results")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each uses NUM_THREADS threads)")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="how close to its budget a run's eval MAC "
+                        "ratio must land")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
     parser.add_argument("opts", nargs="*", help="config overrides for every run: KEY VALUE pairs")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if key != "methods" or args.methods is None:
+                setattr(args, key, value)
+    args.methods = args.methods or list(METHODS)
+    for b in args.budgets:
+        check_budget(b, "--budgets")
+    return args
 
 
-def run_dir(root, method, seed):
-    return os.path.join(root, method, f"seed{seed}")
+# ---------------------------------------------------------------------------------------------------
+# The runs
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training of the study: ``method`` at ``point`` (a budget, a head count, or None) for ``seed``."""
+
+    method: str
+    seed: int
+    point: Optional[str]
+    config: str
+    opts: List[str]
+    folder: str
+    host: Optional["Run"] = None
+    budget: Optional[float] = None  # the MAC target; for static its fixed ratio
+    max_iter: int = 0
+    calibrated: bool = False  # ends with a gate calibration (calibration.json)
+    status: str = "pending"  # pending, done, failed, skipped
+    error: str = ""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return " ".join(str(p) for p in (self.method, self.point, f"seed {self.seed}") if p is not None)
+
+    @property
+    def weights(self) -> str:
+        return os.path.join(self.folder, "model_final.pth")
+
+    def command(self) -> list:
+        host = ["MODEL.WEIGHTS", self.host.weights] if self.host is not None else []
+        return [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume", "--config-file", self.config,
+                *self.opts, *host, "SEED", str(self.seed), "OUTPUT_DIR", self.folder]
 
 
-def final_result(folder, max_iter):
-    """The final evaluation of a run (the ``val/*`` record at its last iteration), or None."""
-    path = os.path.join(folder, "metrics.json")
+def plan(args) -> List[Run]:
+    """Every run of the study, hosts first."""
+    cfg_path = lambda name: os.path.join(args.configs, f"{name}.yaml")  # noqa: E731
+    runs = []
+    hosts = {s: Run("host", s, None, cfg_path("host"), list(args.opts), os.path.join(args.output, "host", f"seed{s}"))
+             for s in args.seeds}
+    runs += hosts.values()
+    for method in args.methods:
+        if method == "dense":
+            points = [(None, [])]
+        elif method == "static":
+            points = [(f"h{h}", ["MODEL.MSGC.HEADS", str(h)]) for h in args.static_heads]
+        else:
+            points = [(f"b{b:g}", ["SOLVER.MAC_TARGET.FINAL", repr(float(b))]) for b in args.budgets]
+        for point, opts in points:
+            for s in args.seeds:
+                folder = os.path.join(args.output, method, *([point] if point else []), f"seed{s}")
+                runs.append(Run(method, s, point, cfg_path(method), list(args.opts) + opts, folder, host=hosts[s]))
+    return runs
+
+
+def check(runs: List[Run]):
+    """Build every run's config and model and refuse, before anything trains, what cannot work: a
+    missing config or dataset, a schedule no run can follow, a budget below the MAC ratio of every gate
+    closed, a static head count that does not divide the layers. Sets each run's budget, length and
+    whether it calibrates; a static run's target becomes its fixed MAC ratio."""
+    from msgc.data import check_dataset
+    from msgc.engine.defaults import check_mac_target
+    from msgc.modeling import build_model
+    from msgc.solver import check_solver
+
+    ranges = {}
+    for run in runs:
+        if not os.path.isfile(run.config):
+            raise InvalidValueError(f"{run.name}: config {run.config} does not exist")
+        cfg = load_cfg(run.config, run.opts)
+        check_solver(cfg)
+        for name in {cfg.DATASETS.TRAIN, cfg.DATASETS.TEST, cfg.CALIBRATION.DATASET} - {""}:
+            check_dataset(cfg, name, "test")
+        key = (run.method, run.point)
+        if key not in ranges:
+            model = build_model(cfg)
+            ranges[key] = model.mac_ratio_range(cfg.INPUT.TRAIN_SIZE, cfg.INPUT.TRAIN_SIZE)
+            gated = ranges[key][1] - ranges[key][0] > 1e-9
+            if gated:
+                try:
+                    check_mac_target(cfg, model)
+                except UserError as e:
+                    raise InvalidValueError(f"{run.name}: {one_line(e)}") from None
+        low, high = ranges[key]
+        run.max_iter = cfg.SOLVER.MAX_ITER
+        if high - low > 1e-9:
+            run.budget = cfg.SOLVER.MAC_TARGET.FINAL
+            run.calibrated = bool(cfg.CALIBRATION.DATASET)
+        else:
+            run.budget = low
+            if run.method == "static":
+                run.opts += ["SOLVER.MAC_TARGET.FINAL", repr(round(low, 6))]
+
+
+def finished(run: Run) -> bool:
+    """Whether the run has its final evaluation (and, when it calibrates, its calibration)."""
+    if final_record(run) is None:
+        return False
+    return not run.calibrated or os.path.isfile(os.path.join(run.folder, "calibration.json"))
+
+
+def final_record(run: Run) -> Optional[dict]:
+    """The run's final evaluation (the ``val/*`` record at its last iteration), or None."""
+    path = os.path.join(run.folder, "metrics.json")
     if not os.path.isfile(path):
         return None
     for record in reversed(read_metrics(path)):
         if "val/top1" in record:
-            return record if record["iteration"] == max_iter - 1 else None
+            return record if record["iteration"] == run.max_iter - 1 else None
     return None
 
 
-def collect(root, methods, seeds, max_iter):
-    """``(rows, missing)``: per method with every seed finished, its seeds' top-1, MAC ratio and MACs;
-    and the folders of runs without a final evaluation.
+def last_error(log: str) -> str:
+    """The run's one-line error (its log's last ``error:`` line), or the log's last line."""
+    try:
+        with open(log, errors="replace") as f:
+            lines = [line.rstrip() for line in f if line.strip()]
+    except OSError:
+        return f"no log at {log}"
+    errors = [line for line in lines if line.startswith("error: ")]
+    return errors[-1][len("error: "):] if errors else (lines[-1] if lines else "no output")
 
-    Args:
-        max_iter: the runs' SOLVER.MAX_ITER, one int or ``{method: int}``.
-    """
-    rows, missing = [], []
-    for method in methods:
-        iters = max_iter[method] if isinstance(max_iter, dict) else max_iter
-        results = [final_result(run_dir(root, method, s), iters) for s in seeds]
-        missing += [run_dir(root, method, s) for s, r in zip(seeds, results) if r is None]
-        if all(r is not None for r in results):
-            rows.append({"method": method, "seeds": list(seeds), "top1": [r["val/top1"] for r in results],
-                         "mac_ratio": [r.get("val/mac_ratio", 1.0) for r in results],
-                         "macs": [r.get("val/macs") for r in results]})
-    return rows, missing
+
+def train(runs: List[Run], jobs: int, log_dir: str):
+    """Train the pending runs, ``jobs`` at a time, each once its host is done; a failure is recorded
+    and its dependants are skipped, the others go on."""
+    pending, running = [r for r in runs if r.status == "pending"], []
+    while pending or running:
+        for run in [r for r in pending if r.host is not None and r.host.status in ("failed", "skipped")]:
+            pending.remove(run)
+            run.status, run.error = "skipped", f"its host ({run.host.name}) did not finish"
+            logger.warning("%s: skipped, %s", run.name, run.error)
+        ready = [r for r in pending if r.host is None or r.host.status == "done"]
+        while ready and len(running) < jobs:
+            run = ready.pop(0)
+            pending.remove(run)
+            log = os.path.join(log_dir, "_".join(str(p) for p in (run.method, run.point, f"seed{run.seed}") if p) + ".txt")
+            os.makedirs(log_dir, exist_ok=True)
+            logger.info("training %s (log: %s)", run.name, log)
+            handle = open(log, "w")
+            proc = subprocess.Popen(run.command(), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+            running.append((run, proc, handle, log, time.perf_counter()))
+        if not running:
+            continue
+        time.sleep(0.5)
+        for entry in list(running):
+            run, proc, handle, log, start = entry
+            if proc.poll() is None:
+                continue
+            handle.close()
+            running.remove(entry)
+            run.seconds = time.perf_counter() - start
+            if proc.returncode == 0 and finished(run):
+                run.status = "done"
+                logger.info("finished %s in %.0f s", run.name, run.seconds)
+            else:
+                run.status, run.error = "failed", f"exit status {proc.returncode}: {last_error(log)}"
+                logger.error("%s failed (%s); log: %s", run.name, run.error, log)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------
+def result(run: Run) -> dict:
+    """A finished run's numbers: the final test evaluation, and for calibrated runs the calibration and
+    the calibrated model's test evaluation (the numbers the study reports)."""
+    record = final_record(run)
+    out = {"method": run.method, "point": run.point, "seed": run.seed, "budget": run.budget,
+           "top1_raw": record["val/top1"], "mac_ratio_raw": record.get("val/mac_ratio", 1.0),
+           "seconds": round(run.seconds, 1)}
+    out["top1"], out["mac_ratio"] = out["top1_raw"], out["mac_ratio_raw"]
+    if run.calibrated:
+        with open(os.path.join(run.folder, "calibration.json")) as f:
+            calibration = json.load(f)
+        out.update(top1=calibration["after"]["top1"], mac_ratio=calibration["after"]["mac_ratio"],
+                   threshold=calibration["calibration"]["threshold"],
+                   val_mac_ratio=calibration["calibration"]["mac_ratio"])
+    return out
 
 
 def _mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(rows) -> str:
-    """A markdown table: seeds, top-1 mean ± std and range, MAC ratio mean ± std, MMac."""
-    lines = ["| method | seeds | top-1 (%), mean ± std | top-1 range | MAC ratio, mean ± std | MMac |",
-             "|---|---|---|---|---|---|"]
-    for row in rows:
-        top, top_sd = _mean_std(row["top1"])
-        ratio, ratio_sd = _mean_std(row["mac_ratio"])
-        macs = [m for m in row["macs"] if m is not None]
-        lines.append(f"| {row['method']} | {len(row['top1'])} | {top:.2f} ± {top_sd:.2f} | "
-                     f"{min(row['top1']):.2f} - {max(row['top1']):.2f} | {ratio:.3f} ± {ratio_sd:.3f} | "
-                     + (f"{statistics.mean(macs) / 1e6:.3f} |" if macs else "- |"))
+def rows(results: List[dict], tolerance: float) -> List[dict]:
+    """One row per method and point: its seeds' numbers, and the largest miss of the budget."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["method"], r["point"]), []).append(r)
+    out = []
+    for (method, point), group in groups.items():
+        group.sort(key=lambda r: r["seed"])
+        row = {"method": method, "point": point, "budget": group[0]["budget"], "seeds": [r["seed"] for r in group]}
+        for key in ("top1", "mac_ratio", "top1_raw", "mac_ratio_raw"):
+            row[key] = [r[key] for r in group]
+        if method in DYNAMIC:
+            row["miss"] = max(abs(r["mac_ratio"] - r["budget"]) for r in group)
+            row["miss_raw"] = max(abs(r["mac_ratio_raw"] - r["budget"]) for r in group)
+            row["met"] = row["miss"] <= tolerance
+        out.append(row)
+    order = {m: i for i, m in enumerate(("host",) + METHODS)}
+    return sorted(out, key=lambda r: (order.get(r["method"], 99), statistics.mean(r["mac_ratio"])))
+
+
+def _pm(values, digits):
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table(rows_: List[dict], tolerance: float) -> str:
+    """The markdown table: per method and point, the calibrated test top-1 and eval MAC ratio (mean ±
+    sample std over seeds), the budget and whether every seed met it, and the numbers before calibration."""
+    lines = [f"| method | point | seeds | test top-1 (%) | eval MAC ratio | budget | within ±{tolerance:g} | before "
+             "calibration: top-1 / MAC ratio |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows_:
+        met = "-" if "met" not in row else ("yes" if row["met"] else f"**no** (by {row['miss'] - tolerance:.3f})")
+        before = (f"{_pm(row['top1_raw'], 2)} / {_pm(row['mac_ratio_raw'], 3)}"
+                  if row["top1_raw"] != row["top1"] else "-")
+        lines.append(f"| {row['method']} | {row['point'] or '-'} | {len(row['seeds'])} | {_pm(row['top1'], 2)} | "
+                     f"{_pm(row['mac_ratio'], 3)} | {row['budget']:.3f} | {met} | {before} |")
     return "\n".join(lines)
 
 
-def figure(rows, path):
-    return spectrum_figure(rows, path, title="The spectrum study: top-1 against MAC ratio (dots: seeds; "
-                                             "bars: lowest to highest seed)")
+def runs_table(results: List[dict]) -> str:
+    """Every dynamic run's eval MAC ratio against its budget, before and after calibration."""
+    lines = ["| run | budget | eval MAC ratio before / after calibration | miss after | test top-1 before / after |",
+             "|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["method"], r["budget"], r["seed"])):
+        if r["method"] in DYNAMIC:
+            lines.append(f"| {r['method']} {r['point']} seed {r['seed']} | {r['budget']:.3f} | {r['mac_ratio_raw']:.4f} / "
+                         f"{r['mac_ratio']:.4f} | {r['mac_ratio'] - r['budget']:+.4f} | {r['top1_raw']:.2f} / "
+                         f"{r['top1']:.2f} |")
+    return "\n".join(lines)
 
 
-def train(jobs, parallel):
-    """Run ``(name, command, log file)`` jobs, ``parallel`` at a time; stop at the first failure."""
-    pending, running = list(jobs), []
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, command, log = pending.pop(0)
-            logger.info("training %s (log: %s)", name, log)
-            os.makedirs(os.path.dirname(log), exist_ok=True)
-            handle = open(log, "w")
-            running.append((name, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT),
-                            handle, log, time.perf_counter()))
-        time.sleep(0.5)
-        for entry in list(running):
-            name, proc, handle, log, start = entry
-            if proc.poll() is None:
-                continue
-            handle.close()
-            running.remove(entry)
-            if proc.returncode:
-                for _, other, *_ in running:
-                    other.terminate()
-                raise RuntimeError(f"training {name} failed (exit status {proc.returncode}); see {log}")
-            logger.info("finished %s in %.0f s", name, time.perf_counter() - start)
+def figure(rows_, path):
+    return spectrum_figure(rows_, path, title="Fashion-MNIST: test top-1 against eval MAC ratio (mean; bars: "
+                                              "sample std over seeds)")
 
 
 def _children_cpu():
@@ -138,42 +342,53 @@ def _children_cpu():
 def main(argv=None):
     args = parse_args(argv)
     require_matplotlib()
+    runs = plan(args)
+    check(runs)
     os.makedirs(args.output, exist_ok=True)
-    configs = {m: os.path.join(args.configs, f"{m}.yaml") for m in args.methods}
-    max_iter = {m: load_cfg(path, args.opts).SOLVER.MAX_ITER for m, path in configs.items()}
-    jobs = []
-    for method in args.methods:
-        for seed in args.seeds:
-            folder = run_dir(args.output, method, seed)
-            if not args.force and final_result(folder, max_iter[method]) is not None:
-                logger.info("%s seed %d: finished before, not trained again", method, seed)
-                continue
-            command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
-                       configs[method], *args.opts, "SEED", str(seed), "OUTPUT_DIR", folder]
-            jobs.append((f"{method} seed {seed}", command, os.path.join(args.output, "logs", f"{method}_seed{seed}.txt")))
+    for run in runs:
+        if not args.force and finished(run):
+            run.status = "done"
+            logger.info("%s: finished before, not trained again", run.name)
+        elif args.force and os.path.isdir(run.folder):
+            for name in ("last_checkpoint", "metrics.json", "calibration.json"):
+                if os.path.exists(os.path.join(run.folder, name)):
+                    os.remove(os.path.join(run.folder, name))
+    trained = sum(r.status == "pending" for r in runs)
     start, cpu_start = time.perf_counter(), _children_cpu()
-    train(jobs, max(1, args.jobs))
+    train(runs, max(1, args.jobs), os.path.join(args.output, "logs"))
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
-    rows, missing = collect(args.output, args.methods, args.seeds, max_iter)
-    if missing:
-        raise InvalidValueError(f"runs without a final evaluation: {', '.join(missing)}")
-    fig = figure(rows, os.path.join(args.output, "spectrum.png"))
-    write_json(os.path.join(args.output, "spectrum.json"),
-               {"rows": rows, "trained": len(jobs), "wall_s": wall, "cpu_s": cpu, "opts": args.opts}, indent=1)
-    print(table(rows))
-    print(f"\n{len(jobs)} trainings in {wall:.0f} s of wall time and {cpu:.0f} s of CPU time; "
-          f"{os.path.join(args.output, fig['file'])} ({fig['size'][0]}x{fig['size'][1]}) and spectrum.json")
-    return rows
+    results = [result(r) for r in runs if r.status == "done" and r.method != "host"]
+    hosts = [result(r) for r in runs if r.status == "done" and r.method == "host"]
+    rows_ = rows(hosts + results, args.tolerance)
+    problems = [{"run": r.name, "status": r.status, "error": r.error} for r in runs if r.status != "done"]
+    out = {"rows": rows_, "runs": hosts + results, "problems": problems, "trained": trained,
+           "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "opts": args.opts, "jobs": args.jobs,
+           "tolerance": args.tolerance}
+    fig = figure([r for r in rows_ if r["method"] != "host"], os.path.join(args.output, "spectrum.png")) if results else None
+    write_json(os.path.join(args.output, "spectrum.json"), out, indent=1)
+    print(table(rows_, args.tolerance))
+    print()
+    print(runs_table(results))
+    missed = [r for r in rows_ if r.get("met") is False]
+    print(f"\n{trained} trainings in {wall:.0f} s of wall time and {cpu:.0f} s of CPU time"
+          + (f"; {os.path.join(args.output, fig['file'])} ({fig['size'][0]}x{fig['size'][1]})" if fig else "")
+          + " and spectrum.json")
+    for row in missed:
+        print(f"missed: {row['method']} {row['point']}: an eval MAC ratio {row['miss']:.3f} from its budget "
+              f"{row['budget']:.3f} (tolerance {args.tolerance})")
+    for p in problems:
+        print(f"{p['status']}: {p['run']}: {p['error']}", file=sys.stderr)
+    return out
 
 
 def cli(argv=None):
-    """:func:`main` with bad input (and a missing matplotlib) reported as one line and exit status 2."""
+    """:func:`main` with bad input (and a missing matplotlib) reported as one line and exit status 2; a run
+    that failed makes the exit status 1 (the others' results are written)."""
     with exit_on_user_error():
-        try:
-            return main(argv)
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        out = main(argv)
+    if out["problems"]:
+        sys.exit(1)
+    return out
 
 
 if __name__ == "__main__":

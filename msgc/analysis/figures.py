@@ -320,28 +320,39 @@ def training_curves_figure(runs, path):
 # The spectrum study
 # ------------------------------------------------------------------------------------------------
 def spectrum_figure(rows, path, title="top-1 against MAC ratio"):
-    """Each method's top-1 against its MAC ratio: the seeds as small dots, their mean with error bars
-    from the lowest to the highest seed.
+    """Each method's top-1 against its MAC ratio, one line per method through its points (budgets, head
+    counts) in order of MAC ratio: the seeds as small dots, their mean with error bars of the sample
+    standard deviation over seeds on both axes. A method with one point at ratio 1 (the dense host) is
+    also drawn as a dashed horizontal line: the ceiling.
 
     Args:
-        rows: dicts with ``method``, ``top1`` and ``mac_ratio`` (lists over seeds).
+        rows: dicts with ``method``, ``top1`` and ``mac_ratio`` (lists over seeds), one per point.
     """
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, row in enumerate(rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
         c = colors[i % len(colors)]
-        top1, ratio = np.asarray(row["top1"], float), np.asarray(row["mac_ratio"], float)
-        ax.scatter(ratio, top1, s=10, color=c, alpha=0.5)
-        mx, my = ratio.mean(), top1.mean()
-        ax.errorbar([mx], [my], xerr=[[mx - ratio.min()], [ratio.max() - mx]],
-                    yerr=[[my - top1.min()], [top1.max() - my]], fmt="o", color=c, capsize=3,
-                    label=f"{row['method']} ({len(top1)} seeds)")
-    ax.set_xlabel("MAC ratio (of the dense host)", fontsize=9)
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: float(np.mean(r["mac_ratio"])))
+        xs, ys, xe, ye = [], [], [], []
+        for r in points:
+            top1, ratio = np.asarray(r["top1"], float), np.asarray(r["mac_ratio"], float)
+            ax.scatter(ratio, top1, s=8, color=c, alpha=0.4)
+            xs.append(ratio.mean())
+            ys.append(top1.mean())
+            xe.append(ratio.std(ddof=1) if len(ratio) > 1 else 0.0)
+            ye.append(top1.std(ddof=1) if len(top1) > 1 else 0.0)
+        seeds = max(len(r["top1"]) for r in points)
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="-o", color=c, capsize=3, markersize=4,
+                    label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})")
+        if len(points) == 1 and abs(xs[0] - 1.0) < 1e-6:
+            ax.axhline(ys[0], color=c, linestyle="--", linewidth=0.8, alpha=0.7)
+    ax.set_xlabel("MAC ratio at evaluation (of the dense host)", fontsize=9)
     ax.set_ylabel("top-1 (%)", fontsize=9)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="lower right")
     ax.tick_params(labelsize=8)
     if rows:
         lo = min(min(r["top1"]) for r in rows)

@@ -48,7 +48,9 @@ class MSGCCheckpointer(Checkpointer):
     #: the iteration of the last checkpoint this checkpointer saved (None: none yet)
     last_saved_iteration = None
 
-    def save(self, name: str, **kwargs) -> None:
+    def save(self, name: str, tag_last: bool = True, **kwargs) -> None:
+        """Write ``name.pth``; ``tag_last=False`` leaves ``last_checkpoint`` as it is (a file that a
+        resume must not continue from, such as a calibrated copy of the final model)."""
         if not self.save_dir or not self.save_to_disk:
             return
         cfg = kwargs.pop("cfg", None)
@@ -65,8 +67,9 @@ class MSGCCheckpointer(Checkpointer):
         except FileWriteError as e:
             raise FileWriteError(f"{e}; {self._intact()}") from e
         self.logger.info("Saved checkpoint to %s", path)
-        self.tag_last_checkpoint(basename)
-        self.last_saved_iteration = kwargs.get("iteration")
+        if tag_last:
+            self.tag_last_checkpoint(basename)
+            self.last_saved_iteration = kwargs.get("iteration")
 
     def _intact(self) -> str:
         previous = self.get_checkpoint_file() if self.has_checkpoint() else ""

@@ -31,7 +31,8 @@ _C.MODEL.BACKBONE.STEM = "imagenet"
 
 _C.MODEL.MSGC = CN()
 # Registered grouping name (msgc.modeling.GROUPING_REGISTRY): "msgc" (the paper), "prune" (one head:
-# dynamic channel pruning), "static" (fixed grouped convolution) or "dense" (the host network).
+# dynamic channel pruning), "static" (fixed grouped convolution), "dense" (the host network) or
+# "msgc_heads" (an ablation: msgc's head masks only, the single-head input masks left out).
 _C.MODEL.MSGC.GROUPING = "msgc"
 # Registered attention name (msgc.modeling.ATTENTION_REGISTRY): "none" or "channel".
 _C.MODEL.MSGC.ATTENTION = "none"
@@ -139,6 +140,19 @@ _C.SOLVER.MAC_TARGET.FINAL = 0.5
 _C.SOLVER.MAC_TARGET.PSTART = 0.0
 _C.SOLVER.MAC_TARGET.PSTOP = 0.5
 
+_C.SOLVER.GATE_NOISE = CN()
+# Schedule of the scale of the gates' logistic noise in training (registered in
+# msgc.solver.SCHEDULER_REGISTRY): "constant" keeps FINAL throughout (FINAL 1.0: the paper's noise);
+# "linear" or "cosine" ramp it from 1.0 at progress PSTART to FINAL at PSTOP. Annealing it to 0 ends
+# training with the deterministic gates of evaluation (logit >= 0), so the MAC target is met by the
+# gates that evaluation uses and the BatchNorm statistics are those of the deterministic network.
+_C.SOLVER.GATE_NOISE.NAME = "constant"
+# The noise scale at the end (1.0: the paper; 0.0: no noise, as in evaluation).
+_C.SOLVER.GATE_NOISE.FINAL = 1.0
+# Training progress (0..1) at which the noise starts to fall from 1.0, and where it reaches FINAL.
+_C.SOLVER.GATE_NOISE.PSTART = 0.5
+_C.SOLVER.GATE_NOISE.PSTOP = 1.0
+
 _C.SOLVER.AMP = CN()
 # Mixed precision through torch.amp.
 _C.SOLVER.AMP.ENABLED = False
@@ -156,6 +170,20 @@ _C.TEST.IMS_PER_BATCH = 100
 # After each evaluation, measure the gates on this many test images (main process) and log them to
 # TensorBoard: a histogram of per-image MACs, each mask's open rate, group-wise maps (0 = off).
 _C.TEST.GATE_SUMMARY_IMAGES = 256
+
+# ---------------------------------------------------------------------------------------------------
+# Gate calibration
+# ---------------------------------------------------------------------------------------------------
+# One threshold for every gate, found on held-out images so that the deterministic gates of evaluation
+# spend SOLVER.MAC_TARGET.FINAL of the dense MACs on average, then folded into the generators' biases
+# (msgc.evaluation.calibrate_gates; tools/calibrate_gates.py for a trained checkpoint).
+_C.CALIBRATION = CN()
+# Dataset of the calibration (its test split), e.g. "fashion_mnist_val": images held out from training,
+# not the test set. When set, training ends with a calibration of the final model: model_calibrated.pth,
+# its evaluation on DATASETS.TEST and calibration.json in OUTPUT_DIR. "" = no calibration after training.
+_C.CALIBRATION.DATASET = ""
+# How close to the budget the calibration set's mean MAC ratio must come.
+_C.CALIBRATION.TOLERANCE = 0.002
 
 # ---------------------------------------------------------------------------------------------------
 # Misc

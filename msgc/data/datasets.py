@@ -1,5 +1,5 @@
-"""The built-in datasets: image folders (ImageNet and any other), CIFAR, scikit-learn's digits and
-synthetic data. Each is registered in :data:`DATASET_REGISTRY` and follows its contract.
+"""The built-in datasets: image folders (ImageNet and any other), CIFAR, scikit-learn's digits,
+Fashion-MNIST and synthetic data. Each is registered in :data:`DATASET_REGISTRY` and follows its contract.
 """
 import functools
 import logging
@@ -16,7 +16,8 @@ from .build import DATASET_REGISTRY
 from .decode import CorruptImageError, load_rgb, read_image
 
 __all__ = ["CorruptImageError", "ImageFolderDataset", "TensorImageDataset", "SyntheticDataset",
-           "load_rgb", "read_image", "digits_split"]
+           "load_rgb", "read_image", "digits_split", "fashion_mnist_folder", "fashion_mnist_split",
+           "stratified_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,19 @@ class TensorImageDataset(Dataset):
         return self.transform(image) if self.transform else image, self.labels[index]
 
 
+def stratified_split(labels, held_out, seed: int):
+    """Indices ``(kept, held)`` (each sorted) of a split of ``labels`` stratified by class.
+
+    ``held_out``: the fraction (a float in (0, 1)) or the number (an int) of items held out. The split
+    is a function of the labels, ``held_out`` and ``seed`` alone: the same on every machine.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    kept, held = train_test_split(np.arange(len(labels)), test_size=held_out, stratify=labels, random_state=seed)
+    return np.sort(kept), np.sort(held)
+
+
 # The digits split: stratified, this fraction held out for testing, drawn with this fixed seed.
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -214,12 +228,8 @@ def digits_split():
     :data:`DIGITS_SPLIT_SEED`: 1437 training and 360 test images, the same on every machine.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    labels = load_digits().target
-    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
-                                   stratify=labels, random_state=DIGITS_SPLIT_SEED)
-    return np.sort(train), np.sort(test)
+    return stratified_split(load_digits().target, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
 
 
 @DATASET_REGISTRY.register("digits")
@@ -238,6 +248,115 @@ def digits(cfg, split, transform):
     grey = torch.from_numpy(np.rint(data.images[index] * (255.0 / 16.0)).astype(np.uint8))
     images = grey[:, None].expand(-1, 3, -1, -1).contiguous()
     return TensorImageDataset(images, data.target[index], [str(d) for d in range(10)], transform)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fashion-MNIST: the real 28x28 clothing images, from the IDX files of Debian's dataset-fashion-mnist
+# ---------------------------------------------------------------------------------------------------
+#: where Debian's package ``dataset-fashion-mnist`` installs the four files
+FASHION_MNIST_SYSTEM_FOLDER = "/usr/share/datasets/fashion-mnist"
+#: the files of each part (``.gz`` or not), as the dataset's authors name them
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+# The validation split: one in this many training images (5000 of the 60000), stratified by class, drawn
+# with this seed.
+FASHION_MNIST_VAL_EVERY = 12
+FASHION_MNIST_SPLIT_SEED = 0
+
+
+def _fashion_folders(cfg):
+    root = cfg.DATASETS.ROOT
+    return [root, os.path.join(root, "fashion-mnist"), FASHION_MNIST_SYSTEM_FOLDER]
+
+
+def _idx_file(folder: str, name: str):
+    for candidate in (name, name + ".gz"):
+        if os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    return None
+
+
+def fashion_mnist_folder(cfg) -> str:
+    """The first of DATASETS.ROOT, ``DATASETS.ROOT/fashion-mnist`` and Debian's folder that holds all
+    four Fashion-MNIST files (plain or ``.gz``); else a one-line error naming what it looked for."""
+    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+    folders = _fashion_folders(cfg)
+    for folder in folders:
+        if all(_idx_file(folder, n) for n in names):
+            return folder
+    partial = [f for f in folders if any(_idx_file(f, n) for n in names)]
+    if partial:
+        missing = [n for n in names if not _idx_file(partial[0], n)]
+        raise MissingFileError(f"Fashion-MNIST folder '{partial[0]}' lacks {', '.join(m + '[.gz]' for m in missing)}")
+    raise MissingFileError(
+        f"Fashion-MNIST not found: looked for {', '.join(n + '[.gz]' for n in names)} in DATASETS.ROOT "
+        f"'{folders[0]}', '{folders[1]}' and '{folders[2]}'; install Debian's package dataset-fashion-mnist "
+        f"(apt-get install dataset-fashion-mnist) or set DATASETS.ROOT to a folder with the four files")
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_part(folder: str, part: str):
+    """(grey images N x 28 x 28 uint8 tensor, labels N int64 array) of the "train" or "test" files."""
+    from .idx import read_idx
+
+    image_name, label_name = FASHION_MNIST_FILES[part]
+    image_path, label_path = _idx_file(folder, image_name), _idx_file(folder, label_name)
+    images = read_idx(image_path, (None, 28, 28))
+    labels = read_idx(label_path, (None,))
+    if len(labels) != len(images):
+        raise InvalidValueError(f"'{label_path}' has {len(labels)} labels for the {len(images)} images of "
+                                f"'{image_path}'")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise InvalidValueError(f"'{label_path}' holds label {int(labels.max())}; Fashion-MNIST has "
+                                f"{len(FASHION_MNIST_CLASSES)} classes")
+    return torch.from_numpy(images.copy()), labels.astype(np.int64)
+
+
+def fashion_mnist_split(labels):
+    """Indices ``(train, val)`` (sorted) of the training images: ``len // 12``
+    (:data:`FASHION_MNIST_VAL_EVERY`; 5000 of the 60000) held out for validation, stratified by class,
+    seed :data:`FASHION_MNIST_SPLIT_SEED`: the same on every machine."""
+    return stratified_split(labels, len(labels) // FASHION_MNIST_VAL_EVERY, FASHION_MNIST_SPLIT_SEED)
+
+
+def _fashion_dataset(cfg, part, index_of, transform):
+    grey, labels = _fashion_part(fashion_mnist_folder(cfg), part)
+    index = index_of(labels)
+    images = grey[torch.from_numpy(index)][:, None].expand(-1, 3, -1, -1)
+    return TensorImageDataset(images, labels[index], FASHION_MNIST_CLASSES, transform)
+
+
+def _all(labels):
+    return np.arange(len(labels))
+
+
+@DATASET_REGISTRY.register("fashion_mnist")
+def fashion_mnist(cfg, split, transform):
+    """Fashion-MNIST (Zalando's 28x28 grey clothing images, 10 classes) as 3-channel uint8 images.
+
+    The train split is the 60000 training images less the validation split held out from them
+    (:func:`fashion_mnist_split`: 55000 remain); the test split is the 10000 test images. The files are
+    read from DATASETS.ROOT, ``DATASETS.ROOT/fashion-mnist`` or where Debian's package
+    ``dataset-fashion-mnist`` puts them (:data:`FASHION_MNIST_SYSTEM_FOLDER`), plain or gzipped.
+    """
+    if split == "train":
+        return _fashion_dataset(cfg, "train", lambda y: fashion_mnist_split(y)[0], transform)
+    return _fashion_dataset(cfg, "test", _all, transform)
+
+
+@DATASET_REGISTRY.register("fashion_mnist_val")
+def fashion_mnist_val(cfg, split, transform):
+    """Fashion-MNIST's validation split as the test split: the 5000 training images that
+    ``fashion_mnist`` holds out (for model selection and gate calibration). Its train split is
+    ``fashion_mnist``'s."""
+    if split == "train":
+        return fashion_mnist(cfg, split, transform)
+    return _fashion_dataset(cfg, "train", lambda y: fashion_mnist_split(y)[1], transform)
+
+
+fashion_mnist.check = fashion_mnist_val.check = lambda cfg, split: fashion_mnist_folder(cfg)
 
 
 class SyntheticDataset(Dataset):

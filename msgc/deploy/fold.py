@@ -4,7 +4,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..modeling.layers import Generator
+from ..modeling.layers import Generator, MaskGenerator
 
 __all__ = ["bn_affine", "fold_bn", "FoldedGenerators", "to_matrix"]
 
@@ -58,7 +58,8 @@ class FoldedGenerators:
         for g in generators:
             w1, b1 = fold_bn(g.first.weight.flatten(1), g.norm)
             w2 = g.second.weight.detach().float().flatten(1).contiguous()
-            parts.append((w1, b1, w2, g.second.bias.detach().float(), g.heads, g.channels, g.macs, 0))
+            bias = g.output_bias() if isinstance(g, MaskGenerator) else g.second.bias.detach()
+            parts.append((w1, b1, w2, bias.float(), g.heads, g.channels, g.macs, 0))
         return cls(parts)
 
     @classmethod

@@ -20,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import MSGCCheckpointer
-from ..evaluation import ClassificationEvaluator, inference_on_dataset, results_table
-from ..modeling import Classifier, build_model
-from ..solver import build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
+from ..evaluation import ClassificationEvaluator, calibrate_gates, inference_on_dataset, results_table
+from ..modeling import Classifier, build_model, fold_gate_thresholds, mask_generators
+from ..solver import build_gate_noise_schedule, build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
 from ..utils import comm
 from ..utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
 from ..utils.events import default_writers
@@ -32,7 +32,7 @@ from . import hooks
 from .launch import launch
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "launch_from_command_line",
+__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "launch_from_command_line", "check_mac_target",
            "resume_command", "create_ddp_model",
            "broadcast_buffers", "skip_batches", "DefaultTrainer"]
 
@@ -235,6 +235,7 @@ class DefaultTrainer(TrainerBase):
         _check_batch_size(cfg)
         self.cfg = cfg
         model = self.build_model(cfg)
+        check_mac_target(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
         model = create_ddp_model(model)
         preprocess = self.build_preprocess(cfg)
@@ -287,6 +288,7 @@ class DefaultTrainer(TrainerBase):
             # before anything draws random numbers in the step
             hooks.IterationSeed(cfg.SEED) if cfg.SEED >= 0 else None,
             hooks.MACTargetSchedule(model, self.mac_scheduler) if hasattr(model, "set_mac_target") else None,
+            hooks.GateNoiseSchedule(model, build_gate_noise_schedule(cfg), self.max_iter),
             hooks.LRScheduler(),
             # checkpoint before evaluating: a crash in the evaluation still leaves this iteration's checkpoint
             hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, self.max_iter,
@@ -329,7 +331,43 @@ class DefaultTrainer(TrainerBase):
             self._trainer.data_loader = self.build_train_loader(self.cfg, start_iter=self.start_iter)
         super().train(self.start_iter, self.max_iter)
         broadcast_buffers(self.model)
+        if self.cfg.CALIBRATION.DATASET and mask_generators(self.model):
+            self.calibrate_final_model()
         return self.last_eval_results
+
+    def calibrate_final_model(self) -> dict:
+        """After training (``CALIBRATION.DATASET`` set): calibrate the final model's gates to
+        ``SOLVER.MAC_TARGET.FINAL`` on that dataset (:meth:`calibrate`), save it as
+        ``model_calibrated.pth`` (``last_checkpoint`` keeps naming the final checkpoint), evaluate it
+        on ``DATASETS.TEST`` and write ``calibration.json``: the calibration and both evaluations."""
+        cfg, model = self.cfg, hooks.unwrap_model(self.model)
+        result = self.calibrate(cfg, model)
+        self.checkpointer.save("model_calibrated", tag_last=False, iteration=self.max_iter - 1, cfg=cfg,
+                               calibration=result.as_dict())
+        record = {"calibration": result.as_dict(), "weights": os.path.join(cfg.OUTPUT_DIR, "model_calibrated.pth"),
+                  "dataset": cfg.DATASETS.TEST, "before": self.last_eval_results}
+        if cfg.DATASETS.TEST:
+            record["after"] = self.test(cfg, model)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            write_json(os.path.join(cfg.OUTPUT_DIR, "calibration.json"), record, indent=1, sort_keys=True)
+        return record
+
+    @classmethod
+    def calibrate(cls, cfg, model, budget: float = None, dataset: str = None):
+        """Calibrate ``model``'s gates (:func:`msgc.evaluation.calibrate_gates`) on the test split of
+        ``dataset`` (default ``CALIBRATION.DATASET``) to ``budget`` (default
+        ``SOLVER.MAC_TARGET.FINAL``), fold the threshold into the generators' biases and return the
+        :class:`~msgc.evaluation.CalibrationResult`."""
+        dataset = dataset or cfg.CALIBRATION.DATASET
+        if not dataset:
+            raise InvalidValueError("gate calibration needs a dataset of held-out images: set CALIBRATION.DATASET "
+                                    "(e.g. fashion_mnist_val)")
+        budget = cfg.SOLVER.MAC_TARGET.FINAL if budget is None else budget
+        model = hooks.unwrap_model(model)
+        result = calibrate_gates(model, cls.build_test_loader(cfg, dataset), budget, cls.build_preprocess(cfg),
+                                 tolerance=cfg.CALIBRATION.TOLERANCE)
+        fold_gate_thresholds(model)
+        return result
 
     def run_step(self):
         self._trainer.iter = self.iter
@@ -446,6 +484,8 @@ class DefaultTrainer(TrainerBase):
                 raise InvalidValueError(f"{key} must be >= 0, got {value}")
         if cfg.DATASETS.TEST:
             check_dataset(cfg, cfg.DATASETS.TEST, "test")
+        if cfg.CALIBRATION.DATASET and not args.eval_only:
+            check_dataset(cfg, cfg.CALIBRATION.DATASET, "test")
         weights = cfg.MODEL.WEIGHTS
         if not weights or (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
             return
@@ -512,6 +552,27 @@ def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
                       timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
                       persistent_workers=loader.persistent_workers,
                       multiprocessing_context=loader.multiprocessing_context, **extra)
+
+
+def check_mac_target(cfg, model):
+    """Refuse a ``SOLVER.MAC_TARGET.FINAL`` that the model's gates cannot reach at the training size
+    (below the MAC ratio of every gate closed); warn when a model without gates, whose MACs are fixed
+    (a static grouping's fraction), is given a target other than its ratio. Models without
+    ``mac_ratio_range`` (e.g. a detector) are not checked."""
+    if not hasattr(model, "mac_ratio_range"):
+        return
+    final, size = cfg.SOLVER.MAC_TARGET.FINAL, cfg.INPUT.TRAIN_SIZE
+    low, high = model.mac_ratio_range(size, size)
+    grouping = cfg.MODEL.MSGC.GROUPING
+    if high - low < 1e-9:
+        if final < 1.0 and abs(final - low) > 0.02:
+            logger.warning("SOLVER.MAC_TARGET.FINAL=%g has no effect: grouping '%s' has no gate, its MAC ratio is "
+                           "fixed at %.4f", final, grouping, low)
+        return
+    if final < low:
+        raise InvalidValueError(f"SOLVER.MAC_TARGET.FINAL={final:g} cannot be reached: with every gate closed, grouping "
+                                f"'{grouping}' of {cfg.MODEL.BACKBONE.NAME} spends {low:.4f} of the dense MACs at "
+                                f"{size}x{size}")
 
 
 def _check_batch_size(cfg, world=None):

@@ -12,7 +12,7 @@ from ..utils import comm
 from ..utils.preemption import EXIT_STATUS, Preempted, StopRequest
 from .train_loop import HookBase
 
-__all__ = ["IterationTimer", "LRScheduler", "MACTargetSchedule", "IterationSeed", "PeriodicCheckpointer",
+__all__ = ["IterationTimer", "LRScheduler", "MACTargetSchedule", "GateNoiseSchedule", "IterationSeed", "PeriodicCheckpointer",
            "PreemptionCheckpointer", "EvalHook", "BestCheckpointer", "PeriodicWriter", "GateSummary", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,32 @@ class MACTargetSchedule(HookBase):
 
     def after_step(self):
         self._scheduler.step()
+
+
+class GateNoiseSchedule(HookBase):
+    """Sets the scale of the gates' training noise for each iteration from a schedule of the training
+    progress (``SOLVER.GATE_NOISE``), and logs it as ``gate_noise`` when it is not the paper's 1.0.
+
+    It holds no state: the scale of an iteration is a function of the iteration alone, so a resumed
+    run continues the schedule exactly.
+
+    Args:
+        model: the model (DistributedDataParallel is unwrapped).
+        schedule: progress in [0, 1] -> noise scale.
+        max_iter: iterations of the whole training.
+    """
+
+    def __init__(self, model, schedule, max_iter: int):
+        from ..modeling import set_gate_noise
+
+        self._model, self._schedule, self._max_iter = unwrap_model(model), schedule, max_iter
+        self._set = set_gate_noise
+
+    def before_step(self):
+        scale = float(self._schedule(min(self.trainer.iter, self._max_iter - 1) / self._max_iter))
+        self._set(self._model, scale)
+        if scale != 1.0:
+            self.trainer.storage.put_scalar("gate_noise", scale, smoothing_hint=False)
 
 
 class IterationSeed(HookBase):

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..utils import comm
+from ..utils.env import check_device
 from ..utils.errors import UserError, debug_enabled, error_line
 from ..utils.file_io import write_atomic
 from ..utils.preemption import EXIT_STATUS, STOP_SIGNALS, Preempted
@@ -127,10 +128,11 @@ def _check_processes(per_machine: int, num_machines: int, machine_rank: int, dev
         raise LaunchError(f"--machine-rank must be in [0, {num_machines}), got {machine_rank}")
     if _backend(device) == "nccl":
         found = torch.cuda.device_count()
-        if found < per_machine:
+        if per_machine > 1 and found < per_machine:
             raise LaunchError(f"--num-gpus {per_machine} with MODEL.DEVICE {device} needs {per_machine} GPU(s) but "
                               f"this machine has {found}: lower --num-gpus, or add MODEL.DEVICE cpu to the "
                               "command line to run CPU processes")
+        check_device(device)
 
 
 def _run_under_torchrun(main_func, args, device, timeout):

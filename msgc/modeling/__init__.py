@@ -4,9 +4,11 @@ from .backbone import BACKBONE_REGISTRY, Backbone, build_backbone
 from .build import build_model
 from .classifier import Classifier
 from .grouping import GROUPING_REGISTRY, Grouping, build_grouping
+from .layers import fold_gate_thresholds, mask_generators, set_gate_noise, set_gate_thresholds
 from .macs import Costs
 
 __all__ = [
     "ATTENTION_REGISTRY", "BACKBONE_REGISTRY", "GROUPING_REGISTRY", "Backbone", "Classifier", "Costs", "Grouping",
-    "build_attention", "build_backbone", "build_grouping", "build_model",
+    "build_attention", "build_backbone", "build_grouping", "build_model", "fold_gate_thresholds", "mask_generators",
+    "set_gate_noise", "set_gate_thresholds",
 ]

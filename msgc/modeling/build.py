@@ -1,7 +1,5 @@
 """``build_model(cfg)``: the classifier of the config, on ``cfg.MODEL.DEVICE``."""
-import torch
-
-from ..utils.errors import InvalidValueError
+from ..utils.env import check_device
 from .backbone import build_backbone
 from .classifier import Classifier
 
@@ -13,10 +11,7 @@ def build_model(cfg):
 
     Weights are not loaded here: use :class:`msgc.checkpoint.MSGCCheckpointer` with ``MODEL.WEIGHTS``.
     """
-    device = torch.device(cfg.MODEL.DEVICE)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidValueError("MODEL.DEVICE is 'cuda' but this machine has no CUDA device; "
-                                "add 'MODEL.DEVICE cpu' to the command line")
+    device = check_device(cfg.MODEL.DEVICE)
     model = Classifier(build_backbone(cfg), label_smoothing=cfg.MODEL.LABEL_SMOOTHING,
                        mac_loss_weight=cfg.MODEL.MSGC.LOSS_WEIGHT)
     return model.to(device)

@@ -1,12 +1,13 @@
 """The classification model: a backbone, the classification loss and the sparsity (MAC) loss."""
 import logging
+import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..utils.errors import InvalidValueError
-from .layers import Gate
+from .layers import Gate, mask_generators, set_gate_thresholds
 
 __all__ = ["Classifier"]
 
@@ -49,6 +50,29 @@ class Classifier(nn.Module):
         if key not in self._dense_macs:
             self._dense_macs[key] = self.backbone.complexity(*key).original
         return self._dense_macs[key]
+
+    @torch.no_grad()
+    def mac_ratio_range(self, h: int, w: int) -> tuple:
+        """``(lowest, highest)`` MAC ratio the gates can reach on an ``h x w`` image: with every gate
+        closed and with every gate open (the same number for a model without gates, whose MACs are
+        fixed: the dense host's 1.0, a static grouping's fraction)."""
+        device = next(self.parameters()).device
+        image = torch.zeros(1, 3, int(h), int(w), device=device)
+        generators = mask_generators(self)
+        was_training, before = self.training, [g.gate.threshold for g in generators]
+        self.eval()
+        try:
+            ratios = []
+            for threshold in (math.inf, -math.inf):
+                set_gate_thresholds(self, threshold)
+                ratios.append(float(self.backbone(image)[1][0]) / self.dense_macs(h, w))
+                if not generators:
+                    break
+        finally:
+            for g, t in zip(generators, before):
+                g.gate.threshold = t
+            self.train(was_training)
+        return min(ratios), max(ratios)
 
     def forward(self, images, labels=None):
         logits, macs = self.backbone(images)

@@ -78,6 +78,18 @@ class MSGCGrouping(Grouping):
         return self._generator(in_channels, channels, 1, reduction)
 
 
+@GROUPING_REGISTRY.register("msgc_heads")
+class MSGCHeadsGrouping(MSGCGrouping):
+    """MSGC's per-sample head masks without its single-head input masks: every convolution that the
+    paper gates with one head (a block's first) stays dense, as in the static grouping, so the MACs are
+    saved in the grouped convolutions only (an ablation; not the paper's model)."""
+
+    name = "msgc_heads"
+
+    def channel_mask(self, in_channels, channels, reduction):
+        return None
+
+
 @GROUPING_REGISTRY.register("prune")
 class PruneGrouping(MSGCGrouping):
     """One head: dynamic channel pruning (every mask is a single-head gate)."""

@@ -17,6 +17,10 @@ __all__ = [
     "Gate",
     "Generator",
     "MaskGenerator",
+    "mask_generators",
+    "set_gate_thresholds",
+    "fold_gate_thresholds",
+    "set_gate_noise",
     "AttentionGenerator",
     "generator_macs",
     "gate_heads",
@@ -28,21 +32,36 @@ __all__ = [
 class Gate(nn.Module):
     """Binary gate with logistic noise and a straight-through estimator.
 
-    Training: ``sigmoid((logits + log u - log(1 - u)) / temperature)`` with ``u ~ U(0, 1)``, thresholded
-    at 0.5 in the forward pass while the gradient is the soft value's. Eval: ``logits >= 0``, no noise.
+    Training: ``sigmoid((logits - threshold + noise * (log u - log(1 - u))) / temperature)`` with
+    ``u ~ U(0, 1)``, thresholded at 0.5 in the forward pass while the gradient is the soft value's. Eval:
+    ``logits >= threshold``, no noise. With the defaults (``threshold`` 0, ``noise`` 1) this is the
+    reference's gate exactly.
+
+    Attributes:
+        threshold: the logit at which the gate opens. Gate calibration
+            (:func:`msgc.evaluation.calibrate_gates`) moves it, and :func:`fold_gate_thresholds` moves it
+            into the generators' bias; it is not saved in checkpoints.
+        noise: scale of the logistic noise in training (1: the paper); a noise schedule
+            (``MODEL.MSGC.NOISE``) lowers it towards the deterministic gates of evaluation.
     """
 
     def __init__(self, temperature: float = 2.0 / 3.0, eps: float = 1e-8):
         super().__init__()
         self.temperature = temperature
         self.eps = eps
+        self.threshold = 0.0
+        self.noise = 1.0
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.threshold:
+            logits = logits - self.threshold
         if not self.training:
             out = (logits >= 0).to(logits.dtype)
         else:
             u = torch.rand_like(logits)
             noise = torch.log(u + self.eps) - torch.log(1 - u + self.eps)
+            if self.noise != 1.0:
+                noise = noise * self.noise
             soft = torch.sigmoid((logits + noise) / self.temperature)
             hard = (soft >= 0.5).to(soft.dtype)
             out = (hard - soft).detach() + soft
@@ -50,7 +69,8 @@ class Gate(nn.Module):
         return out
 
     def extra_repr(self):
-        return f"temperature={self.temperature:.4g}"
+        extra = f", threshold={self.threshold:.4g}" if self.threshold else ""
+        return f"temperature={self.temperature:.4g}" + extra + (f", noise={self.noise:.3g}" if self.noise != 1.0 else "")
 
 
 def generator_macs(in_channels: int, channels: int, heads: int, reduction: int) -> int:
@@ -118,6 +138,44 @@ class MaskGenerator(Generator):
     def forward(self, context):
         return self.gate(self.logits(context))
 
+    def output_bias(self) -> torch.Tensor:
+        """The last convolution's bias with the gate's threshold moved into it: the bias of a generator
+        whose gates open at logit 0 and decide as this one's do (what deployment folds)."""
+        bias = self.second.bias.detach()
+        return bias - self.gate.threshold if self.gate.threshold else bias
+
+    def fold_threshold(self):
+        """Move the gate's threshold into the last convolution's bias (the gate then opens at 0)."""
+        if self.gate.threshold:
+            with torch.no_grad():
+                self.second.bias.sub_(self.gate.threshold)
+            self.gate.threshold = 0.0
+
+
+def mask_generators(model: nn.Module):
+    """The :class:`MaskGenerator` modules of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MaskGenerator)]
+
+
+def set_gate_thresholds(model: nn.Module, threshold: float):
+    """Every gate of ``model`` opens where its logit is at least ``threshold`` (0: the paper's gates)."""
+    for m in mask_generators(model):
+        m.gate.threshold = float(threshold)
+
+
+def fold_gate_thresholds(model: nn.Module):
+    """Move every gate's threshold into its generator's bias: the same decisions, from a state dict of
+    the same layout (a checkpoint that any msgc model and the reference load as usual)."""
+    for m in mask_generators(model):
+        m.fold_threshold()
+
+
+def set_gate_noise(model: nn.Module, scale: float):
+    """Scale the logistic noise of every gate of ``model`` in training (1: the paper, 0: none)."""
+    for m in model.modules():
+        if isinstance(m, Gate):
+            m.noise = float(scale)
+
 
 class AttentionGenerator(Generator):
     """Context -> channel attention ``N x heads x channels``; starts as exactly 1 (weight 0, bias 1)."""
@@ -156,21 +214,29 @@ def gate_heads(x: torch.Tensor, mask=None, att=None, heads: int = 1, groups: int
     without host groups; with ``groups`` host groups (a ResNeXt's grouped 3x3), group-major, each
     host group's channels repeated once per head (``[group][head][channel of the group]``), so that
     conv group ``g * heads + h`` reads head h's copy of host group g. One broadcast replaces the
-    reference's loop over heads.
+    reference's loop over heads. A channels-last ``x`` (what :class:`msgc.data.Normalizer` gives on
+    CUDA) gives a channels-last result: the broadcast runs with the channels as the last axis.
     """
     n, c, h, w = x.shape
     scale = _scale(mask, att)
-    if scale is None:
-        if heads == 1:
-            return x
-        if groups == 1:
-            return x.repeat(1, heads, 1, 1)
-        return x.view(n, groups, 1, c // groups, h, w).expand(-1, -1, heads, -1, -1, -1).reshape(n, heads * c, h, w)
-    heads = scale.size(1)
-    if groups == 1:
-        return (x.unsqueeze(1) * scale.view(n, heads, c, 1, 1)).view(n, heads * c, h, w)
-    scale = scale.view(n, heads, groups, c // groups).transpose(1, 2).reshape(n, groups, heads, c // groups, 1, 1)
-    return (x.view(n, groups, 1, c // groups, h, w) * scale).reshape(n, heads * c, h, w)
+    if scale is None and heads == 1:
+        return x
+    heads = heads if scale is None else scale.size(1)
+    cg = c // groups
+    if scale is not None:  # group-major: N x groups x heads x channels of the group
+        scale = scale.reshape(n, heads, groups, cg).transpose(1, 2)
+    if _channels_last(x):
+        xg = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, 1, cg)
+        out = xg.expand(-1, -1, -1, -1, heads, -1) if scale is None else xg * scale.reshape(n, 1, 1, groups, heads, cg)
+        return out.reshape(n, h, w, heads * c).permute(0, 3, 1, 2)
+    xg = x.reshape(n, groups, 1, cg, h, w)
+    out = xg.expand(-1, -1, heads, -1, -1, -1) if scale is None else xg * scale.reshape(n, groups, heads, cg, 1, 1)
+    return out.reshape(n, heads * c, h, w)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (and not also plainly contiguous, as 1x1 maps are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def gated_conv(conv: nn.Conv2d, x: torch.Tensor, mask=None, att=None, heads: Optional[int] = None) -> torch.Tensor:
@@ -194,9 +260,9 @@ def gated_conv(conv: nn.Conv2d, x: torch.Tensor, mask=None, att=None, heads: Opt
     if scale is None or heads == 1 or c * kernel >= heads * groups * h * w:
         return conv(gate_heads(x, mask, att, heads, groups))
     out_channels, cg = conv.out_channels, c // groups
-    weight = conv.weight.view(1, groups, heads, out_channels // (groups * heads), cg, *conv.kernel_size)
-    scale = scale.view(n, heads, groups, cg).transpose(1, 2).reshape(n, groups, heads, 1, cg, 1, 1)
-    weight = (weight * scale).view(n * out_channels, cg, *conv.kernel_size)
+    weight = conv.weight.reshape(1, groups, heads, out_channels // (groups * heads), cg, *conv.kernel_size)
+    scale = scale.reshape(n, heads, groups, cg).transpose(1, 2).reshape(n, groups, heads, 1, cg, 1, 1)
+    weight = (weight * scale).reshape(n * out_channels, cg, *conv.kernel_size)
     bias = None if conv.bias is None else conv.bias.repeat(n)
     out = F.conv2d(x.reshape(1, n * c, h, w), weight, bias, conv.stride, conv.padding, conv.dilation, n * groups)
-    return out.view(n, out_channels, out.size(2), out.size(3))
+    return out.reshape(n, out_channels, out.size(2), out.size(3))

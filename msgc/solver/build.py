@@ -1,11 +1,14 @@
 """Builders of the optimizer and of the learning-rate and MAC-target schedules; ``SCHEDULER_REGISTRY``."""
+from fvcore.common.param_scheduler import ParamScheduler
+
 from ..utils.errors import InvalidValueError
 from ..utils.registry import Registry
 from .lr_scheduler import LRScheduleMultiplier, with_warmup
 from .mac_scheduler import MACTargetScheduler
 from .optimizer import build_optimizer
 
-__all__ = ["SCHEDULER_REGISTRY", "build_lr_scheduler", "build_mac_scheduler", "build_optimizer", "check_solver"]
+__all__ = ["SCHEDULER_REGISTRY", "build_gate_noise_schedule", "build_lr_scheduler", "build_mac_scheduler",
+           "build_optimizer", "check_solver"]
 
 SCHEDULER_REGISTRY = Registry("SCHEDULER")
 SCHEDULER_REGISTRY.__doc__ = """
@@ -18,7 +21,9 @@ SOLVER.MAX_ITER`` in [0, 1] that gives
 - for ``"lr"``: the multiplier of every parameter group's base learning rate (1.0 at the start;
   linear warm-up is applied on top by :func:`build_lr_scheduler`, whatever the schedule);
 - for ``"mac_target"``: the MAC target as a fraction of the dense host's MACs (1.0 at the start, down
-  to ``SOLVER.MAC_TARGET.FINAL``).
+  to ``SOLVER.MAC_TARGET.FINAL``);
+- for ``"gate_noise"``: the scale of the gates' logistic noise in training (``SOLVER.GATE_NOISE``;
+  1.0 is the paper's noise, 0.0 none).
 
 A schedule that makes no sense for one of them raises ValueError saying so.
 """
@@ -56,6 +61,10 @@ def check_solver(cfg):
     _require(0.0 < t.FINAL <= 1.0, "SOLVER.MAC_TARGET.FINAL", t.FINAL, "in (0, 1]")
     _require(0.0 <= t.PSTART < t.PSTOP <= 1.0, "SOLVER.MAC_TARGET.PSTART and PSTOP", [t.PSTART, t.PSTOP],
              "0 <= PSTART < PSTOP <= 1 (fractions of the training)")
+    n = s.GATE_NOISE
+    _require(0.0 <= n.FINAL <= 1.0, "SOLVER.GATE_NOISE.FINAL", n.FINAL, "in [0, 1] (1: the paper's noise, 0: none)")
+    _require(0.0 <= n.PSTART < n.PSTOP <= 1.0, "SOLVER.GATE_NOISE.PSTART and PSTOP", [n.PSTART, n.PSTOP],
+             "0 <= PSTART < PSTOP <= 1 (fractions of the training)")
 
 
 def build_lr_scheduler(cfg, optimizer) -> LRScheduleMultiplier:
@@ -65,6 +74,12 @@ def build_lr_scheduler(cfg, optimizer) -> LRScheduleMultiplier:
     warmup = cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER
     schedule = with_warmup(schedule, warmup, cfg.SOLVER.WARMUP_FACTOR)
     return LRScheduleMultiplier(optimizer, schedule, cfg.SOLVER.MAX_ITER)
+
+
+def build_gate_noise_schedule(cfg) -> ParamScheduler:
+    """The gates' noise scale as a function of the training progress (``SOLVER.GATE_NOISE``)."""
+    check_solver(cfg)
+    return SCHEDULER_REGISTRY.get(cfg.SOLVER.GATE_NOISE.NAME)(cfg, "gate_noise")
 
 
 def build_mac_scheduler(cfg) -> MACTargetScheduler:

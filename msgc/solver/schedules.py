@@ -36,31 +36,38 @@ class Ramp(ParamScheduler):
         return max(value, self.end) if self.end <= self.begin else min(value, self.end)
 
 
-def _mac_ramp(cfg, shape: str) -> Ramp:
-    t = cfg.SOLVER.MAC_TARGET
-    if not 0.0 < t.FINAL <= 1.0:
-        raise InvalidValueError(f"SOLVER.MAC_TARGET.FINAL must be in (0, 1], got {t.FINAL}")
+def _ramp(cfg, what: str, shape: str) -> Ramp:
+    """The MAC target's or the gate noise's ramp from 1.0 at PSTART to FINAL at PSTOP."""
+    if what == "mac_target":
+        t = cfg.SOLVER.MAC_TARGET
+        if not 0.0 < t.FINAL <= 1.0:
+            raise InvalidValueError(f"SOLVER.MAC_TARGET.FINAL must be in (0, 1], got {t.FINAL}")
+    else:
+        t = cfg.SOLVER.GATE_NOISE
     return Ramp(1.0, t.FINAL, t.PSTART, t.PSTOP, shape)
 
 
 @SCHEDULER_REGISTRY.register("linear")
 def linear(cfg, what: str) -> ParamScheduler:
-    """LR: linear decay from 1 to 0. MAC target: 1.0 until PSTART, linear to FINAL at PSTOP (the paper)."""
-    return Ramp(1.0, 0.0) if what == "lr" else _mac_ramp(cfg, "linear")
+    """LR: linear decay from 1 to 0. MAC target (the paper) and gate noise: 1.0 until PSTART, linear to
+    FINAL at PSTOP."""
+    return Ramp(1.0, 0.0) if what == "lr" else _ramp(cfg, what, "linear")
 
 
 @SCHEDULER_REGISTRY.register("cosine")
 def cosine(cfg, what: str) -> ParamScheduler:
-    """LR: half-cosine from 1 to 0 (the paper). MAC target: 1.0 until PSTART, half-cosine to FINAL at PSTOP."""
-    return Ramp(1.0, 0.0, shape="cosine") if what == "lr" else _mac_ramp(cfg, "cosine")
+    """LR: half-cosine from 1 to 0 (the paper). MAC target and gate noise: 1.0 until PSTART, half-cosine
+    to FINAL at PSTOP."""
+    return Ramp(1.0, 0.0, shape="cosine") if what == "lr" else _ramp(cfg, what, "cosine")
 
 
 @SCHEDULER_REGISTRY.register("multistep")
 def multistep(cfg, what: str) -> ParamScheduler:
     """LR only: multiplied by SOLVER.GAMMA at each iteration of SOLVER.STEPS."""
     if what != "lr":
-        raise InvalidValueError("the 'multistep' schedule is for the learning rate only; use 'linear' or 'cosine' "
-                                "for SOLVER.MAC_TARGET.NAME")
+        key = "SOLVER.MAC_TARGET.NAME" if what == "mac_target" else "SOLVER.GATE_NOISE.NAME"
+        raise InvalidValueError(f"the 'multistep' schedule is for the learning rate only; use 'linear' or 'cosine' "
+                                f"for {key}")
     steps = sorted(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
     values = [cfg.SOLVER.GAMMA ** k for k in range(len(steps) + 1)]
     return MultiStepParamScheduler(values, num_updates=cfg.SOLVER.MAX_ITER, milestones=steps)
@@ -68,5 +75,7 @@ def multistep(cfg, what: str) -> ParamScheduler:
 
 @SCHEDULER_REGISTRY.register("constant")
 def constant(cfg, what: str) -> ParamScheduler:
-    """LR: constant. MAC target: FINAL from the first iteration."""
-    return ConstantParamScheduler(1.0 if what == "lr" else cfg.SOLVER.MAC_TARGET.FINAL)
+    """LR: constant. MAC target and gate noise: FINAL from the first iteration."""
+    if what == "lr":
+        return ConstantParamScheduler(1.0)
+    return ConstantParamScheduler((cfg.SOLVER.MAC_TARGET if what == "mac_target" else cfg.SOLVER.GATE_NOISE).FINAL)
