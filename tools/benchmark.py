@@ -96,6 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--settle-ms", type=float, default=0.0, help="untimed pause before every timed step, so "
                         "that threads a run leaves spinning (OpenMP keeps PyTorch's busy for a while after each "
                         "step) do not spill into the next run's time")
+    parser.add_argument("--lead-in", type=int, default=0, help="untimed steps of the same run right before each "
+                        "of its timed steps, so that each run is timed in its own steady state (threads the other "
+                        "run left spinning have gone idle, its weights are in cache)")
     parser.add_argument("--contend", action="store_true", help="keep another process busy during the "
                         "measurement (a one-thread eval loop of torchvision's ResNet-18)")
     parser.add_argument("--seed", type=int, default=0)
@@ -264,6 +267,8 @@ def measure(runs, args, batches, device):
         for name, (step, _) in runs.items():
             if args.settle_ms > 0:
                 time.sleep(args.settle_ms / 1e3)
+            for _ in range(args.lead_in):
+                step(x, y)
             sync()
             t = clock()
             step(x, y)
@@ -416,7 +421,7 @@ def main(argv=None):
         if busy is not None:
             busy.kill()
     result = {"config": args.config_file, "opts": args.opts, "device": str(device), "batches": args.batches,
-              "settle_ms": args.settle_ms,
+              "settle_ms": args.settle_ms, "lead_in": args.lead_in,
               "threads": torch.get_num_threads(), "clock": args.clock, "batch_size": args.batch_size, "size": size,
               "torch": torch.__version__, "contended": args.contend, "amp": args.amp,
               "channels_last": args.channels_last, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
