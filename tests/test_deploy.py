@@ -169,15 +169,20 @@ def test_executed_macs_at_full_size(cfg, config):
 
 @pytest.mark.parametrize("name", ["msgc_resnet18", "msgc_condensenet"])
 def test_batch_parallel_equals_sample_by_sample(cfg, name):
-    """With at least as many samples as threads, every thread runs whole samples: the same outputs as
-    one sample at a time."""
+    """With at least as many samples as threads, every thread runs whole groups of samples (each alone
+    through the first ops, then op by op from the program's group_from on); with one thread, groups
+    one after the other: the same outputs as one sample at a time."""
     model = randomize(small(cfg, name, "msgc", "channel"))
     deployed, x = deploy(model, tune=False), images(5)
     torch.set_num_threads(2)
     try:
         whole = deployed(x)
+        program = deployed.plan(x).program.program
+        assert 0 < program.group_from < program.n_ops and program.group > 1  # both orders run
     finally:
         torch.set_num_threads(1)
+    serial = deployed(x)
+    torch.testing.assert_close(serial["logits"], whole["logits"], rtol=0, atol=1e-6)
     for i in range(5):
         one = deployed(x[i:i + 1])
         torch.testing.assert_close(one["logits"], whole["logits"][i:i + 1], rtol=0, atol=1e-6)
@@ -272,6 +277,49 @@ def test_a_deployed_model_slower_than_eval_says_so_and_runs_eval(cfg, monkeypatc
     assert torch.equal(got["logits"], want["logits"]) and torch.equal(got["macs"], want["macs"])
     static = model.backbone.complexity(SIZE, SIZE)
     assert (got["executed_macs"] == static.main + static.dgc + static.gen).all()
+
+
+@pytest.mark.parametrize("split_is_slow", [True, False])
+def test_small_batches_run_on_one_thread_where_splitting_the_ops_is_slower(cfg, monkeypatch, split_is_slow):
+    """The plan times one sample with its ops split over the threads against one thread (either made
+    20 ms slower here); where the split is slower, batches of fewer samples than threads run on one thread, larger ones still on all."""
+    from msgc.deploy.native.program import Program
+
+    model = randomize(small(cfg, "msgc_resnet18", "msgc", "none"))
+    run, calls = Program.run, []
+
+    def timed_run(self, images, threads=0, keep=False):
+        calls.append((images.size(0), threads))
+        if images.size(0) == 1 and (threads > 1) == split_is_slow:  # the one made slow: split, or one thread
+            import time
+
+            time.sleep(0.02)
+        return run(self, images, threads, keep)
+
+    monkeypatch.setattr(Program, "run", timed_run)
+    torch.set_num_threads(2)
+    try:
+        deployed = deploy(model, tune=True, check=False)
+        one, two = images(1), images(2)
+        got_one, got_two = deployed(one), deployed(two)
+        plan = deployed.plan(one)
+    finally:
+        torch.set_num_threads(1)
+    assert plan.threads == 2 and plan.op_threads == (1 if split_is_slow else 2)
+    if split_is_slow:
+        assert plan.timings["split_ms"] > plan.timings["one_thread_ms"] + 15
+    assert calls[-2:] == [(1, plan.op_threads), (2, 2)]
+    for x, got in ((one, got_one), (two, got_two)):
+        want = model(x)
+        torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)
+        assert torch.equal(got["macs"], want["macs"])
+
+
+def test_splitting_pays_unless_one_thread_is_clearly_faster():
+    from msgc.deploy.build import split_pays
+
+    assert split_pays(10.0, 12.0) and split_pays(10.4, 10.0)  # within the 5% margin: keep all threads
+    assert not split_pays(10.6, 10.0) and not split_pays(16.0, 11.0)
 
 
 def test_deploy_refuses_a_training_model(cfg):

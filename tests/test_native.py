@@ -34,8 +34,8 @@ def reference(x, h, w, weight, bias, k, s, p, cols, rows, scale=None):
 
 def _kernels(lib, s):
     """(kernel, tile family) of every candidate for a stride."""
-    out = [(kernel, f + order) for kernel in (0, 2) for f in range(lib.tile_families)  # in place / on copied inputs
-           for order in (0, 16)]  # chunk- / pixel-major
+    out = [(kernel, f + order) for kernel in (0, 2, 3) for f in range(lib.tile_families)  # in place / on copied
+           for order in (0, 16)]  # inputs / heads packed; chunk- / pixel-major
     return out + ([(1, 0)] if s == 1 else [])
 
 
@@ -75,15 +75,33 @@ def test_conv_matches_conv2d(lib, k, s, p, h, n_out):
                 assert (out == 6).any() and (out == 0).any() and ((out > 0) & (out < 6)).any()
 
 
-@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+@pytest.mark.parametrize("k,s,p,h", [(7, 2, 3, 37), (3, 2, 1, 40), (3, 1, 1, 29)])
+def test_few_input_channels_match_conv2d(lib, k, s, p, h):
+    """A stem: 3 input channels, so the wide kernel walks its taps by kernel rows (a row's taps and
+    channels side by side) where a tile's rows of taps lie inside the image; maps wide enough for
+    tiles inside and across the edges; every kernel and tile family."""
+    g = torch.Generator().manual_seed(k * 100 + h)
+    x = torch.randn(h * h, 5, generator=g)[:, 1:4]  # strided rows
+    weight, bias = torch.randn(64, 3, k, k, generator=g), torch.randn(64, generator=g)
+    want = F.conv2d(x.t().reshape(1, 3, h, h), weight, bias, s, p).flatten(2)[0].t().relu()
+    ho = (h + 2 * p - k) // s + 1
+    for kernel, tiles in _kernels(lib, s):
+        out = torch.full((ho * ho, 64), float("nan"))
+        lib.conv(x, h, h, k, s, p, 1, 3, 64, out, blocked_weight=native.blocked(weight),
+                 plain_weight=weight.reshape(64, 3, k * k).contiguous(), bias=bias, act=1, kernel=kernel, tiles=tiles)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,s,p,h", [(3, 1, 1, 8), (3, 2, 1, 8), (1, 1, 0, 8), (3, 1, 1, 40), (3, 2, 1, 37)])
 @pytest.mark.parametrize("chosen", [False, True])
 @pytest.mark.parametrize("attention", [False, True])
-def test_heads_match_conv2d(lib, k, s, p, chosen, attention):
+def test_heads_match_conv2d(lib, k, s, p, h, chosen, attention):
     """Three heads in one call: inputs by column and weight row (one head reads nothing), chosen outputs
     (one head computes none, one all), attention (folded into the inputs of wide heads, into the weights
-    of narrow ones), residual and ReLU; every kernel; against F.conv2d per head."""
-    g = torch.Generator().manual_seed(k * 10 + s + chosen + 2 * attention)
-    heads, cin, per, h, cx = 3, 13, 37, 8, 20
+    of narrow ones), residual and ReLU; every kernel; against F.conv2d per head. Wide maps have whole
+    tiles inside one output row, whose inputs the wide kernel reads a fixed stride apart."""
+    g = torch.Generator().manual_seed(k * 10 + s + chosen + 2 * attention + h)
+    heads, cin, per, cx = 3, 13, 37, 20
     x = torch.randn(h * h, cx + 2, generator=g)[:, :cx]
     weight, bias = torch.randn(heads, per, cin, k, k, generator=g), torch.randn(heads, per, generator=g)
     wrows = [torch.randperm(cin, generator=g)[:n].sort().values.int() for n in (6, 0, 13)]

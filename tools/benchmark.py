@@ -90,6 +90,15 @@ def parse_args(argv=None):
                         help="models and batches in the channels-last memory format")
     parser.add_argument("--profile", action="store_true", help="also time every op of the deployed program "
                         "(per stage, per kind, slowest ops)")
+    parser.add_argument("--layers", action="store_true", help="also give every convolution's MAC rate (GMAC/s of "
+                        "the multiply-adds its gates leave, timed alone) beside oneDNN's (PyTorch's convolution, "
+                        "channels-last) on the dense layer of the same shape")
+    parser.add_argument("--settle-ms", type=float, default=0.0, help="untimed pause before every timed step, so "
+                        "that threads a run leaves spinning (OpenMP keeps PyTorch's busy for a while after each "
+                        "step) do not spill into the next run's time")
+    parser.add_argument("--lead-in", type=int, default=0, help="untimed steps of the same run right before each "
+                        "of its timed steps, so that each run is timed in its own steady state (threads the other "
+                        "run left spinning have gone idle, its weights are in cache)")
     parser.add_argument("--contend", action="store_true", help="keep another process busy during the "
                         "measurement (a one-thread eval loop of torchvision's ResNet-18)")
     parser.add_argument("--seed", type=int, default=0)
@@ -256,6 +265,10 @@ def measure(runs, args, batches, device):
     for r in range(args.warmup + args.iters):
         x, y = batches(r)
         for name, (step, _) in runs.items():
+            if args.settle_ms > 0:
+                time.sleep(args.settle_ms / 1e3)
+            for _ in range(args.lead_in):
+                step(x, y)
             sync()
             t = clock()
             step(x, y)
@@ -300,6 +313,78 @@ def deploy_profile(runs, batches):
             "slowest": slowest}
 
 
+def useful_macs(op, stats, where) -> float:
+    """The multiply-adds a convolution's gates leave for one sample (open inputs x outputs wanted x
+    taps x output pixels), whatever its kernel computes beside them."""
+    wt = op.weights
+    ho, wo = op.out_hw
+    heads = wt.heads // op.host_groups  # the set's heads (each over every host group)
+    if op.in_set is not None and op.in_set.masked:
+        o = where[op.in_set]
+        ins = [float(n) for n in stats[o:o + heads]]
+    else:
+        ins = [float(wt.in_channels * op.host_groups)] * heads
+    outs = [wt.per_head * op.host_groups] * heads
+    if op.out_set is not None and op.out_set.masked and op.out_mode:
+        o, s = where[op.out_set], op.out_set
+        outs = [stats[o + s.heads]] if op.out_mode == 1 else stats[o + s.heads + 1:o + s.heads + 1 + s.groups]
+    return float(ho * wo * wt.kernel ** 2 * sum(n * m for n, m in zip(ins, outs)) / op.host_groups)
+
+
+def onednn_ms(op, reps=20) -> float:
+    """PyTorch's (oneDNN's) time for the dense layer of ``op``'s shape on one channels-last image."""
+    wt = op.weights
+    conv = torch.nn.Conv2d(wt.in_channels * op.host_groups, wt.out_channels, wt.kernel, wt.stride, wt.padding,
+                           groups=op.host_groups).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, conv.in_channels, op.h, op.w).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(3):
+            conv(x)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            conv(x)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def layer_rates(runs, batches):
+    """Every convolution of the deployed program on one image: the MACs its gates leave, its time alone
+    and rate, and oneDNN's time and rate on the dense layer of the same shape."""
+    from msgc.deploy.graph import ConvOp
+    from msgc.deploy.profile import profile
+
+    deployed = runs["deploy"][0].deployed
+    if not deployed.native:
+        return None
+    x = batches(0)[0][:1]
+    plan = deployed.plan(x)
+    rows = profile(deployed, x)
+    _, stats, _ = plan.program.run(x.float().contiguous())
+    stats = stats[0].tolist()
+    where = dict(plan.graph.stats_layout())
+    out = []
+    for op, row in zip(plan.graph.ops, rows):
+        if not isinstance(op, ConvOp):
+            continue
+        wt = op.weights
+        ho, wo = op.out_hw
+        dense_macs = float(ho * wo * wt.out_channels * wt.in_channels * wt.kernel ** 2)
+        macs, ref = useful_macs(op, stats, where), onednn_ms(op)
+        out.append({"scope": row["scope"], "op": row["op"], "kernel": row.get("kernel", ""), "kind": row["kind"],
+                    "macs": macs, "ms": row["ms"], "gmacs": macs / row["ms"] / 1e6, "onednn_ms": ref,
+                    "onednn_gmacs": dense_macs / ref / 1e6, "dense_macs": dense_macs})
+    totals = {}
+    for kind in ("gated conv", "dense conv"):
+        sel = [r for r in out if r["kind"] == kind]
+        if sel:
+            ms, ref = sum(r["ms"] for r in sel), sum(r["onednn_ms"] for r in sel)
+            totals[kind] = {"macs": sum(r["macs"] for r in sel), "ms": ms, "onednn_ms": ref,
+                            "gmacs": sum(r["macs"] for r in sel) / ms / 1e6,
+                            "onednn_gmacs": sum(r["dense_macs"] for r in sel) / ref / 1e6}
+    return {"layers": out, "totals": totals}
+
+
 def mac_stats(model, runs, batches, size):
     """Per-sample MACs (mean over a few batches) of the model and of its deployed version."""
     dense = model.dense_macs(size, size)
@@ -331,10 +416,12 @@ def main(argv=None):
     try:
         times = measure(runs, args, batches, device)
         prof = deploy_profile(runs, batches) if args.profile and "deploy" in runs else None
+        layers = layer_rates(runs, batches) if args.layers and "deploy" in runs else None
     finally:
         if busy is not None:
             busy.kill()
     result = {"config": args.config_file, "opts": args.opts, "device": str(device), "batches": args.batches,
+              "settle_ms": args.settle_ms, "lead_in": args.lead_in,
               "threads": torch.get_num_threads(), "clock": args.clock, "batch_size": args.batch_size, "size": size,
               "torch": torch.__version__, "contended": args.contend, "amp": args.amp,
               "channels_last": args.channels_last, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -344,6 +431,8 @@ def main(argv=None):
     result["ratios"], result["paired_ratios"] = ratios(result["runs"]), paired_ratios(result["runs"], times)
     if prof is not None:
         result["profile"] = prof
+    if layers is not None:
+        result["layers"] = layers
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -417,6 +506,16 @@ def report(result):
         lines.append("  by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in prof["by_kind"].items()))
         lines.append(tabulate([[r["scope"], r["op"], r.get("kernel", ""), f"{r['ms']:.3f}"] for r in prof["slowest"]],
                               headers=["slowest ops", "", "kernel", "ms"]))
+    layers = result.get("layers")
+    if layers:
+        lines.append("convolutions alone on one image: MACs the gates leave and their rate; oneDNN on the dense layer "
+                     "of the same shape")
+        rows = [[r["scope"], r["op"], r["kernel"], f"{r['macs'] / 1e6:.1f}", f"{r['ms']:.3f}", f"{r['gmacs']:.1f}",
+                 f"{r['onednn_ms']:.3f}", f"{r['onednn_gmacs']:.1f}"] for r in layers["layers"]]
+        rows += [["total", kind, "", f"{t['macs'] / 1e6:.1f}", f"{t['ms']:.3f}", f"{t['gmacs']:.1f}",
+                  f"{t['onednn_ms']:.3f}", f"{t['onednn_gmacs']:.1f}"] for kind, t in layers["totals"].items()]
+        lines.append(tabulate(rows, headers=["layer", "", "kernel", "MMACs", "ms", "GMAC/s", "oneDNN ms",
+                                             "oneDNN GMAC/s"]))
     return "\n".join(lines)
 
 

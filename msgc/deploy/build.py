@@ -37,6 +37,20 @@ class _Plan:
         self.graph, self.program = graph, program
         self.use_source = False  # the eval model measured faster: run it instead
         self.timings: Dict[str, float] = {}
+        self.threads = 1  # the thread count the plan is for
+        self.op_threads = 1  # threads for a batch of fewer samples than threads (each op's work split)
+
+    def threads_for(self, n: int) -> int:
+        """Threads to run a batch of ``n`` samples on: whole samples per thread where there are enough of
+        them, else each op on ``op_threads`` (one where splitting the ops measured slower)."""
+        return self.threads if n >= self.threads else self.op_threads
+
+
+def split_pays(all_threads_ms: float, one_thread_ms: float, margin: float = 0.05) -> bool:
+    """Whether splitting every op of one sample over the threads is worth it: unless one thread is faster
+    by more than ``margin`` (small networks at batch 1, where the threads' hand-offs cost more than the
+    work they share), yes."""
+    return one_thread_ms * (1 + margin) >= all_threads_ms
 
 
 class DeployedClassifier(nn.Module):
@@ -87,14 +101,35 @@ class DeployedClassifier(nn.Module):
                 for i, (_, op) in enumerate(plan.program.conv_ops):
                     plan.program.set_kernel(i, *default_kernel(op))
                 x = images[:1].float().contiguous()
+                plan.threads = plan.op_threads = threads
                 if self.tune:
                     counts = tune(plan.program, x, threads)
                     logger.info("msgc.deploy: %dx%d plan: %d kernels measured, %d from the cache", h, w,
                                 counts["measured"], counts["cached"])
+                    if threads > 1:
+                        self._choose_op_threads(plan, x, threads)
                 if self.check:
                     self._check(plan, x, threads)
             self._plans[key] = plan
         return self._plans[key]
+
+    @staticmethod
+    def _choose_op_threads(plan: _Plan, image, threads, reps: int = 7):
+        """Time one sample with every op split over ``threads`` against one thread (turn by turn), and
+        keep one thread for small batches where splitting does not pay (:func:`split_pays`)."""
+        times = {threads: [], 1: []}
+        for _ in range(reps + 1):
+            for t in times:
+                start = time.perf_counter()
+                plan.program.run(image, threads=t)
+                times[t].append((time.perf_counter() - start) * 1e3)
+        split, alone = (statistics.median(times[t][1:]) for t in (threads, 1))
+        plan.timings.update({"split_ms": split, "one_thread_ms": alone})
+        if not split_pays(split, alone):
+            plan.op_threads = 1
+            logger.info("msgc.deploy: %dx%d: one sample takes %.2f ms on one thread, %.2f ms split over %d threads: "
+                        "batches of fewer than %d samples run on one thread", image.size(2), image.size(3), alone,
+                        split, threads, threads)
 
     def _check(self, plan: _Plan, image, threads, reps: int = 5):
         """Time the deployed program against the eval model and the dense host on one sample; warn (once)
@@ -112,10 +147,10 @@ class DeployedClassifier(nn.Module):
             return statistics.median(times)
 
         with torch.no_grad():
-            deployed = median_ms(lambda: plan.program.run(image, threads))
+            deployed = median_ms(lambda: plan.program.run(image, plan.threads_for(1)))
             source = median_ms(lambda: model(image))
             dense = median_ms(lambda: host(image)) if host is not None else float("inf")
-        plan.timings = {"deployed_ms": deployed, "eval_ms": source, "dense_ms": dense}
+        plan.timings.update({"deployed_ms": deployed, "eval_ms": source, "dense_ms": dense})
         where = f"{image.size(2)}x{image.size(3)} on {threads} threads"
         if deployed > source:
             plan.use_source = True
@@ -144,7 +179,7 @@ class DeployedClassifier(nn.Module):
                 return self._run_source(images)
             x = images.float().contiguous()
             if self.native:
-                logits, stats, executed = plan.program.run(x)
+                logits, stats, executed = plan.program.run(x, threads=plan.threads_for(x.size(0)))
                 stats, executed = stats.tolist(), executed.tolist()
             else:
                 logits, stats, executed = run_reference(plan.graph, x)

@@ -58,7 +58,7 @@ def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
             ns = program.time_op(x, i, reps)
             row = {"scope": scope, "kind": kind(op), "op": describe(op), "ms": statistics.median(ns) / 1e6}
             if isinstance(op, ConvOp):
-                row["kernel"] = ("wide", "pixel", "gather")[op.kernel] + (
+                row["kernel"] = ("wide", "pixel", "gather", "packed")[op.kernel] + (
                     "" if op.kernel == 1 else f"/{op.tiles % 16}" + ("/pixel-major" if op.tiles & 16 else ""))
             rows.append(row)
     return rows

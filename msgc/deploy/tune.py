@@ -9,8 +9,9 @@ measurement holds nothing but the kernel) and keeps the fastest. Choices are cac
 kernel variant and the thread count; a cached choice is reused without measuring.
 
 Candidates: the wide kernel with each tile family of the ISA, reading the open inputs in place or from
-a contiguous copy made first (gather, then a dense register-tiled product), in chunk-major or
-pixel-major order, and, for stride 1, the pixel kernel.
+a contiguous copy made first (gather, then a dense register-tiled product), or, for heads of few
+outputs, with every head packed into one over the union of their inputs (zero weights where a head
+does not read a channel), in chunk-major or pixel-major order, and, for stride 1, the pixel kernel.
 """
 import hashlib
 import json
@@ -24,17 +25,23 @@ import torch
 
 from .graph import ConvOp
 from .native.build import cache_dir
-from .native.program import KERNEL_GATHER, KERNEL_PIXEL, KERNEL_WIDE, TILES_PIXEL_MAJOR, Program
+from .native.program import KERNEL_GATHER, KERNEL_PACKED, KERNEL_PIXEL, KERNEL_WIDE, TILES_PIXEL_MAJOR, Program
 
 __all__ = ["candidates", "default_kernel", "tune", "PlanCache"]
 
 logger = logging.getLogger(__name__)
 
 
+#: heads of at most this many outputs are also tried packed into one (their vectors are part-filled)
+PACKED_PER_HEAD = 32
+
+
 def candidates(op: ConvOp, families: int) -> List[Tuple[int, int]]:
     """(kernel, tile family) pairs worth measuring for ``op``."""
-    out = [(kernel, f + order) for kernel in (KERNEL_WIDE, KERNEL_GATHER) for f in range(families)
-           for order in (0, TILES_PIXEL_MAJOR)]
+    kernels = [KERNEL_WIDE, KERNEL_GATHER]
+    if op.weights.heads > 1 and op.weights.per_head <= PACKED_PER_HEAD:
+        kernels.append(KERNEL_PACKED)
+    out = [(kernel, f + order) for kernel in kernels for f in range(families) for order in (0, TILES_PIXEL_MAJOR)]
     if op.weights.stride == 1:
         out.append((KERNEL_PIXEL, 0))
     return out

@@ -92,7 +92,7 @@ static void test_conv(int H, int k, int s, int heads, int per, int rows, int cho
   msgc_info in = {info};
   msgc_describe(&in);
   float *y = malloc(sizeof(float) * Ho * Ho * n_out);
-  for (int kernel = 0; kernel < 3; kernel++)
+  for (int kernel = 0; kernel <= MSGC_KERNEL_PACKED; kernel++)
     for (int tiles = 0; tiles < (kernel == MSGC_KERNEL_PIXEL ? 1 : 16 + info[4]); tiles++) {
       if (tiles >= info[4] && tiles < 16) continue; /* the families, in both work orders */
       if (kernel == MSGC_KERNEL_PIXEL && s != 1) continue;

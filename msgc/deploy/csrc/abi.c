@@ -16,6 +16,6 @@ i32 msgc_describe(const msgc_info *a) {
   a->out[1] = NREG;
   a->out[2] = MSGC_BLOCK;
   a->out[3] = MSGC_MAX_TAPS;
-  a->out[4] = msgc_n_wide_tiles;
+  a->out[4] = msgc_wide_families;
   return MSGC_OK;
 }

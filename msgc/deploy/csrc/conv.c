@@ -19,6 +19,7 @@ typedef struct {
   int infold, gathered;    /* attention into the inputs; weights gathered */
   long g0;                 /* the head's copies in the gather buffer: weights, then biases, then inputs */
   int ch0, nch;            /* wide: its chunks */
+  int by_rows;             /* wide: its taps walked by kernel rows (few entries per tap) */
   long it0;                /* wide, pixel-major: its first work item */
 } head_plan;
 
@@ -39,6 +40,9 @@ typedef struct {
 #endif
 #define KBLOCK_PIXELS 256
 
+/* wide kernel: a head whose taps read at most this many entries each walks its taps by kernel rows */
+#define ROW_ENTRIES 8
+
 typedef struct {
   int Ho, Wo, npix, kk, heads, nch, pixel_major;
   long items, copies;      /* work items; floats of copies */
@@ -47,6 +51,7 @@ typedef struct {
   long *off;               /* wide, chosen outputs: offset of each in its head's blocked weights */
   int *coff;               /* wide: the column each input entry reads (of x or of its scaled copy) */
   long *woff;              /* wide: the offset of each input entry's weight row in a block */
+  long *rx, *rw;           /* wide, by rows of taps: k entries per input entry (see wide_job) */
   float *buf;
   long plane_len;          /* pixel kernel */
   int Wp, npos, nq;
@@ -105,6 +110,16 @@ static int plan_wide(const msgc_conv_args *a, conv_plan *pl) {
       pl->coff[e] = p->infold ? (int)c : hd->cols ? hd->cols[e] : (int)c + h * hd->xstep;
       pl->woff[e] = (long)(p->gathered || !hd->wrow ? c : hd->wrow[e]) * pl->kk * MSGC_BLOCK;
     }
+    const long ldx = p->infold ? p->n : a->io.ldx;
+    int maxcol = 0;
+    for (long e = p->in0; e < p->in0 + p->n; e++) maxcol = pl->coff[e] > maxcol ? pl->coff[e] : maxcol;
+    p->by_rows = a->g.k > 1 && p->n > 0 && p->n <= ROW_ENTRIES && (long)(a->g.k - 1) * ldx + maxcol < ZERO_FLOATS;
+    for (int dx = 0; p->by_rows && dx < a->g.k; dx++)
+      for (int c = 0; c < p->n; c++) {
+        const long e = p->in0 + c, f = p->in0 * a->g.k + (long)dx * p->n + c;
+        pl->rx[f] = dx * ldx + pl->coff[e];
+        pl->rw[f] = pl->woff[e] + (long)dx * MSGC_BLOCK;
+      }
     const long row_floats = (long)pl->kk * MSGC_BLOCK;
     const int kb = !pl->pixel_major && pl->npix <= KBLOCK_PIXELS && p->n * row_floats > KBLOCK_FLOATS
                        ? (int)(KBLOCK_FLOATS / row_floats) : 0;
@@ -184,6 +199,9 @@ static void head_job(const msgc_conv_args *a, const conv_plan *pl, int h, wide_j
   j->cols = pl->coff + p->in0;
   j->woff = pl->woff + p->in0;
   j->n = p->n;
+  j->rx = p->by_rows ? pl->rx + p->in0 * a->g.k : 0;
+  j->rw = p->by_rows ? pl->rw + p->in0 * a->g.k : 0;
+  j->rn = a->g.k * p->n;
   j->w = p->gathered ? pl->buf + p->g0 : a->wt.blocked + h * head_w;
   j->wblk = (p->gathered ? p->n : a->wt.rows) * kk * MSGC_BLOCK;
   j->bias = !a->wt.bias ? 0 : hd->ocounts ? pl->buf + p->g0 + gsize : a->wt.bias + (long)h * hd->per_head;
@@ -329,6 +347,7 @@ static long executed_macs(const msgc_conv_args *a, const conv_plan *pl, int pixe
 i32 msgc_conv(const msgc_conv_args *a) {
   const msgc_geom *g = &a->g;
   const msgc_heads *hd = &a->hd;
+  if (a->wt.kernel == MSGC_KERNEL_PACKED && hd->heads > 1) return msgc_conv_packed(a);
   const int pixel = a->wt.kernel == MSGC_KERNEL_PIXEL;  /* else wide (MSGC_KERNEL_GATHER: on copied inputs) */
   conv_plan pl = {0};
   pl.Ho = out_size(g->h, g->k, g->s, g->p);
@@ -345,14 +364,17 @@ i32 msgc_conv(const msgc_conv_args *a) {
   for (int h = 0; h < hd->heads; h++) n_entries += hd->counts ? hd->counts[h] : hd->in_channels;
   const long max_chunks = (long)hd->heads * (hd->per_head + 1);
   const size_t bytes = sizeof(head_plan) * (hd->heads + 1) + sizeof(chunk) * max_chunks +
-                       sizeof(long) * ((long)hd->heads * hd->per_head + 1 + n_entries) + sizeof(int) * (n_entries + 1);
+                       sizeof(long) * ((long)hd->heads * hd->per_head + 1 + n_entries * (1 + 2 * g->k)) +
+                       sizeof(int) * (n_entries + 1);
   char *mem = msgc_scratch(SCRATCH_PLAN, bytes);
   if (!mem) return MSGC_ENOMEM;
   pl.hp = (head_plan *)mem;
   pl.ch = (chunk *)(pl.hp + hd->heads + 1);
   pl.off = (long *)(pl.ch + max_chunks);
   pl.woff = pl.off + (long)hd->heads * hd->per_head + 1;
-  pl.coff = (int *)(pl.woff + n_entries);
+  pl.rx = pl.woff + n_entries;
+  pl.rw = pl.rx + n_entries * g->k;
+  pl.coff = (int *)(pl.rw + n_entries * g->k);
   const int outputs = plan_heads(a, &pl);
   if (pixel) plan_pixel(a, &pl);
   else plan_wide(a, &pl);

@@ -17,7 +17,7 @@ void msgc_parallel(msgc_task_fn fn, void *ctx, long n, int nthreads);
 /* Per-thread scratch memory that grows as needed and is kept between calls: one region per slot.
  * Returns NULL if it cannot be allocated. */
 enum { SCRATCH_GATHER = 0, SCRATCH_PLANES, SCRATCH_PLAN, SCRATCH_SELECT, SCRATCH_ARENA, SCRATCH_PARTIAL,
-       SCRATCH_SLOTS };
+       SCRATCH_PACKED, SCRATCH_SLOTS };
 void *msgc_scratch(int slot, size_t bytes);
 
 /* Out-of-image taps read zeros from here (longer than any row of channels a kernel reads). */
@@ -33,6 +33,9 @@ typedef struct {
   const int *cols;    /* column of x of each input entry */
   const long *woff;   /* offset of each input entry's weights in a block (row * k*k * 16) */
   int n;              /* input entries */
+  const long *rx, *rw; /* rows of taps (NULL: none): entry dx * n + c of a kernel row reads x at column offset
+                          rx[..] = dx * ldx + column, weights at rw[..] = woff + dx * 16 */
+  int rn;             /* k * n */
   const float *w;     /* the head's blocked weights */
   long wblk;          /* floats per block of 16 outputs */
   const float *bias;  /* the head's biases by output (NULL: 0) */
@@ -53,9 +56,10 @@ typedef struct {
   wide_tile_fn fn;
 } wide_tile;
 
-/* the ISA's tiles, widest first; family f skips the f widest (while a narrower one is left) */
+/* the ISA's tiles: the regular ones widest first, then the row family's (7 pixels); family f < the
+   last skips the f widest regular tiles (while a narrower one is left), the last takes the row tiles */
 extern const wide_tile msgc_wide_tiles[];
-extern const int msgc_n_wide_tiles;
+extern const int msgc_n_wide_tiles, msgc_wide_families;
 const wide_tile *msgc_wide_pick(int family, int left);
 
 /* ---- the pixel kernel: tiles of RB output channels x PV vectors of output positions ----------- */
@@ -83,6 +87,9 @@ typedef void (*pixel_tile_fn)(const pixel_job *job, int q0, int j0);
 extern const int msgc_pixel_positions; /* output positions per tile */
 int msgc_pixel_rows(int left);         /* output channels of the tile for `left` remaining */
 pixel_tile_fn msgc_pixel_tile(int rows);
+
+/* ---- the packed kernel: a multi-head convolution as one head over the union of its inputs ---- */
+i32 msgc_conv_packed(const msgc_conv_args *a);
 
 /* ---- shared pieces ---------------------------------------------------------------------------------- */
 

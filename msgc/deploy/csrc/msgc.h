@@ -18,11 +18,12 @@
 
 #define MSGC_BLOCK 16  /* output channels per block of the blocked weight layout, on every ISA */
 #define MSGC_MAX_TAPS 49
+#define MSGC_MAX_GROUP 16  /* samples a thread runs together (msgc_program.group) */
 
 /* activations fused into the stores */
 enum { MSGC_ACT_NONE = 0, MSGC_ACT_RELU = 1, MSGC_ACT_RELU6 = 2 };
-/* conv kernels (msgc_conv_op.kernel) */
-enum { MSGC_KERNEL_WIDE = 0, MSGC_KERNEL_PIXEL = 1, MSGC_KERNEL_GATHER = 2 };
+/* conv kernels (msgc_conv_op.kernel); PACKED: every head as one over the union of their inputs (packed.c) */
+enum { MSGC_KERNEL_WIDE = 0, MSGC_KERNEL_PIXEL = 1, MSGC_KERNEL_GATHER = 2, MSGC_KERNEL_PACKED = 3 };
 /* msgc_weights.tiles: the wide kernel's tile family (low bits), and its work order: chunk-major (a
    work item is one tile; a chunk's weights stay in cache over its tiles) or PIXEL_MAJOR (a work item is
    a block of output pixels, every chunk of its head on the same inputs: for few inputs, many outputs) */
@@ -65,8 +66,8 @@ typedef const void *cv;
 /* weights: head i's blocked weights start at blocked + i * ceil(per_head / 16) * rows * k*k * 16, its
  * plain ones at plain + i * per_head * rows * k*k, its bias at bias + i * per_head; kernel picks the
  * wide kernel (blocked weights; reading inputs in place, or GATHER: from a contiguous copy of each
- * head's inputs, made first) or the pixel kernel (plain weights, stride 1); tiles: the wide kernel's
- * tile family. */
+ * head's inputs, made first, or PACKED: all heads as one), or the pixel kernel (plain weights, stride
+ * 1); tiles: the wide kernel's tile family. */
 #define MSGC_WEIGHTS(X) X(cf, blocked) X(cf, plain) X(i64, rows) X(cf, bias) X(i32, kernel) X(i32, tiles)
 
 /* input (xcols columns), output (written in full: every head's outputs side by side), residual added
@@ -150,16 +151,19 @@ typedef const void *cv;
 #define MSGC_HEAD_OP(X) X(i32, src) X(cf, weight) X(cf, bias) X(i32, classes)
 
 /* input_nchw: the samples are images (C x H x W, planar), copied into buffer 0 (HW x C, in the arena);
- * otherwise buffer 0 is the sample itself (HW x C, rows x_ld apart). nout: outputs per sample */
+ * otherwise buffer 0 is the sample itself (HW x C, rows x_ld apart). nout: outputs per sample. A thread
+ * runs up to group (<= MSGC_MAX_GROUP) samples together: each alone through the ops before group_from,
+ * then op by op over the group. */
 #define MSGC_PROGRAM(X) \
   X(i32, n_ops) X(cv, ops) X(cv, convs) X(cv, gates) X(cv, sets_ops) X(cv, dws) X(cv, affines) X(cv, pools) \
   X(cv, heads) X(i32, n_bufs) X(cv, bufs) X(i32, n_sets) X(cv, sets) X(i64, farena) X(i64, iarena) \
-  X(i32, nstats) X(i32, nout) X(i32, input_nchw)
+  X(i32, nstats) X(i32, nout) X(i32, input_nchw) X(i32, group) X(i32, group_from)
 
 /* run samples [0, n): sample i's input at x + i * x_stride, its outputs (logits) to out + i * nout,
  * stats to stats + i * nstats, executed MACs to executed[i]. With op >= 0, run only that op, reps
  * times, on the state the last run of this thread left (n = 1, keep = 1 then), and write each
- * repetition's nanoseconds to times. keep: leave the state for such replays. */
+ * repetition's nanoseconds to times and one repetition's executed MACs to executed[0]. keep: leave
+ * the state for such replays. */
 #define MSGC_RUN_ARGS(X) \
   X(cv, program) X(i32, n) X(cf, x) X(i64, x_stride) X(i64, x_ld) X(wf, out) X(wi, stats) X(wl, executed) \
   X(i32, nthreads) X(i32, keep) X(i32, op) X(i32, reps) X(wl, times)

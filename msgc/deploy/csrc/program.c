@@ -8,8 +8,10 @@
  * columns in order (CONCAT). What a producer computes can depend on the sample (a one-head convolution
  * computes all its outputs where few are unread), so this is decided per sample, here.
  *
- * Batches: with at least as many samples as threads, every thread runs whole samples (ops on one
- * thread each); otherwise samples run one after the other with every op on all threads.
+ * Batches: with at least as many samples as threads, every thread runs whole groups of samples (ops on
+ * one thread each); otherwise samples run one after the other with every op on all threads. A group's
+ * samples run one by one through the first ops (large feature maps, small weights), then op by op
+ * from the program's group_from on, so that each layer's weights are read once per group.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -208,7 +210,10 @@ static int run_dw(state *st, const msgc_dw_op *o) {
   const setrt *s = o->set >= 0 ? &st->s[o->set] : 0;
   if (s && s->masked) {
     const int full = ((const msgc_set *)st->pg->sets)[o->set].channels;
-    if (s->n_uni < full) { /* only the union's channels: their weights, and (from a full input) columns */
+    /* only the union's channels: their weights, and from a full input a copy of their columns; a
+       copied column costs about twice a computed one, so from a full input only a union of under a
+       third of the channels is taken (else every channel is computed) */
+    if (s->n_uni < full && (src->tag != TAG_FULL || 3 * s->n_uni < full)) {
       c = s->n_uni;
       const long hw = (long)o->g.h * o->g.w;
       float *mem = msgc_scratch(SCRATCH_SELECT, sizeof(float) * ((size_t)(kk + 1) * c + (src->tag == TAG_FULL ? hw * c : 0)));
@@ -359,12 +364,19 @@ static int run_op(state *st, int i, float *feats) {
   }
 }
 
-/* the calling thread's arena, laid out for the program: floats, ints, buffer and set states */
-static int open_state(state *st, const msgc_program *pg, int fresh) {
+static size_t state_bytes(const msgc_program *pg) {
   const size_t bytes = sizeof(float) * (size_t)pg->farena + sizeof(int) * (size_t)pg->iarena +
-                       sizeof(bufrt) * (size_t)pg->n_bufs + sizeof(setrt) * (size_t)pg->n_sets + 64;
-  char *mem = msgc_scratch(SCRATCH_ARENA, bytes);
+                       sizeof(bufrt) * (size_t)pg->n_bufs + sizeof(setrt) * (size_t)pg->n_sets;
+  return (bytes + 63) / 64 * 64;
+}
+
+/* the state of the calling thread's k-th sample of a group (its arena, laid out for the program: floats,
+   ints, buffer and set states), in the thread's scratch of `group` states (group 0: keep its size) */
+static int open_state(state *st, const msgc_program *pg, int k, int group, int fresh) {
+  const size_t bytes = state_bytes(pg);
+  char *mem = msgc_scratch(SCRATCH_ARENA, bytes * (size_t)(group > 0 ? group : 1));
   if (!mem) return MSGC_ENOMEM;
+  mem += bytes * (size_t)k;
   st->pg = pg;
   st->b = (bufrt *)mem;
   st->s = (setrt *)(st->b + pg->n_bufs);
@@ -392,40 +404,59 @@ static int open_state(state *st, const msgc_program *pg, int fresh) {
   return MSGC_OK;
 }
 
-static int run_sample(const msgc_run_args *a, int i, int nthreads) {
+/* buffer 0 is sample i's input: copied into the arena (planar images), or pointed at, with its views */
+static void load_input(state *st, const msgc_run_args *a, int i) {
   const msgc_program *pg = a->program;
-  state st;
-  /* buffer 0 is the input: point it (and its views, which follow it) at the sample */
-  int rc = open_state(&st, pg, 1);
-  if (rc) return rc;
-  st.nthreads = nthreads;
   const float *x = a->x + (long)i * a->x_stride;
   if (pg->input_nchw) { /* planar image -> buffer 0 (in the arena), channels-last */
-    bufrt *b = &st.b[0];
+    bufrt *b = &st->b[0];
     const long hw = (long)b->h * b->w;
     for (long q = 0; q < hw; q++)
       for (int c = 0; c < b->cols; c++) b->data[q * b->ld + c] = x[c * hw + q];
   } else {
-    st.b[0].data = (float *)x;
-    st.b[0].ld = a->x_ld;
+    st->b[0].data = (float *)x;
+    st->b[0].ld = a->x_ld;
     const msgc_buf *d = (const msgc_buf *)pg->bufs;
     for (int j = 1; j < pg->n_bufs; j++)
-      if (d[j].parent == 0) st.b[j].data = st.b[0].data + d[j].col0, st.b[j].ld = a->x_ld;
+      if (d[j].parent == 0) st->b[j].data = st->b[0].data + d[j].col0, st->b[j].ld = a->x_ld;
   }
-  for (int op = 0; op < pg->n_ops && !rc; op++) rc = run_op(&st, op, a->out + (long)i * pg->nout);
-  if (a->stats) record_stats(&st, a->stats + (long)i * pg->nstats);
-  if (a->executed) a->executed[i] = st.executed;
+}
+
+/* samples first .. first + count - 1 on nthreads threads: each sample alone through the ops before
+   group_from, then op by op over the group (a layer's weights, read for the first sample, are still in
+   cache for the others, where they outweigh the layer's feature maps) */
+static int run_group(const msgc_run_args *a, int first, int count, int nthreads) {
+  const msgc_program *pg = a->program;
+  state st[MSGC_MAX_GROUP];
+  int rc = MSGC_OK;
+  for (int k = 0; k < count && !rc; k++) {
+    rc = open_state(&st[k], pg, k, count, 1);
+    if (rc) break;
+    st[k].nthreads = nthreads;
+    load_input(&st[k], a, first + k);
+  }
+  const int split = count > 1 && pg->group_from < pg->n_ops ? pg->group_from : pg->n_ops;
+  for (int k = 0; k < count && !rc; k++)
+    for (int op = 0; op < split && !rc; op++) rc = run_op(&st[k], op, a->out + (long)(first + k) * pg->nout);
+  for (int op = split; op < pg->n_ops && !rc; op++)
+    for (int k = 0; k < count && !rc; k++) rc = run_op(&st[k], op, a->out + (long)(first + k) * pg->nout);
+  for (int k = 0; k < count && !rc; k++) {
+    if (a->stats) record_stats(&st[k], a->stats + (long)(first + k) * pg->nstats);
+    if (a->executed) a->executed[first + k] = st[k].executed;
+  }
   return rc;
 }
 
 typedef struct {
   const msgc_run_args *a;
+  int group;
   volatile int rc;
 } batch_task;
 
-static void sample_task(void *arg, long i) { /* a whole sample on one thread */
+static void group_task(void *arg, long g) { /* a group of samples on one thread */
   batch_task *t = arg;
-  const int r = run_sample(t->a, (int)i, 1);
+  const int first = (int)g * t->group, count = t->a->n - first < t->group ? t->a->n - first : t->group;
+  const int r = run_group(t->a, first, count, 1);
   if (r) t->rc = r;
 }
 
@@ -439,7 +470,7 @@ i32 msgc_run(const msgc_run_args *a) {
   const msgc_program *pg = a->program;
   if (a->op >= 0) { /* replay one op on the state the last run of this thread left */
     state st;
-    int rc = open_state(&st, pg, 0);
+    int rc = open_state(&st, pg, 0, 0, 0);
     st.nthreads = a->nthreads;
     float *feats = a->out;
     for (int r = 0; r < a->reps && !rc; r++) {
@@ -447,15 +478,25 @@ i32 msgc_run(const msgc_run_args *a) {
       rc = run_op(&st, a->op, feats);
       if (a->times) a->times[r] = now_ns() - t0;
     }
+    if (a->executed && a->reps > 0) a->executed[0] = st.executed / a->reps;
     return rc;
   }
+  /* groups of samples: each thread its own (ops on one thread each), or one after the other with every
+     op on all threads where there are fewer samples than threads */
+  const int threads = a->nthreads > 1 && a->n >= a->nthreads && !a->keep ? a->nthreads : 1;
+  int group = a->keep ? 1 : (a->n + threads - 1) / threads;
+  group = group < pg->group ? group : pg->group;
+  group = group < 1 ? 1 : group > MSGC_MAX_GROUP ? MSGC_MAX_GROUP : group;
+  const long groups = (a->n + group - 1) / group;
+  if (threads > 1) {
+    batch_task t = {a, group, MSGC_OK};
+    msgc_parallel(group_task, &t, groups, threads);
+    return t.rc;
+  }
   int rc = MSGC_OK;
-  if (a->n >= a->nthreads && a->nthreads > 1 && !a->keep) {
-    batch_task t = {a, MSGC_OK};
-    msgc_parallel(sample_task, &t, a->n, a->nthreads);
-    rc = t.rc;
-  } else {
-    for (int i = 0; i < a->n && !rc; i++) rc = run_sample(a, i, a->nthreads);
+  for (long g = 0; g < groups && !rc; g++) {
+    const int first = (int)g * group;
+    rc = run_group(a, first, a->n - first < group ? a->n - first : group, a->nthreads);
   }
   return rc;
 }

@@ -8,15 +8,35 @@
  * the tiles keep their partial sums in `part` between blocks, so each weight is loaded once per tile
  * from L1 instead of from L2.
  *
- * Tiles per ISA (accumulators + weight vectors + one broadcast within NREG):
- *   AVX-512: 4x6, 3x8, 2x12, 1x16 (64, 48, 32, 16 outputs)
+ * A head with few input channels per tap (a stem's 3) walks its taps by kernel rows: in a channels-last
+ * map a row's k taps of n channels lie side by side, one run of k * n entries at fixed offsets from
+ * each pixel's first tap, which saves the per-tap bookkeeping that would otherwise cost as much as the
+ * n products of a tap. A whole tile within one output row, inside the map at every tap, reads its
+ * pixels a fixed stride apart through one pointer: RB pixel pointers outnumber the integer registers
+ * for the tiles of many pixels (1x16, 2x12), which then cost a move per product.
+ *
+ * Tiles per ISA (accumulators + weight vectors + one broadcast within NREG), and the row family of 7
+ * pixels where 32 registers hold it:
+ *   AVX-512: 4x6, 3x8, 2x12, 1x16 (64, 48, 32, 16 outputs); rows 3x7, 2x7, 1x7
  *   AVX2:    3x4, 2x6, 1x12       (24, 16, 8 outputs)
- *   NEON:    4x6, 3x8, 2x12, 1x16 (16, 12, 8, 4 outputs)
+ *   NEON:    4x6, 3x8, 2x12, 1x16 (16, 12, 8, 4 outputs); rows 3x7, 2x7, 1x7
  *   other:   4x2, 2x6, 1x12       (16, 8, 4 outputs; no FMA assumed: a product needs a register)
  */
 #include "internal.h"
 
 const float msgc_zeros[ZERO_FLOATS];
+
+/* acc += the input at column (offset) XO of every pixel's row times the NV weight vectors at WO */
+#define WIDE_FMA(NV, RB, XO, WO)                                                                         \
+  do {                                                                                                 \
+    const long xo_ = (XO), wo_ = (WO);                                                                 \
+    vf wv[NV];                                                                                         \
+    for (int v = 0; v < NV; v++) wv[v] = vload(wv0[v] + wo_);                                          \
+    for (int r = 0; r < RB; r++) {                                                                     \
+      const float xv = px[r][xo_];                                                                     \
+      for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                            \
+    }                                                                                                  \
+  } while (0)
 
 #define WIDE_TILE(NV, RB)                                                                              \
   static void wide_##NV##x##RB(const wide_job *j, int o0, int npix, int j0, int cb, int ce, float *part) { \
@@ -42,8 +62,31 @@ const float msgc_zeros[ZERO_FLOATS];
         if (++ox == Wo) ox = 0, oy++;                                                                  \
       }                                                                                                \
     }                                                                                                  \
-    for (int t = 0; t < kk; t++) {                                                                     \
-      const int dy = t / k, dx = t % k;                                                                \
+    /* rows of taps (j->rx): a kernel row's k taps x n channels as one run of entries, where every     \
+       pixel's row of taps lies inside the map */                                                      \
+    int fused = j->rx != 0 && cb == 0 && ce == n;                                                    \
+    for (int r = 0; r < RB && fused; r++) fused = r >= npix || (ix0[r] >= 0 && ix0[r] + k <= j->W);    \
+    /* a full tile within one output row whose taps all lie inside the map: its inputs are a fixed       \
+       stride apart, one pointer for all pixels instead of RB (which outnumber the integer registers) */ \
+    const int inrow = !fused && npix == RB && iy0[RB - 1] == iy0[0] && ix0[0] >= 0 && ix0[RB - 1] + k <= j->W; \
+    for (int t = 0; inrow && t < kk; t++) {                                                            \
+      const int iy = iy0[0] + t / k;                                                                   \
+      if (iy < 0 || iy >= j->H) continue;                                                              \
+      const float *row = j->x + ((long)iy * j->W + ix0[0] + t % k) * j->ldx;                           \
+      const long S = (long)s * j->ldx, toff = (long)t * MSGC_BLOCK;                                    \
+      for (int c = cb; c < ce; c++) {                                                                  \
+        const long wo = woff[c] + toff;                                                                \
+        vf wv[NV];                                                                                     \
+        for (int v = 0; v < NV; v++) wv[v] = vload(wv0[v] + wo);                                       \
+        const float *q = row + cols[c];                                                                \
+        for (int r = 0; r < RB; r++, q += S) {                                                         \
+          const float xv = *q;                                                                         \
+          for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                        \
+        }                                                                                              \
+      }                                                                                                \
+    }                                                                                                  \
+    for (int t = 0; !inrow && t < kk; t += fused ? k : 1) {                                            \
+      const int dy = t / k, dx = fused ? 0 : t % k;                                                    \
       const float *px[RB];                                                                             \
       int any = 0;                                                                                     \
       for (int r = 0; r < RB; r++) {                                                                   \
@@ -54,15 +97,10 @@ const float msgc_zeros[ZERO_FLOATS];
       }                                                                                                \
       if (!any) continue;                                                                              \
       const long toff = (long)t * MSGC_BLOCK;                                                          \
-      for (int c = cb; c < ce; c++) {                                                                  \
-        const int ci = cols[c];                                                                        \
-        const long wo = woff[c] + toff;                                                                \
-        vf wv[NV];                                                                                     \
-        for (int v = 0; v < NV; v++) wv[v] = vload(wv0[v] + wo);                                       \
-        for (int r = 0; r < RB; r++) {                                                                 \
-          const float xv = px[r][ci];                                                                  \
-          for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];                                        \
-        }                                                                                              \
+      if (fused) {                                                                                     \
+        for (int e = 0; e < j->rn; e++) WIDE_FMA(NV, RB, j->rx[e], j->rw[e] + toff);                     \
+      } else {                                                                                         \
+        for (int c = cb; c < ce; c++) WIDE_FMA(NV, RB, cols[c], woff[c] + toff);                         \
       }                                                                                                \
     }                                                                                                  \
     if (part && ce < n) { /* a block of the input channels: keep the partial sums */                   \
@@ -88,38 +126,45 @@ const float msgc_zeros[ZERO_FLOATS];
     }                                                                                                  \
   }
 
-#if VL == 16
+/* The regular tiles, widest first, then (where 32 registers hold them) the tiles of 7 pixels, the row
+   family: ImageNet's maps are 7 x 2^i wide, so these tiles cover whole output rows, a 7x7 map's 49
+   pixels in 7 tiles instead of 9 tiles of 6 with 5 pixels computed for nothing. */
+#if VL == 16 || (NREG >= 32 && VL == 4)
 WIDE_TILE(4, 6)
 WIDE_TILE(3, 8)
 WIDE_TILE(2, 12)
 WIDE_TILE(1, 16)
-const wide_tile msgc_wide_tiles[] = {{4, 6, wide_4x6}, {3, 8, wide_3x8}, {2, 12, wide_2x12}, {1, 16, wide_1x16}};
-#elif VL == 8
+WIDE_TILE(3, 7)
+WIDE_TILE(2, 7)
+WIDE_TILE(1, 7)
+const wide_tile msgc_wide_tiles[] = {{4, 6, wide_4x6}, {3, 8, wide_3x8}, {2, 12, wide_2x12}, {1, 16, wide_1x16},
+                                     {3, 7, wide_3x7}, {2, 7, wide_2x7}, {1, 7, wide_1x7}};
+#define REGULAR 4
+#elif VL == 8 /* a row tile of 2 vectors needs 17 registers, 1 vector loads as often as it multiplies */
 WIDE_TILE(3, 4)
 WIDE_TILE(2, 6)
 WIDE_TILE(1, 12)
 const wide_tile msgc_wide_tiles[] = {{3, 4, wide_3x4}, {2, 6, wide_2x6}, {1, 12, wide_1x12}};
-#elif NREG >= 32
-WIDE_TILE(4, 6)
-WIDE_TILE(3, 8)
-WIDE_TILE(2, 12)
-WIDE_TILE(1, 16)
-const wide_tile msgc_wide_tiles[] = {{4, 6, wide_4x6}, {3, 8, wide_3x8}, {2, 12, wide_2x12}, {1, 16, wide_1x16}};
+#define REGULAR 3
 #else
 WIDE_TILE(4, 2)
 WIDE_TILE(2, 6)
 WIDE_TILE(1, 12)
 const wide_tile msgc_wide_tiles[] = {{4, 2, wide_4x2}, {2, 6, wide_2x6}, {1, 12, wide_1x12}};
+#define REGULAR 3
 #endif
 const int msgc_n_wide_tiles = sizeof(msgc_wide_tiles) / sizeof(msgc_wide_tiles[0]);
+const int msgc_wide_families = REGULAR + (msgc_n_wide_tiles > REGULAR);
 
 /* The tile for `left` outputs still to cover: the widest of the family that does not exceed them
- * (rounded up to whole vectors); family f leaves out the f widest tiles (never the last). */
+ * (rounded up to whole vectors); family f < REGULAR leaves out the f widest regular tiles (never the
+ * last), family REGULAR takes the tiles of 7 pixels. */
 const wide_tile *msgc_wide_pick(int family, int left) {
   const int want = (left + VL - 1) / VL;
-  int first = family < msgc_n_wide_tiles ? family : msgc_n_wide_tiles - 1;
+  int first = family < REGULAR ? family : REGULAR;
   if (first < 0) first = 0;
-  for (int i = first; i < msgc_n_wide_tiles; i++)
+  const int end = first < REGULAR ? REGULAR : msgc_n_wide_tiles;
+  for (int i = first; i < end; i++)
     if (msgc_wide_tiles[i].nv <= want) return &msgc_wide_tiles[i];
-  return &msgc_wide_tiles[msgc_n_wide_tiles - 1];
+  return &msgc_wide_tiles[end - 1];
 }

@@ -13,14 +13,17 @@ from ..graph import AffineOp, Buffer, ConvOp, DepthwiseOp, GatesOp, Graph, HeadO
 from . import abi
 from .library import Library, blocked
 
-__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "TILES_PIXEL_MAJOR"]
+__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR"]
 
 _S = abi.STRUCTS
-#: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs
-KERNEL_WIDE, KERNEL_PIXEL, KERNEL_GATHER = 0, 1, 2
+#: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs, wide on
+#: every head packed as one
+KERNEL_WIDE, KERNEL_PIXEL, KERNEL_GATHER, KERNEL_PACKED = 0, 1, 2, 3
 #: added to a tile family: the wide kernel's pixel-major work order (msgc.h)
 TILES_PIXEL_MAJOR = 16
 _OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_HEAD = range(1, 8)
+#: samples of a batch that a thread runs together (at most msgc.h's MSGC_MAX_GROUP)
+GROUP = 4
 
 
 def blocked_layout(weights) -> torch.Tensor:
@@ -75,6 +78,39 @@ def _layout(graph: Graph) -> Tuple[Dict[int, int], int]:
     return offsets, (top + 15) // 16 * 16
 
 
+def _weight_floats(op) -> int:
+    if isinstance(op, (ConvOp, DepthwiseOp)):
+        return op.weights.weight.numel()
+    if isinstance(op, GatesOp):
+        return op.generators.w1.numel() + op.generators.w2.numel()
+    if isinstance(op, HeadOp):
+        return op.weight.numel()
+    return 0
+
+
+def group_from(graph: Graph, group: int = GROUP) -> int:
+    """The op from which a thread's group of samples runs op by op instead of sample by sample.
+
+    Sample by sample, an op's weights come from memory once per sample (the whole network's weights
+    pass through the caches between two samples) while its feature maps stay in cache; op by op, the
+    weights are read once per group and the feature maps of every sample pass through the caches
+    between two ops. Floats moved per group: ``group x weights`` before the split, ``weights + group x
+    (input + output)`` after it; the split is where their sum is least (large maps with small weights
+    first, small maps with large weights after)."""
+    costs = []
+    for op in graph.ops:
+        w = _weight_floats(op)
+        maps = sum(b.h * b.w * b.cols for b in (getattr(op, "src", None), getattr(op, "dst", None)) if b is not None)
+        costs.append((group * w, w + group * maps))
+    total = sum(c[1] for c in costs)  # split at 0: every op over the group
+    best, where = total, 0
+    for i, (alone, grouped) in enumerate(costs):
+        total += alone - grouped
+        if total < best:
+            best, where = total, i + 1
+    return where
+
+
 class Program:
     """The native program of a graph, with every tensor its structs point into."""
 
@@ -117,7 +153,7 @@ class Program:
                                                       for k in (ConvOp, GatesOp, SetsOp, DepthwiseOp, AffineOp,
                                                                 PoolOp, HeadOp)),
             len(graph.buffers), ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena,
-            self.nstats, self.nout, 1)
+            self.nstats, self.nout, 1, GROUP, group_from(graph))
 
     def _hold(self, t):
         if t is not None:
