@@ -1,4 +1,4 @@
-"""The README's set-up commands: the same lines in CI (.ci/run runs them in a clean clone), virtual
+"""The README's set-up commands: the same lines in docs/getting_started.md and in CI (.ci/run runs them in a clean clone), virtual
 environments that a PEP 668 system Python accepts, and the detection project's install command."""
 import os
 import re
@@ -12,9 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _setup_commands():
-    """The commands of the README's "Set-up" code block (comment lines left out)."""
-    text = (ROOT / "README.md").read_text()
+def _setup_commands(page="README.md"):
+    """The commands of the "Set-up" code block of ``page`` (comment lines left out)."""
+    text = (ROOT / page).read_text()
     section = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
@@ -32,6 +32,7 @@ def test_ci_runs_the_readme_setup_commands_verbatim_in_a_fresh_environment():
     assert run[-2:] == commands  # the last two things CI does, in this order
     assert any(line.startswith("rm -rf .venv") for line in run[:-2])  # from a fresh environment
     assert "set -euo pipefail" in run
+    assert _setup_commands("docs/getting_started.md") == commands  # the tutorial shows the same two
 
 
 def _externally_managed_python():

@@ -1,5 +1,5 @@
-"""The README's registration example, run as written: the code block of "Registering your own backbone"
-is executed, built through the registry from a config, trained on the digits, and its numbers are
+"""The registration tutorial's example, run as written: the code block of "Registering your own backbone"
+in docs/models.md is executed, built through the registry from a config, trained on the digits, and its numbers are
 checked (static MACs against a count by hand, per-sample MACs, losses, deployment)."""
 import importlib.util
 import os
@@ -11,12 +11,13 @@ import torch
 from msgc.modeling import BACKBONE_REGISTRY, build_model
 from test_deploy import check_same, randomize
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.path.join(ROOT, "docs", "models.md")
 
 
-def readme_block(section):
-    """(the first python code block after the heading ``section`` of README.md, its first line number)."""
-    text = open(README).read()
+def page_block(section):
+    """(the first python code block after the heading ``section`` of docs/models.md, its first line number)."""
+    text = open(PAGE).read()
     at = text.index(f"\n{section}\n")
     m = re.compile(r"```python\n(.*?)```", re.S).search(text, at)
     return m.group(1), text.count("\n", 0, m.start(1)) + 1
@@ -24,10 +25,10 @@ def readme_block(section):
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The README's module, executed once (its decorator registers ``tiny``)."""
-    code, line = readme_block("### Registering your own backbone")
+    """The tutorial's module, executed once (its decorator registers ``tiny``)."""
+    code, line = page_block("### Registering your own backbone")
     namespace = {"__name__": "my_project.tiny"}
-    exec(compile("\n" * (line - 1) + code, README, "exec"), namespace)  # tracebacks name README.md lines
+    exec(compile("\n" * (line - 1) + code, PAGE, "exec"), namespace)  # tracebacks name docs/models.md lines
     assert BACKBONE_REGISTRY.get("tiny") is namespace["Tiny"]
     return namespace
 
@@ -131,7 +132,7 @@ def test_random_gates_and_attention_deploy(cfg, tiny):
 def test_the_analysis_tables_see_its_blocks(cfg, tiny):
     """tools/analyze_model.py: the blocks' row adds the gated work and the generators; the rest is the
     stem, the shortcut and the head; the measured MACs are the model's."""
-    spec = importlib.util.spec_from_file_location("analyze_model", os.path.join(os.path.dirname(README), "tools",
+    spec = importlib.util.spec_from_file_location("analyze_model", os.path.join(ROOT, "tools",
                                                                                "analyze_model.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
