@@ -231,7 +231,7 @@ def runners(cfg, args, model):
                             what + (", channels-last" if args.channels_last else ""))
         else:
             # both memory formats: oneDNN is faster channels-last on some layers and CPUs (max-pooling
-            # 112x112 NCHW costs 2.5 ms on the 2-core machine of the README), and the ratios take the
+            # 112x112 NCHW costs 2.5 ms on the 2-core machine of docs/benchmarks.md), and the ratios take the
             # faster one, so that a layout change is not counted as a saving of deployment
             cl = copy.deepcopy(host).to(memory_format=torch.channels_last)
             for name, net, fmt in (("dense", host, torch.contiguous_format), ("dense_cl", cl, torch.channels_last)):

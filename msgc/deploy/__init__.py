@@ -1,4 +1,4 @@
-"""Deployment: inference-only networks that compute only what the gates keep (README, "Speed";
+"""Deployment: inference-only networks that compute only what the gates keep (docs/deployment.md, docs/benchmarks.md;
 ``msgc/deploy/README.md`` for the layout of this package)."""
 from .backbones import BACKBONE_DEPLOYERS, BackboneDeployer
 from .blocks import BLOCK_DEPLOYERS
