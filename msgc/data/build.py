@@ -243,15 +243,15 @@ def _collate(items):
 
 
 def _init_worker(exiting, owner: int, imports, worker_id):
-    """Import the owner's user modules, seed Python's and NumPy's RNGs from the worker's torch seed
-    (which DataLoader derives from the loader's generator), and ignore the stop signals until the owner
-    exits. A worker whose owner died while it started leaves at once (DataLoader's own watchdog would
+    """Seed Python's and NumPy's RNGs from the worker's torch seed (which DataLoader derives from the
+    loader's generator), ignore the stop signals until the owner exits, and import the owner's user
+    modules. A worker whose owner died while it started leaves at once (DataLoader's own watchdog would
     take the orphan's new parent for its owner)."""
     if os.getppid() != owner:
         os._exit(0)
-    import_pairs(imports)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
     if exiting is not None:
         guard_worker(exiting)
+    import_pairs(imports)  # guarded first: a worker whose import fails must still end when its owner ends it

@@ -72,8 +72,9 @@ def import_pairs(pairs):
 
 
 def _import(name: str, where: str):
-    if not isinstance(name, str) or not name.strip():
-        raise ModuleImportError(f"{where}: {name!r} is not a module name (give dotted names such as my_project.tiny)")
+    if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+        raise ModuleImportError(f"{where}: {name!r} is not a module name; give a dotted name such as "
+                                "my_project.tiny (for my_project/tiny.py), not a file path")
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
