@@ -30,6 +30,7 @@ from tabulate import tabulate
 from msgc.analysis import gated_blocks
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import load_cfg
+from msgc.engine import add_import_argument, import_user_modules
 from msgc.modeling import Costs, build_model
 from msgc.modeling.layers import AttentionGenerator, MaskGenerator
 from msgc.utils.errors import ArgumentParser, UserError, exit_on_user_error, one_line
@@ -45,6 +46,7 @@ _COST_FIELDS = ("main", "dgc", "gen", "extra")
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
+    add_import_argument(parser)
     parser.add_argument("--num-images", type=int, default=32,
                         help="images over which gates are measured (0: static numbers only, no weights loaded)")
     parser.add_argument("--images", choices=("auto", "test", "random"), default="auto",
@@ -57,6 +59,7 @@ def parse_args(argv=None):
 
 def setup_cfg(args):
     cfg = load_cfg(args.config_file, args.opts)
+    import_user_modules(cfg, args)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("MODEL.DEVICE=%s but CUDA is not available: analysing on the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

@@ -43,6 +43,7 @@ import torch
 from tabulate import tabulate
 
 from msgc.config import load_cfg
+from msgc.engine import add_import_argument, import_user_modules
 from msgc.utils.env import check_device
 from msgc.utils.errors import ArgumentParser, exit_on_user_error
 from msgc.deploy import deploy
@@ -57,6 +58,7 @@ _TORCHVISION = {"msgc_resnet18": "resnet18", "msgc_resnet34": "resnet34", "msgc_
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
+    add_import_argument(parser)
     parser.add_argument("--weights", default="", help="checkpoint to load (default: random weights)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -110,6 +112,7 @@ def parse_args(argv=None):
 def setup(args):
     check_device(args.device, "--device")
     cfg = load_cfg(args.config_file, args.opts)
+    import_user_modules(cfg, args)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = args.weights
     cfg.freeze()

@@ -49,6 +49,7 @@ from tabulate import tabulate
 
 import msgc
 from msgc.config import load_cfg
+from msgc.engine import add_import_argument, import_user_modules
 from msgc.data import build_train_loader, check_dataset
 from msgc.utils.errors import ArgumentParser, MissingFileError, exit_on_user_error
 
@@ -59,6 +60,7 @@ IMAGE_SIZE, JPEG_QUALITY, NUM_CLASSES = (500, 375), 90, 10
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the config whose training loader is measured")
+    add_import_argument(parser)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the config's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
@@ -225,6 +227,7 @@ def _top5(logits):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_cfg(args.config_file, args.opts)
+    import_user_modules(cfg, args)
     cfg.MODEL.DEVICE = cfg.MODEL.DEVICE if torch.cuda.is_available() else "cpu"
     if args.workers is not None:
         cfg.DATALOADER.NUM_WORKERS = args.workers

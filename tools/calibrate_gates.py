@@ -17,7 +17,7 @@ import os
 
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import load_cfg
-from msgc.engine import DefaultTrainer
+from msgc.engine import DefaultTrainer, add_import_argument, import_user_modules
 from msgc.evaluation import check_budget
 from msgc.utils.env import check_device
 from msgc.utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
@@ -29,6 +29,7 @@ logger = logging.getLogger("calibrate_gates")
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
+    add_import_argument(parser)
     parser.add_argument("--dataset", default="", help="calibration dataset (its test split); default CALIBRATION.DATASET")
     parser.add_argument("--budget", type=float, default=None, help="MAC ratio to reach; default SOLVER.MAC_TARGET.FINAL")
     parser.add_argument("--output", default="", help="the calibrated checkpoint; default <weights>_calibrated.pth")
@@ -47,6 +48,7 @@ def output_path(weights: str, output: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_cfg(args.config_file, args.opts)
+    import_user_modules(cfg, args)
     check_device(cfg.MODEL.DEVICE)
     weights = cfg.MODEL.WEIGHTS
     if not weights:

@@ -16,6 +16,7 @@ import torch
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.checkpoint.formats import convert_to_msgc
 from msgc.config import load_cfg
+from msgc.engine import add_import_argument, import_user_modules
 from msgc.modeling import build_model
 from msgc.utils.errors import ArgumentParser, InvalidValueError, exit_on_user_error
 from msgc.utils.file_io import write_atomic
@@ -29,12 +30,14 @@ def parse_args(argv=None):
     parser.add_argument("output", help="msgc checkpoint to write")
     parser.add_argument("--config-file", default="", help="check the weights against this config's model "
                         "and store the config in the checkpoint")
+    add_import_argument(parser)
     parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE pairs")
     return parser.parse_intermixed_args(argv)
 
 
 def setup_cfg(args):
     cfg = load_cfg(args.config_file, args.opts)
+    import_user_modules(cfg, args)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg

@@ -47,7 +47,7 @@ from typing import List, Optional
 
 from msgc.analysis.figures import require_matplotlib, spectrum_figure
 from msgc.config import load_cfg
-from msgc.engine import exit_on_user_error
+from msgc.engine import add_import_argument, exit_on_user_error, import_user_modules
 from msgc.evaluation import check_budget
 from msgc.utils.errors import InvalidValueError, UserError, one_line
 from msgc.utils.events import read_metrics
@@ -78,6 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=0.02, help="how close to its budget a run's eval MAC "
                         "ratio must land")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    add_import_argument(parser)  # passed on to every training
     parser.add_argument("opts", nargs="*", help="config overrides for every run: KEY VALUE pairs")
     args = parser.parse_intermixed_args(argv)
     if args.quick:
@@ -111,6 +112,7 @@ class Run:
     error: str = ""
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    imports: List[str] = field(default_factory=list)  # the study's --import modules
 
     @property
     def name(self) -> str:
@@ -122,16 +124,17 @@ class Run:
 
     def command(self) -> list:
         host = ["MODEL.WEIGHTS", self.host.weights] if self.host is not None else []
-        return [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume", "--config-file", self.config,
-                *self.opts, *host, "SEED", str(self.seed), "OUTPUT_DIR", self.folder]
+        imports = [t for m in self.imports for t in ("--import", m)]
+        return [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume", *imports, "--config-file",
+                self.config, *self.opts, *host, "SEED", str(self.seed), "OUTPUT_DIR", self.folder]
 
 
 def plan(args) -> List[Run]:
     """Every run of the study, hosts first."""
     cfg_path = lambda name: os.path.join(args.configs, f"{name}.yaml")  # noqa: E731
     runs = []
-    hosts = {s: Run("host", s, None, cfg_path("host"), list(args.opts), os.path.join(args.output, "host", f"seed{s}"))
-             for s in args.seeds}
+    hosts = {s: Run("host", s, None, cfg_path("host"), list(args.opts), os.path.join(args.output, "host", f"seed{s}"),
+                    imports=list(args.imports)) for s in args.seeds}
     runs += hosts.values()
     for method in args.methods:
         if method == "dense":
@@ -143,7 +146,8 @@ def plan(args) -> List[Run]:
         for point, opts in points:
             for s in args.seeds:
                 folder = os.path.join(args.output, method, *([point] if point else []), f"seed{s}")
-                runs.append(Run(method, s, point, cfg_path(method), list(args.opts) + opts, folder, host=hosts[s]))
+                runs.append(Run(method, s, point, cfg_path(method), list(args.opts) + opts, folder, host=hosts[s],
+                                imports=list(args.imports)))
     return runs
 
 
@@ -162,6 +166,7 @@ def check(runs: List[Run]):
         if not os.path.isfile(run.config):
             raise InvalidValueError(f"{run.name}: config {run.config} does not exist")
         cfg = load_cfg(run.config, run.opts)
+        import_user_modules(cfg)  # the config's IMPORTS (main imported the --import modules)
         check_solver(cfg)
         for name in {cfg.DATASETS.TRAIN, cfg.DATASETS.TEST, cfg.CALIBRATION.DATASET} - {""}:
             check_dataset(cfg, name, "test")
@@ -232,7 +237,7 @@ def train(runs: List[Run], jobs: int, log_dir: str):
             os.makedirs(log_dir, exist_ok=True)
             logger.info("training %s (log: %s)", run.name, log)
             handle = open(log, "w")
-            proc = subprocess.Popen(run.command(), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(run.command(), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
             running.append((run, proc, handle, log, time.perf_counter()))
         if not running:
             continue
@@ -332,6 +337,13 @@ def figure(rows_, path):
                                               "sample std over seeds)")
 
 
+def _child_env() -> dict:
+    """The trainings' environment: this one, with this working folder on PYTHONPATH (they run in ROOT),
+    so that they find the user modules that this process found here."""
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path)
+
+
 def _children_cpu():
     """CPU seconds (user + system) of the finished child processes: on a shared machine the wall time
     says little, the CPU time what the study costs."""
@@ -342,6 +354,7 @@ def _children_cpu():
 def main(argv=None):
     args = parse_args(argv)
     require_matplotlib()
+    import_user_modules(args=args)
     runs = plan(args)
     check(runs)
     os.makedirs(args.output, exist_ok=True)

@@ -21,6 +21,10 @@ Examples::
 
     # or under torchrun (then --num-gpus and friends are ignored)
     torchrun --nproc-per-node 8 tools/train_net.py --config-file configs/msgc_r50.yaml
+
+    # a backbone of your own: import the module that registers it (from the folder that holds
+    # my_project/; or list it under the config key IMPORTS), in every process, before anything is built
+    python <msgc>/tools/train_net.py --import my_project.tiny --config-file my.yaml MODEL.BACKBONE.NAME tiny
 """
 import logging
 import os

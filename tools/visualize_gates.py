@@ -32,7 +32,7 @@ from msgc.analysis.figures import require_matplotlib, write_gate_figures
 from msgc.analysis.gates import load_gated_weights
 from msgc.config import load_cfg
 from msgc.data import build_normalizer, build_test_loader
-from msgc.engine import exit_on_user_error
+from msgc.engine import add_import_argument, exit_on_user_error, import_user_modules
 from msgc.modeling import build_model
 from msgc.utils.errors import FileWriteError, InvalidValueError
 from msgc.utils.file_io import write_json
@@ -43,6 +43,7 @@ logger = logging.getLogger("visualize_gates")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
+    add_import_argument(parser)
     parser.add_argument("--dataset", default="", help="registered dataset to measure on (default DATASETS.TEST)")
     parser.add_argument("--num-images", type=int, default=512, help="images measured (the first N of the test set)")
     parser.add_argument("--output", default="output/gates", help="folder for the PNG files and gates.json")
@@ -82,6 +83,7 @@ def build(cfg, config_file):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_cfg(args.config_file, args.opts)
+    import_user_modules(cfg, args)
     require_matplotlib()
     prepare_output(args.output)
     model = build(cfg, args.config_file)

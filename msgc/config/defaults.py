@@ -188,6 +188,11 @@ _C.CALIBRATION.TOLERANCE = 0.002
 # ---------------------------------------------------------------------------------------------------
 # Misc
 # ---------------------------------------------------------------------------------------------------
+# Modules to import before anything is built, in every process of the run (spawned ranks and
+# data-loader workers too): a project's own modules, whose decorators register its backbones,
+# groupings, attention, schedulers or datasets, e.g. ["my_project.tiny"]. The working folder is
+# importable. As an override: IMPORTS my_project.tiny,my_project.data. See also --import.
+_C.IMPORTS = []
 # Folder for checkpoints, logs, metrics.json and TensorBoard events.
 _C.OUTPUT_DIR = "./output"
 # Random seed; a negative value draws one from the clock (and logs it).

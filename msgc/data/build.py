@@ -10,6 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, default_collate
 
 from ..utils import comm
 from ..utils.errors import InvalidValueError
+from ..utils.imports import import_pairs, imported_modules
 from ..utils.preemption import guard_worker, owner_exiting, stop_signals_blocked
 from ..utils.registry import Registry
 from .decode import check_decode_device
@@ -217,7 +218,8 @@ def build_loader(dataset, batch_sampler, num_workers: int, collate_fn, pin_memor
     once, does not, so that its workers end with the trainer's iterator.
     """
     num_workers = loader_workers(num_workers)
-    init = functools.partial(_init_worker, owner_exiting() if num_workers > 0 else None, os.getpid())
+    init = functools.partial(_init_worker, owner_exiting() if num_workers > 0 else None, os.getpid(),
+                             imported_modules())
     return _GuardedLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
                           worker_init_fn=init, pin_memory=pin_memory, generator=generator,
                           persistent_workers=persistent_workers and num_workers > 0)
@@ -240,11 +242,11 @@ def _collate(items):
     return default_collate(list(images)), torch.tensor(labels, dtype=torch.long)
 
 
-def _init_worker(exiting, owner: int, worker_id):
+def _init_worker(exiting, owner: int, imports, worker_id):
     """Seed Python's and NumPy's RNGs from the worker's torch seed (which DataLoader derives from the
-    loader's generator), and ignore the stop signals until the owner exits. A worker whose owner died
-    while it started leaves at once (DataLoader's own watchdog would take the orphan's new parent for
-    its owner)."""
+    loader's generator), ignore the stop signals until the owner exits, and import the owner's user
+    modules. A worker whose owner died while it started leaves at once (DataLoader's own watchdog would
+    take the orphan's new parent for its owner)."""
     if os.getppid() != owner:
         os._exit(0)
     seed = torch.initial_seed() % 2**32
@@ -252,3 +254,4 @@ def _init_worker(exiting, owner: int, worker_id):
     np.random.seed(seed)
     if exiting is not None:
         guard_worker(exiting)
+    import_pairs(imports)  # guarded first: a worker whose import fails must still end when its owner ends it

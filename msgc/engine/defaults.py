@@ -27,12 +27,14 @@ from ..utils import comm
 from ..utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
 from ..utils.events import default_writers
 from ..utils.file_io import PathManager, get_local_path, is_url, write_json
+from ..utils.imports import import_modules
 from ..utils.logger import setup_logger
 from . import hooks
 from .launch import launch
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
 __all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "launch_from_command_line", "check_mac_target",
+           "add_import_argument", "import_user_modules",
            "resume_command", "create_ddp_model",
            "broadcast_buffers", "skip_batches", "DefaultTrainer"]
 
@@ -75,8 +77,10 @@ class _TrainArgumentParser(ArgumentParser):
 
 def launch_from_command_line(main, load_config, trainer_cls, argv=None, epilog: str = None):
     """A training script's command line: parse ``argv`` (:func:`default_argument_parser`), load the
-    config (``load_config(args)``), check what can be checked before any process starts
-    (``trainer_cls.check_config(cfg, args)``), then run ``main(args)`` on every process (:func:`launch`).
+    config (``load_config(args)``), import the user modules of ``--import`` and ``IMPORTS``
+    (:func:`import_user_modules`), check what can be checked before any process starts
+    (``trainer_cls.check_config(cfg, args)``), then run ``main(args)`` on every process (:func:`launch`,
+    whose spawned ranks import the same modules first).
 
     Bad input, found here, in any rank or in a data-loader worker, ends the run with one line
     ``error: ...`` and exit status 2; a run stopped by SIGTERM or SIGUSR1 exits with status 143 after
@@ -85,6 +89,7 @@ def launch_from_command_line(main, load_config, trainer_cls, argv=None, epilog: 
     with exit_on_user_error():
         args = default_argument_parser(epilog=epilog).parse_args(argv)
         cfg = load_config(args)
+        import_user_modules(cfg, args)
         trainer_cls.check_config(cfg, args)
         return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
@@ -98,6 +103,7 @@ def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
     """
     parser = _TrainArgumentParser(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to a yaml config")
+    add_import_argument(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT_DIR/last_checkpoint (model, optimizer, schedules, iteration)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS and exit")
@@ -111,6 +117,28 @@ def default_argument_parser(epilog: str = None) -> argparse.ArgumentParser:
                         help="config overrides as KEY VALUE pairs, after the options, e.g. SOLVER.BASE_LR 0.1 "
                         "MODEL.DEVICE cpu")
     return parser
+
+
+def add_import_argument(parser):
+    """The repeatable ``--import MODULE`` option (``args.imports``, a list) of the command lines."""
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import this module (e.g. my_project.tiny, found from the working folder) before "
+                        "anything is built, in every process, so that its decorators register its backbones, "
+                        "datasets, ...; repeat it for several; the config key IMPORTS lists more")
+    return parser
+
+
+def import_user_modules(cfg=None, args=None) -> list:
+    """Import the modules of ``args.imports`` (``--import``), then those of ``cfg.IMPORTS``, and return them.
+
+    Command lines call it once the config is loaded and before they build anything; the processes
+    they start import the same modules (see :mod:`msgc.utils.imports`). A module that cannot be
+    imported is a one-line error naming it and where it was asked for.
+    """
+    modules = import_modules(getattr(args, "imports", None) or [], "--import")
+    if cfg is not None:
+        modules += import_modules(cfg.IMPORTS, cfg.imports_origin())
+    return modules
 
 
 def resume_command(argv=None) -> str:

@@ -6,6 +6,8 @@ and their global rank ``machine_rank x per_machine + local_rank``. Under ``torch
 ``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment) the process group is initialised from the
 environment and nothing is spawned.
 
+Each spawned process first imports the user modules that the launching process imported
+(:func:`msgc.utils.imports.imported_modules`: ``--import`` and ``IMPORTS``), as it inherits none of them.
 When ``launch`` spawns the processes of a machine it watches them:
 
 - bad input found in any of them (a :class:`~msgc.utils.errors.UserError`) is reported to the launcher,
@@ -41,6 +43,7 @@ from ..utils import comm
 from ..utils.env import check_device
 from ..utils.errors import UserError, debug_enabled, error_line
 from ..utils.file_io import write_atomic
+from ..utils.imports import import_pairs, imported_modules
 from ..utils.preemption import EXIT_STATUS, STOP_SIGNALS, Preempted
 
 __all__ = ["launch", "find_free_port", "launched_world_size", "LaunchError", "DEFAULT_TIMEOUT"]
@@ -116,7 +119,8 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
         if num_machines != 1:
             raise LaunchError("--dist-url auto works on one machine only; give tcp://<machine 0 address>:<port>")
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
-    worker_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, device, timeout)
+    worker_args = (main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, device, timeout,
+                   imported_modules())
     if num_gpus_per_machine == 1:  # one process on this machine: this one
         return _worker(0, *worker_args, None)
     _spawn(worker_args, num_gpus_per_machine)
@@ -152,16 +156,19 @@ def _run_under_torchrun(main_func, args, device, timeout):
 # The spawned processes of one machine, and the launcher that watches them
 # ------------------------------------------------------------------------------------------------
 def _worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, device, timeout,
-            reports):
-    """Join the process group as global rank ``machine_rank x per_machine + local_rank`` and run main.
+            imports, reports):
+    """Import the user modules, join the process group as global rank ``machine_rank x per_machine +
+    local_rank`` and run main.
 
-    ``reports``: the launcher's folder for bad-input reports (None when this process is the launcher).
+    ``imports``: the launcher's ``(module, where)`` pairs; ``reports``: the launcher's folder for
+    bad-input reports (None when this process is the launcher).
     """
     rank = machine_rank * per_machine + local_rank
     comm._LOCAL_RANK, comm._LOCAL_SIZE = local_rank, per_machine
     if reports is not None:
         os.setpgrp()  # a process group of its own, with its data-loader workers: the launcher ends them together
     try:
+        import_pairs(imports)
         _use_device(device, local_rank, per_machine)
         try:
             dist.init_process_group(_backend(device), init_method=dist_url, world_size=world_size, rank=rank,
