@@ -27,7 +27,7 @@ def page_block(section):
 
 
 #: A few iterations of the quickstart (the digits on the CPU) with any backbone; ``out/`` is its output.
-TINY_CONFIG = f"""_BASE_: {os.path.join(os.path.dirname(README), "configs", "quickstart.yaml")}
+TINY_CONFIG = f"""_BASE_: {os.path.join(ROOT, "configs", "quickstart.yaml")}
 SOLVER: {{MAX_ITER: 6, WARMUP_ITERS: 1, CHECKPOINT_PERIOD: 6, IMS_PER_BATCH: 32}}
 TEST: {{EVAL_PERIOD: 0, GATE_SUMMARY_IMAGES: 0}}
 OUTPUT_DIR: out
@@ -37,7 +37,7 @@ OUTPUT_DIR: out
 def write_project(folder):
     """A user's project folder: the README's module as ``my_project/tiny.py`` and ``tiny.yaml``
     (:data:`TINY_CONFIG`); returns the folder."""
-    code, _ = readme_block("### Registering your own backbone")
+    code, _ = page_block("### Registering your own backbone")
     os.makedirs(os.path.join(folder, "my_project"), exist_ok=True)
     with open(os.path.join(folder, "my_project", "tiny.py"), "w") as f:
         f.write(code)
@@ -48,7 +48,7 @@ def write_project(folder):
 
 def train_net(folder, *args, tool="tools/train_net.py", timeout=240):
     """``python <msgc>/tools/train_net.py ARGS`` run from ``folder``, as a user types it there."""
-    command = [sys.executable, os.path.join(os.path.dirname(README), tool), *args]
+    command = [sys.executable, os.path.join(ROOT, tool), *args]
     return subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=timeout)
 
 
