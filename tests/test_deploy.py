@@ -252,19 +252,36 @@ def test_the_kernel_choice_avoids_a_slow_candidate(cfg, tmp_path):
     torch.testing.assert_close(again.run(x)[0], program.run(x)[0], rtol=0, atol=1e-5)
 
 
+class DeployClock:
+    """``time`` for msgc.deploy.build, whose perf_counter is the real clock plus the time that a test adds
+    (``real=False``: the added time alone), so that a test decides which side of a timing is slower
+    whatever else the machine is doing."""
+
+    def __init__(self, real: bool = True):
+        import time
+
+        self.real, self.added, self._time = real, 0.0, time
+
+    def perf_counter(self):
+        return (self._time.perf_counter() if self.real else 0.0) + self.added
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+
 def test_a_deployed_model_slower_than_eval_says_so_and_runs_eval(cfg, monkeypatch, caplog):
+    import msgc.deploy.build
     from msgc.deploy.native.program import Program
 
     model = randomize(small(cfg, "msgc_resnet18", "msgc", "none"))
     deployed = deploy(model, tune=False, check=True)
-    run = Program.run
+    run, clock = Program.run, DeployClock()
 
     def slow_run(self, *args, **kwargs):
-        import time
-
-        time.sleep(0.2)
+        clock.added += 10.0  # ten seconds more than it took, on the plan's clock only
         return run(self, *args, **kwargs)
 
+    monkeypatch.setattr(msgc.deploy.build, "time", clock)
     monkeypatch.setattr(Program, "run", slow_run)
     x = images(2)
     with caplog.at_level("WARNING"):
@@ -282,20 +299,21 @@ def test_a_deployed_model_slower_than_eval_says_so_and_runs_eval(cfg, monkeypatc
 @pytest.mark.parametrize("split_is_slow", [True, False])
 def test_small_batches_run_on_one_thread_where_splitting_the_ops_is_slower(cfg, monkeypatch, split_is_slow):
     """The plan times one sample with its ops split over the threads against one thread (either made
-    20 ms slower here); where the split is slower, batches of fewer samples than threads run on one thread, larger ones still on all."""
+    20 ms slower here, on the plan's clock, which counts 1 ms for the other); where the split is slower,
+    batches of fewer samples than threads run on one thread, larger ones still on all."""
+    import msgc.deploy.build
     from msgc.deploy.native.program import Program
 
     model = randomize(small(cfg, "msgc_resnet18", "msgc", "none"))
-    run, calls = Program.run, []
+    run, calls, clock = Program.run, [], DeployClock(real=False)
 
     def timed_run(self, images, threads=0, keep=False):
         calls.append((images.size(0), threads))
-        if images.size(0) == 1 and (threads > 1) == split_is_slow:  # the one made slow: split, or one thread
-            import time
-
-            time.sleep(0.02)
+        slow = images.size(0) == 1 and (threads > 1) == split_is_slow  # the one made slow: split, or one thread
+        clock.added += 0.021 if slow else 0.001
         return run(self, images, threads, keep)
 
+    monkeypatch.setattr(msgc.deploy.build, "time", clock)
     monkeypatch.setattr(Program, "run", timed_run)
     torch.set_num_threads(2)
     try:
@@ -307,7 +325,7 @@ def test_small_batches_run_on_one_thread_where_splitting_the_ops_is_slower(cfg, 
         torch.set_num_threads(1)
     assert plan.threads == 2 and plan.op_threads == (1 if split_is_slow else 2)
     if split_is_slow:
-        assert plan.timings["split_ms"] > plan.timings["one_thread_ms"] + 15
+        assert (plan.timings["split_ms"], plan.timings["one_thread_ms"]) == pytest.approx((21.0, 1.0))
     assert calls[-2:] == [(1, plan.op_threads), (2, 2)]
     for x, got in ((one, got_one), (two, got_two)):
         want = model(x)
@@ -464,6 +482,19 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     paired = tool.paired_ratios(runs, times)
     assert paired["deploy/dense"]["median"] == pytest.approx(6.0 / 9.0)  # against the faster layout
     assert paired["eval/deploy"]["median"] == pytest.approx(2.0)
+
+
+def test_benchmark_quartiles_stay_within_the_samples(tmp_path):
+    """1, 2 and 3 samples: the quartiles interpolate between the samples, never beyond them (the default
+    of statistics.quantiles gives -0.125 as the p25 of [0.1, 1.0], a negative quartile of a ratio)."""
+    tool, _ = _benchmark_tool(tmp_path)
+    assert tool.quartiles([0.5]) == [0.5, 0.5, 0.5]
+    assert tool.quartiles([0.1, 1.0]) == pytest.approx([0.325, 0.55, 0.775])
+    assert tool.quartiles([3.0, 1.0, 2.0]) == pytest.approx([1.5, 2.0, 2.5])
+    times = {"deploy": [1.0, 10.0], "dense": [10.0, 10.0]}
+    paired = tool.paired_ratios({"dense": {"median_ms": 10.0}}, times)["deploy/dense"]
+    assert (paired["p25"], paired["median"], paired["p75"]) == pytest.approx((0.325, 0.55, 0.775))
+    assert tool.summary([4.0, 2.0], batch=2)["p25_ms"] == pytest.approx(2.5)
 
 
 @pytest.mark.parametrize("amp", ["bfloat16", "float16"])

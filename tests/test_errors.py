@@ -74,7 +74,8 @@ BAD_INPUT = {
     "MAX_ITER 0": (["SOLVER.MAX_ITER", "0"], "error: SOLVER.MAX_ITER must be a positive number of iterations, got 0"
                    + HINT),
     "warm-up as long as training": (["SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "10"],
-                                    "error: SOLVER.WARMUP_ITERS must be in [0, SOLVER.MAX_ITER=10), got 10" + HINT),
+                                    "error: SOLVER.WARMUP_ITERS must be in [0, SOLVER.MAX_ITER=10), got 10: for a run this "
+                                    "short, also set SOLVER.WARMUP_ITERS (e.g. SOLVER.WARMUP_ITERS 0)" + HINT),
     "MAC target ramp past the end": (["SOLVER.MAC_TARGET.PSTOP", "1.5"],
                                      "error: SOLVER.MAC_TARGET.PSTART and PSTOP must be 0 <= PSTART < PSTOP <= 1 "
                                      "(fractions of the training), got [0.0, 1.5]" + HINT),
@@ -92,7 +93,8 @@ BAD_INPUT = {
     "not an int": (["--num-gpus", "two"], "error: argument --num-gpus: invalid int value: 'two' (see {prog} --help)"),
     "unknown dataset": (["DATASETS.TRAIN", "imagenett"],
                         "error: no dataset named 'imagenett' is registered; registered: cifar10, cifar100, digits, "
-                        "fashion_mnist, fashion_mnist_val, imagefolder, imagenet, synthetic" + HINT),
+                        "fashion_mnist, fashion_mnist_val, imagefolder, imagenet, synthetic (a name of your own "
+                        "module's needs --import MODULE or IMPORTS: [MODULE])" + HINT),
     "missing dataset folder": (["DATASETS.TRAIN", "imagenet", "DATASETS.ROOT", "/nonexistent/imagenet"],
                                "error: dataset folder '/nonexistent/imagenet' (DATASETS.ROOT) does not exist" + HINT),
     "missing weights": (["MODEL.WEIGHTS", "/nonexistent/w.pth"],

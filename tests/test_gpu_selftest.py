@@ -54,7 +54,9 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_next_still_runs(selftest,
              ("needs cuda", [py, "-c", "pass"], 30, selftest.pytest_note, True),
              ("after the budget", [py, "-c", "pass"], 30, selftest.pytest_note, False)]
     monkeypatch.setattr(selftest, "plan", lambda args, sizes: steps)
-    monkeypatch.setattr(selftest, "run_command", _slow_after(selftest.run_command, "benchmark", 9))
+    clock = _StepClock()  # the budget is spent on a clock of its own: the same whatever else the machine does
+    monkeypatch.setattr(selftest, "time", clock)
+    monkeypatch.setattr(selftest, "run_command", clock.counting(selftest.run_command, {"benchmark": 9}))
     summary = selftest.main(["--output-dir", str(tmp_path), "--rehearse-on-cpu", "--budget-s", "13"])
     got = {s["step"]: s for s in summary["steps"]}
     assert (got["fails"]["status"], got["fails"]["note"]) == ("failed", "exit status 3: about to break")
@@ -72,17 +74,23 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_next_still_runs(selftest,
     assert "about to break" in (tmp_path / "fails.log").read_text()
 
 
-def _slow_after(run_command, name, seconds):
-    """run_command that takes ``seconds`` more for the step whose log is ``name``.log (spends the budget)."""
-    import time
+class _StepClock:
+    """``time`` for the self-test, whose perf_counter moves only when a step runs: 1 s for each step, plus
+    ``extra[name]`` for the step whose log is ``name``.log."""
 
-    def run(command, timeout, log_path):
-        out = run_command(command, timeout, log_path)
-        if Path(log_path).name == f"{name}.log":
-            time.sleep(seconds)
-        return out
+    def __init__(self):
+        self.now = 0.0
 
-    return run
+    def perf_counter(self):
+        return self.now
+
+    def counting(self, run_command, extra):
+        def run(command, timeout, log_path):
+            out = run_command(command, timeout, log_path)
+            self.now += 1.0 + extra.get(Path(log_path).stem, 0.0)
+            return out
+
+        return run
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

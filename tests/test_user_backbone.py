@@ -69,6 +69,43 @@ def test_train_net_imports_the_module_from_the_command_line(tmp_path):
     assert weights["backbone.fc.weight"].shape == (10, 8)
 
 
+def test_a_saved_config_reruns_and_an_evaluation_leaves_the_training_record_as_it_was(tmp_path):
+    """A run made with ``--import`` saves the module in IMPORTS, so its config.yaml reruns with no flag;
+    ``--eval-only`` (failed on a truncated checkpoint, then successful) writes to ``out/eval/`` only:
+    the training's config.yaml, log.txt and metrics.json stay byte for byte."""
+    folder = write_project(tmp_path)
+    proc = train_net(folder, "--import", "my_project.tiny", "--config-file", "tiny.yaml", "MODEL.BACKBONE.NAME", "tiny",
+                     "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert "IMPORTS:\n- my_project.tiny\n" in (out / "config.yaml").read_text()
+    record = {name: (out / name).read_bytes() for name in ("config.yaml", "log.txt", "metrics.json")}
+
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((out / "model_final.pth").read_bytes()[:1000])
+    proc = train_net(folder, "--config-file", "out/config.yaml", "--eval-only", "MODEL.WEIGHTS", str(truncated))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot read checkpoint" in errors[0] and "truncated" in errors[0], proc.stderr
+    assert not (out / "eval").exists()  # nothing written before the inputs were checked
+
+    proc = train_net(folder, "--config-file", "out/config.yaml", "--eval-only", "MODEL.WEIGHTS", "out/model_final.pth")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {name: (out / name).read_bytes() for name in record} == record
+    results = json.loads((out / "eval" / "eval_results.json").read_text())
+    assert results["weights"] == "out/model_final.pth" and results["results"]["num_samples"] == 360
+    assert "MODEL:\n" in (out / "eval" / "config.yaml").read_text()
+    assert "Evaluation on digits" in (out / "eval" / "log.txt").read_text()
+
+
+def test_an_unknown_backbone_name_says_how_to_import_its_module(tmp_path):
+    folder = write_project(tmp_path)
+    proc = train_net(folder, "--config-file", "tiny.yaml", "MODEL.BACKBONE.NAME", "tiny")
+    assert proc.returncode == 2
+    assert "no backbone named 'tiny' is registered" in proc.stderr and "--import MODULE" in proc.stderr
+    assert "IMPORTS" in proc.stderr
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """The tutorial's module, executed once (its decorator registers ``tiny``)."""

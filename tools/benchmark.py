@@ -281,8 +281,15 @@ def measure(runs, args, batches, device):
     return times
 
 
+def quartiles(values) -> list:
+    """[p25, median, p75] of ``values`` (one or more), interpolated between the samples: never outside
+    their range (the default "exclusive" method extrapolates: [0.1, 1.0] gives p25 = -0.125)."""
+    values = list(values)
+    return statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+
+
 def summary(ms, batch):
-    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    q = quartiles(ms)
     return {"median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(ms),
             "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "n": len(ms),
             "ms_per_image": statistics.median(ms) / batch, "images_per_s": 1e3 * batch / statistics.median(ms)}
@@ -473,7 +480,7 @@ def paired_ratios(runs, times):
     out = {}
     for a, b in pairs:
         r = [x / y for x, y in zip(times[a], times[b])]
-        q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+        q = quartiles(r)
         out[f"{a}/{'dense' if b == dense else b}"] = {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
     return out
 

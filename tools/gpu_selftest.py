@@ -216,7 +216,7 @@ def training_note(output_dir: str, sizes: Sizes, resumed: bool):
 
 def eval_note(output_dir: str):
     def parse(output, record):
-        with open(os.path.join(output_dir, "eval_results.json")) as f:
+        with open(os.path.join(output_dir, "eval", "eval_results.json")) as f:
             results = json.load(f)["results"]
         record["result"] = results
         return f"{results['num_samples']} images: top-1 {results['top1']:.2f}%, MAC ratio {results['mac_ratio']:.3f}"

@@ -20,25 +20,30 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import MSGCCheckpointer
+from ..checkpoint.formats import detect_format, read_checkpoint
 from ..evaluation import ClassificationEvaluator, calibrate_gates, inference_on_dataset, results_table
 from ..modeling import Classifier, build_model, fold_gate_thresholds, mask_generators
 from ..solver import build_gate_noise_schedule, build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
 from ..utils import comm
 from ..utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
 from ..utils.events import default_writers
-from ..utils.file_io import PathManager, get_local_path, is_url, write_json
+from ..utils.file_io import PathManager, is_url, write_json
 from ..utils.imports import import_modules
-from ..utils.logger import setup_logger
+from ..utils.logger import FILE_ONLY, log_files, setup_logger
 from . import hooks
 from .launch import launch
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
 __all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "launch_from_command_line", "check_mac_target",
-           "add_import_argument", "import_user_modules",
+           "add_import_argument", "import_user_modules", "record_dir", "log_model", "EVAL_SUBDIR",
            "resume_command", "create_ddp_model",
            "broadcast_buffers", "skip_batches", "DefaultTrainer"]
 
 logger = logging.getLogger("msgc.engine")
+
+#: the sub-folder of ``OUTPUT_DIR`` where ``--eval-only`` writes its config, log and results, so that an
+#: evaluation never replaces the record of the training that made the weights
+EVAL_SUBDIR = "eval"
 
 
 class _TrainArgumentParser(ArgumentParser):
@@ -161,19 +166,32 @@ def resume_command(argv=None) -> str:
     return " ".join(launcher + [shlex.quote(t) for t in [script] + head + opts])
 
 
+def record_dir(cfg, eval_only: bool = False) -> str:
+    """The folder where a run writes its ``config.yaml``, ``log.txt`` and results: ``OUTPUT_DIR`` for a
+    training, ``OUTPUT_DIR/eval`` (:data:`EVAL_SUBDIR`) for an evaluation (``--eval-only``); "" when
+    ``OUTPUT_DIR`` is empty (nothing is written)."""
+    if not cfg.OUTPUT_DIR:
+        return ""
+    return os.path.join(cfg.OUTPUT_DIR, EVAL_SUBDIR) if eval_only else cfg.OUTPUT_DIR
+
+
 def default_setup(cfg, args=None):
     """Prepare a run: output folder, logging, the seed, and a copy of the config.
 
-    - creates ``cfg.OUTPUT_DIR``; logs to the console (rank 0) and ``OUTPUT_DIR/log.txt``;
+    - creates the run's record folder (:func:`record_dir`: ``cfg.OUTPUT_DIR``, or ``OUTPUT_DIR/eval``
+      with ``args.eval_only``, so that an evaluation leaves the training's files as they are); logs to
+      the console (rank 0) and ``log.txt`` there;
+    - adds the modules of ``args.imports`` (``--import``) to ``cfg.IMPORTS``, so that the saved config
+      reruns as it is;
     - resolves ``SEED``: a negative seed is drawn once and shared by all ranks, and written into cfg so
       that ``config.yaml`` and every checkpoint record it; each rank seeds with ``SEED + rank``;
-    - writes ``OUTPUT_DIR/config.yaml`` (rank 0), sets ``cudnn.benchmark`` and the CPU threads
+    - writes ``config.yaml`` there (rank 0), sets ``cudnn.benchmark`` and the CPU threads
       (``NUM_THREADS``).
 
     Call it before ``cfg.freeze()``.
     """
     rank = comm.get_rank()
-    output_dir = cfg.OUTPUT_DIR
+    output_dir = record_dir(cfg, bool(getattr(args, "eval_only", False)))
     if output_dir and comm.is_main_process():
         PathManager.mkdirs(output_dir)
     setup_logger(output_dir, distributed_rank=rank)
@@ -181,6 +199,9 @@ def default_setup(cfg, args=None):
                 torch.__version__)
     if args is not None:
         logger.info("Command line arguments: %s", args)
+    added = [m for m in getattr(args, "imports", None) or [] if m not in cfg.IMPORTS]
+    if added:
+        cfg.IMPORTS = list(cfg.IMPORTS) + added
     _resolve_seed(cfg)
     seed_all_rng(cfg.SEED + rank)
     logger.info("Seed %d (this process: %d)", cfg.SEED, cfg.SEED + rank)
@@ -418,7 +439,7 @@ class DefaultTrainer(TrainerBase):
     def build_model(cls, cfg):
         """The model (on ``MODEL.DEVICE``, weights not loaded). Override to use another model."""
         model = build_model(cfg)
-        logger.info("Model:\n%s", model)
+        log_model(model, cfg)
         return model
 
     @classmethod
@@ -443,7 +464,7 @@ class DefaultTrainer(TrainerBase):
         results = cls.test(cfg, model)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             weights = checkpointer.get_checkpoint_file() if found else cfg.MODEL.WEIGHTS
-            write_json(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"),
+            write_json(os.path.join(record_dir(cfg, eval_only=True), "eval_results.json"),
                        {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results}, indent=1, sort_keys=True)
         return results
 
@@ -494,9 +515,10 @@ class DefaultTrainer(TrainerBase):
         ``tools/train_net.py`` calls it in the launching process with its command-line ``args``, so
         that bad input stops the run before processes are spawned: schedule values
         (:func:`msgc.solver.check_solver`), the batch sizes against the number of processes, the
-        datasets' folders (:func:`msgc.data.check_dataset`) and ``MODEL.WEIGHTS`` (a local file must
-        exist; a URL is fetched now, once, into iopath's cache), unless ``--resume`` finds a checkpoint
-        to continue from. Override it to add a project's checks.
+        datasets' folders (:func:`msgc.data.check_dataset`) and ``MODEL.WEIGHTS`` (it must exist and
+        read as a checkpoint of a known format; a URL is fetched now, once, into iopath's cache), unless
+        ``--resume`` finds a checkpoint to continue from. Nothing is written before these checks pass.
+        Override it to add a project's checks.
         """
         from ..data import check_dataset
         from .launch import launched_world_size
@@ -519,7 +541,7 @@ class DefaultTrainer(TrainerBase):
             return
         if not is_url(weights) and not os.path.isfile(weights):
             raise MissingFileError(f"MODEL.WEIGHTS: checkpoint {weights} does not exist")
-        get_local_path(weights)
+        detect_format(read_checkpoint(weights), weights)  # a truncated or foreign file, before anything is written
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
@@ -548,6 +570,19 @@ class DefaultTrainer(TrainerBase):
         if comm.is_main_process():
             logger.info("Evaluation on %s:\n%s", name, results_table(results, name))
         return results
+
+
+def log_model(model, cfg):
+    """The model's printout to the log file only (:data:`~msgc.utils.logger.FILE_ONLY`); one line to the
+    console too: its class, parameters and dense MACs at ``INPUT.TEST_SIZE``, and where the printout is."""
+    logger.info("Model:\n%s", model, extra=FILE_ONLY)
+    params = sum(p.numel() for p in model.parameters())
+    size = cfg.INPUT.TEST_SIZE
+    macs = (f", {model.dense_macs(size, size) / 1e6:.2f} M MACs per {size}x{size} image when dense"
+            if hasattr(model, "dense_macs") else "")
+    files = log_files()
+    where = f"; printed whole in {files[0]}" if files else ""
+    logger.info("Model: %s, %.3f M parameters%s%s", type(model).__name__, params / 1e6, macs, where)
 
 
 class _SkippingBatchSampler(Sampler):

@@ -29,9 +29,9 @@ A schedule that makes no sense for one of them raises ValueError saying so.
 """
 
 
-def _require(ok: bool, key: str, value, what: str):
+def _require(ok: bool, key: str, value, what: str, hint: str = ""):
     if not ok:
-        raise InvalidValueError(f"{key} must be {what}, got {value!r}")
+        raise InvalidValueError(f"{key} must be {what}, got {value!r}" + (f": {hint}" if hint else ""))
 
 
 def check_solver(cfg):
@@ -43,7 +43,8 @@ def check_solver(cfg):
     _require(isinstance(s.MAX_ITER, int) and s.MAX_ITER > 0, "SOLVER.MAX_ITER", s.MAX_ITER,
              "a positive number of iterations")
     _require(0 <= s.WARMUP_ITERS < s.MAX_ITER, "SOLVER.WARMUP_ITERS", s.WARMUP_ITERS,
-             f"in [0, SOLVER.MAX_ITER={s.MAX_ITER})")
+             f"in [0, SOLVER.MAX_ITER={s.MAX_ITER})", "for a run this short, also set SOLVER.WARMUP_ITERS "
+             "(e.g. SOLVER.WARMUP_ITERS 0)")
     _require(0.0 <= s.WARMUP_FACTOR <= 1.0, "SOLVER.WARMUP_FACTOR", s.WARMUP_FACTOR, "in [0, 1]")
     _require(s.IMS_PER_BATCH > 0, "SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, "a positive number of images")
     _require(s.BASE_LR >= 0, "SOLVER.BASE_LR", s.BASE_LR, ">= 0")

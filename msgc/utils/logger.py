@@ -5,7 +5,11 @@ import sys
 
 from .file_io import PathManager
 
-__all__ = ["setup_logger"]
+__all__ = ["setup_logger", "log_files", "FILE_ONLY"]
+
+#: ``logger.info(..., extra=FILE_ONLY)``: a record for the log files only, kept off the console (e.g. the
+#: model's printout, hundreds of lines that would bury the one-line errors and the final table)
+FILE_ONLY = {"msgc_file_only": True}
 
 _FORMAT = "[%(asctime)s %(name)s %(levelname)s]: %(message)s"
 _DATE = "%m/%d %H:%M:%S"
@@ -38,13 +42,22 @@ def setup_logger(output: str = None, distributed_rank: int = 0, name: str = "msg
     return logging.getLogger(name)
 
 
+def log_files(name: str = "msgc") -> list:
+    """The files the ``name`` logger writes to (none before :func:`setup_logger` is given an output)."""
+    return [h._msgc_key[1] for h in logging.getLogger(name).handlers if getattr(h, "_msgc_key", ("",))[0] == "file"]
+
+
 def _log_file(output: str, rank: int) -> str:
     path = output if output.endswith((".txt", ".log")) else os.path.join(output, "log.txt")
     return path if rank == 0 else f"{path}.rank{rank}"
 
 
 class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is at each record (it may be replaced, e.g. by pytest)."""
+    """Writes to whatever ``sys.stdout`` is at each record (it may be replaced, e.g. by pytest), except
+    the records logged with ``extra=FILE_ONLY``."""
+
+    def filter(self, record):
+        return not getattr(record, "msgc_file_only", False) and super().filter(record)
 
     @property
     def stream(self):

@@ -32,7 +32,8 @@ class Registry(_FvcoreRegistry):
         obj = self._obj_map.get(name)
         if obj is None:
             known = ", ".join(sorted(self._obj_map)) or "none"
-            raise UnknownNameError(f"no {self._name.lower()} named '{name}' is registered; registered: {known}")
+            raise UnknownNameError(f"no {self._name.lower()} named '{name}' is registered; registered: {known} "
+                                   "(a name of your own module's needs --import MODULE or IMPORTS: [MODULE])")
         return obj
 
     def names(self):

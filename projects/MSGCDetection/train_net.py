@@ -25,7 +25,7 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # msgc_detection, from any working folder
 
 from msgc.config import get_cfg  # noqa: E402
-from msgc.engine import DefaultTrainer, default_setup, hooks, launch_from_command_line  # noqa: E402
+from msgc.engine import DefaultTrainer, default_setup, hooks, launch_from_command_line, log_model  # noqa: E402
 from msgc.engine.launch import launched_world_size  # noqa: E402
 from msgc.evaluation import inference_on_dataset  # noqa: E402
 from msgc.utils import comm  # noqa: E402
@@ -54,7 +54,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         model = build_detector(cfg)
-        logger.info("Model:\n%s", model)
+        log_model(model, cfg)
         return model
 
     @classmethod
