@@ -452,6 +452,102 @@ def test_the_static_mac_table_command_runs_and_gives_the_documented_numbers():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Numbers quoted from the quickstart: the pages against the record of the run that made them
+# (docs/figures/quickstart_eval.json, gates.json), the record against the quickstart that CI runs
+# ---------------------------------------------------------------------------------------------------
+FIGURES = ROOT / "docs" / "figures"
+TOP1_AT_RATIO = re.compile(r"(\d+\.\d)% top-1 at (0\.\d+) of the dense MACs")
+
+
+def quoted_quickstart_problems(pages: dict, record: dict, gates: dict) -> list:
+    """What ``pages`` ({name: text}) quote of the quickstart that its record and figures' numbers do not
+    say: the top-1 and MAC ratio of every page, the final table of getting_started.md, the stage and
+    layer overlaps and the cheapest and most expensive classes of analysis.md."""
+    from msgc.evaluation import results_table
+
+    r, problems = record["results"], []
+    if (round(gates["top1"], 6), round(gates["mac_ratio"], 6)) != (round(r["top1"], 6), round(r["mac_ratio"], 6)):
+        problems.append("docs/figures/gates.json and quickstart_eval.json come from different models")
+    for name, text in pages.items():
+        for top1, ratio in TOP1_AT_RATIO.findall(text):
+            if top1 != f"{r['top1']:.1f}" or float(ratio) != round(r["mac_ratio"], len(ratio) - 2):
+                problems.append(f"{name}: '{top1}% top-1 at {ratio}' but the quickstart's record says "
+                                f"{r['top1']:.1f}% at {r['mac_ratio']:.4f}")
+    row = results_table(r, record["dataset"]).splitlines()[-1].split()
+    if name_row := re.search(r"^\| digits .*\|$", pages.get("docs/getting_started.md", ""), re.M):
+        if name_row.group(0).split() != row:
+            problems.append(f"docs/getting_started.md: the final table {name_row.group(0)} is not the record's {row}")
+    analysis = pages.get("docs/analysis.md", "")
+    stages = {st["stage"]: st["jaccard"] for st in gates["stages"]}
+    for stage, value in re.findall(r"\b(res\d): (\d\.\d\d)\b", analysis):
+        if f"{stages[stage]:.2f}" != value:
+            problems.append(f"docs/analysis.md: {stage}: {value}, but gates.json says {stages[stage]:.2f}")
+    layers = {layer["name"]: layer for layer in gates["layers"]}
+    for name, jaccard, union in re.findall(r"`(layer[\d.]+maskgen\d)`\) overlap little \(Jaccard (\d\.\d\d); "
+                                           r"together they read (\d+\.\d)%", analysis):
+        if (f"{layers[name]['jaccard']:.2f}", f"{100 * layers[name]['union']:.1f}") != (jaccard, union):
+            problems.append(f"docs/analysis.md: {name}: Jaccard {jaccard}, {union}% read, but gates.json says "
+                            f"{layers[name]['jaccard']:.2f}, {100 * layers[name]['union']:.1f}%")
+    means = gates["classes"]["mean_macs"]
+    order = sorted(range(len(means)), key=means.__getitem__)
+    found = re.search(r"(\d)s are the cheapest class \(([\d.]+) MMac on average\) and (\d)s the\s+most "
+                      r"expensive \(([\d.]+) MMac\)", analysis)
+    want = (str(order[0]), f"{means[order[0]] / 1e6:.2f}", str(order[-1]), f"{means[order[-1]] / 1e6:.2f}")
+    if "docs/analysis.md" in pages and (not found or found.groups() != want):
+        problems.append(f"docs/analysis.md: the cheapest and most expensive classes are not {want}")
+    return problems
+
+
+def test_the_quickstart_numbers_quoted_in_the_docs_are_those_of_its_record():
+    pages = {rel(p): p.read_text() for p in PAGES}
+    record = json.loads((FIGURES / "quickstart_eval.json").read_text())
+    gates = json.loads((FIGURES / "gates.json").read_text())
+    assert sum(len(TOP1_AT_RATIO.findall(text)) for text in pages.values()) >= 3
+    assert quoted_quickstart_problems(pages, record, gates) == []
+
+
+def test_checker_quoted_quickstart_numbers_finds_a_stale_number():
+    pages = {rel(p): p.read_text() for p in PAGES}
+    record = json.loads((FIGURES / "quickstart_eval.json").read_text())
+    gates = json.loads((FIGURES / "gates.json").read_text())
+    stale = dict(pages)
+    stale["README.md"] = pages["README.md"].replace("98.3% top-1 at 0.5435", "97.2% top-1 at 0.526")
+    stale["docs/analysis.md"] = pages["docs/analysis.md"].replace("res2: 0.23", "res2: 0.18")
+    problems = quoted_quickstart_problems(stale, record, gates)
+    assert len(problems) == 2 and "README.md: '97.2% top-1 at 0.526'" in problems[0] and "res2" in problems[1]
+    moved = json.loads(json.dumps(record))
+    moved["results"]["top1"] -= 1.0
+    assert len(quoted_quickstart_problems(pages, moved, gates)) >= 4  # gates.json, every page, the table
+
+
+def test_the_record_is_what_the_quickstart_gives_here():
+    """The quickstart of the README's first set-up command (CI runs it just before the tests, into
+    output/quickstart) against the record: the same digits on the same CPU and torch, within the spread
+    of float rounding between CPUs elsewhere (one image of top-1 over 600 iterations moves up to about a
+    point, the MAC ratio up to 0.02)."""
+    from msgc.config import load_cfg
+    from msgc.utils.env import machine_info
+
+    out = ROOT / "output" / "quickstart"
+    if not (out / "model_final.pth").is_file():
+        pytest.skip("no output/quickstart: run the README's first set-up command (CI does, before the tests)")
+    ran = (out / "config.yaml").read_text()
+    if ran != load_cfg(str(ROOT / "configs" / "quickstart.yaml")).dump():
+        pytest.skip("output/quickstart was run with other settings than configs/quickstart.yaml")
+    final = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if "val/top1" in line][-1]
+    record = json.loads((FIGURES / "quickstart_eval.json").read_text())
+    want = record["results"]
+    here = {k: v for k, v in machine_info().items() if k not in ("threads", "cpu")}
+    same = here == {k: v for k, v in record["machine"].items() if k not in ("threads", "cpu")}
+    where = f"here {here}, recorded {record['machine']}; rerun the commands of docs/analysis.md that remake the record"
+    if same:
+        assert f"{final['val/top1']:.2f} {final['val/mac_ratio']:.4f}" == f"{want['top1']:.2f} {want['mac_ratio']:.4f}", where
+    else:
+        assert abs(final["val/top1"] - want["top1"]) <= 1.5 and abs(final["val/mac_ratio"] - want["mac_ratio"]) <= 0.02, \
+            where
+
+
+# ---------------------------------------------------------------------------------------------------
 # Links
 # ---------------------------------------------------------------------------------------------------
 def test_every_relative_link_and_anchor_resolves():

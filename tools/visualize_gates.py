@@ -55,7 +55,7 @@ def parse_args(argv=None):
 
 
 def prepare_output(folder: str):
-    """Create ``folder`` and check that files can be written there (before any work is done)."""
+    """Create ``folder`` and check that files can be written there (before the images are run)."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
@@ -85,8 +85,8 @@ def main(argv=None):
     cfg = load_cfg(args.config_file, args.opts)
     import_user_modules(cfg, args)
     require_matplotlib()
+    model = build(cfg, args.config_file)  # bad weights: an error before the output folder is made
     prepare_output(args.output)
-    model = build(cfg, args.config_file)
     dataset = args.dataset or cfg.DATASETS.TEST
     loader = build_test_loader(cfg, dataset)
     stats, images = collect_gate_statistics(model, loader, args.num_images, args.extremes,

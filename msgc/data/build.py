@@ -159,6 +159,17 @@ def build_test_loader(cfg, name=None, *, rank=None, world_size=None) -> DataLoad
     Batches of uint8 images hold ``max(1, TEST.IMS_PER_BATCH // world_size)`` images; the last one may
     be smaller. Over all processes every test image is loaded exactly once (see
     :class:`InferenceSampler`). Its workers are persistent: iterating the loader again reuses them.
+
+    Args:
+        cfg: the config: ``DATASETS.ROOT``, ``INPUT.*`` (resize, crop), ``TEST.IMS_PER_BATCH`` and
+            ``DATALOADER.NUM_WORKERS`` are read.
+        name: a registered dataset (``DATASET_REGISTRY``), e.g. ``"digits"`` or ``"fashion_mnist_val"``.
+        rank, world_size: the shard to load (default: this process's, from :mod:`msgc.utils.comm`);
+            ``rank=0, world_size=1`` loads the whole split in any process.
+
+    Returns:
+        a DataLoader of ``(images, labels)``: uint8 ``N x 3 x H x W`` images (normalise them with
+        :func:`build_normalizer`, as the trainer does) and int64 labels.
     """
     world_size = comm.get_world_size() if world_size is None else world_size
     dataset = build_dataset(cfg, name or cfg.DATASETS.TEST, "test")

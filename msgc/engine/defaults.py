@@ -25,6 +25,7 @@ from ..evaluation import ClassificationEvaluator, calibrate_gates, inference_on_
 from ..modeling import Classifier, build_model, fold_gate_thresholds, mask_generators
 from ..solver import build_gate_noise_schedule, build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
 from ..utils import comm
+from ..utils.env import machine_info
 from ..utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
 from ..utils.events import default_writers
 from ..utils.file_io import PathManager, is_url, write_json
@@ -465,7 +466,8 @@ class DefaultTrainer(TrainerBase):
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             weights = checkpointer.get_checkpoint_file() if found else cfg.MODEL.WEIGHTS
             write_json(os.path.join(record_dir(cfg, eval_only=True), "eval_results.json"),
-                       {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results}, indent=1, sort_keys=True)
+                       {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results, "machine": machine_info()},
+                       indent=1, sort_keys=True)
         return results
 
     @classmethod
