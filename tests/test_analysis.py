@@ -275,7 +275,10 @@ def test_visualize_gates_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     line = _one_line_error(capsys, visualize, ["--config-file", QUICKSTART, "--output", str(tmp_path / "file" / "o")])
     assert "cannot write to the output folder" in line and "file" in line
-    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+    # weights that do not exist
+    line = _one_line_error(capsys, visualize, base + ["MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
+    assert "missing.pth" in line and "does not exist" in line
+    assert not (tmp_path / "o").exists()  # no output folder is left behind by any of them
 
 
 def test_tools_without_matplotlib_say_how_to_install_it(tmp_path, capsys, monkeypatch):

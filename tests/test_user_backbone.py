@@ -79,6 +79,10 @@ def test_a_saved_config_reruns_and_an_evaluation_leaves_the_training_record_as_i
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     assert "IMPORTS:\n- my_project.tiny\n" in (out / "config.yaml").read_text()
+    # the model's printout goes to the log file; the console gets one line of it
+    assert "Tiny(" in (out / "log.txt").read_text() and "Tiny(" not in proc.stdout + proc.stderr
+    assert re.search(r"Model: Classifier, [\d.]+ M parameters, [\d.]+ M MACs per 16x16 image when dense; printed whole "
+                     r"in .*log\.txt", proc.stdout)
     record = {name: (out / name).read_bytes() for name in ("config.yaml", "log.txt", "metrics.json")}
 
     truncated = tmp_path / "truncated.pth"
