@@ -269,6 +269,19 @@ class DeployClock:
         return getattr(self._time, name)
 
 
+def test_the_plan_cache_of_one_cpu_name_is_split_by_family_and_model(monkeypatch, tmp_path):
+    """Zen 4 and Zen 5 EPYCs are both "AMD EPYC": their measured plans must not share a file."""
+    import msgc.deploy.tune as tune_module
+
+    monkeypatch.setenv("MSGC_CACHE", str(tmp_path))
+    paths = {}
+    for family, model in ((25, 17), (26, 2), (25, 17)):
+        info = {"machine": "x86_64", "cpu": "AMD EPYC", "cpu_family": family, "cpu_model": model, "isa": "avx512"}
+        monkeypatch.setattr(tune_module, "machine_info", lambda info=info: dict(info, threads=2, torch="2.14.1"))
+        paths.setdefault((family, model), set()).add(tune_module.PlanCache().path)
+    assert len(paths[(25, 17)]) == 1 and paths[(25, 17)] != paths[(26, 2)]
+
+
 def test_a_deployed_model_slower_than_eval_says_so_and_runs_eval(cfg, monkeypatch, caplog):
     import msgc.deploy.build
     from msgc.deploy.native.program import Program

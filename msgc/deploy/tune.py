@@ -5,7 +5,8 @@ shape and how many channels its gates open, so a fixed rule is wrong somewhere. 
 cuDNN's benchmark mode do, the plan of an input size runs the program once on a real sample, then
 times every candidate of every convolution on that sample's state (the ops are replayed in C, so the
 measurement holds nothing but the kernel) and keeps the fastest. Choices are cached per machine in
-``$MSGC_CACHE/plans-<machine>.json``, keyed by the layer's shape, its open fraction (in tenths), the
+``$MSGC_CACHE/plans-<machine>.json`` (:func:`machine_key`: the CPU's name, family, model and vector
+extension, so that CPUs of one name but other FMA pipes keep their own), keyed by the layer's shape, its open fraction (in tenths), the
 kernel variant and the thread count; a cached choice is reused without measuring.
 
 Candidates: the wide kernel with each tile family of the ISA, reading the open inputs in place or from
@@ -17,17 +18,17 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..utils.env import machine_info
 from .graph import ConvOp
 from .native.build import cache_dir
 from .native.program import KERNEL_GATHER, KERNEL_PACKED, KERNEL_PIXEL, KERNEL_WIDE, TILES_PIXEL_MAJOR, Program
 
-__all__ = ["candidates", "default_kernel", "tune", "PlanCache"]
+__all__ = ["candidates", "default_kernel", "machine_key", "tune", "PlanCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,14 @@ def default_kernel(op: ConvOp) -> Tuple[int, int]:
     return KERNEL_WIDE, 0
 
 
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        model = platform.processor()
-    return f"{platform.machine()}-{model}-{os.cpu_count()}"
+def machine_key() -> str:
+    """What tells this machine's measured choices apart from another's: the CPU's name, family, model and
+    widest vector extension (an AMD EPYC of Zen 4 and one of Zen 5 share the name "AMD EPYC", but not
+    the FMA pipes the kernels were chosen for) and the number of CPUs."""
+    info = machine_info()
+    fields = [info["machine"], info["cpu"], info.get("cpu_family", ""), info.get("cpu_model", ""), info.get("isa", ""),
+              os.cpu_count()]
+    return "-".join(str(f) for f in fields)
 
 
 class PlanCache:
@@ -69,7 +71,7 @@ class PlanCache:
 
     def __init__(self, path: Optional[str] = None):
         if path is None:
-            key = hashlib.sha256(_machine().encode()).hexdigest()[:12]
+            key = hashlib.sha256(machine_key().encode()).hexdigest()[:12]
             path = os.path.join(cache_dir(), f"plans-{key}.json")
         self.path = path
         try:
