@@ -310,10 +310,12 @@ def test_a_deployed_model_slower_than_eval_says_so_and_runs_eval(cfg, monkeypatc
 
 
 @pytest.mark.parametrize("split_is_slow", [True, False])
-def test_small_batches_run_on_one_thread_where_splitting_the_ops_is_slower(cfg, monkeypatch, split_is_slow):
+def test_small_batches_run_on_one_thread_where_splitting_the_ops_is_slower(cfg, monkeypatch, tmp_path, split_is_slow):
     """The plan times one sample with its ops split over the threads against one thread (either made
     20 ms slower here, on the plan's clock, which counts 1 ms for the other); where the split is slower,
-    batches of fewer samples than threads run on one thread, larger ones still on all."""
+    batches of fewer samples than threads run on one thread, larger ones still on all. The choice is kept
+    in the plan cache: a second process (here a second deploy) runs the same plan without measuring,
+    even where its own measurement would have gone the other way."""
     import msgc.deploy.build
     from msgc.deploy.native.program import Program
 
@@ -328,18 +330,25 @@ def test_small_batches_run_on_one_thread_where_splitting_the_ops_is_slower(cfg, 
 
     monkeypatch.setattr(msgc.deploy.build, "time", clock)
     monkeypatch.setattr(Program, "run", timed_run)
+    plans = str(tmp_path / "plans.json")
     torch.set_num_threads(2)
     try:
-        deployed = deploy(model, tune=True, check=False)
+        deployed = deploy(model, tune=True, check=False, plans=plans)
         one, two = images(1), images(2)
         got_one, got_two = deployed(one), deployed(two)
-        plan = deployed.plan(one)
+        ran, plan = calls[-2:], deployed.plan(one)
+        split_is_slow = not split_is_slow  # the next measurement would choose the other way
+        calls.clear()
+        again = deploy(model, tune=True, check=False, plans=plans).plan(one)
     finally:
         torch.set_num_threads(1)
+    split_is_slow = not split_is_slow
     assert plan.threads == 2 and plan.op_threads == (1 if split_is_slow else 2)
     if split_is_slow:
         assert (plan.timings["split_ms"], plan.timings["one_thread_ms"]) == pytest.approx((21.0, 1.0))
-    assert calls[-2:] == [(1, plan.op_threads), (2, 2)]
+    assert ran == [(1, plan.op_threads), (2, 2)]
+    assert (again.op_threads, again.timings) == (plan.op_threads, plan.timings)
+    assert len(calls) == 1  # the tuner's one run of the sample; no thread timing
     for x, got in ((one, got_one), (two, got_two)):
         want = model(x)
         torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)

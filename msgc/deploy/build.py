@@ -63,8 +63,10 @@ class DeployedClassifier(nn.Module):
     parameters and cannot train. See :func:`deploy`.
     """
 
-    def __init__(self, model: nn.Module, library: Optional["native_kernels.Library"], tune: bool, check: bool):
+    def __init__(self, model: nn.Module, library: Optional["native_kernels.Library"], tune: bool, check: bool,
+                 plans: Optional[str] = None):
         super().__init__()
+        self.plans = plans  # the plan cache's file (None: this machine's default)
         self.deployer = deploy_backbone(model.backbone)
         self._source = [model]  # not a submodule
         self.library, self.tune, self.check = library, tune, check
@@ -95,7 +97,7 @@ class DeployedClassifier(nn.Module):
             plan = _Plan(graph)
             if self.native:
                 from .native.program import Program
-                from .tune import default_kernel, tune
+                from .tune import PlanCache, default_kernel, tune
 
                 plan.program = Program(graph, self.library)
                 for i, (_, op) in enumerate(plan.program.conv_ops):
@@ -103,27 +105,41 @@ class DeployedClassifier(nn.Module):
                 x = images[:1].float().contiguous()
                 plan.threads = plan.op_threads = threads
                 if self.tune:
-                    counts = tune(plan.program, x, threads)
+                    cache = PlanCache(self.plans)
+                    counts = tune(plan.program, x, threads, cache)
                     logger.info("msgc.deploy: %dx%d plan: %d kernels measured, %d from the cache", h, w,
                                 counts["measured"], counts["cached"])
                     if threads > 1:
-                        self._choose_op_threads(plan, x, threads)
+                        self._choose_op_threads(plan, x, threads, cache)
                 if self.check:
                     self._check(plan, x, threads)
             self._plans[key] = plan
         return self._plans[key]
 
     @staticmethod
-    def _choose_op_threads(plan: _Plan, image, threads, reps: int = 7):
+    def _choose_op_threads(plan: _Plan, image, threads, cache, reps: int = 7):
         """Time one sample with every op split over ``threads`` against one thread (turn by turn), and
-        keep one thread for small batches where splitting does not pay (:func:`split_pays`)."""
-        times = {threads: [], 1: []}
-        for _ in range(reps + 1):
-            for t in times:
-                start = time.perf_counter()
-                plan.program.run(image, threads=t)
-                times[t].append((time.perf_counter() - start) * 1e3)
-        split, alone = (statistics.median(times[t][1:]) for t in (threads, 1))
+        keep one thread for small batches where splitting does not pay (:func:`split_pays`).
+
+        Each side counts its fastest run (another process's work only ever adds time), and the choice is
+        kept in the plan cache beside the kernels', so that every process on this machine runs the same
+        plan: measured anew in each process, a close call went either way and the time of batch 1 with it.
+        """
+        from .tune import split_key
+
+        key = split_key(plan.program, threads)
+        choice = cache.entries.get(key)
+        if choice is None:
+            times = {threads: [], 1: []}
+            for _ in range(reps + 1):
+                for t in times:
+                    start = time.perf_counter()
+                    plan.program.run(image, threads=t)
+                    times[t].append((time.perf_counter() - start) * 1e3)
+            split, alone = (min(times[t][1:]) for t in (threads, 1))
+            choice = cache.entries[key] = [split, alone]
+            cache.save()
+        split, alone = choice
         plan.timings.update({"split_ms": split, "one_thread_ms": alone})
         if not split_pays(split, alone):
             plan.op_threads = 1
@@ -197,7 +213,7 @@ class DeployedClassifier(nn.Module):
 
 
 def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] = None, tune: bool = True,
-           check: Optional[bool] = None) -> DeployedClassifier:
+           check: Optional[bool] = None, plans: Optional[str] = None) -> DeployedClassifier:
     """The deployed (inference-only) version of a :class:`msgc.modeling.Classifier` in eval mode.
 
     BatchNorm is folded into the convolutions, attention into the gathered weights (or inputs), and
@@ -212,6 +228,8 @@ def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] =
             False: a fixed rule.
         check: time the deployed model against the eval model when a plan is made, and run the faster
             (with a warning); default: with ``tune``.
+        plans: the file of measured choices to read and add to (default:
+            ``$MSGC_CACHE/plans-<machine>.json``, see :mod:`msgc.deploy.tune`).
     """
     backbone = getattr(model, "backbone", None)
     if backbone is None:
@@ -229,4 +247,4 @@ def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] =
         if isa is None and not native_kernels.available():
             raise ValueError(f"deploy(native=True): msgc's native kernels are {native_kernels.status()}")
         library = native_kernels.library(isa)
-    return DeployedClassifier(model, library, tune, tune if check is None else check)
+    return DeployedClassifier(model, library, tune, tune if check is None else check, plans)

@@ -28,7 +28,7 @@ from .graph import ConvOp
 from .native.build import cache_dir
 from .native.program import KERNEL_GATHER, KERNEL_PACKED, KERNEL_PIXEL, KERNEL_WIDE, TILES_PIXEL_MAJOR, Program
 
-__all__ = ["candidates", "default_kernel", "machine_key", "tune", "PlanCache"]
+__all__ = ["candidates", "default_kernel", "machine_key", "split_key", "tune", "PlanCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,13 @@ def signature(op: ConvOp, open_fraction: float, variant: str, threads: int) -> s
     return (f"{variant}/t{threads}/k{wt.kernel}s{wt.stride}p{wt.padding}/{op.h}x{op.w}/in{wt.in_channels}"
             f"/heads{wt.heads}x{wt.per_head}/att{int(op.att)}/out{op.out_mode}/res{int(op.res is not None)}"
             f"/open{round(open_fraction * 10)}")
+
+
+def split_key(program: Program, threads: int) -> str:
+    """The plan cache's key of a program's thread choice for small batches: its convolutions' shapes
+    (which fix the input size), the kernel variant and the thread count."""
+    shapes = "|".join(signature(op, 1.0, program.lib.variant, threads) for _, op in program.conv_ops)
+    return f"split/{program.lib.variant}/t{threads}/{hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
 
 
 def _open_fraction(program: Program, stats: List[int], op: ConvOp) -> float:
