@@ -355,13 +355,15 @@ def test_eval_only_writes_the_printed_numbers_as_json(tmp_path, device):
     cfg = toy_cfg(tmp_path / "eval", **on)
     cfg.MODEL.WEIGHTS = str(tmp_path / "train" / "model_final.pth")
     results = ToyTrainer.evaluate_weights(cfg)
-    saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    saved = json.loads((tmp_path / "eval" / "eval" / "eval_results.json").read_text())
+    assert saved.pop("machine")["torch"] == torch.__version__.split("+")[0]
     assert saved == {"dataset": "toy", "weights": cfg.MODEL.WEIGHTS, "results": results}
     assert set(results) >= {"top1", "top5", "macs", "mac_ratio", "num_samples"}
     # the logged table is drawn from the same numbers
     assert results_table(saved["results"], "toy") == results_table(results, "toy")
     resumed = ToyTrainer.evaluate_weights(toy_cfg(tmp_path / "train", **on), resume=True)
-    saved = json.loads((tmp_path / "train" / "eval_results.json").read_text())
+    saved = json.loads((tmp_path / "train" / "eval" / "eval_results.json").read_text())
+    assert not (tmp_path / "train" / "eval_results.json").exists()  # never beside the training's files
     last = (tmp_path / "train" / "last_checkpoint").read_text()
     assert saved["weights"] == str(tmp_path / "train" / last) and saved["results"] == resumed
 
