@@ -4,7 +4,7 @@ import torch
 
 from .errors import InvalidValueError
 
-__all__ = ["check_device"]
+__all__ = ["check_device", "cpu_description", "describe_cpu"]
 
 
 def check_device(device, source: str = "MODEL.DEVICE") -> torch.device:
@@ -25,3 +25,38 @@ def check_device(device, source: str = "MODEL.DEVICE") -> torch.device:
         raise InvalidValueError(f"{source} is '{device}' but this machine has {found} GPU(s) (cuda:0 .. "
                                 f"cuda:{found - 1})")
     return dev
+
+
+#: the /proc/cpuinfo flags that decide which kernels and precisions a CPU runs
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def cpu_description() -> dict:
+    """This CPU as ``/proc/cpuinfo`` describes it: ``vendor``, ``family``, ``model``, ``name`` (model
+    name), ``flags`` (those of :data:`_ISA_FLAGS` it has) and ``cores`` (``os.cpu_count()``); on a system
+    without ``/proc/cpuinfo``, what :mod:`platform` says."""
+    import os
+    import platform
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"vendor": fields.get("vendor_id", fields.get("CPU implementer", "")),
+            "family": fields.get("cpu family", ""), "model": fields.get("model", fields.get("CPU part", "")),
+            "name": fields.get("model name", "") or platform.processor() or platform.machine(),
+            "flags": [f for f in _ISA_FLAGS if f in flags], "cores": os.cpu_count()}
+
+
+def describe_cpu(cpu: dict) -> str:
+    """One line: ``AMD EPYC (AuthenticAMD family 25 model 17, 2 cores; avx2 fma avx512f avx512_bf16)``."""
+    where = " ".join(p for p in (cpu["vendor"], cpu["family"] and f"family {cpu['family']}",
+                                 cpu["model"] and f"model {cpu['model']}") if p)
+    return f"{cpu['name']} ({where}, {cpu['cores']} cores; {' '.join(cpu['flags']) or 'no listed vector flags'})"
