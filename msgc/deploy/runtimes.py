@@ -229,13 +229,14 @@ def _spawn(folder: str, name: str, timeout: float) -> dict:
 
 
 def _merge(row: dict, result: dict) -> dict:
-    out = {k: v for k, v in result.items() if k not in ("times_ms", "what")}
+    out = {k: v for k, v in result.items() if k not in ("times_ms", "what", "pid")}
     if result.get("what"):
         out["what"] = result["what"]
     times = result.get("times_ms") or []
     if times:
         out["times_ms"] = row["times_ms"] + times
         out["pass_medians_ms"] = row["pass_medians_ms"] + [statistics.median(times)]
+        out["pids"] = row.get("pids", []) + [result.get("pid")]
     return out
 
 
@@ -436,7 +437,7 @@ def _time_and_check(job: Job, name: str, session: _Session) -> dict:
     precision = session.precision or RUNTIMES[name][1]
     tolerance = TOLERANCE["float32" if precision == "float32" else "default"]
     out = {"status": "ok" if error <= tolerance else "mismatch", "times_ms": times, "error": error,
-           "tolerance": tolerance, "precision": precision}
+           "tolerance": tolerance, "precision": precision, "pid": os.getpid()}
     if session.what:
         out["what"] = session.what
     return out
