@@ -3,7 +3,7 @@
 
     python tools/benchmark.py --config-file CFG [--weights W] --device cpu|cuda --batch-size B \\
         --mode train|eval|deploy [...] --compare-dense [--amp bfloat16|float16] [--channels-last] \\
-        [--no-native] [--json] [KEY VALUE ...]
+        [--no-native] [--runtimes eager,compile,onnxruntime,openvino] [--passes N] [--json] [KEY VALUE ...]
 
 Every run (each ``--mode`` given, and the dense host with ``--compare-dense``) is warmed up, then timed
 ``--iters`` times, the runs taking turns round by round so that a busy machine slows them alike; GPU
@@ -24,7 +24,13 @@ The dense host is torchvision's network with the same width and number of classe
 into the convolutions for inference), or, where torchvision has none (DenseNet-74, the cifar stem,
 ResNet width multipliers), this project's model with ``MODEL.MSGC.GROUPING dense``. For inference it
 runs in both memory formats (``dense``: NCHW, ``dense_cl``: channels-last) and the ratios use the
-faster.
+faster. For inference on the CPU, ``--compare-dense`` also times the dense host in the runtimes users
+deploy with (``--runtimes``: PyTorch eager in both layouts, ``torch.compile``, ONNX Runtime, OpenVINO
+at float32 and at its default precision) and the deployed model, each alone in a fresh process over
+``--passes`` alternating passes, checks their logits against PyTorch's and gives deploy's ratio to the
+fastest float32 runtime (:mod:`msgc.deploy.runtimes`; ONNX Runtime and OpenVINO: ``pip install -e
+".[bench]"``). With ``--compare-dense`` or ``--layers`` it reports the CPU's FMA peak per core for
+each kernel variant, and ``--layers`` every convolution's rate as a share of it.
 
 Without ``--weights`` the model keeps random weights and every mask generator's last bias is set to
 ``--gate-bias`` (0 by default): gate logits centred on 0 close about half of the gated channels, the
