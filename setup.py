@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Install msgc: ``pip install -e .`` (add ``[detection]`` for the detection project, ``[vis]`` for figures)."""
+"""Install msgc: ``pip install -e .`` (add ``[detection]`` for the detection project, ``[vis]`` for figures,
+``[bench]`` for the runtimes ``tools/benchmark.py --compare-dense`` compares with)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -28,6 +29,9 @@ setup(
         "detection": ["pycocotools>=2.0.6"],
         # figures: tools/visualize_gates.py, tools/plot_metrics.py, tools/spectrum_study.py
         "vis": ["matplotlib>=3.5"],
+        # the dense host in the runtimes users deploy with: tools/benchmark.py --compare-dense (msgc.deploy.runtimes);
+        # never needed by the package or its tests (they skip what needs them)
+        "bench": ["onnxruntime>=1.16", "openvino>=2024.0", "onnx>=1.15"],
         "dev": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.5"],
     },
 )

@@ -482,7 +482,7 @@ def test_benchmark_tool_runs(tmp_path, capsys):
     tool, config = _benchmark_tool(tmp_path)
     result = tool.main(["--config-file", str(config), "--mode", "train", "eval", "deploy", "--compare-dense",
                         "--size", "16", "--batch-size", "2", "--iters", "2", "--warmup", "1", "--batches", "2",
-                        "--threads", "1", "--json", "SOLVER.IMS_PER_BATCH", "2"])
+                        "--threads", "1", "--runtimes", "none", "--json", "SOLVER.IMS_PER_BATCH", "2"])
     out = capsys.readouterr().out
     printed = json.loads(out[out.index("{\n"):])  # (log lines of earlier tests' handlers may come first)
     # the dense host in both memory formats; the ratios use the faster
@@ -527,7 +527,7 @@ def test_benchmark_tool_trains_under_autocast_channels_last(tmp_path, capsys, am
     tool, config = _benchmark_tool(tmp_path)
     common = ["--config-file", str(config), "--device", str(device), "--compare-dense", "--size", "16",
               "--batch-size", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--amp", amp, "--channels-last",
-              "--json"]
+              "--runtimes", "none", "--json"]
     result = tool.main(common + ["--mode", "train"])
     assert result["runs"].keys() == {"train", "dense"} and (result["amp"], result["channels_last"]) == (amp, True)
     assert "channels-last" in result["runs"]["dense"]["what"] and "train/dense" in result["ratios"]

@@ -206,6 +206,21 @@ def test_every_variant_this_cpu_runs_is_tested():
             assert native.library("avx2").vector_floats == 8
 
 
+def test_fma_peak_of_every_variant():
+    """Each variant's register-resident FMA loop gives a finite rate above a scalar core's (one multiply-add
+    per cycle at 1 GHz), and a vector build is no slower than the portable one (4 floats, SSE2 on x86-64)."""
+    import math
+
+    peaks = native.fma_peaks()
+    assert list(peaks) == VARIANTS
+    for v, gmacs in peaks.items():
+        assert math.isfinite(gmacs) and gmacs > 1.0, (v, gmacs)
+    for v in VARIANTS[:-1]:  # the busy machine's noise stays far below the factor of 2-4 expected
+        assert peaks[v] > 0.8 * peaks["portable"], peaks
+    with pytest.raises(native.NativeError, match="msgc_fma_peak"):
+        native.library(VARIANTS[-1]).fma_peak(iters=0)
+
+
 def test_avx512_builds_even_where_it_cannot_run(tmp_path, monkeypatch):
     """Compiled here whatever the CPU (it is only loaded where the CPU has AVX-512)."""
     if "avx512" not in build.VARIANTS:

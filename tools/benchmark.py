@@ -3,7 +3,7 @@
 
     python tools/benchmark.py --config-file CFG [--weights W] --device cpu|cuda --batch-size B \\
         --mode train|eval|deploy [...] --compare-dense [--amp bfloat16|float16] [--channels-last] \\
-        [--no-native] [--json] [KEY VALUE ...]
+        [--no-native] [--runtimes eager,compile,onnxruntime,openvino] [--passes N] [--json] [KEY VALUE ...]
 
 Every run (each ``--mode`` given, and the dense host with ``--compare-dense``) is warmed up, then timed
 ``--iters`` times, the runs taking turns round by round so that a busy machine slows them alike; GPU
@@ -24,13 +24,20 @@ The dense host is torchvision's network with the same width and number of classe
 into the convolutions for inference), or, where torchvision has none (DenseNet-74, the cifar stem,
 ResNet width multipliers), this project's model with ``MODEL.MSGC.GROUPING dense``. For inference it
 runs in both memory formats (``dense``: NCHW, ``dense_cl``: channels-last) and the ratios use the
-faster.
+faster. For inference on the CPU, ``--compare-dense`` also times the dense host in the runtimes users
+deploy with (``--runtimes``: PyTorch eager in both layouts, ``torch.compile``, ONNX Runtime, OpenVINO
+at float32 and at its default precision) and the deployed model, each alone in a fresh process over
+``--passes`` alternating passes, checks their logits against PyTorch's and gives deploy's ratio to the
+fastest float32 runtime (:mod:`msgc.deploy.runtimes`; ONNX Runtime and OpenVINO: ``pip install -e
+".[bench]"``). With ``--compare-dense`` or ``--layers`` it reports the CPU's FMA peak per core for
+each kernel variant, and ``--layers`` every convolution's rate as a share of it.
 
 Without ``--weights`` the model keeps random weights and every mask generator's last bias is set to
 ``--gate-bias`` (0 by default): gate logits centred on 0 close about half of the gated channels, the
 operating point of the paper's models. ``MODEL.WEIGHTS`` of the config is ignored: only ``--weights``
 loads weights, so the tool never downloads anything by itself.
 """
+import argparse
 import contextlib
 import copy
 import json
@@ -44,16 +51,12 @@ from tabulate import tabulate
 
 from msgc.config import load_cfg
 from msgc.engine import add_import_argument, import_user_modules
-from msgc.utils.env import check_device
+from msgc.utils.env import check_device, cpu_description, describe_cpu
 from msgc.utils.errors import ArgumentParser, exit_on_user_error
-from msgc.deploy import deploy
+from msgc.deploy import deploy, native, runtimes as dense_runtimes
 from msgc.engine.train_loop import total_loss
 from msgc.modeling import Classifier, build_model
 from msgc.modeling.layers import MaskGenerator
-
-_TORCHVISION = {"msgc_resnet18": "resnet18", "msgc_resnet34": "resnet34", "msgc_resnet50": "resnet50",
-                "msgc_resnet101": "resnet101", "msgc_mobilenetv2": "mobilenet_v2"}
-
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,7 +67,15 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--mode", nargs="+", choices=("train", "eval", "deploy"), default=["deploy"],
                         help="one or more of train, eval, deploy")
-    parser.add_argument("--compare-dense", action="store_true", help="also time the dense host")
+    parser.add_argument("--compare-dense", action="store_true", help="also time the dense host: in this process, "
+                        "in turns with the other runs, and (inference on the CPU) in every runtime of --runtimes, "
+                        "each alone in its own process")
+    parser.add_argument("--runtimes", type=_runtime_list, default="eager,compile,onnxruntime,openvino",
+                        help="with --compare-dense: the runtimes the dense host is timed in, comma-separated, from "
+                        "eager (both memory layouts), compile, onnxruntime, openvino (float32 and its default "
+                        "precision), or none; deploy is timed the same way (default: all)")
+    parser.add_argument("--passes", type=int, default=2, help="with --runtimes: passes over the runtimes, each "
+                        "runtime in a fresh process per pass (--warmup and --iters calls each)")
     parser.add_argument("--size", type=int, default=0, help="image side (default INPUT.TEST_SIZE, "
                         "INPUT.TRAIN_SIZE for --mode train)")
     parser.add_argument("--gate-bias", type=float, default=None,
@@ -109,6 +120,13 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)
 
 
+def _runtime_list(text):
+    try:
+        return dense_runtimes.expand([t.strip() for t in text.split(",") if t.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def setup(args):
     check_device(args.device, "--device")
     cfg = load_cfg(args.config_file, args.opts)
@@ -135,27 +153,17 @@ def build(cfg, args):
     return model
 
 
-def dense_host(cfg, train):
-    """The dense host network and a description of it."""
-    b = cfg.MODEL.BACKBONE
-    name = _TORCHVISION.get(b.NAME)
-    width_ok = b.WIDTH_MULT == 1.0 or name == "mobilenet_v2"
-    if name is not None and b.STEM == "imagenet" and width_ok:
-        import torchvision
-
-        kwargs = {"width_mult": b.WIDTH_MULT} if name == "mobilenet_v2" else {}
-        net = getattr(torchvision.models, name)(num_classes=cfg.MODEL.NUM_CLASSES, **kwargs)
-        net = net.to(cfg.MODEL.DEVICE)
-        if train:
-            return net.train(), f"torchvision {name}"
+def dense_host(cfg, args, train):
+    """The dense host network (:func:`msgc.deploy.runtimes.dense_host`) and a description of it."""
+    spec = dense_runtimes.dense_host(cfg, args.config_file, args.opts)
+    net = spec.build().to(cfg.MODEL.DEVICE)
+    if train:
+        return net.train(), spec.what
+    if spec.factory.startswith("torchvision"):
         from torch.fx.experimental.optimization import fuse
 
-        return fuse(net.eval()), f"torchvision {name}, BatchNorm folded"
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.MSGC.GROUPING = "dense"
-    cfg.MODEL.MSGC.ATTENTION = "none"
-    return build_model(cfg).train(train), f"{b.NAME} with MODEL.MSGC.GROUPING dense"
+        return fuse(net), spec.what + ", BatchNorm folded"
+    return net, spec.what
 
 
 def sgd(model):
@@ -226,7 +234,7 @@ def runners(cfg, args, model):
             out["deploy"][0].deployed = deployed
     if args.compare_dense:
         train = args.mode == ["train"]
-        host, what = dense_host(cfg, train)
+        host, what = dense_host(cfg, args, train)
         if train:
             host = host.to(memory_format=_memory_format(args))
             loss_of = _msgc_loss if isinstance(host, Classifier) else _dense_loss  # this project's, or torchvision's
@@ -395,6 +403,49 @@ def layer_rates(runs, batches):
     return {"layers": out, "totals": totals}
 
 
+def compare_runtimes(cfg, args, model, size):
+    """The dense host (and deploy, if it is a mode) in every runtime of ``--runtimes``, each alone in its
+    own process, ``--passes`` passes (:mod:`msgc.deploy.runtimes`); None where this does not apply."""
+    if not (args.compare_dense and args.runtimes and args.device == "cpu" and args.mode != ["train"]):
+        return None
+    import tempfile
+
+    from msgc.utils.imports import imported_modules
+
+    names = args.runtimes + (["deploy"] if "deploy" in args.mode else [])
+    with tempfile.TemporaryDirectory(prefix="msgc-runtimes-") as folder:
+        host = dense_runtimes.dense_host(cfg, args.config_file, args.opts)
+        deployed = dense_runtimes.ModelSpec("msgc.deploy.runtimes:model_from_config",
+                                            {"config_file": os.path.abspath(args.config_file), "opts": args.opts})
+        job = dense_runtimes.Job(folder, host, deployed if "deploy" in names else None, batch=args.batch_size,
+                                 size=size, threads=torch.get_num_threads(), warmup=args.warmup, iters=args.iters,
+                                 seed=args.seed, imports=imported_modules(),
+                                 deploy_options={"isa": args.isa, "tune": not args.no_tune,
+                                                 "native": False if args.no_native else None})
+        job.save(host.build(), copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval())
+        rows = dense_runtimes.measure(job, names, args.passes, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return {"passes": args.passes, "iters": args.iters, "warmup": args.warmup, "host": host.what,
+            **dense_runtimes.summarise(rows)}
+
+
+def fma_peaks(args):
+    """GMAC/s per core of every kernel variant this CPU runs (with --compare-dense or --layers, on the CPU)."""
+    if args.device != "cpu" or not (args.compare_dense or args.layers) or not native.available():
+        return None
+    return native.fma_peaks()
+
+
+def with_peak_shares(layers, peaks, deployed, threads):
+    """Each layer's and total's rate as a share of the FMA peak of the deployed kernels' variant on the
+    threads the layers ran on (``peak_share``)."""
+    peak = (peaks or {}).get(deployed.library.variant) if deployed.native else None
+    if peak:
+        for row in layers["layers"] + list(layers["totals"].values()):
+            row["peak_share"] = row["gmacs"] / (peak * threads)
+        layers["peak"] = {"variant": deployed.library.variant, "gmacs_per_core": peak, "threads": threads}
+    return layers
+
+
 def mac_stats(model, runs, batches, size):
     """Per-sample MACs (mean over a few batches) of the model and of its deployed version."""
     dense = model.dense_macs(size, size)
@@ -427,13 +478,15 @@ def main(argv=None):
         times = measure(runs, args, batches, device)
         prof = deploy_profile(runs, batches) if args.profile and "deploy" in runs else None
         layers = layer_rates(runs, batches) if args.layers and "deploy" in runs else None
+        compared = compare_runtimes(cfg, args, model, size)
+        peaks = fma_peaks(args)
     finally:
         if busy is not None:
             busy.kill()
     result = {"config": args.config_file, "opts": args.opts, "device": str(device), "batches": args.batches,
               "settle_ms": args.settle_ms, "lead_in": args.lead_in,
               "threads": torch.get_num_threads(), "clock": args.clock, "batch_size": args.batch_size, "size": size,
-              "torch": torch.__version__, "contended": args.contend, "amp": args.amp,
+              "torch": torch.__version__, "cpu": cpu_description(), "contended": args.contend, "amp": args.amp,
               "channels_last": args.channels_last, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
               else None, "runs": {}}
     for name, (_, what) in runs.items():
@@ -441,8 +494,12 @@ def main(argv=None):
     result["ratios"], result["paired_ratios"] = ratios(result["runs"]), paired_ratios(result["runs"], times)
     if prof is not None:
         result["profile"] = prof
+    if peaks is not None:
+        result["fma_peak_gmacs"] = peaks
     if layers is not None:
-        result["layers"] = layers
+        result["layers"] = with_peak_shares(layers, peaks, runs["deploy"][0].deployed, torch.get_num_threads())
+    if compared is not None:
+        result["runtimes"] = compared
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -504,7 +561,10 @@ def report(result):
             + (", another process busy" if result.get("contended") else ""))
     table = tabulate(rows, headers=["run", "median ms", "ms/image", "images/s", "p25-p75", "min", "MMACs/sample", "MAC ratio",
                                     "executed MMACs", "what"])
-    lines = [head, table]
+    lines = [head]
+    if result.get("cpu"):
+        lines.append("CPU: " + describe_cpu(result["cpu"]))
+    lines.append(table)
     for k, v in result["ratios"].items():
         p = result["paired_ratios"].get(k)
         lines.append(f"{k}: {v:.3f}" + ("" if p is None else
@@ -516,16 +576,52 @@ def report(result):
         lines.append("  by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in prof["by_kind"].items()))
         lines.append(tabulate([[r["scope"], r["op"], r.get("kernel", ""), f"{r['ms']:.3f}"] for r in prof["slowest"]],
                               headers=["slowest ops", "", "kernel", "ms"]))
+    peaks = result.get("fma_peak_gmacs")
+    if peaks:
+        lines.append("FMA peak per core (one thread, a register-resident loop of 12 vector FMAs): "
+                     + ", ".join(f"{v} {g:.1f}" for v, g in peaks.items()) + " GMAC/s")
     layers = result.get("layers")
     if layers:
-        lines.append("convolutions alone on one image: MACs the gates leave and their rate; oneDNN on the dense layer "
-                     "of the same shape")
-        rows = [[r["scope"], r["op"], r["kernel"], f"{r['macs'] / 1e6:.1f}", f"{r['ms']:.3f}", f"{r['gmacs']:.1f}",
-                 f"{r['onednn_ms']:.3f}", f"{r['onednn_gmacs']:.1f}"] for r in layers["layers"]]
-        rows += [["total", kind, "", f"{t['macs'] / 1e6:.1f}", f"{t['ms']:.3f}", f"{t['gmacs']:.1f}",
-                  f"{t['onednn_ms']:.3f}", f"{t['onednn_gmacs']:.1f}"] for kind, t in layers["totals"].items()]
-        lines.append(tabulate(rows, headers=["layer", "", "kernel", "MMACs", "ms", "GMAC/s", "oneDNN ms",
-                                             "oneDNN GMAC/s"]))
+        lines.append(report_layers(layers))
+    if result.get("runtimes"):
+        lines.append(report_runtimes(result["runtimes"]))
+    return "\n".join(lines)
+
+
+def report_layers(layers):
+    peak = layers.get("peak")
+    lines = ["convolutions alone on one image: MACs the gates leave and their rate; oneDNN on the dense layer of the "
+             "same shape" + (f"; % peak: the rate over {peak['threads']} x {peak['gmacs_per_core']:.1f} GMAC/s (the "
+                             f"{peak['variant']} FMA peak per core x threads)" if peak else "")]
+
+    def share(r):
+        return [f"{100 * r['peak_share']:.0f}"] if peak else []
+
+    rows = [[r["scope"], r["op"], r["kernel"], f"{r['macs'] / 1e6:.1f}", f"{r['ms']:.3f}", f"{r['gmacs']:.1f}",
+             *share(r), f"{r['onednn_ms']:.3f}", f"{r['onednn_gmacs']:.1f}"] for r in layers["layers"]]
+    rows += [["total", kind, "", f"{t['macs'] / 1e6:.1f}", f"{t['ms']:.3f}", f"{t['gmacs']:.1f}", *share(t),
+              f"{t['onednn_ms']:.3f}", f"{t['onednn_gmacs']:.1f}"] for kind, t in layers["totals"].items()]
+    lines.append(tabulate(rows, headers=["layer", "", "kernel", "MMACs", "ms", "GMAC/s", *(["% peak"] if peak else []),
+                                         "oneDNN ms", "oneDNN GMAC/s"]))
+    return "\n".join(lines)
+
+
+def report_runtimes(compared):
+    lines = [f"the dense host ({compared['host']}) and deploy, each runtime alone in a fresh process, "
+             f"{compared['passes']} passes of {compared['warmup']} + {compared['iters']} calls:"]
+    rows = []
+    for name, r in compared["rows"].items():
+        timed = "median_ms" in r
+        rows.append([name, f"{r['median_ms']:.2f}" if timed else "",
+                     " ".join(f"{m:.2f}" for m in r["pass_medians_ms"]), f"{r['min_ms']:.2f}" if timed else "",
+                     f"{r['error']:.1e} (<= {r['tolerance']:.0e})" if "error" in r else "", r["precision"],
+                     r["status"], r["what"]])
+    lines.append(tabulate(rows, headers=["runtime", "median ms", "pass medians", "min", "logits vs PyTorch",
+                                         "precision", "status", "what"]))
+    labels = {"deploy/fastest": "deploy / fastest float32 runtime", "deploy/eager": "deploy / PyTorch eager"}
+    for key, r in compared["ratios"].items():
+        lo_hi = f" (passes {r['passes'][0]:.3f}-{r['passes'][1]:.3f})" if r["passes"] else ""
+        lines.append(f"{labels[key]} ({r['against']}): {r['ratio']:.3f}{lo_hi}")
     return "\n".join(lines)
 
 

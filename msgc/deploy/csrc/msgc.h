@@ -172,6 +172,11 @@ typedef const void *cv;
  * MSGC_MAX_TAPS, wide tile families */
 #define MSGC_INFO(X) X(wi, out)
 
+/* the FMA peak (peak.c): reps timings (nanoseconds, to times) of iters rounds of 12 independent vector
+ * multiply-adds held in registers; macs[0] = the multiply-adds of one repetition; sink (may be NULL)
+ * receives a value that depends on them all */
+#define MSGC_PEAK_ARGS(X) X(i64, iters) X(i32, reps) X(wl, times) X(wl, macs) X(wf, sink)
+
 #define MSGC_STRUCTS(S) \
   S(msgc_geom, MSGC_GEOM) S(msgc_heads, MSGC_HEADS) S(msgc_weights, MSGC_WEIGHTS) S(msgc_io, MSGC_IO) \
   S(msgc_conv_args, MSGC_CONV_ARGS) S(msgc_dw_args, MSGC_DW_ARGS) S(msgc_gen_args, MSGC_GEN_ARGS) \
@@ -179,7 +184,7 @@ typedef const void *cv;
   S(msgc_conv_op, MSGC_CONV_OP) S(msgc_gates_op, MSGC_GATES_OP) S(msgc_sets_op, MSGC_SETS_OP) \
   S(msgc_dw_op, MSGC_DW_OP) S(msgc_affine_op, MSGC_AFFINE_OP) S(msgc_pool_op, MSGC_POOL_OP) \
   S(msgc_head_op, MSGC_HEAD_OP) S(msgc_program, MSGC_PROGRAM) S(msgc_run_args, MSGC_RUN_ARGS) \
-  S(msgc_info, MSGC_INFO)
+  S(msgc_info, MSGC_INFO) S(msgc_peak_args, MSGC_PEAK_ARGS)
 
 #define MSGC_FIELD_DECL(type, name) type name;
 #define MSGC_STRUCT_DECL(name, FIELDS) typedef struct name { FIELDS(MSGC_FIELD_DECL) } name;
@@ -188,7 +193,8 @@ MSGC_STRUCTS(MSGC_STRUCT_DECL)
 /* ---- entry points: X(name, argument struct) ---------------------------------------------------- */
 #define MSGC_ENTRIES(X) \
   X(msgc_conv, msgc_conv_args) X(msgc_dwconv, msgc_dw_args) X(msgc_generators, msgc_gen_args) \
-  X(msgc_head_sets, msgc_sets_args) X(msgc_run, msgc_run_args) X(msgc_describe, msgc_info)
+  X(msgc_head_sets, msgc_sets_args) X(msgc_run, msgc_run_args) X(msgc_describe, msgc_info) \
+  X(msgc_fma_peak, msgc_peak_args)
 
 #define MSGC_ENTRY_DECL(name, args) i32 name(const args *a);
 MSGC_ENTRIES(MSGC_ENTRY_DECL)

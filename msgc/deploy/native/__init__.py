@@ -17,7 +17,7 @@ from .build import VARIANTS, BuildError, cpu_variants
 from .library import Library, NativeError, blocked
 
 __all__ = ["Library", "NativeError", "BuildError", "VARIANTS", "available", "status", "library", "variants",
-           "blocked", "abi"]
+           "fma_peaks", "blocked", "abi"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +87,15 @@ def status() -> str:
     """What was loaded, with the instruction set it was built for, or why nothing was."""
     _load()
     return _status
+
+
+def fma_peaks() -> Dict[str, float]:
+    """variant -> its multiply-add peak on one core in GMAC/s (:meth:`Library.fma_peak`), for every
+    variant this CPU runs, best first; a variant that does not build is left out."""
+    out = {}
+    for v in variants():
+        try:
+            out[v] = library(v).fma_peak()
+        except (OSError, BuildError, abi.AbiMismatch) as e:
+            logger.warning("msgc.deploy: no FMA peak for the %s kernels (%s)", v, e)
+    return out

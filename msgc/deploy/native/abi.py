@@ -45,12 +45,14 @@ FIELDS: List[Tuple[str, str]] = [
     ("msgc_run_args", "cv program; i32 n; cf x; i64 x_stride; i64 x_ld; wf out; wi stats; wl executed; "
                       "i32 nthreads; i32 keep; i32 op; i32 reps; wl times"),
     ("msgc_info", "wi out"),
+    ("msgc_peak_args", "i64 iters; i32 reps; wl times; wl macs; wf sink"),
 ]
 
 #: entry point -> its argument struct
 ENTRIES: List[Tuple[str, str]] = [
     ("msgc_conv", "msgc_conv_args"), ("msgc_dwconv", "msgc_dw_args"), ("msgc_generators", "msgc_gen_args"),
     ("msgc_head_sets", "msgc_sets_args"), ("msgc_run", "msgc_run_args"), ("msgc_describe", "msgc_info"),
+    ("msgc_fma_peak", "msgc_peak_args"),
 ]
 
 
