@@ -101,7 +101,7 @@ _C.SOLVER = CN()
 _C.SOLVER.MAX_ITER = 600000
 # Global batch size over all processes; must be divisible by the number of processes.
 _C.SOLVER.IMS_PER_BATCH = 256
-# Learning rate of the gate and attention generators; the host gets BASE_LR * PRETRAINED_LR_MULT.
+# Learning rate of the gate group (SOLVER.GATE_KEYWORDS); the host gets BASE_LR * PRETRAINED_LR_MULT.
 _C.SOLVER.BASE_LR = 0.075
 # Multiplier of BASE_LR for the (pretrained) host network's parameters.
 _C.SOLVER.PRETRAINED_LR_MULT = 0.2
@@ -112,10 +112,22 @@ _C.SOLVER.NESTEROV = True
 _C.SOLVER.WEIGHT_DECAY = 1e-4
 # Weight decay of normalisation layers' parameters.
 _C.SOLVER.WEIGHT_DECAY_NORM = 0.0
-# Weight decay of the gate and attention generators' parameters.
+# Weight decay of the gate group's parameters (see GATE_KEYWORDS).
 _C.SOLVER.WEIGHT_DECAY_GATES = 0.0
-# LR schedule (registered in msgc.solver.SCHEDULER_REGISTRY): "cosine", "multistep", ...
+# A parameter whose name contains one of these trains in the gate group (BASE_LR, WEIGHT_DECAY_GATES);
+# the others train with the host (BASE_LR x PRETRAINED_LR_MULT; WEIGHT_DECAY_NORM for normalisation
+# layers, WEIGHT_DECAY for the rest). ("mask",) is the reference's rule, which the paper's configs use:
+# the mask generators are gates, the attention generators train with the host. The default also makes
+# the attention generators ("attgen") gates: msgc's choice, kept for the non-paper configs.
+_C.SOLVER.GATE_KEYWORDS = ("mask", "attgen")
+# LR schedule (registered in msgc.solver.SCHEDULER_REGISTRY): "cosine" (a half-cosine that moves every
+# iteration), "cosine_epoch" (the paper's: the half-cosine's value at each epoch's start, held for the
+# epoch), "multistep", "linear", "constant".
 _C.SOLVER.LR_SCHEDULER_NAME = "cosine"
+# Iterations per epoch of the schedules that step by epoch ("cosine_epoch"): the epoch count is
+# MAX_ITER / ITERS_PER_EPOCH. 0 derives it from the training set: ceil(images / IMS_PER_BATCH), which
+# builds the DATASETS.TRAIN dataset to count it (ImageNet at 256 per step: 5005).
+_C.SOLVER.ITERS_PER_EPOCH = 0
 # Iterations at which "multistep" multiplies the LR by GAMMA.
 _C.SOLVER.STEPS = (300000, 500000)
 _C.SOLVER.GAMMA = 0.1

@@ -8,7 +8,7 @@ from .mac_scheduler import MACTargetScheduler
 from .optimizer import build_optimizer
 
 __all__ = ["SCHEDULER_REGISTRY", "build_gate_noise_schedule", "build_lr_scheduler", "build_mac_scheduler",
-           "build_optimizer", "check_solver"]
+           "build_optimizer", "check_solver", "iters_per_epoch"]
 
 SCHEDULER_REGISTRY = Registry("SCHEDULER")
 SCHEDULER_REGISTRY.__doc__ = """
@@ -19,7 +19,8 @@ and returns an fvcore ``ParamScheduler``: a function of the training progress ``
 SOLVER.MAX_ITER`` in [0, 1] that gives
 
 - for ``"lr"``: the multiplier of every parameter group's base learning rate (1.0 at the start;
-  linear warm-up is applied on top by :func:`build_lr_scheduler`, whatever the schedule);
+  linear warm-up is applied on top by :func:`build_lr_scheduler`, whatever the schedule); a schedule
+  that steps by epoch reads the epoch's length from :func:`iters_per_epoch`;
 - for ``"mac_target"``: the MAC target as a fraction of the dense host's MACs (1.0 at the start, down
   to ``SOLVER.MAC_TARGET.FINAL``);
 - for ``"gate_noise"``: the scale of the gates' logistic noise in training (``SOLVER.GATE_NOISE``;
@@ -58,6 +59,10 @@ def check_solver(cfg):
     _require(s.CHECKPOINT_PERIOD >= 0, "SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD,
              ">= 0 (0: only the final checkpoint)")
     _require(s.CHECKPOINT_MAX_KEEP >= 0, "SOLVER.CHECKPOINT_MAX_KEEP", s.CHECKPOINT_MAX_KEEP, ">= 0 (0: keep all)")
+    _require(isinstance(s.ITERS_PER_EPOCH, int) and s.ITERS_PER_EPOCH >= 0, "SOLVER.ITERS_PER_EPOCH",
+             s.ITERS_PER_EPOCH, ">= 0 (0: from the training set's size)")
+    _require(all(isinstance(k, str) and k for k in s.GATE_KEYWORDS), "SOLVER.GATE_KEYWORDS", list(s.GATE_KEYWORDS),
+             'a list of non-empty name fragments, e.g. ["mask"] (the paper) or ["mask", "attgen"]')
     t = s.MAC_TARGET
     _require(0.0 < t.FINAL <= 1.0, "SOLVER.MAC_TARGET.FINAL", t.FINAL, "in (0, 1]")
     _require(0.0 <= t.PSTART < t.PSTOP <= 1.0, "SOLVER.MAC_TARGET.PSTART and PSTOP", [t.PSTART, t.PSTOP],
@@ -88,3 +93,19 @@ def build_mac_scheduler(cfg) -> MACTargetScheduler:
     check_solver(cfg)
     schedule = SCHEDULER_REGISTRY.get(cfg.SOLVER.MAC_TARGET.NAME)(cfg, "mac_target")
     return MACTargetScheduler(schedule, cfg.SOLVER.MAX_ITER)
+
+
+def iters_per_epoch(cfg) -> int:
+    """Iterations of one epoch: ``SOLVER.ITERS_PER_EPOCH``, or when it is 0 ``ceil(N / IMS_PER_BATCH)``
+    for the N images of the ``DATASETS.TRAIN`` training set (built here to count them).
+
+    The ceiling is what the reference's loader gives: each of its processes pads the set to a multiple
+    of the processes (``DistributedSampler``) and keeps the last, short batch (ImageNet, 2 x 128:
+    ``ceil(640,584 / 128) = ceil(1,281,167 / 256) = 5005``).
+    """
+    if cfg.SOLVER.ITERS_PER_EPOCH > 0:
+        return cfg.SOLVER.ITERS_PER_EPOCH
+    from ..data import build_dataset  # only here: the solver needs the data only to count it
+
+    images = len(build_dataset(cfg, cfg.DATASETS.TRAIN, "train", transform=None))
+    return -(-images // cfg.SOLVER.IMS_PER_BATCH)

@@ -14,7 +14,7 @@ def build_detection_optimizer(cfg, model) -> torch.optim.Optimizer:
     """
     s = cfg.SOLVER
     groups = param_groups(model.backbone, s.BASE_LR, s.PRETRAINED_LR_MULT, s.WEIGHT_DECAY, s.WEIGHT_DECAY_NORM,
-                          s.WEIGHT_DECAY_GATES)
+                          s.WEIGHT_DECAY_GATES, s.GATE_KEYWORDS)
     in_backbone = {id(p) for p in model.backbone.parameters()}
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in in_backbone]
     groups.append({"name": "heads", "params": heads, "lr": s.BASE_LR * s.HEADS_LR_MULT,
