@@ -18,8 +18,10 @@ default output ``<weights>_budgets.pth``): any budget the table spans is then ch
 (``TEST.BUDGET``, :func:`msgc.modeling.set_budget`, ``msgc.deploy.deploy(model, budget=...)``). Unless
 ``--no-eval``, the model is evaluated on ``DATASETS.TEST`` as trained and at each budget.
 """
+import argparse
 import logging
 import os
+import sys
 
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import load_cfg
@@ -39,13 +41,49 @@ def parse_args(argv=None):
     add_import_argument(parser)
     parser.add_argument("--dataset", default="", help="calibration dataset (its test split); default CALIBRATION.DATASET")
     parser.add_argument("--budget", type=float, default=None, help="MAC ratio to reach; default SOLVER.MAC_TARGET.FINAL")
-    parser.add_argument("--budgets", type=float, nargs="+", default=None, metavar="B",
+    parser.add_argument("--budgets", type=budget_list, default=None, metavar="B [B ...]",
                         help="MAC ratios of a budget table (one calibration each), saved with the unchanged model")
     parser.add_argument("--output", default="",
                         help="the checkpoint written; default <weights>_calibrated.pth (--budgets: <weights>_budgets.pth)")
     parser.add_argument("--no-eval", action="store_true", help="do not evaluate on DATASETS.TEST before and after")
     parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE pairs (MODEL.WEIGHTS is required)")
-    return parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(gather_budgets(sys.argv[1:] if argv is None else list(argv)))
+
+
+def gather_budgets(argv: list) -> list:
+    """``--budgets 0.3 0.4 KEY VALUE ...`` -> ``--budgets=0.3,0.4 KEY VALUE ...``: the numbers after
+    ``--budgets`` as one value (argparse's ``nargs`` would take the overrides too)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] != "--budgets":
+            out.append(argv[i])
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and _is_number(argv[j]):
+            j += 1
+        out.append("--budgets=" + ",".join(argv[i + 1:j]))
+        i = j
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def budget_list(text: str) -> list:
+    """``0.3,0.4`` -> ``[0.3, 0.4]``."""
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected one MAC ratio or more (--budgets 0.3 0.4 ...), got {text!r}")
+    return values
 
 
 def output_path(weights: str, output: str, suffix: str = "calibrated") -> str:

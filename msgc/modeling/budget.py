@@ -144,7 +144,8 @@ def budget_threshold(model: nn.Module, budget: Budget, table: Optional[BudgetTab
     """The gate threshold(s) of ``budget`` for ``model`` (see :func:`set_budget`; 0 for None or 0), from
     ``table`` (default: the model's)."""
     if not mask_generators(model):
-        raise InvalidValueError(f"a MAC budget needs a model with gates; {type(_inner(model)).__name__} has none "
+        name = type(getattr(_inner(model), "backbone", model)).__name__
+        raise InvalidValueError(f"a MAC budget needs a model with gates; {name} has none "
                                 "(grouping 'dense' or 'static': its MACs are fixed)")
     if budget is None or (isinstance(budget, (int, float)) and budget == 0):
         return 0.0
