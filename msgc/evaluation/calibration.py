@@ -195,6 +195,9 @@ class _Search:
     def run(self, tolerance: float, max_passes: int) -> float:
         if abs(self.excess(0.0)) <= tolerance:
             return 0.0
+        met = [t for t in self.results if abs(self.excess(t)) <= tolerance]  # by an earlier search
+        if met:
+            return min(met, key=lambda t: (abs(self.excess(t)), abs(t)))
         lo, hi = self._bracket()
         f_lo, f_hi = self.excess(lo), self.excess(hi)
         if abs(f_hi) <= tolerance or abs(f_lo) <= tolerance:
@@ -219,7 +222,12 @@ class _Search:
         return min(self.results, key=lambda t: (abs(self.results[t]["mac_ratio"] - self.budget), abs(t)))
 
     def _bracket(self):
-        """Thresholds ``lo`` (ratio above the budget) and ``hi`` (below it), one of them 0."""
+        """Thresholds ``lo`` (ratio above the budget) and ``hi`` (below it): the closest pair among the
+        evaluations made, else one of them 0 and the other found by doubling steps."""
+        above = [t for t, r in self.results.items() if r["mac_ratio"] > self.budget]
+        below = [t for t, r in self.results.items() if r["mac_ratio"] < self.budget]
+        if above and below:
+            return max(above), min(below)
         direction = 1.0 if self.excess(0.0) > 0 else -1.0
         near, step = 0.0, _FIRST_STEP
         while step <= _MAX_THRESHOLD:
