@@ -33,7 +33,8 @@ def digits_cfg(out="", *overrides):
     """The quickstart (an MSGC ResNet-18 at a quarter width on the 16x16 digits), shortened."""
     cfg = get_cfg()
     cfg.merge_from_file(QUICKSTART)
-    cfg.merge_from_list(["SOLVER.MAX_ITER", "24", "SOLVER.IMS_PER_BATCH", "32", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "0",
+    cfg.merge_from_list(["SOLVER.MAX_ITER", "24", "SOLVER.IMS_PER_BATCH", "32", "SOLVER.WARMUP_ITERS", "0",
+                         "SOLVER.CHECKPOINT_PERIOD", "0",
                          "TEST.EVAL_PERIOD", "0", "TEST.GATE_SUMMARY_IMAGES", "0", "TEST.IMS_PER_BATCH", "120",
                          "OUTPUT_DIR", str(out), "LOG_PERIOD", "1000", *overrides])
     return cfg

@@ -44,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--budgets", type=budget_list, default=None, metavar="B [B ...]",
                         help="MAC ratios of a budget table (one calibration each), saved with the unchanged model")
     parser.add_argument("--output", default="",
-                        help="the checkpoint written; default <weights>_calibrated.pth (--budgets: <weights>_budgets.pth)")
+                        help="the checkpoint written; default <weights>_calibrated.pth (with --budgets: "
+                             "<weights>_budgets.pth)")
     parser.add_argument("--no-eval", action="store_true", help="do not evaluate on DATASETS.TEST before and after")
     parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE pairs (MODEL.WEIGHTS is required)")
     return parser.parse_intermixed_args(gather_budgets(sys.argv[1:] if argv is None else list(argv)))

@@ -3,4 +3,5 @@ from .calibration import CalibrationResult, build_budget_table, calibrate_gates,
 from .classification import ClassificationEvaluator, results_table
 from .evaluator import DatasetEvaluator, inference_on_dataset
 
-__all__ = ["CalibrationResult", "ClassificationEvaluator", "build_budget_table", "calibrate_gates", "check_budget", "DatasetEvaluator", "inference_on_dataset", "results_table"]
+__all__ = ["CalibrationResult", "ClassificationEvaluator", "build_budget_table", "calibrate_gates", "check_budget",
+           "DatasetEvaluator", "inference_on_dataset", "results_table"]
