@@ -6,6 +6,7 @@ import re
 import torch
 from fvcore.common.checkpoint import Checkpointer
 
+from ..modeling.budget import BudgetTable, set_budget_table
 from ..utils.errors import FileWriteError
 from ..utils.file_io import PathManager, get_local_path, is_url, write_atomic
 from .formats import (LOAD_INFO_KEY, CheckpointError, LoadInfo, check_fit, incompatible_keys_table,
@@ -30,6 +31,9 @@ class MSGCCheckpointer(Checkpointer):
       error naming the local file that would replace it) and recognises the file's format itself (see
       :mod:`msgc.checkpoint.formats`): this project's checkpoints, torchvision state dicts and
       original MSGC release checkpoints.
+    - A checkpoint's ``budget_table`` extra (``save(..., budget_table=table.as_dict())``, written by
+      ``tools/calibrate_gates.py --budgets``) is attached to the model when it loads
+      (:func:`msgc.modeling.budget_table`); a checkpoint without one detaches any table the model had.
 
     Loads are checked before anything is copied, so a failed load leaves the model as it was. Host
     tensors (everything but the ``maskgen*``/``attgen*`` generators) must match one to one: a host
@@ -123,7 +127,11 @@ class MSGCCheckpointer(Checkpointer):
         if path and not is_url(path) and not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
         self._source = path
-        return super().load(get_local_path(path) if path else path, checkpointables=checkpointables)
+        extras = super().load(get_local_path(path) if path else path, checkpointables=checkpointables)
+        if path:
+            table = extras.get("budget_table")
+            set_budget_table(self.model, None if table is None else BudgetTable.from_dict(table))
+        return extras
 
     def _load_file(self, f: str):
         return load_checkpoint_file(f, self.model, display_path=getattr(self, "_source", None))

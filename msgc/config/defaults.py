@@ -182,6 +182,10 @@ _C.TEST.IMS_PER_BATCH = 100
 # After each evaluation, measure the gates on this many test images (main process) and log them to
 # TensorBoard: a histogram of per-image MACs, each mask's open rate, group-wise maps (0 = off).
 _C.TEST.GATE_SUMMARY_IMAGES = 256
+# --eval-only at this MAC budget (a ratio of the dense MACs in (0, 1]): the gates' threshold is read
+# from the budget table of MODEL.WEIGHTS' checkpoint (tools/calibrate_gates.py --budgets writes one;
+# between its entries the threshold is interpolated). 0 = the model as trained (as saved).
+_C.TEST.BUDGET = 0.0
 
 # ---------------------------------------------------------------------------------------------------
 # Gate calibration

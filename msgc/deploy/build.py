@@ -7,6 +7,11 @@
         native program (one C call per batch) | PyTorch interpreter (per sample)
             -> logits, each sample's open counts, executed MACs
         paper MACs from the counts (the source blocks' own functions)
+
+    deployed = deploy(model.eval(), budget=0.5)  # the budget table of model (msgc.modeling.set_budget)
+    out = deployed(images, budget=[0.4, 0.7, 0.4])   # per request: one budget, or one per image
+        per distinct budget: the generators' output biases rewritten in place (bias - threshold),
+        the same program run on that budget's images; outputs put back in the batch's order
 """
 import logging
 import statistics
@@ -16,9 +21,11 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..modeling.budget import Budget, budget_table, budget_threshold
+from ..modeling.layers import mask_generators, per_sample, set_gate_thresholds
 from . import native as native_kernels
 from .backbones import deploy_backbone
-from .graph import Graph
+from .graph import GatesOp, Graph
 from .reference import run_reference
 
 __all__ = ["DeployedClassifier", "deploy"]
@@ -35,6 +42,8 @@ class _Plan:
 
     def __init__(self, graph: Graph, program=None):
         self.graph, self.program = graph, program
+        #: the graph's folded generators (whose mask biases a request's budget rewrites)
+        self.generators = [op.generators for op in graph.ops if isinstance(op, GatesOp)]
         self.use_source = False  # the eval model measured faster: run it instead
         self.timings: Dict[str, float] = {}
         self.threads = 1  # the thread count the plan is for
@@ -61,17 +70,29 @@ class DeployedClassifier(nn.Module):
     ``executed_macs`` the multiply-adds actually run (float64). It holds folded copies of the weights
     and a reference to the source model (its MAC functions, and the fallback path); it has no
     parameters and cannot train. See :func:`deploy`.
+
+    ``model(images, budget=b)``: the outputs of the source model at the MAC budget ``b`` (one number,
+    or one per image; :func:`msgc.modeling.set_budget`, from the budget table the source model had at
+    deploy); None: the budget of :func:`deploy`. A batch of several budgets runs the program once per
+    distinct budget, on the images of that budget.
     """
 
     def __init__(self, model: nn.Module, library: Optional["native_kernels.Library"], tune: bool, check: bool,
-                 plans: Optional[str] = None):
+                 budget: Budget = None, plans: Optional[str] = None):
         super().__init__()
         self.plans = plans  # the plan cache's file (None: this machine's default)
         self.deployer = deploy_backbone(model.backbone)
         self._source = [model]  # not a submodule
         self.library, self.tune, self.check = library, tune, check
         self._plans: Dict[Tuple[int, int, int], _Plan] = {}
+        self._table = budget_table(model)
+        #: the gate threshold of requests without a budget (None: the source model's at deploy)
+        self.threshold = None if budget is None else self._threshold_of(budget)
         super().train(False)
+
+    def _threshold_of(self, budget: Budget):
+        """A budget's threshold: a float, or one per image (a tensor), from the table of deploy time."""
+        return budget_threshold(self._source[0], budget, self._table)
 
     @property
     def native(self) -> bool:
@@ -179,7 +200,7 @@ class DeployedClassifier(nn.Module):
                            "without gates (%.2f ms; the eval model %.2f ms): its MAC savings do not become time here "
                            "(msgc.deploy.profile shows where the time goes)", deployed, where, dense, source)
 
-    def forward(self, images: torch.Tensor, labels=None):
+    def forward(self, images: torch.Tensor, labels=None, budget: Budget = None):
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_GRAPH.format("traced (torch.jit.trace)"))
         if torch.compiler.is_compiling():
@@ -189,31 +210,69 @@ class DeployedClassifier(nn.Module):
                                "train the source model instead")
         if images.dim() != 4 or images.size(1) != 3:
             raise ValueError(f"deployed model: expected images N x 3 x H x W, got shape {tuple(images.shape)}")
+        threshold = self.threshold if budget is None else self._threshold_of(budget)
+        if isinstance(threshold, torch.Tensor):
+            per_sample(threshold, images)  # one per image
         with torch.no_grad():
             plan = self.plan(images)
             if plan.use_source:
-                return self._run_source(images)
+                return self._run_source(images, threshold)
             x = images.float().contiguous()
-            if self.native:
-                logits, stats, executed = plan.program.run(x, threads=plan.threads_for(x.size(0)))
-                stats, executed = stats.tolist(), executed.tolist()
-            else:
-                logits, stats, executed = run_reference(plan.graph, x)
+            logits, stats, executed = None, [None] * x.size(0), [None] * x.size(0)
+            for t, index in _groups(threshold):
+                for generators in plan.generators:
+                    generators.set_threshold(t)
+                part = x if index is None else x.index_select(0, index.to(x.device)).contiguous()
+                out, part_stats, part_executed = self._run(plan, part)
+                if index is None:
+                    logits, stats, executed = out, part_stats, part_executed
+                    continue
+                if logits is None:
+                    logits = out.new_empty(x.size(0), out.size(1))
+                logits[index.to(out.device)] = out
+                for j, i in enumerate(index.tolist()):
+                    stats[i], executed[i] = part_stats[j], part_executed[j]
         macs = [plan.graph.paper_macs(s) for s in stats]
         return {"logits": logits, "macs": torch.tensor(macs, dtype=torch.float64),
                 "executed_macs": torch.tensor(executed, dtype=torch.float64)}
 
-    def _run_source(self, images):
+    def _run(self, plan: _Plan, x: torch.Tensor):
+        """The plan on the batch ``x`` -> (logits, each sample's stats, each sample's executed MACs)."""
+        if self.native:
+            logits, stats, executed = plan.program.run(x, threads=plan.threads_for(x.size(0)))
+            return logits, stats.tolist(), executed.tolist()
+        return run_reference(plan.graph, x)
+
+    def _run_source(self, images, threshold=None):
         model = self._source[0]
-        out = model(images)
+        generators = mask_generators(model)
+        before = [g.gate.threshold for g in generators]
+        try:
+            if threshold is not None:
+                set_gate_thresholds(model, threshold)
+            out = model(images)
+        finally:
+            for g, t in zip(generators, before):
+                g.gate.threshold = t
         c = model.backbone.complexity(images.size(2), images.size(3))
         full = float(c.main + c.dgc + c.gen)  # masks multiply: every gated convolution runs at full width
         return {"logits": out["logits"], "macs": out["macs"],
                 "executed_macs": torch.full((images.size(0),), full, dtype=torch.float64)}
 
 
+def _groups(threshold):
+    """``(threshold, image indices)`` per distinct threshold of a request (indices None: every image)."""
+    if not isinstance(threshold, torch.Tensor):
+        return [(threshold, None)]
+    values = threshold.tolist()
+    distinct = sorted(set(values))
+    if len(distinct) == 1:
+        return [(distinct[0], None)]
+    return [(t, torch.tensor([i for i, v in enumerate(values) if v == t])) for t in distinct]
+
+
 def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] = None, tune: bool = True,
-           check: Optional[bool] = None, plans: Optional[str] = None) -> DeployedClassifier:
+           check: Optional[bool] = None, budget: Budget = None, plans: Optional[str] = None) -> DeployedClassifier:
     """The deployed (inference-only) version of a :class:`msgc.modeling.Classifier` in eval mode.
 
     BatchNorm is folded into the convolutions, attention into the gathered weights (or inputs), and
@@ -228,6 +287,9 @@ def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] =
             False: a fixed rule.
         check: time the deployed model against the eval model when a plan is made, and run the faster
             (with a warning); default: with ``tune``.
+        budget: the MAC budget of calls without one (a ratio in (0, 1] within the reach of the model's
+            budget table, :func:`msgc.modeling.set_budget`; 0: as trained); None: the gates as ``model``
+            has them. ``deployed(images, budget=b)`` chooses it per call or per image.
         plans: the file of measured choices to read and add to (default:
             ``$MSGC_CACHE/plans-<machine>.json``, see :mod:`msgc.deploy.tune`).
     """
@@ -247,4 +309,4 @@ def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] =
         if isa is None and not native_kernels.available():
             raise ValueError(f"deploy(native=True): msgc's native kernels are {native_kernels.status()}")
         library = native_kernels.library(isa)
-    return DeployedClassifier(model, library, tune, tune if check is None else check, plans)
+    return DeployedClassifier(model, library, tune, tune if check is None else check, budget, plans)

@@ -30,7 +30,11 @@ class FoldedGenerators:
     ``desc`` (per generator: rows, first hidden unit, hidden units, first output, first weight, output
     activation: 0 none, 1 sigmoid). ``shapes``: each one's (heads, channels); ``macs``: their MACs as
     the paper counts them. Made with :meth:`of` (a block's mask and attention generators) or
-    :meth:`of_squeeze_excitation`."""
+    :meth:`of_squeeze_excitation`.
+
+    The mask generators' output biases hold their gates' thresholds (``bias - threshold``, as at
+    deploy); :meth:`set_threshold` rewrites them in place for another threshold (a MAC budget), so that
+    a lowered program, which reads these tensors, decides its gates at that threshold."""
 
     DESC_FIELDS = 6
 
@@ -51,6 +55,8 @@ class FoldedGenerators:
         self.w2 = torch.cat([w.view(-1) for w, _ in self.seconds]) if parts else None
         self.b2 = torch.cat([b for _, b in self.seconds]) if parts else None
         self.desc = torch.tensor(desc, dtype=torch.int64).view(-1, self.DESC_FIELDS)
+        #: per mask generator: (its index, its bias without threshold, its bias as folded at deploy)
+        self.gated: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def of(cls, generators: List[Generator]) -> "FoldedGenerators":
@@ -59,8 +65,21 @@ class FoldedGenerators:
             w1, b1 = fold_bn(g.first.weight.flatten(1), g.norm)
             w2 = g.second.weight.detach().float().flatten(1).contiguous()
             bias = g.output_bias() if isinstance(g, MaskGenerator) else g.second.bias.detach()
-            parts.append((w1, b1, w2, bias.float(), g.heads, g.channels, g.macs, 0))
-        return cls(parts)
+            parts.append((w1, b1, w2, bias.float().clone(), g.heads, g.channels, g.macs, 0))  # never the model's
+        folded = cls(parts)
+        folded.gated = [(i, g.second.bias.detach().float().clone(), folded.seconds[i][1].clone())
+                        for i, g in enumerate(generators) if isinstance(g, MaskGenerator)]
+        return folded
+
+    def set_threshold(self, threshold: Optional[float]) -> None:
+        """Every mask generator's gates open at ``threshold`` (None: at the thresholds of deploy time),
+        by rewriting the output biases in place (``bias - threshold``, as
+        :meth:`msgc.modeling.layers.MaskGenerator.output_bias` folds them)."""
+        for i, raw, at_deploy in self.gated:
+            value = at_deploy if threshold is None else raw - threshold
+            row, rows = int(self.desc[i, 3]), int(self.desc[i, 0])
+            self.b2[row:row + rows].copy_(value)
+            self.seconds[i][1].copy_(value)
 
     @classmethod
     def of_squeeze_excitation(cls, se: nn.Module, where: str = "") -> "FoldedGenerators":
@@ -80,6 +99,7 @@ class FoldedGenerators:
         for name in ("w1", "b1", "w2", "b2"):
             setattr(self, name, getattr(self, name).to(device))
         self.seconds = [(w.to(device), b.to(device)) for w, b in self.seconds]
+        self.gated = [(i, raw.to(device), at.to(device)) for i, raw, at in self.gated]
         return self
 
 

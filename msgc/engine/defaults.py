@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import MSGCCheckpointer
 from ..checkpoint.formats import detect_format, read_checkpoint
-from ..evaluation import ClassificationEvaluator, calibrate_gates, inference_on_dataset, results_table
-from ..modeling import Classifier, build_model, fold_gate_thresholds, mask_generators
+from ..evaluation import (ClassificationEvaluator, build_budget_table, calibrate_gates, inference_on_dataset,
+                          results_table)
+from ..modeling import (BudgetTable, Classifier, build_model, check_budget, fold_gate_thresholds, mask_generators,
+                        set_budget, set_budget_table)
 from ..solver import build_gate_noise_schedule, build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
 from ..utils import comm
 from ..utils.env import machine_info
@@ -408,16 +410,25 @@ class DefaultTrainer(TrainerBase):
         ``dataset`` (default ``CALIBRATION.DATASET``) to ``budget`` (default
         ``SOLVER.MAC_TARGET.FINAL``), fold the threshold into the generators' biases and return the
         :class:`~msgc.evaluation.CalibrationResult`."""
-        dataset = dataset or cfg.CALIBRATION.DATASET
-        if not dataset:
-            raise InvalidValueError("gate calibration needs a dataset of held-out images: set CALIBRATION.DATASET "
-                                    "(e.g. fashion_mnist_val)")
+        dataset = _calibration_dataset(cfg, dataset)
         budget = cfg.SOLVER.MAC_TARGET.FINAL if budget is None else budget
         model = hooks.unwrap_model(model)
         result = calibrate_gates(model, cls.build_test_loader(cfg, dataset), budget, cls.build_preprocess(cfg),
                                  tolerance=cfg.CALIBRATION.TOLERANCE)
         fold_gate_thresholds(model)
         return result
+
+    @classmethod
+    def calibrate_budgets(cls, cfg, model, budgets, dataset: str = None) -> BudgetTable:
+        """The budget table of ``model`` (:func:`msgc.evaluation.build_budget_table`): one calibration per
+        budget of ``budgets`` on the test split of ``dataset`` (default ``CALIBRATION.DATASET``), attached
+        to ``model`` (whose gates end at threshold 0, as trained) and returned."""
+        dataset = _calibration_dataset(cfg, dataset)
+        model = hooks.unwrap_model(model)
+        table = build_budget_table(model, cls.build_test_loader(cfg, dataset), budgets, cls.build_preprocess(cfg),
+                                   tolerance=cfg.CALIBRATION.TOLERANCE, dataset=dataset)
+        set_budget_table(model, table)
+        return table
 
     def run_step(self):
         self._trainer.iter = self.iter
@@ -462,12 +473,16 @@ class DefaultTrainer(TrainerBase):
         if not cfg.MODEL.WEIGHTS and not found:
             logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        if cfg.TEST.BUDGET:
+            set_budget(model, cfg.TEST.BUDGET)
+            logger.info("Evaluating at the MAC budget %.4g (TEST.BUDGET): gate threshold %.5g from the budget table",
+                        cfg.TEST.BUDGET, mask_generators(model)[0].gate.threshold)
         results = cls.test(cfg, model)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             weights = checkpointer.get_checkpoint_file() if found else cfg.MODEL.WEIGHTS
             write_json(os.path.join(record_dir(cfg, eval_only=True), "eval_results.json"),
-                       {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results, "machine": machine_info()},
-                       indent=1, sort_keys=True)
+                       {"dataset": cfg.DATASETS.TEST, "weights": weights, "results": results, "machine": machine_info(),
+                        "budget": cfg.TEST.BUDGET}, indent=1, sort_keys=True)
         return results
 
     @classmethod
@@ -538,12 +553,19 @@ class DefaultTrainer(TrainerBase):
             check_dataset(cfg, cfg.DATASETS.TEST, "test")
         if cfg.CALIBRATION.DATASET and not args.eval_only:
             check_dataset(cfg, cfg.CALIBRATION.DATASET, "test")
+        if cfg.TEST.BUDGET:
+            _check_test_budget(cfg, args)
         weights = cfg.MODEL.WEIGHTS
         if not weights or (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
             return
         if not is_url(weights) and not os.path.isfile(weights):
             raise MissingFileError(f"MODEL.WEIGHTS: checkpoint {weights} does not exist")
-        detect_format(read_checkpoint(weights), weights)  # a truncated or foreign file, before anything is written
+        checkpoint = read_checkpoint(weights)
+        detect_format(checkpoint, weights)  # a truncated or foreign file, before anything is written
+        if cfg.TEST.BUDGET and not (isinstance(checkpoint, dict) and "budget_table" in checkpoint):
+            raise InvalidValueError(f"TEST.BUDGET {cfg.TEST.BUDGET:g}: MODEL.WEIGHTS {weights} has no budget table; "
+                                    "make one with tools/calibrate_gates.py --budgets 0.3 0.4 ... (or evaluate as "
+                                    "trained: TEST.BUDGET 0)")
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
@@ -572,6 +594,34 @@ class DefaultTrainer(TrainerBase):
         if comm.is_main_process():
             logger.info("Evaluation on %s:\n%s", name, results_table(results, name))
         return results
+
+
+def _check_test_budget(cfg, args):
+    """TEST.BUDGET: a ratio in (0, 1], for --eval-only of a model with gates and MODEL.WEIGHTS."""
+    budget = cfg.TEST.BUDGET
+    if not args.eval_only:
+        raise InvalidValueError(f"TEST.BUDGET {budget:g} sets the budget of an --eval-only evaluation (training "
+                                "evaluates the model as it trains); add --eval-only or remove it")
+    check_budget(budget, "TEST.BUDGET")
+    cpu = cfg.clone()
+    cpu.defrost()
+    cpu.MODEL.DEVICE = "cpu"
+    model = build_model(cpu)
+    if not mask_generators(model):
+        raise InvalidValueError(f"TEST.BUDGET {budget:g}: this model has no gates (grouping "
+                                f"'{cfg.MODEL.MSGC.GROUPING}', backbone '{cfg.MODEL.BACKBONE.NAME}'): its MACs are "
+                                "fixed; remove TEST.BUDGET")
+    if not cfg.MODEL.WEIGHTS:
+        raise InvalidValueError(f"TEST.BUDGET {budget:g} needs MODEL.WEIGHTS: a checkpoint with a budget table "
+                                "(tools/calibrate_gates.py --budgets writes one)")
+
+
+def _calibration_dataset(cfg, dataset: str = None) -> str:
+    dataset = dataset or cfg.CALIBRATION.DATASET
+    if not dataset:
+        raise InvalidValueError("gate calibration needs a dataset of held-out images: set CALIBRATION.DATASET "
+                                "(e.g. fashion_mnist_val)")
+    return dataset
 
 
 def log_model(model, cfg):

@@ -13,19 +13,24 @@ The mean MAC ratio falls as ``t`` grows (a higher threshold closes gates, never 
 found by bracketing and regula falsi (Illinois). It is a step function of ``t``, flat between the logits
 of the calibration images: the search ends within ``tolerance`` of the budget, or, where a jump spans
 the budget, at the side of the jump closest to it (``CalibrationResult.mac_ratio`` says where).
+
+:func:`build_budget_table` runs one calibration per budget of a list, without folding, and returns the
+thresholds as a :class:`msgc.modeling.BudgetTable`: the budget is then chosen at inference
+(:func:`msgc.modeling.set_budget`).
 """
 import logging
-import math
 from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence
 
 import torch
 
+from ..modeling.budget import BudgetEntry, BudgetTable, check_budget
 from ..modeling.layers import fold_gate_thresholds, mask_generators, set_gate_thresholds
 from ..utils.errors import InvalidValueError
 from .classification import ClassificationEvaluator
 from .evaluator import inference_on_dataset
 
-__all__ = ["CalibrationResult", "calibrate_gates", "check_budget"]
+__all__ = ["CalibrationResult", "build_budget_table", "calibrate_gates", "check_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,8 @@ class CalibrationResult:
         threshold: the common gate threshold found (0: the model was left as it was).
         mac_ratio_before, top1_before: at threshold 0.
         mac_ratio, top1: at ``threshold``.
-        passes: evaluations of the calibration set (the first at threshold 0 included).
+        passes: evaluations of the calibration set that the call made (the first at threshold 0
+            included, unless ``evaluations`` had it).
         num_samples: images of the calibration set (over all processes).
     """
 
@@ -66,14 +72,8 @@ class CalibrationResult:
         return asdict(self)
 
 
-def check_budget(budget: float, where: str = "the budget"):
-    """A MAC budget must be a fraction of the dense host's MACs in (0, 1]."""
-    if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0) or math.isnan(budget):
-        raise InvalidValueError(f"{where} must be a MAC ratio in (0, 1], got {budget!r}")
-
-
 def calibrate_gates(model, loader, budget: float, preprocess=None, tolerance: float = 0.002,
-                    max_passes: int = 40) -> CalibrationResult:
+                    max_passes: int = 40, evaluations: Optional[Dict[float, dict]] = None) -> CalibrationResult:
     """Set every gate's threshold of ``model`` so that its mean eval MAC ratio over ``loader`` is
     ``budget`` (within ``tolerance``), and return what was found.
 
@@ -92,6 +92,8 @@ def calibrate_gates(model, loader, budget: float, preprocess=None, tolerance: fl
         preprocess: ``(images, device) -> input`` (the trainer's :meth:`build_preprocess`).
         tolerance: how close to the budget the mean ratio must come.
         max_passes: evaluations of the loader at most.
+        evaluations: threshold -> results of evaluations of this model on ``loader`` already made (by
+            an earlier call on the same model, whose thresholds were 0), reused and extended.
 
     Raises:
         InvalidValueError: a model without gates, a budget outside (0, 1], or a budget the gates
@@ -104,7 +106,7 @@ def calibrate_gates(model, loader, budget: float, preprocess=None, tolerance: fl
     if not hasattr(model, "dense_macs"):
         raise InvalidValueError(f"gate calibration needs a classifier with dense_macs(h, w); got {type(model).__name__}")
     fold_gate_thresholds(model)  # thresholds below are relative to the model as it is
-    search = _Search(model, loader, budget, preprocess)
+    search = _Search(model, loader, budget, preprocess, {} if evaluations is None else evaluations)
     try:
         threshold = search.run(tolerance, max_passes)
     except BaseException:
@@ -115,9 +117,57 @@ def calibrate_gates(model, loader, budget: float, preprocess=None, tolerance: fl
     first = search.results[0.0]
     logger.info("Gate calibration: threshold %.5g; MAC ratio %.4f -> %.4f (budget %.4f), top-1 %.2f -> %.2f on %d "
                 "images, %d passes", threshold, first["mac_ratio"], at["mac_ratio"], budget, first["top1"], at["top1"],
-                at["num_samples"], len(search.results))
+                at["num_samples"], search.passes)
     return CalibrationResult(budget, threshold, first["mac_ratio"], first["top1"], at["mac_ratio"], at["top1"],
-                             len(search.results), at["num_samples"])
+                             search.passes, at["num_samples"])
+
+
+def build_budget_table(model, loader, budgets: Sequence[float], preprocess=None, tolerance: float = 0.002,
+                       dataset: str = "") -> BudgetTable:
+    """One calibration (:func:`calibrate_gates`) of ``model`` per budget of ``budgets`` on ``loader``, as
+    a :class:`~msgc.modeling.BudgetTable` of the thresholds found and the MAC ratio and top-1 measured
+    at each. Thresholds ``model`` already has are folded first; it ends with every threshold at 0 (as
+    trained), the model the table is for. Evaluations are shared between the budgets.
+
+    Args:
+        dataset: the calibration set's name, recorded in the table.
+
+    Raises:
+        InvalidValueError: as :func:`calibrate_gates`; a budget outside what the gates reach is an error
+            naming the reachable range before any calibration.
+    """
+    if not budgets:
+        raise InvalidValueError("a budget table needs at least one budget")
+    for b in budgets:
+        check_budget(b, "every budget")
+    if not mask_generators(model):
+        raise InvalidValueError(f"a budget table needs a model with gates; {type(_inner(model)).__name__} has none "
+                                "(grouping 'dense' or 'static'?)")
+    fold_gate_thresholds(model)
+    h, w = _image_size(loader, preprocess)
+    lo, hi = model.mac_ratio_range(h, w)
+    outside = [b for b in budgets if not lo <= b <= hi]
+    if outside:
+        raise InvalidValueError(f"the budget {outside[0]:.4g} is outside what the gates reach on {h}x{w} images: "
+                                f"{lo:.4f} (every gate closed) to {hi:.4f} (every gate open)")
+    evaluations, entries = {}, []
+    for b in sorted(set(budgets), reverse=True):
+        set_gate_thresholds(model, 0.0)
+        r = calibrate_gates(model, loader, b, preprocess, tolerance, evaluations=evaluations)
+        entries.append(BudgetEntry(b, r.threshold, r.mac_ratio, r.top1))
+    set_gate_thresholds(model, 0.0)
+    table = BudgetTable(entries, dataset, tolerance)
+    logger.info("Budget table on %s (%d evaluations):\n%s", dataset or "the calibration set", len(evaluations),
+                "\n".join(f"  budget {e.budget:.4f}: threshold {e.threshold:9.5g}, MAC ratio {e.mac_ratio:.4f}, "
+                          f"top-1 {e.top1:.2f}" for e in table.entries))
+    return table
+
+
+def _image_size(loader, preprocess) -> tuple:
+    images, _ = next(iter(loader))
+    if preprocess is not None:
+        images = preprocess(images, "cpu")
+    return int(images.shape[-2]), int(images.shape[-1])
 
 
 def _inner(model):
@@ -127,12 +177,13 @@ def _inner(model):
 class _Search:
     """Evaluations of the calibration set at given thresholds (each one pass, remembered)."""
 
-    def __init__(self, model, loader, budget, preprocess):
+    def __init__(self, model, loader, budget, preprocess, results):
         self.model, self.loader, self.budget, self.preprocess = model, loader, budget, preprocess
-        self.results = {}
+        self.results, self.passes = results, 0
 
     def ratio(self, threshold: float) -> float:
         if threshold not in self.results:
+            self.passes += 1
             set_gate_thresholds(self.model, threshold)
             evaluator = ClassificationEvaluator(self.model.dense_macs, topk=(1,))
             self.results[threshold] = inference_on_dataset(self.model, self.loader, evaluator, preprocess=self.preprocess)
@@ -144,12 +195,15 @@ class _Search:
     def run(self, tolerance: float, max_passes: int) -> float:
         if abs(self.excess(0.0)) <= tolerance:
             return 0.0
+        met = [t for t in self.results if abs(self.excess(t)) <= tolerance]  # by an earlier search
+        if met:
+            return min(met, key=lambda t: (abs(self.excess(t)), abs(t)))
         lo, hi = self._bracket()
         f_lo, f_hi = self.excess(lo), self.excess(hi)
         if abs(f_hi) <= tolerance or abs(f_lo) <= tolerance:
             return hi if abs(f_hi) <= abs(f_lo) else lo
         side = 0
-        while len(self.results) < max_passes and hi - lo > _MIN_WIDTH:
+        while self.passes < max_passes and hi - lo > _MIN_WIDTH:
             # regula falsi on (lo, f_lo > 0) and (hi, f_hi < 0); Illinois: halve the stale end's value
             t = hi - f_hi * (hi - lo) / (f_hi - f_lo)
             if not lo < t < hi:
@@ -168,7 +222,12 @@ class _Search:
         return min(self.results, key=lambda t: (abs(self.results[t]["mac_ratio"] - self.budget), abs(t)))
 
     def _bracket(self):
-        """Thresholds ``lo`` (ratio above the budget) and ``hi`` (below it), one of them 0."""
+        """Thresholds ``lo`` (ratio above the budget) and ``hi`` (below it): the closest pair among the
+        evaluations made, else one of them 0 and the other found by doubling steps."""
+        above = [t for t, r in self.results.items() if r["mac_ratio"] > self.budget]
+        below = [t for t, r in self.results.items() if r["mac_ratio"] < self.budget]
+        if above and below:
+            return max(above), min(below)
         direction = 1.0 if self.excess(0.0) > 0 else -1.0
         near, step = 0.0, _FIRST_STEP
         while step <= _MAX_THRESHOLD:

@@ -38,9 +38,11 @@ class Gate(nn.Module):
     reference's gate exactly.
 
     Attributes:
-        threshold: the logit at which the gate opens. Gate calibration
-            (:func:`msgc.evaluation.calibrate_gates`) moves it, and :func:`fold_gate_thresholds` moves it
-            into the generators' bias; it is not saved in checkpoints.
+        threshold: the logit at which the gate opens: a float, or one per sample (a 1-D tensor whose
+            length must be the batch's; :func:`msgc.modeling.set_budget` sets it per image). Gate
+            calibration (:func:`msgc.evaluation.calibrate_gates`) moves it, and
+            :func:`fold_gate_thresholds` moves a float one into the generators' bias; it is not saved in
+            checkpoints.
         noise: scale of the logistic noise in training (1: the paper); a noise schedule
             (``MODEL.MSGC.NOISE``) lowers it towards the deterministic gates of evaluation.
     """
@@ -53,7 +55,9 @@ class Gate(nn.Module):
         self.noise = 1.0
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.threshold:
+        if isinstance(self.threshold, torch.Tensor):
+            logits = logits - per_sample(self.threshold, logits)
+        elif self.threshold:
             logits = logits - self.threshold
         if not self.training:
             out = (logits >= 0).to(logits.dtype)
@@ -69,8 +73,17 @@ class Gate(nn.Module):
         return out
 
     def extra_repr(self):
-        extra = f", threshold={self.threshold:.4g}" if self.threshold else ""
+        t = self.threshold
+        extra = f", threshold={t.tolist()}" if isinstance(t, torch.Tensor) else (f", threshold={t:.4g}" if t else "")
         return f"temperature={self.temperature:.4g}" + extra + (f", noise={self.noise:.3g}" if self.noise != 1.0 else "")
+
+
+def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One value per sample of ``x`` (``N x ...``), shaped to broadcast over it."""
+    if values.dim() != 1 or values.numel() != x.size(0):
+        raise InvalidValueError(f"a per-image budget of {values.numel()} values for a batch of {x.size(0)} images; "
+                                "give one budget per image (or one number for all)")
+    return values.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 def generator_macs(in_channels: int, channels: int, heads: int, reduction: int) -> int:
@@ -141,15 +154,23 @@ class MaskGenerator(Generator):
     def output_bias(self) -> torch.Tensor:
         """The last convolution's bias with the gate's threshold moved into it: the bias of a generator
         whose gates open at logit 0 and decide as this one's do (what deployment folds)."""
+        _check_foldable(self.gate.threshold)
         bias = self.second.bias.detach()
         return bias - self.gate.threshold if self.gate.threshold else bias
 
     def fold_threshold(self):
         """Move the gate's threshold into the last convolution's bias (the gate then opens at 0)."""
+        _check_foldable(self.gate.threshold)
         if self.gate.threshold:
             with torch.no_grad():
                 self.second.bias.sub_(self.gate.threshold)
             self.gate.threshold = 0.0
+
+
+def _check_foldable(threshold):
+    if isinstance(threshold, torch.Tensor):
+        raise InvalidValueError("per-image gate thresholds (a budget per image) cannot be folded into the biases; "
+                                "set one budget (or threshold) for every image first")
 
 
 def mask_generators(model: nn.Module):
@@ -157,10 +178,15 @@ def mask_generators(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, MaskGenerator)]
 
 
-def set_gate_thresholds(model: nn.Module, threshold: float):
-    """Every gate of ``model`` opens where its logit is at least ``threshold`` (0: the paper's gates)."""
+def set_gate_thresholds(model: nn.Module, threshold):
+    """Every gate of ``model`` opens where its logit is at least ``threshold`` (0: the paper's gates): one
+    float, or a 1-D tensor of one per sample (the batches that follow must have that many)."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.detach().flatten()
+    else:
+        threshold = float(threshold)
     for m in mask_generators(model):
-        m.gate.threshold = float(threshold)
+        m.gate.threshold = threshold
 
 
 def fold_gate_thresholds(model: nn.Module):
