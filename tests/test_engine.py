@@ -356,7 +356,7 @@ def test_eval_only_writes_the_printed_numbers_as_json(tmp_path, device):
     cfg.MODEL.WEIGHTS = str(tmp_path / "train" / "model_final.pth")
     results = ToyTrainer.evaluate_weights(cfg)
     saved = json.loads((tmp_path / "eval" / "eval" / "eval_results.json").read_text())
-    assert saved.pop("machine")["torch"] == torch.__version__.split("+")[0]
+    assert saved.pop("machine")["torch"] == torch.__version__.split("+")[0] and saved.pop("budget") == 0.0
     assert saved == {"dataset": "toy", "weights": cfg.MODEL.WEIGHTS, "results": results}
     assert set(results) >= {"top1", "top5", "macs", "mac_ratio", "num_samples"}
     # the logged table is drawn from the same numbers
