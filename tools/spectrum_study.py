@@ -94,8 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--static-heads", nargs="+", type=int,
                         help="head counts of the static grouping (each gives one MAC ratio); default: short 2 4 8, "
                         "long 4")
-    parser.add_argument("--quick", action="store_true", help="the short protocol's subset: one seed, two budgets, prune, "
-                        "static and msgc")
+    parser.add_argument("--quick", action="store_true",
+                        help="the short protocol's subset: one seed, two budgets, prune, static and msgc")
     parser.add_argument("--configs", help="folder of the configs (default: the protocol's)")
     parser.add_argument("--output", help="folder of the runs and the results (default: output/spectrum, "
                         "output/spectrum_long)")
@@ -164,11 +164,13 @@ class Run:
         host = ["MODEL.WEIGHTS", self.host.weights] if self.host is not None else []
         imports = [t for m in self.imports for t in ("--import", m)]
         tool = [sys.executable, os.path.join(ROOT, "tools", "train_net.py")]
-        run = [*imports, "--config-file", self.config, *self.opts, *host, "SEED", str(self.seed), "OUTPUT_DIR", self.folder]
+        run = [*imports, "--config-file", self.config, *self.opts, *host, "SEED", str(self.seed),
+               "OUTPUT_DIR", self.folder]
+        train = tool + ["--resume"] + run
         if not self.test_dataset:
-            return [tool + ["--resume"] + run]
-        return [tool + ["--resume"] + run, tool + ["--eval-only"] + run + ["MODEL.WEIGHTS", self.weights, "DATASETS.TEST",
-                                                                          self.test_dataset]]
+            return [train]
+        test = ["MODEL.WEIGHTS", self.weights, "DATASETS.TEST", self.test_dataset]
+        return [train, tool + ["--eval-only"] + run + test]
 
 
 def plan(args) -> List[Run]:
@@ -297,8 +299,7 @@ def train(runs: List[Run], jobs: int, log_dir: str):
             logger.info("training %s (log: %s)", run.name, log)
             handle = open(log, "w")
             commands = run.commands()
-            proc = subprocess.Popen(commands.pop(0), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
-            running.append([run, proc, handle, log, time.perf_counter(), commands])
+            running.append([run, _start(commands.pop(0), handle), handle, log, time.perf_counter(), commands])
         if not running:
             continue
         time.sleep(0.5)
@@ -307,8 +308,7 @@ def train(runs: List[Run], jobs: int, log_dir: str):
             if proc.poll() is None:
                 continue
             if proc.returncode == 0 and commands:  # the next command of the run, in its slot
-                entry[1] = subprocess.Popen(commands.pop(0), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                            env=_child_env())
+                entry[1] = _start(commands.pop(0), handle)
                 continue
             handle.close()
             running.remove(entry)
@@ -355,8 +355,8 @@ def curve(run: Run) -> List[dict]:
 
 def curves_text(curves: dict) -> str:
     """One line per host: its top-1 at each evaluation (epoch: top-1)."""
-    return "\n".join(f"{name}: validation top-1 by epoch: " + " ".join(f"{p['epoch']:g}:{p['top1']:.2f}" for p in points)
-                     for name, points in curves.items())
+    return "\n".join(f"{name}: validation top-1 by epoch: " + " ".join(f"{p['epoch']:g}:{p['top1']:.2f}" for p in ps)
+                     for name, ps in curves.items())
 
 
 def _mean_std(values):
@@ -417,6 +417,11 @@ def runs_table(results: List[dict]) -> str:
 def figure(rows_, path):
     return spectrum_figure(rows_, path, title="Fashion-MNIST: test top-1 against eval MAC ratio (mean; bars: "
                                               "sample std over seeds)")
+
+
+def _start(command: list, log) -> subprocess.Popen:
+    """A training's process, in ROOT, writing to ``log``."""
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
 
 
 def _child_env() -> dict:
