@@ -24,7 +24,7 @@ def study():
 def test_the_study_configs_follow_the_papers_protocol():
     from msgc.config import load_cfg
 
-    cfgs = {m: load_cfg(str(CONFIGS / f"{m}.yaml")) for m in ("host",) + study().METHODS}
+    cfgs = {m: load_cfg(str(CONFIGS / f"{m}.yaml")) for m in ["host"] + study().PROTOCOLS["short"]["methods"]}
     assert {m: (c.MODEL.MSGC.GROUPING, c.MODEL.MSGC.ATTENTION) for m, c in cfgs.items()} == {
         "host": ("dense", "none"), "dense": ("dense", "none"), "prune": ("prune", "none"),
         "static": ("static", "none"), "msgc": ("msgc", "none"), "msgc_att": ("msgc", "channel")}
@@ -104,7 +104,8 @@ def test_quick_is_one_seed_two_budgets_and_the_claims_three_methods():
     assert (args.seeds, args.budgets, args.static_heads, args.methods) == ([0], [0.53, 0.73], [8], ["prune", "static", "msgc"])
     assert tool.parse_args(["--quick", "--methods", "msgc_att"]).methods == ["msgc_att"]
     args = tool.parse_args(["--budgets", "0.6", "--", "SOLVER.MAX_ITER", "9"])
-    assert (args.budgets, args.opts, args.methods) == ([0.6], ["SOLVER.MAX_ITER", "9"], list(tool.METHODS))
+    assert (args.budgets, args.opts) == ([0.6], ["SOLVER.MAX_ITER", "9"])
+    assert args.methods == tool.PROTOCOLS["short"]["methods"]
 
 
 def test_bad_budgets_are_one_line_before_anything_trains(tmp_path, capsys):
@@ -124,3 +125,78 @@ def test_bad_budgets_are_one_line_before_anything_trains(tmp_path, capsys):
         tool.cli(base + ["--methods", "static", "--static-heads", "3"])
     assert e.value.code == 2 and "MODEL.MSGC.HEADS=3 does not divide" in capsys.readouterr().err
     assert not out.exists()  # nothing trained
+
+
+# ---------------------------------------------------------------------------------------------------
+# The long protocol (configs/spectrum_long)
+# ---------------------------------------------------------------------------------------------------
+LONG = ROOT / "configs" / "spectrum_long"
+
+
+def test_the_long_protocol_is_the_papers_recipe_at_its_batch():
+    from msgc.config import load_cfg
+
+    tool = study()
+    args = tool.parse_args(["--protocol", "long"])
+    assert (args.seeds, args.budgets, args.static_heads, args.methods, args.configs, args.output) == (
+        [0, 1], [0.6], [4], ["dense", "prune", "static", "msgc", "msgc_heads"], str(LONG), "output/spectrum_long")
+    cfgs = {m: load_cfg(str(LONG / f"{m}.yaml")) for m in ["host"] + args.methods}
+    host = cfgs.pop("host")
+    epoch = -(-55000 // host.SOLVER.IMS_PER_BATCH)
+    assert host.SOLVER.IMS_PER_BATCH == 256 and host.SOLVER.BASE_LR == 0.1 and host.SOLVER.PRETRAINED_LR_MULT == 1.0
+    assert host.DATASETS.TEST == "fashion_mnist_val" and host.TEST.EVAL_PERIOD == epoch  # its curve, on validation
+    assert host.SOLVER.MAX_ITER % epoch == 0 and 15 <= host.SOLVER.MAX_ITER // epoch <= 30
+    for c in cfgs.values():  # the paper's rates, as long as the host, checkpoints every epoch
+        s = c.SOLVER
+        assert (s.BASE_LR, s.PRETRAINED_LR_MULT, list(s.GATE_KEYWORDS), s.LR_SCHEDULER_NAME, s.ITERS_PER_EPOCH) == (
+            0.075, 0.2, ["mask"], "cosine_epoch", 0)
+        assert (s.MAX_ITER, s.IMS_PER_BATCH, s.CHECKPOINT_PERIOD) == (host.SOLVER.MAX_ITER, 256, epoch)
+        assert c.CALIBRATION.DATASET == "fashion_mnist_val" and c.DATASETS.TEST == "fashion_mnist"
+    assert {m: c.MODEL.MSGC.GROUPING for m, c in cfgs.items()} == {m: m for m in args.methods}
+
+
+def test_the_long_protocol_validates_the_host_resumes_and_skips(tmp_path, capsys):
+    """On a tiny config: the host's curve on the validation split and its test evaluation, a fine-tuning,
+    then that fine-tuning interrupted after its first checkpoint: the second call resumes it, alone."""
+    pytest.importorskip("matplotlib")
+    fake_fashion(tmp_path / "data")
+    configs, opts = tiny_configs(tmp_path, tmp_path / "data")
+    shutil.copytree(LONG, tmp_path / "spectrum_long")
+    shutil.move(str(configs), tmp_path / "spectrum")  # spectrum_long inherits ../spectrum/Base-Spectrum.yaml
+    opts += ["SOLVER.ITERS_PER_EPOCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2"]
+    out = tmp_path / "out"
+    args = ["--protocol", "long", "--seeds", "0", "--methods", "msgc_heads", "--configs",
+            str(tmp_path / "spectrum_long"), "--output", str(out), *opts]
+    tool = study()
+    result = tool.cli(args)
+    assert [p["iteration"] for p in result["curves"]["host seed 0"]] == [1, 3]  # every epoch of 2 iterations
+    assert [p["epoch"] for p in result["curves"]["host seed 0"]] == [1, 2]
+    tested = json.loads((out / "host" / "seed0" / "eval" / "eval_results.json").read_text())
+    host = [r for r in result["runs"] if r["method"] == "host"][0]
+    assert tested["dataset"] == "fashion_mnist" and tested["results"]["num_samples"] == 60  # the test set
+    assert host["top1"] == tested["results"]["top1"] and host["val_top1"] == result["curves"]["host seed 0"][-1]["top1"]
+    assert (out / "host_curves.png").stat().st_size > 1000
+    assert "host seed 0: validation top-1 by epoch: 1:" in capsys.readouterr().out
+    # interrupt msgc_heads after its first checkpoint (iteration 1): what a killed process leaves
+    run = out / "msgc_heads" / "b0.6" / "seed0"
+    (run / "last_checkpoint").write_text("model_0000001.pth")
+    for name in ("model_final.pth", "model_best.pth", "model_calibrated.pth", "calibration.json"):
+        (run / name).unlink()
+    records = [line for line in (run / "metrics.json").read_text().splitlines() if json.loads(line)["iteration"] <= 1]
+    (run / "metrics.json").write_text("\n".join(records) + "\n")
+    again = tool.cli(args)
+    assert again["trained"] == 1  # the host is not trained again, msgc_heads continues
+    assert "Resuming at iteration 2" in (out / "logs" / "msgc_heads_b0.6_seed0.txt").read_text()
+    assert (run / "calibration.json").is_file() and again["curves"] == result["curves"]
+    assert tool.cli(args)["trained"] == 0  # everything finished: nothing trains
+
+
+def test_the_long_protocols_bad_options_are_one_line(capsys):
+    tool = study()
+    with pytest.raises(SystemExit) as e:
+        tool.cli(["--protocol", "long", "--quick"])
+    assert e.value.code == 2 and "--quick is a subset of the short protocol" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        tool.cli(["--protocol", "longer"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "invalid choice: 'longer'" in err

@@ -1,11 +1,22 @@
 #!/usr/bin/env python
 """The spectrum study: channel pruning, static grouping and MSGC at equal measured MACs, over seeds.
 
-    python tools/spectrum_study.py [--jobs 2] [--quick] [--seeds 0 1 2] [--budgets 0.35 0.53 0.6 0.73] \\
-        [--static-heads 2 4 8] [--methods dense prune static msgc msgc_att] [--configs configs/spectrum] \\
-        [--output output/spectrum] [--force] [KEY VALUE ...]
+    python tools/spectrum_study.py [--protocol short|long] [--jobs 2] [--quick] [--seeds 0 1 2] \\
+        [--budgets 0.35 0.53 0.6 0.73] [--static-heads 2 4 8] [--methods dense prune static msgc msgc_att] \\
+        [--configs configs/spectrum] [--output output/spectrum] [--force] [KEY VALUE ...]
 
-The paper's protocol in two stages (configs in ``--configs``):
+Two protocols (``--protocol``), each a folder of configs and its own defaults of the options below:
+
+- ``short`` (``configs/spectrum``, ``output/spectrum``): a host of 2.3 epochs, fine-tunings of 1.7 at
+  raised rates; seeds 0 1 2, every budget, static at 2 4 8 heads, ``dense prune static msgc msgc_att``;
+- ``long`` (``configs/spectrum_long``, ``output/spectrum_long``): the paper's regime, a host trained
+  until its validation top-1 stops improving and fine-tunings as long, at the paper's rates with its
+  per-epoch cosine; seeds 0 1, budget 0.6, static at 4 heads, ``dense prune static msgc msgc_heads``.
+  Its host evaluates on the validation split every epoch (its curve: ``curves`` in spectrum.json and
+  ``host_curves.png``, from which its length is chosen) and is then evaluated once on the test set
+  (``<host>/eval/eval_results.json``).
+
+Each protocol has two stages (configs in ``--configs``):
 
 1. ``host.yaml``: the dense host, trained from scratch once per seed (``<output>/host/seed<s>``);
 2. every method fine-tuned from its seed's host (``MODEL.WEIGHTS`` = the host's ``model_final.pth``)
@@ -45,35 +56,49 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from msgc.analysis.figures import require_matplotlib, spectrum_figure
+from msgc.analysis.figures import require_matplotlib, spectrum_figure, training_curves_figure
 from msgc.config import load_cfg
 from msgc.engine import add_import_argument, exit_on_user_error, import_user_modules
 from msgc.evaluation import check_budget
-from msgc.utils.errors import InvalidValueError, UserError, one_line
+from msgc.utils.errors import ArgumentParser, InvalidValueError, UserError, one_line
 from msgc.utils.events import read_metrics
 from msgc.utils.file_io import write_json
 
 logger = logging.getLogger("spectrum_study")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("dense", "prune", "static", "msgc", "msgc_att")
-DYNAMIC = ("prune", "msgc", "msgc_att")
-BUDGETS = (0.35, 0.53, 0.6, 0.73)
-STATIC_HEADS = (2, 4, 8)
+METHODS = ("dense", "prune", "static", "msgc", "msgc_att", "msgc_heads")
+DYNAMIC = ("prune", "msgc", "msgc_att", "msgc_heads")
+#: each protocol's defaults of the options (what a given option replaces)
+PROTOCOLS = {
+    "short": {"configs": os.path.join(ROOT, "configs", "spectrum"), "output": "output/spectrum", "seeds": [0, 1, 2],
+              "budgets": [0.35, 0.53, 0.6, 0.73], "static_heads": [2, 4, 8],
+              "methods": ["dense", "prune", "static", "msgc", "msgc_att"]},
+    "long": {"configs": os.path.join(ROOT, "configs", "spectrum_long"), "output": "output/spectrum_long",
+             "seeds": [0, 1], "budgets": [0.6], "static_heads": [4],
+             "methods": ["dense", "prune", "static", "msgc", "msgc_heads"]},
+}
 QUICK = {"seeds": [0], "budgets": [0.53, 0.73], "static_heads": [8], "methods": ["prune", "static", "msgc"]}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods of stage 2 (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS),
-                        help="MAC budgets of the dynamic methods (fractions of the dense host's MACs)")
-    parser.add_argument("--static-heads", nargs="+", type=int, default=list(STATIC_HEADS),
-                        help="head counts of the static grouping (each gives one MAC ratio)")
-    parser.add_argument("--quick", action="store_true", help="one seed, two budgets, prune, static and msgc")
-    parser.add_argument("--configs", default=os.path.join(ROOT, "configs", "spectrum"), help="folder of the configs")
-    parser.add_argument("--output", default="output/spectrum", help="folder of the runs and the results")
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="short",
+                        help="short (configs/spectrum) or long (configs/spectrum_long): the defaults of the options "
+                        "below")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods of stage 2 (default: the protocol's)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: short 0 1 2, long 0 1")
+    parser.add_argument("--budgets", nargs="+", type=float,
+                        help="MAC budgets of the dynamic methods (fractions of the dense host's MACs); default: short "
+                        "0.35 0.53 0.6 0.73, long 0.6")
+    parser.add_argument("--static-heads", nargs="+", type=int,
+                        help="head counts of the static grouping (each gives one MAC ratio); default: short 2 4 8, "
+                        "long 4")
+    parser.add_argument("--quick", action="store_true",
+                        help="the short protocol's subset: one seed, two budgets, prune, static and msgc")
+    parser.add_argument("--configs", help="folder of the configs (default: the protocol's)")
+    parser.add_argument("--output", help="folder of the runs and the results (default: output/spectrum, "
+                        "output/spectrum_long)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each uses NUM_THREADS threads)")
     parser.add_argument("--tolerance", type=float, default=0.02, help="how close to its budget a run's eval MAC "
                         "ratio must land")
@@ -81,11 +106,16 @@ def parse_args(argv=None):
     add_import_argument(parser)  # passed on to every training
     parser.add_argument("opts", nargs="*", help="config overrides for every run: KEY VALUE pairs")
     args = parser.parse_intermixed_args(argv)
+    if args.quick and args.protocol != "short":
+        parser.error("--quick is a subset of the short protocol; with --protocol long choose the subset with "
+                     "--seeds, --budgets, --methods")
     if args.quick:
         for key, value in QUICK.items():
-            if key != "methods" or args.methods is None:
+            if getattr(args, key) is None or key != "methods":
                 setattr(args, key, value)
-    args.methods = args.methods or list(METHODS)
+    for key, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for b in args.budgets:
         check_budget(b, "--budgets")
     return args
@@ -108,6 +138,8 @@ class Run:
     budget: Optional[float] = None  # the MAC target; for static its fixed ratio
     max_iter: int = 0
     calibrated: bool = False  # ends with a gate calibration (calibration.json)
+    test_dataset: str = ""  # evaluated on it after training (eval/eval_results.json): a host validated on another
+    iters_per_epoch: int = 0
     status: str = "pending"  # pending, done, failed, skipped
     error: str = ""
     seconds: float = 0.0
@@ -122,11 +154,23 @@ class Run:
     def weights(self) -> str:
         return os.path.join(self.folder, "model_final.pth")
 
-    def command(self) -> list:
+    @property
+    def test_results(self) -> str:
+        return os.path.join(self.folder, "eval", "eval_results.json")
+
+    def commands(self) -> List[list]:
+        """The training (resumed from the last checkpoint if any), then for a run with ``test_dataset`` the
+        evaluation of its final model on it."""
         host = ["MODEL.WEIGHTS", self.host.weights] if self.host is not None else []
         imports = [t for m in self.imports for t in ("--import", m)]
-        return [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--resume", *imports, "--config-file",
-                self.config, *self.opts, *host, "SEED", str(self.seed), "OUTPUT_DIR", self.folder]
+        tool = [sys.executable, os.path.join(ROOT, "tools", "train_net.py")]
+        run = [*imports, "--config-file", self.config, *self.opts, *host, "SEED", str(self.seed),
+               "OUTPUT_DIR", self.folder]
+        train = tool + ["--resume"] + run
+        if not self.test_dataset:
+            return [train]
+        test = ["MODEL.WEIGHTS", self.weights, "DATASETS.TEST", self.test_dataset]
+        return [train, tool + ["--eval-only"] + run + test]
 
 
 def plan(args) -> List[Run]:
@@ -155,13 +199,16 @@ def check(runs: List[Run]):
     """Build every run's config and model and refuse, before anything trains, what cannot work: a
     missing config or dataset, a schedule no run can follow, a budget below the MAC ratio of every gate
     closed, a static head count that does not divide the layers. Sets each run's budget, length and
-    whether it calibrates; a static run's target becomes its fixed MAC ratio."""
+    whether it calibrates; a static run's target becomes its fixed MAC ratio. A host whose
+    ``DATASETS.TEST`` is not the fine-tunings' test set (the long protocol's, validated every epoch)
+    is evaluated on that test set after training."""
     from msgc.data import check_dataset
     from msgc.engine.defaults import check_mac_target
     from msgc.modeling import build_model
     from msgc.solver import check_solver
+    from msgc.solver.build import iters_per_epoch
 
-    ranges = {}
+    ranges, tests = {}, {}
     for run in runs:
         if not os.path.isfile(run.config):
             raise InvalidValueError(f"{run.name}: config {run.config} does not exist")
@@ -182,6 +229,9 @@ def check(runs: List[Run]):
                     raise InvalidValueError(f"{run.name}: {one_line(e)}") from None
         low, high = ranges[key]
         run.max_iter = cfg.SOLVER.MAX_ITER
+        tests[run.method] = cfg.DATASETS.TEST
+        if run.method == "host":
+            run.iters_per_epoch = iters_per_epoch(cfg)
         if high - low > 1e-9:
             run.budget = cfg.SOLVER.MAC_TARGET.FINAL
             run.calibrated = bool(cfg.CALIBRATION.DATASET)
@@ -189,11 +239,22 @@ def check(runs: List[Run]):
             run.budget = low
             if run.method == "static":
                 run.opts += ["SOLVER.MAC_TARGET.FINAL", repr(round(low, 6))]
+    test_sets = {name for method, name in tests.items() if method != "host"}
+    if len(test_sets) > 1:
+        raise InvalidValueError(f"the fine-tunings' configs evaluate on different test sets {sorted(test_sets)}: give "
+                                "them one DATASETS.TEST")
+    for run in runs:
+        if run.method == "host" and test_sets and tests["host"] not in test_sets:
+            run.test_dataset = test_sets.pop()
+            test_sets.add(run.test_dataset)
 
 
 def finished(run: Run) -> bool:
-    """Whether the run has its final evaluation (and, when it calibrates, its calibration)."""
+    """Whether the run has its final evaluation (and, when it calibrates, its calibration; when it has a
+    ``test_dataset``, its evaluation on it)."""
     if final_record(run) is None:
+        return False
+    if run.test_dataset and not os.path.isfile(run.test_results):
         return False
     return not run.calibrated or os.path.isfile(os.path.join(run.folder, "calibration.json"))
 
@@ -237,14 +298,17 @@ def train(runs: List[Run], jobs: int, log_dir: str):
             os.makedirs(log_dir, exist_ok=True)
             logger.info("training %s (log: %s)", run.name, log)
             handle = open(log, "w")
-            proc = subprocess.Popen(run.command(), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
-            running.append((run, proc, handle, log, time.perf_counter()))
+            commands = run.commands()
+            running.append([run, _start(commands.pop(0), handle), handle, log, time.perf_counter(), commands])
         if not running:
             continue
         time.sleep(0.5)
         for entry in list(running):
-            run, proc, handle, log, start = entry
+            run, proc, handle, log, start, commands = entry
             if proc.poll() is None:
+                continue
+            if proc.returncode == 0 and commands:  # the next command of the run, in its slot
+                entry[1] = _start(commands.pop(0), handle)
                 continue
             handle.close()
             running.remove(entry)
@@ -267,6 +331,10 @@ def result(run: Run) -> dict:
     out = {"method": run.method, "point": run.point, "seed": run.seed, "budget": run.budget,
            "top1_raw": record["val/top1"], "mac_ratio_raw": record.get("val/mac_ratio", 1.0),
            "seconds": round(run.seconds, 1)}
+    if run.test_dataset:  # the final record is the validation split's: the test set's comes after
+        with open(run.test_results) as f:
+            tested = json.load(f)["results"]
+        out.update(val_top1=out["top1_raw"], top1_raw=tested["top1"], mac_ratio_raw=tested.get("mac_ratio", 1.0))
     out["top1"], out["mac_ratio"] = out["top1_raw"], out["mac_ratio_raw"]
     if run.calibrated:
         with open(os.path.join(run.folder, "calibration.json")) as f:
@@ -275,6 +343,20 @@ def result(run: Run) -> dict:
                    threshold=calibration["calibration"]["threshold"],
                    val_mac_ratio=calibration["calibration"]["mac_ratio"])
     return out
+
+
+def curve(run: Run) -> List[dict]:
+    """A host's evaluations during training: iteration, epoch and top-1 on its ``DATASETS.TEST``."""
+    records = read_metrics(os.path.join(run.folder, "metrics.json"))
+    per_epoch = run.iters_per_epoch or run.max_iter
+    return [{"iteration": r["iteration"], "epoch": round((r["iteration"] + 1) / per_epoch, 2), "top1": r["val/top1"]}
+            for r in records if "val/top1" in r]
+
+
+def curves_text(curves: dict) -> str:
+    """One line per host: its top-1 at each evaluation (epoch: top-1)."""
+    return "\n".join(f"{name}: validation top-1 by epoch: " + " ".join(f"{p['epoch']:g}:{p['top1']:.2f}" for p in ps)
+                     for name, ps in curves.items())
 
 
 def _mean_std(values):
@@ -337,6 +419,11 @@ def figure(rows_, path):
                                               "sample std over seeds)")
 
 
+def _start(command: list, log) -> subprocess.Popen:
+    """A training's process, in ROOT, writing to ``log``."""
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_child_env())
+
+
 def _child_env() -> dict:
     """The trainings' environment: this one, with this working folder on PYTHONPATH (they run in ROOT),
     so that they find the user modules that this process found here."""
@@ -373,15 +460,22 @@ def main(argv=None):
     results = [result(r) for r in runs if r.status == "done" and r.method != "host"]
     hosts = [result(r) for r in runs if r.status == "done" and r.method == "host"]
     rows_ = rows(hosts + results, args.tolerance)
+    validated = [r for r in runs if r.status == "done" and r.method == "host" and r.test_dataset]
+    curves = {r.name: curve(r) for r in validated}
     problems = [{"run": r.name, "status": r.status, "error": r.error} for r in runs if r.status != "done"]
     out = {"rows": rows_, "runs": hosts + results, "problems": problems, "trained": trained,
            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "opts": args.opts, "jobs": args.jobs,
-           "tolerance": args.tolerance}
+           "tolerance": args.tolerance, "protocol": args.protocol, "curves": curves}
     fig = figure([r for r in rows_ if r["method"] != "host"], os.path.join(args.output, "spectrum.png")) if results else None
+    if curves:
+        training_curves_figure({r.name: read_metrics(os.path.join(r.folder, "metrics.json")) for r in validated},
+                               os.path.join(args.output, "host_curves.png"))
     write_json(os.path.join(args.output, "spectrum.json"), out, indent=1)
     print(table(rows_, args.tolerance))
     print()
     print(runs_table(results))
+    if curves:
+        print("\n" + curves_text(curves) + f"\n(the hosts' curves: {os.path.join(args.output, 'host_curves.png')})")
     missed = [r for r in rows_ if r.get("met") is False]
     print(f"\n{trained} trainings in {wall:.0f} s of wall time and {cpu:.0f} s of CPU time"
           + (f"; {os.path.join(args.output, fig['file'])} ({fig['size'][0]}x{fig['size'][1]})" if fig else "")
