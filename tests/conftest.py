@@ -14,6 +14,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 NO_CUDA = "needs a CUDA device: torch.cuda.is_available() is False on this machine"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests: their convolutions are tiny, a second thread only adds
+    synchronisation, and two threads on a busy machine wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
                      help="where the tests that take the `device` fixture run (default cpu); tests/test_cuda.py "

@@ -16,6 +16,7 @@ from msgc.engine import DefaultTrainer
 from msgc.modeling import (BudgetEntry, BudgetTable, budget_table, build_model, mask_generators, set_budget,
                            set_budget_table)
 from msgc.utils.errors import InvalidValueError
+from test_calibration import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
@@ -52,12 +53,6 @@ def tabled(tmp_path_factory):
                                             "--budgets", *TABLE_BUDGETS, "MODEL.WEIGHTS", weights,
                                             "CALIBRATION.TOLERANCE", "0.004", "TEST.IMS_PER_BATCH", "180"])
     return cfg, weights, record["output"], record
-
-
-def load(cfg, weights):
-    model = build_model(cfg)
-    MSGCCheckpointer(model).load(weights)
-    return model.eval()
 
 
 def images(cfg):

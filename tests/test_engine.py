@@ -451,15 +451,6 @@ def test_skip_batches_resumes_a_data_loader_without_reading_skipped_items():
     assert skip_batches(loader, 0) is loader
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: small convolutions gain little from more, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_short_run_on_the_real_digits_learns_well_above_chance(tmp_path, one_thread):
     cfg = get_cfg()
     cfg.merge_from_list([

@@ -100,15 +100,6 @@ class StepRecorder:
         self.steps.append((params, self.mac_scheduler.target(), self.model.mac_target.clone()))
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: these convolutions are tiny, and two threads on a busy machine wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("variant", PAPER)
 def test_paper_config_trains_with_the_reference_recipe_at_every_step(variant, tmp_path, one_thread):
     cfg = scaled_paper_cfg(*PAPER[variant], tmp_path)

@@ -123,16 +123,22 @@ def main(argv=None) -> dict:
     record["calibration"] = result.as_dict()
     if evaluate:
         record["after"] = DefaultTrainer.test(cfg, model)
-    path = output_path(weights, args.output)
-    out_dir = os.path.dirname(path) or "."
-    os.makedirs(out_dir, exist_ok=True)
-    MSGCCheckpointer(model, out_dir).save(os.path.splitext(os.path.basename(path))[0], tag_last=False, cfg=cfg,
-                                          calibration=result.as_dict())
-    record["output"] = path
-    write_json(os.path.splitext(path)[0] + ".json", record, indent=1, sort_keys=True)
+    path = save(model, cfg, output_path(weights, args.output), record, calibration=result.as_dict())
     print(f"threshold {result.threshold:.5g}: MAC ratio on {args.dataset or cfg.CALIBRATION.DATASET} "
           f"{result.mac_ratio_before:.4f} -> {result.mac_ratio:.4f} (budget {budget:.4f}); saved {path}")
     return record
+
+
+def save(model, cfg, path: str, record: dict, **extras) -> str:
+    """Save ``model`` as the checkpoint ``path`` (with ``extras``) and ``record`` beside it as JSON; returns
+    ``path``, also written into ``record["output"]``."""
+    out_dir = os.path.dirname(path) or "."
+    os.makedirs(out_dir, exist_ok=True)
+    MSGCCheckpointer(model, out_dir).save(os.path.splitext(os.path.basename(path))[0], tag_last=False, cfg=cfg,
+                                          **extras)
+    record["output"] = path
+    write_json(os.path.splitext(path)[0] + ".json", record, indent=1, sort_keys=True)
+    return path
 
 
 def budget_table(cfg, args, weights: str) -> dict:
@@ -149,13 +155,7 @@ def budget_table(cfg, args, weights: str) -> dict:
             set_budget(model, entry.budget)
             record["at_budgets"][f"{entry.budget:g}"] = DefaultTrainer.test(cfg, model)
         set_budget(model, None)
-    path = output_path(weights, args.output, "budgets")
-    out_dir = os.path.dirname(path) or "."
-    os.makedirs(out_dir, exist_ok=True)
-    MSGCCheckpointer(model, out_dir).save(os.path.splitext(os.path.basename(path))[0], tag_last=False, cfg=cfg,
-                                          budget_table=table.as_dict())
-    record["output"] = path
-    write_json(os.path.splitext(path)[0] + ".json", record, indent=1, sort_keys=True)
+    path = save(model, cfg, output_path(weights, args.output, "budgets"), record, budget_table=table.as_dict())
     lo, hi = table.reachable
     print(f"budget table of {len(table.entries)} budgets on {dataset}: MAC ratios {lo:.4f} to {hi:.4f}; saved {path}")
     for e in table.entries:
