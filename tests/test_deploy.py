@@ -553,3 +553,41 @@ def test_every_kernel_choice_gives_the_eval_outputs(cfg, name):
             got = deployed(x)
             torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-4)
             assert torch.equal(got["macs"], want["macs"])
+
+
+def _threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernels")
+def test_a_call_on_two_threads_ends_pytorchs_idle_openmp_team_first(cfg):
+    """PyTorch's OpenMP workers, left spinning by the caller's last parallel op, are ended before the
+    native program runs on two threads (msgc/deploy/native/openmp.py), and not on one thread; PyTorch's
+    next parallel op starts them again and gives the same results."""
+    from msgc.deploy.native.openmp import openmp_runtime
+
+    if openmp_runtime() is None or not __import__("os").path.isdir("/proc/self/task"):
+        pytest.skip("PyTorch's OpenMP runtime has no omp_pause_resource_all here (or no /proc)")
+    deployed, x = deploy(randomize(small(cfg, "msgc_resnet18")), tune=False), images(2)
+    a = torch.randn(512, 512)
+    torch.set_num_threads(2)
+    try:
+        expected = deployed(x)["logits"]
+        before = _threads()
+        a.mul(2).add_(1)  # a parallel op (512 x 512 elements): PyTorch's team has its worker again
+        with_team = _threads()
+        got = deployed(x)["logits"]
+        after = _threads()
+        again = a.mul(2).add(1)
+        assert with_team == before + 1 and after == before, (before, with_team, after)
+        assert _threads() == with_team  # PyTorch starts its worker again
+        torch.testing.assert_close(again, a * 2 + 1)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(1)
+    a.mul(2).add_(1)
+    team = _threads()
+    deployed(x)
+    assert _threads() == team  # one thread: nothing to release

@@ -112,6 +112,9 @@ def parse_args(argv=None):
     parser.add_argument("--lead-in", type=int, default=0, help="untimed steps of the same run right before each "
                         "of its timed steps, so that each run is timed in its own steady state (threads the other "
                         "run left spinning have gone idle, its weights are in cache)")
+    parser.add_argument("--serving", action="store_true", help="with --runtimes: time every call as in a serving "
+                        "loop, right after the batch was decoded from JPEG and normalised with PyTorch (untimed), "
+                        "PyTorch's OpenMP workers still spinning")
     parser.add_argument("--contend", action="store_true", help="keep another process busy during the "
                         "measurement (a one-thread eval loop of torchvision's ResNet-18)")
     parser.add_argument("--seed", type=int, default=0)
@@ -419,7 +422,7 @@ def compare_runtimes(cfg, args, model, size):
                                             {"config_file": os.path.abspath(args.config_file), "opts": args.opts})
         job = dense_runtimes.Job(folder, host, deployed if "deploy" in names else None, batch=args.batch_size,
                                  size=size, threads=torch.get_num_threads(), warmup=args.warmup, iters=args.iters,
-                                 seed=args.seed, imports=imported_modules(),
+                                 seed=args.seed, imports=imported_modules(), serving=args.serving,
                                  deploy_options={"isa": args.isa, "tune": not args.no_tune,
                                                  "native": False if args.no_native else None})
         job.save(host.build(), copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval())

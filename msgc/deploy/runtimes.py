@@ -139,6 +139,9 @@ class Job:
         warmup, iters: untimed and timed calls per process; seed: the random inputs'.
         deploy_options: keyword arguments of :func:`msgc.deploy.deploy` (``isa``, ``tune``, ``native``).
         imports: ``(module, where)`` pairs that a worker imports first (user modules).
+        serving: time each call as a serving loop makes it: right after the batch was decoded from JPEG
+            and normalised with PyTorch on ``threads`` threads (untimed), as an application does;
+            PyTorch's OpenMP workers are still spinning when the call starts.
     """
 
     folder: str
@@ -152,6 +155,7 @@ class Job:
     seed: int = 0
     deploy_options: dict = field(default_factory=dict)
     imports: list = field(default_factory=list)
+    serving: bool = False
 
     def save(self, host: torch.nn.Module, deployed: Optional[torch.nn.Module] = None) -> "Job":
         """Write the models' weights, a fixed check batch and PyTorch's logits on it, and ``job.json``."""
@@ -400,7 +404,8 @@ def run_worker(folder: str, name: str) -> dict:
     from ..utils.imports import import_pairs
 
     job = Job.load(folder)
-    torch.set_num_threads(job.threads if RUNTIMES[name][0] == "torch" else 1)  # idle torch: no spinning pool
+    # idle torch: no spinning pool, except in a serving loop, where torch prepares every batch
+    torch.set_num_threads(job.threads if RUNTIMES[name][0] == "torch" or job.serving else 1)
     import_pairs([tuple(p) for p in job.imports])
     try:
         if name == "deploy":
@@ -421,12 +426,18 @@ def run_worker(folder: str, name: str) -> dict:
 
 def _time_and_check(job: Job, name: str, session: _Session) -> dict:
     gen = torch.Generator().manual_seed(job.seed + 1)
-    batches = [session.prepare(torch.randn(job.batch, 3, job.size, job.size, generator=gen)) for _ in range(8)]
+    batches = [torch.randn(job.batch, 3, job.size, job.size, generator=gen) for _ in range(8)]
+    if job.serving:
+        batches = [_jpegs(x) for x in batches]
+    else:
+        batches = [session.prepare(x) for x in batches]
     for i in range(job.warmup):
-        session.call(batches[i % len(batches)])
+        session.call(session.prepare(_decode(batches[i % len(batches)])) if job.serving else batches[i % len(batches)])
     times = []
     for i in range(job.iters):
         x = batches[i % len(batches)]
+        if job.serving:
+            x = session.prepare(_decode(x))
         t = time.perf_counter()
         session.call(x)
         times.append((time.perf_counter() - t) * 1e3)
@@ -441,6 +452,28 @@ def _time_and_check(job: Job, name: str, session: _Session) -> dict:
     if session.what:
         out["what"] = session.what
     return out
+
+
+_MEAN, _STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def _jpegs(x: torch.Tensor) -> List[torch.Tensor]:
+    """A batch of images as the JPEG files a serving loop receives (8 pixels larger than the input)."""
+    from torchvision.io import encode_jpeg
+    from torchvision.transforms.functional import resize
+
+    pixels = ((x * _STD + _MEAN).clamp(0, 1) * 255).to(torch.uint8)
+    return [encode_jpeg(resize(p, [x.size(-2) + 8, x.size(-1) + 8], antialias=True)) for p in pixels]
+
+
+def _decode(jpegs: List[torch.Tensor]) -> torch.Tensor:
+    """A serving loop's preprocessing with PyTorch ops: decode, centre crop, scale, normalise."""
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.functional import center_crop
+
+    size = [d - 8 for d in decode_jpeg(jpegs[0]).shape[-2:]]
+    images = torch.stack([center_crop(decode_jpeg(j), size) for j in jpegs]).float() / 255
+    return ((images - _MEAN) / _STD).contiguous()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from ..graph import AffineOp, Buffer, ConvOp, DepthwiseOp, GatesOp, Graph, HeadOp, PoolOp, SetsOp
 from . import abi
 from .library import Library, blocked
+from .openmp import release_openmp_workers
 
 __all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR"]
 
@@ -221,7 +222,10 @@ class Program:
         out = torch.empty(n, self.nout)
         stats = torch.empty(n, max(1, self.nstats), dtype=torch.int32)
         executed = torch.empty(n, dtype=torch.int64)
-        self.lib.run(self._args(images, out, stats, executed, threads or torch.get_num_threads(), int(keep)))
+        threads = threads or torch.get_num_threads()
+        if threads > 1:
+            release_openmp_workers()  # PyTorch's spinning workers would take the cores (openmp.py)
+        self.lib.run(self._args(images, out, stats, executed, threads, int(keep)))
         return out, stats[:, :self.nstats], executed
 
     def time_op(self, images: torch.Tensor, op: int, reps: int, threads: int = 0) -> List[int]:
