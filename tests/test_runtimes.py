@@ -63,6 +63,30 @@ def test_a_worker_times_its_runtime_and_checks_it_against_pytorch(job, name, kee
         assert got["error"] < 1e-4 and "deploy" in got["what"]
 
 
+def test_a_serving_worker_decodes_and_normalises_with_torch_before_every_call(job, keep_threads, monkeypatch):
+    """--serving: each call's batch comes from JPEG files decoded and normalised with torch right before it
+    (the images the check batch would give, within JPEG's loss), with torch on the job's threads."""
+    import dataclasses
+    import json as json_
+
+    x = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4), size=16, mode="bilinear").clamp(-1.5, 1.5)  # smooth
+    images = runtimes._decode(runtimes._jpegs(x))
+    assert images.shape == x.shape and images.dtype == torch.float32
+    assert (images - x).abs().mean() < 0.15  # 8-bit pixels and JPEG's loss (about 0.7 for noise)
+    calls = []
+    monkeypatch.setattr(runtimes, "_decode", lambda jpegs: calls.append(len(jpegs)) or images)
+    serving = dataclasses.replace(runtimes.Job.load(job.folder), serving=True, threads=2)
+    with open(os.path.join(job.folder, "job.json"), "w") as f:
+        json_.dump(dataclasses.asdict(serving), f)
+    try:
+        got = runtimes.run_worker(job.folder, "eager")
+        assert got["status"] == "ok", got
+        assert calls == [2] * (job.warmup + job.iters) and torch.get_num_threads() == 2
+    finally:
+        with open(os.path.join(job.folder, "job.json"), "w") as f:
+            json_.dump(dataclasses.asdict(job), f)
+
+
 def test_each_runtime_runs_alone_in_a_fresh_process_and_absent_ones_say_so(job, monkeypatch):
     """Two passes: the same runtime in two different child processes; ONNX Runtime and OpenVINO made
     absent (as without the [bench] extra) have rows that say so, and nothing fails."""

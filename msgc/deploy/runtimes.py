@@ -458,12 +458,12 @@ _MEAN, _STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0
 
 
 def _jpegs(x: torch.Tensor) -> List[torch.Tensor]:
-    """A batch of images as the JPEG files a serving loop receives (8 pixels larger than the input)."""
+    """A batch of images as the JPEG files a serving loop receives: 4 pixels more on each side (mirrored),
+    which :func:`_decode` crops away."""
     from torchvision.io import encode_jpeg
-    from torchvision.transforms.functional import resize
 
-    pixels = ((x * _STD + _MEAN).clamp(0, 1) * 255).to(torch.uint8)
-    return [encode_jpeg(resize(p, [x.size(-2) + 8, x.size(-1) + 8], antialias=True)) for p in pixels]
+    pixels = torch.nn.functional.pad(x * _STD + _MEAN, (4, 4, 4, 4), mode="reflect")
+    return [encode_jpeg((p.clamp(0, 1) * 255).round().to(torch.uint8)) for p in pixels]
 
 
 def _decode(jpegs: List[torch.Tensor]) -> torch.Tensor:
