@@ -32,6 +32,7 @@ setup(
         # the dense host in the runtimes users deploy with: tools/benchmark.py --compare-dense (msgc.deploy.runtimes);
         # never needed by the package or its tests (they skip what needs them)
         "bench": ["onnxruntime>=1.16", "openvino>=2024.0", "onnx>=1.15"],
-        "dev": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.5"],
+        # the tests, and the linter .ci/run runs after them (ruff.toml)
+        "dev": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.5", "ruff>=0.5"],
     },
 )

@@ -13,7 +13,7 @@ from msgc.data import build_normalizer, build_test_loader
 from msgc.engine import DefaultTrainer
 from msgc.engine.defaults import check_mac_target
 from msgc.evaluation import calibrate_gates
-from msgc.modeling import build_model, fold_gate_thresholds, mask_generators, set_gate_noise, set_gate_thresholds
+from msgc.modeling import build_model, fold_gate_thresholds, mask_generators, set_gate_thresholds
 from msgc.modeling.layers import Gate
 from msgc.solver import build_gate_noise_schedule
 from msgc.utils.errors import InvalidValueError

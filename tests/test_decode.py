@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
 from msgc.config import get_cfg

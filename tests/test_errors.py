@@ -74,8 +74,9 @@ BAD_INPUT = {
     "MAX_ITER 0": (["SOLVER.MAX_ITER", "0"], "error: SOLVER.MAX_ITER must be a positive number of iterations, got 0"
                    + HINT),
     "warm-up as long as training": (["SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "10"],
-                                    "error: SOLVER.WARMUP_ITERS must be in [0, SOLVER.MAX_ITER=10), got 10: for a run this "
-                                    "short, also set SOLVER.WARMUP_ITERS (e.g. SOLVER.WARMUP_ITERS 0)" + HINT),
+                                    "error: SOLVER.WARMUP_ITERS must be in [0, SOLVER.MAX_ITER=10), got 10: for a "
+                                    "run this short, also set SOLVER.WARMUP_ITERS (e.g. SOLVER.WARMUP_ITERS 0)"
+                                    + HINT),
     "MAC target ramp past the end": (["SOLVER.MAC_TARGET.PSTOP", "1.5"],
                                      "error: SOLVER.MAC_TARGET.PSTART and PSTOP must be 0 <= PSTART < PSTOP <= 1 "
                                      "(fractions of the training), got [0.0, 1.5]" + HINT),
@@ -126,7 +127,7 @@ def test_gpus_that_are_not_there(tmp_path, train_net, cli):
     assert code == 2
     assert err[0] == (f"error: MODEL.DEVICE is 'cuda:{found}' but this machine has {found} GPU(s) (cuda:0 .. "
                       f"cuda:{found - 1})" + HINT if found else
-                      f"error: MODEL.DEVICE is 'cuda:0' but this machine has no CUDA device (torch.cuda.is_available() "
+                      "error: MODEL.DEVICE is 'cuda:0' but this machine has no CUDA device (torch.cuda.is_available() "
                       "is False): use MODEL.DEVICE cpu" + HINT)
 
 

@@ -76,7 +76,8 @@ def test_read_idx_names_the_file_of_bad_contents(tmp_path):
              "empty": b""}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-    with pytest.raises(InvalidValueError, match=r"IDX file '.*cut' is truncated: 3147 bytes for a 4x28x28 array of 1-byte values \(3152 bytes"):
+    with pytest.raises(InvalidValueError, match=r"IDX file '.*cut' is truncated: 3147 bytes for a 4x28x28 array of "
+                                                r"1-byte values \(3152 bytes"):
         read_idx(str(tmp_path / "cut"))
     with pytest.raises(InvalidValueError, match=r"'.*long' is longer than its header says"):
         read_idx(str(tmp_path / "long"))

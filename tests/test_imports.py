@@ -219,5 +219,6 @@ def test_errors_are_user_errors_that_name_the_module(project, monkeypatch):
     assert "my_project.broken" not in sys.modules
     (project / "my_project" / "needs.py").write_text("import not_installed_anywhere\n")
     with pytest.raises(ModuleImportError, match=r"^importing module 'my_project.needs' \(--import\) raised "
-                       r"ModuleNotFoundError: No module named 'not_installed_anywhere' \(my_project/needs.py, line 1\)$"):
+                       r"ModuleNotFoundError: No module named 'not_installed_anywhere' "
+                       r"\(my_project/needs.py, line 1\)$"):
         import_user_modules(None, type("Args", (), {"imports": ["my_project.needs"]}))

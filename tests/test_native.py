@@ -239,7 +239,8 @@ def test_an_interface_changed_on_one_side_is_caught(tmp_path, monkeypatch):
     csrc = tmp_path / "csrc"
     shutil.copytree(build.CSRC, csrc)
     header = (csrc / "msgc.h").read_text()
-    changed = header.replace("#define MSGC_GEOM(X) X(i32, h) X(i32, w)", "#define MSGC_GEOM(X) X(i32, h) X(i32, d) X(i32, w)")
+    changed = header.replace("#define MSGC_GEOM(X) X(i32, h) X(i32, w)",
+                             "#define MSGC_GEOM(X) X(i32, h) X(i32, d) X(i32, w)")
     assert changed != header
     (csrc / "msgc.h").write_text(changed)
     with pytest.raises(abi.AbiMismatch, match="msgc_geom"):

@@ -78,7 +78,8 @@ def scaled_paper_cfg(config: str, attention: str, width: float, stem: str, outpu
     iters = -(-IMAGES // BATCH)
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.NUM_CLASSES", "10", "MODEL.MSGC.ATTENTION", attention,
-        "MODEL.BACKBONE.WIDTH_MULT", str(width), "MODEL.BACKBONE.STEM", stem, "DATASETS.TRAIN", "synthetic", "DATASETS.TEST", "",
+        "MODEL.BACKBONE.WIDTH_MULT", str(width), "MODEL.BACKBONE.STEM", stem,
+        "DATASETS.TRAIN", "synthetic", "DATASETS.TEST", "",
         "DATASETS.SYNTHETIC_LENGTH", str(IMAGES), "INPUT.TRAIN_SIZE", "32", "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.IMS_PER_BATCH", str(BATCH), "SOLVER.MAX_ITER", str(EPOCHS * iters),
         "SOLVER.ITERS_PER_EPOCH", "0",  # counted from the training set, as the reference's loader does
@@ -160,7 +161,8 @@ def expected_group(module: nn.Module, owner: nn.Module) -> str:
 def test_every_parameter_of_every_backbone_with_attention_is_in_the_reference_group(name, cfg):
     cfg.merge_from_file(f"{ROOT}/configs/Base-MSGC-ImageNet.yaml")
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.NUM_CLASSES", "10", "MODEL.BACKBONE.NAME", name,
-                         "MODEL.BACKBONE.STEM", "cifar", "MODEL.BACKBONE.WIDTH_MULT", "0.25" if "resnet" in name else "0.5",
+                         "MODEL.BACKBONE.STEM", "cifar",
+                         "MODEL.BACKBONE.WIDTH_MULT", "0.25" if "resnet" in name else "0.5",
                          "MODEL.MSGC.ATTENTION", "channel", "MODEL.MSGC.HEADS", "2" if "resnext" in name else "4"])
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
@@ -168,7 +170,8 @@ def test_every_parameter_of_every_backbone_with_attention_is_in_the_reference_gr
     owners = {}  # parameter -> (its module, the generator that holds it, if any)
     for m in model.modules():
         if isinstance(m, Generator):
-            assert type(m) in (MaskGenerator, AttentionGenerator), f"a new generator {type(m).__name__}: give it a group"
+            assert type(m) in (MaskGenerator, AttentionGenerator), \
+                f"a new generator {type(m).__name__}: give it a group"
             for sub in m.modules():
                 for p in sub.parameters(recurse=False):
                     owners[id(p)] = (sub, m)

@@ -1,5 +1,5 @@
-"""The README's set-up commands: the same lines in docs/getting_started.md and in CI (.ci/run runs them in a clean clone), virtual
-environments that a PEP 668 system Python accepts, and the detection project's install command."""
+"""The README's set-up commands: the same lines in docs/getting_started.md and in CI (.ci/run runs them in a clean
+clone), virtual environments that a PEP 668 system Python accepts, and the detection project's install command."""
 import os
 import re
 import subprocess
@@ -29,8 +29,9 @@ def test_ci_runs_the_readme_setup_commands_verbatim_in_a_fresh_environment():
     ]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     run = [line for line in ci if line.strip() and not line.lstrip().startswith("#")]
-    assert run[-2:] == commands  # the last two things CI does, in this order
-    assert any(line.startswith("rm -rf .venv") for line in run[:-2])  # from a fresh environment
+    assert run[-3:-1] == commands  # the last two things CI does before the linter, in this order
+    assert run[-1] == "ruff check ."
+    assert any(line.startswith("rm -rf .venv") for line in run[:-3])  # from a fresh environment
     assert "set -euo pipefail" in run
     assert _setup_commands("docs/getting_started.md") == commands  # the tutorial shows the same two
 

@@ -71,8 +71,8 @@ def build(cfg, config_file):
         cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     if not has_gates(model):
-        raise InvalidValueError(f"{config_file}: the model (MODEL.MSGC.GROUPING {cfg.MODEL.MSGC.GROUPING}) has no gates, "
-                         "so there is nothing to visualize; use a gated grouping (msgc, prune or static)")
+        raise InvalidValueError(f"{config_file}: the model (MODEL.MSGC.GROUPING {cfg.MODEL.MSGC.GROUPING}) has no "
+                                "gates, so there is nothing to visualize; use a gated grouping (msgc, prune or static)")
     if cfg.MODEL.WEIGHTS:
         load_gated_weights(model, cfg.MODEL.WEIGHTS)
     else:

@@ -68,7 +68,8 @@ def _layer(stats, name):
     for layer in stats["layers"]:
         if layer["name"] == name:
             return layer
-    raise InvalidValueError(f"no gated layer '{name}'; the gated layers are: {', '.join(l['name'] for l in stats['layers'])}")
+    names = ", ".join(layer["name"] for layer in stats["layers"])
+    raise InvalidValueError(f"no gated layer '{name}'; the gated layers are: {names}")
 
 
 def group_wise_figure(stats, path, layers):
@@ -76,8 +77,9 @@ def group_wise_figure(stats, path, layers):
     plt = require_matplotlib()
     rows = [_layer(stats, name) for name in layers]
     fig = plt.figure(figsize=(10, 0.8 + 1.45 * len(rows)))
-    grid = fig.add_gridspec(len(rows), 2, width_ratios=(3.7, 1.3), left=0.14, right=0.99, top=1 - 0.55 / fig.get_figheight(),
-                            bottom=0.45 / fig.get_figheight(), hspace=0.75, wspace=0.05)
+    grid = fig.add_gridspec(len(rows), 2, width_ratios=(3.7, 1.3), left=0.14, right=0.99,
+                            top=1 - 0.55 / fig.get_figheight(), bottom=0.45 / fig.get_figheight(),
+                            hspace=0.75, wspace=0.05)
     fig.suptitle(f"Group-wise: how often head h reads channel c over {stats['num_images']} images "
                  "(channels ordered: shared, then head-specific, then unread)", fontsize=9)
     image = None
@@ -114,9 +116,9 @@ def layer_wise_figure(stats, path):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, 7.0), gridspec_kw={"height_ratios": (3, 2)},
                                       layout="constrained")
     x = np.arange(len(layers))
-    top.bar(x - 0.2, [_mega(l["dense_macs"]) for l in layers], 0.4, label="dense", color="#bbbbbb")
-    top.bar(x + 0.2, [_mega(l["executed_macs"]) for l in layers], 0.4, label="mean executed", color="#1f5fa8")
-    top.set_xticks(x, [l["name"] for l in layers], rotation=90, fontsize=6)
+    top.bar(x - 0.2, [_mega(layer["dense_macs"]) for layer in layers], 0.4, label="dense", color="#bbbbbb")
+    top.bar(x + 0.2, [_mega(layer["executed_macs"]) for layer in layers], 0.4, label="mean executed", color="#1f5fa8")
+    top.set_xticks(x, [layer["name"] for layer in layers], rotation=90, fontsize=6)
     top.set_ylabel("MMac per image", fontsize=8)
     top.tick_params(axis="y", labelsize=7)
     top.legend(fontsize=7)
@@ -124,7 +126,7 @@ def layer_wise_figure(stats, path):
                   f"{stats['num_images']} images)", fontsize=9)
 
     stages = [s for s in stats["stages"] if s["jaccard"] is not None]
-    by_name = {l["name"]: l for l in stats["layers"]}
+    by_name = {layer["name"]: layer for layer in stats["layers"]}
     for i, stage in enumerate(stages):
         values = [by_name[n]["jaccard"] for n in stage["spectrum_layers"]]
         bottom.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, s=12,

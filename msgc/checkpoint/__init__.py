@@ -1,4 +1,5 @@
-"""Checkpoints: crash-safe saves and loading of this project's, torchvision's and the original MSGC release's weights."""
+"""Checkpoints: crash-safe saves, and loading of this project's, torchvision's and the original MSGC release's
+weights."""
 from .checkpointer import MSGCCheckpointer
 from .formats import CheckpointError, load_checkpoint_file
 

@@ -18,6 +18,6 @@ __all__ = [
     "DATASET_REGISTRY", "DEFAULT_SAMPLER_SEED", "CorruptImageError", "InferenceSampler", "Normalizer",
     "SeededSamples", "TestTransform", "TrainTransform", "TrainingSampler", "augment_image", "build_dataset",
     "build_loader", "build_normalizer", "build_test_loader", "build_train_loader", "build_transform",
-    "check_dataset", "check_decode_device", "cores_per_process", "digits_split", "fashion_mnist_split", "load_rgb", "loader_workers",
-    "read_image", "seed_from", "stratified_split", "test_transform", "to_device", "train_transform",
+    "check_dataset", "check_decode_device", "cores_per_process", "digits_split", "fashion_mnist_split", "load_rgb",
+    "loader_workers", "read_image", "seed_from", "stratified_split", "test_transform", "to_device", "train_transform",
 ]

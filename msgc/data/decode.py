@@ -23,7 +23,6 @@ the other formats on the CPU, then moved there. This path has not been run on a 
 torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they are called from this
 module alone, so that swapping them is a change here.
 """
-import io
 import warnings
 
 import numpy as np

@@ -9,7 +9,6 @@ backbone of your own) deploys with :class:`ChainDeployer`, registered for every 
 """
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from ..modeling.backbone.base import Backbone
@@ -41,8 +40,8 @@ class _Stem:
             elif isinstance(m, nn.MaxPool2d) and self.pool is None:
                 self.pool = m
             elif not isinstance(m, nn.Identity):
-                raise ValueError(f"deploy: {where}: a stem deploys as a convolution, BatchNorm, ReLU(6) and max-pooling; "
-                                 f"got a {type(m).__name__}")
+                raise ValueError(f"deploy: {where}: a stem deploys as a convolution, BatchNorm, ReLU(6) and "
+                                 f"max-pooling; got a {type(m).__name__}")
         if conv is None:
             raise ValueError(f"deploy: {where}: no convolution in the stem")
         self.weights = ConvWeights(conv, bn, conv.groups, where)

@@ -82,7 +82,8 @@ class KitDeployer:
         spec = block.spec
         if spec is None or spec.result is None:
             raise ValueError(f"deploy: {where} ({type(block).__name__}) has no kit description: describe it with "
-                             "GatedBlock.describe(...) or register a deployer with @msgc.deploy.BLOCK_DEPLOYERS.register")
+                             "GatedBlock.describe(...) or register a deployer with "
+                             "@msgc.deploy.BLOCK_DEPLOYERS.register")
         self.block, self.spec, self.where = block, spec, where
         modules = []
         for g in spec.gates:
@@ -239,7 +240,8 @@ class KitDeployer:
                         in_set = g.index_set(1, n.x.channels, att=scale)
                 else:
                     in_set = None if n.gate is None else sets[n.gate]
-                att = in_set is not None and (n in self.excited or (n.gate is not None and n.gate.attention is not None))
+                gate_att = n.gate is not None and n.gate.attention is not None
+                att = in_set is not None and (n in self.excited or gate_att)
                 res = buf[res_of[n]] if n in res_of else None
                 dst = out if (n.out is result_new and out is not None) else None
                 buf[n.out] = g.conv(src, self.weights[n], in_set, att=att, outputs=(mode, out_set),

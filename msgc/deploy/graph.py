@@ -12,7 +12,7 @@ another (DenseNet's stage buffer: layers read its first columns and write the ne
 buffer holds can depend on the sample: a convolution asked for the channels some head reads may
 compute all of them where that is cheaper; consumers read through index sets, which resolve this.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .graph import (ALL, GROUPS, RELU, RELU6, UNION, AffineOp, Buffer, ConvOp, DepthwiseOp, GatesOp, Graph, HeadOp,
-                    IndexSet, PoolOp, SetsOp)
+from .graph import (GROUPS, RELU, RELU6, UNION, AffineOp, Buffer, ConvOp, DepthwiseOp, GatesOp, Graph, HeadOp,
+                    PoolOp, SetsOp)
 
 __all__ = ["run_reference", "head_sets"]
 

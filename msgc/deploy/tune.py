@@ -6,8 +6,9 @@ cuDNN's benchmark mode do, the plan of an input size runs the program once on a 
 times every candidate of every convolution on that sample's state (the ops are replayed in C, so the
 measurement holds nothing but the kernel) and keeps the fastest. Choices are cached per machine in
 ``$MSGC_CACHE/plans-<machine>.json`` (:func:`machine_key`: the CPU's name, family, model and vector
-extension, so that CPUs of one name but other FMA pipes keep their own), keyed by the layer's shape, its open fraction (in tenths), the
-kernel variant and the thread count; a cached choice is reused without measuring.
+extension, so that CPUs of one name but other FMA pipes keep their own), keyed by the layer's shape,
+its open fraction (in tenths), the kernel variant and the thread count; a cached choice is reused
+without measuring.
 
 Candidates: the wide kernel with each tile family of the ISA, reading the open inputs in place or from
 a contiguous copy made first (gather, then a dense register-tiled product), or, for heads of few

@@ -7,6 +7,7 @@ from .hooks import HookBase
 from .launch import launch
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["AMPTrainer", "DefaultTrainer", "EVAL_SUBDIR", "HookBase", "SimpleTrainer", "TrainerBase", "add_import_argument",
-           "create_ddp_model", "default_argument_parser", "default_setup", "exit_on_user_error", "hooks",
-           "import_user_modules", "launch_from_command_line", "launch", "log_model", "record_dir", "resume_command"]
+__all__ = ["AMPTrainer", "DefaultTrainer", "EVAL_SUBDIR", "HookBase", "SimpleTrainer", "TrainerBase",
+           "add_import_argument", "create_ddp_model", "default_argument_parser", "default_setup", "exit_on_user_error",
+           "hooks", "import_user_modules", "launch_from_command_line", "launch", "log_model", "record_dir",
+           "resume_command"]

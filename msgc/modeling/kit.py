@@ -52,7 +52,8 @@ from ..utils.errors import InvalidValueError
 from .layers import Generator, gate_channels, gated_conv
 from .macs import Costs, MaskStats, conv_out, detached, heads_dot
 
-__all__ = ["BlockSpec", "msgc_conv2d", "Value", "Gate", "ConvNode", "AffineNode", "AddNode", "ConcatNode", "SENode", "ACTIVATIONS"]
+__all__ = ["BlockSpec", "msgc_conv2d", "Value", "Gate", "ConvNode", "AffineNode", "AddNode", "ConcatNode", "SENode",
+           "ACTIVATIONS"]
 
 #: activations the kit applies (and the deployed kernels fuse)
 ACTIVATIONS = {None: None, "relu": F.relu, "relu6": F.relu6}
@@ -391,7 +392,8 @@ class BlockSpec:
                     macs += c.out_channels * oh * ow
                 if n.pre is not None:
                     macs += n.x.channels * ih * iw
-                att = n.gate.heads * n.x.channels * ih * iw if n.gate is not None and n.gate.attention is not None else 0
+                attended = n.gate is not None and n.gate.attention is not None
+                att = n.gate.heads * n.x.channels * ih * iw if attended else 0
                 cost[n], attention[n] = macs + att, att
                 extra += att
                 if n.gate is None:

@@ -7,6 +7,6 @@ from .mac_scheduler import MACTargetScheduler
 from .optimizer import GATE_KEYWORDS, param_groups
 from .schedules import EpochCosine, Ramp
 
-__all__ = ["SCHEDULER_REGISTRY", "GATE_KEYWORDS", "EpochCosine", "LRScheduleMultiplier", "MACTargetScheduler", "Ramp", "Warmup",
-           "build_gate_noise_schedule", "build_lr_scheduler", "build_mac_scheduler", "build_optimizer", "check_solver", "iters_per_epoch",
-           "param_groups", "with_warmup"]
+__all__ = ["SCHEDULER_REGISTRY", "GATE_KEYWORDS", "EpochCosine", "LRScheduleMultiplier", "MACTargetScheduler", "Ramp",
+           "Warmup", "build_gate_noise_schedule", "build_lr_scheduler", "build_mac_scheduler", "build_optimizer",
+           "check_solver", "iters_per_epoch", "param_groups", "with_warmup"]

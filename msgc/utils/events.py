@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 from fvcore.common.history_buffer import HistoryBuffer

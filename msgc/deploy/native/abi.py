@@ -100,9 +100,9 @@ def check(lib: ctypes.CDLL) -> None:
     ours = describe()
     if theirs != ours:
         i = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
-        raise AbiMismatch(f"the library's interface differs from msgc.deploy.native's at ...{theirs[max(0, i - 40):i + 40]}"
-                          f" (expected ...{ours[max(0, i - 40):i + 40]}); the C sources and native/abi.py must change "
-                          "together")
+        raise AbiMismatch(f"the library's interface differs from msgc.deploy.native's at "
+                          f"...{theirs[max(0, i - 40):i + 40]} (expected ...{ours[max(0, i - 40):i + 40]}); the C "
+                          "sources and native/abi.py must change together")
 
 
 def bind(lib: ctypes.CDLL) -> None:

@@ -22,8 +22,8 @@ from . import abi
 __all__ = ["VARIANTS", "CSRC", "KERNEL_SOURCES", "BuildError", "cache_dir", "compiler", "cpu_variants", "build", "load"]
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-KERNEL_SOURCES = ["wide.c", "pixel.c", "conv.c", "packed.c", "depthwise.c", "gates.c", "program.c", "pool.c", "scratch.c", "peak.c",
-                  "abi.c"]
+KERNEL_SOURCES = ["wide.c", "pixel.c", "conv.c", "packed.c", "depthwise.c", "gates.c", "program.c", "pool.c",
+                  "scratch.c", "peak.c", "abi.c"]
 _HEADERS = ["msgc.h", "simd.h", "internal.h"]
 _COMMON = ["-O3", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 
