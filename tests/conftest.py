@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -9,6 +10,20 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+_TOOLS = {}
+
+
+def load_tool(name: str, folder: str = "tools"):
+    """``<folder>/<name>.py`` (a script, not a package module) as a module, loaded once per test session."""
+    if (folder, name) not in _TOOLS:
+        module_name = name if folder == "tools" else f"{folder.replace('/', '_')}_{name}"
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TOOLS[folder, name] = module
+    return _TOOLS[folder, name]
+
 
 #: why tests/test_cuda.py and the CUDA side of the ``device`` fixture do not run on this machine
 NO_CUDA = "needs a CUDA device: torch.cuda.is_available() is False on this machine"

@@ -1,5 +1,4 @@
 """msgc.analysis and its tools: the numbers behind the gate figures, the figures, TensorBoard summaries."""
-import importlib.util
 import itertools
 import json
 import os
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import narrow
+from conftest import load_tool, narrow
 from msgc.analysis import (channel_order, collect_gate_statistics, gated_blocks, gated_layers, pairwise_jaccard,
                            select_layers)
 from msgc.checkpoint import MSGCCheckpointer
@@ -21,13 +20,6 @@ from msgc.utils.events import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def varied_gates(model, seed=0):
@@ -225,7 +217,7 @@ def _png_size(path):
 
 
 def test_visualize_gates_writes_valid_pngs_and_their_numbers(tmp_path):
-    visualize = _tool("visualize_gates")
+    visualize = load_tool("visualize_gates")
     out = tmp_path / "figs"
     stats = visualize.main(["--config-file", QUICKSTART, "--num-images", "24", "--extremes", "4", "--output",
                             str(out)] + _checkpoint(tmp_path))
@@ -255,7 +247,7 @@ def _one_line_error(capsys, tool, args):
 
 
 def test_visualize_gates_bad_input_is_one_line(tmp_path, capsys):
-    visualize = _tool("visualize_gates")
+    visualize = load_tool("visualize_gates")
     weights = _checkpoint(tmp_path)
     base = ["--config-file", QUICKSTART, "--num-images", "8", "--output", str(tmp_path / "o")]
     # weights of another grouping: the heads' convolution has another shape
@@ -286,8 +278,8 @@ def test_tools_without_matplotlib_say_how_to_install_it(tmp_path, capsys, monkey
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     _metrics(tmp_path / "run")
-    for tool, args in ((_tool("visualize_gates"), ["--config-file", QUICKSTART, "--output", str(tmp_path / "o")]),
-                       (_tool("plot_metrics"), [str(tmp_path / "run")])):
+    for tool, args in ((load_tool("visualize_gates"), ["--config-file", QUICKSTART, "--output", str(tmp_path / "o")]),
+                       (load_tool("plot_metrics"), [str(tmp_path / "run")])):
         line = _one_line_error(capsys, tool, args)
         assert 'pip install -e ".[vis]"' in line and "matplotlib" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "run" / "metrics.png").exists()
@@ -304,7 +296,7 @@ def _metrics(folder, scale=1.0, lines=None):
 
 
 def test_plot_metrics_draws_several_runs(tmp_path):
-    plot = _tool("plot_metrics")
+    plot = load_tool("plot_metrics")
     _metrics(tmp_path / "a")
     _metrics(tmp_path / "b", scale=0.9)
     figure = plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "m.png")])

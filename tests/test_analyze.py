@@ -1,5 +1,4 @@
 """tools/analyze_model.py: per-stage MACs that add up to the paper's numbers, and measured gates."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -9,14 +8,13 @@ import sys
 import pytest
 import torch
 
+from conftest import load_tool
 from msgc.config import get_cfg
 from msgc.modeling import build_model
 from msgc.modeling.layers import MaskGenerator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("analyze_model", ROOT / "tools" / "analyze_model.py")
-analyze_model = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(analyze_model)
+analyze_model = load_tool("analyze_model")
 
 # the reference's get_flops() at 224x224, heads 4, in MMac: original, possible, main, dgc, mask
 GOLDEN = {

@@ -1,11 +1,11 @@
 """MAC budgets chosen at inference: the budget table, set_budget, TEST.BUDGET and deployment per image."""
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
+from conftest import load_tool
 from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import get_cfg
 from msgc.data import build_normalizer, build_test_loader
@@ -20,13 +20,6 @@ from test_calibration import load
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 TABLE_BUDGETS = ["0.3", "0.4", "0.5", "0.6", "0.7"]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def digits_cfg(out="", *overrides):
@@ -48,9 +41,9 @@ def tabled(tmp_path_factory):
     cfg = digits_cfg(folder)
     DefaultTrainer(digits_cfg(folder, "DATASETS.TEST", "")).train()
     weights = str(folder / "model_final.pth")
-    record = _tool("calibrate_gates").main(["--config-file", QUICKSTART, "--dataset", "digits", "--no-eval",
-                                            "--budgets", *TABLE_BUDGETS, "MODEL.WEIGHTS", weights,
-                                            "CALIBRATION.TOLERANCE", "0.004", "TEST.IMS_PER_BATCH", "180"])
+    record = load_tool("calibrate_gates").main(["--config-file", QUICKSTART, "--dataset", "digits", "--no-eval",
+                                                "--budgets", *TABLE_BUDGETS, "MODEL.WEIGHTS", weights,
+                                                "CALIBRATION.TOLERANCE", "0.004", "TEST.IMS_PER_BATCH", "180"])
     return cfg, weights, record["output"], record
 
 
@@ -113,8 +106,8 @@ def test_eval_at_three_budgets_lands_within_002_of_each(tabled, tmp_path):
             ratio = float(model(x)["macs"].mean()) / dense
         assert abs(ratio - budget) <= 0.02, (budget, ratio)
     out = tmp_path / "eval"
-    _tool("train_net").invoke_main(["--config-file", QUICKSTART, "--eval-only", "MODEL.WEIGHTS", tabled_weights,
-                                    "TEST.BUDGET", "0.65", "OUTPUT_DIR", str(out), "TEST.IMS_PER_BATCH", "120"])
+    load_tool("train_net").invoke_main(["--config-file", QUICKSTART, "--eval-only", "MODEL.WEIGHTS", tabled_weights,
+                                        "TEST.BUDGET", "0.65", "OUTPUT_DIR", str(out), "TEST.IMS_PER_BATCH", "120"])
     saved = json.loads((out / "eval" / "eval_results.json").read_text())
     results = saved["results"]
     assert saved["budget"] == 0.65 and abs(results["mac_ratio"] - 0.65) <= 0.02
@@ -213,7 +206,7 @@ def test_test_budget_bad_input_is_one_line(tabled, tmp_path, capsys, monkeypatch
     argv = ["--config-file", QUICKSTART, *eval_only, "OUTPUT_DIR", str(tmp_path / "out"), "TEST.BUDGET", "0.5",
             *overrides]
     with pytest.raises(SystemExit) as e:
-        _tool("train_net").invoke_main(argv)
+        load_tool("train_net").invoke_main(argv)
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[0] == f"error: {line.format(weights=weights)} (MSGC_DEBUG=1 shows " \
                                                       "the traceback)"
@@ -234,9 +227,9 @@ def test_a_checkpoint_without_a_table_loads_as_before_and_detaches_a_table(table
     set_budget_table(model, BudgetTable([BudgetEntry(0.5, 0.0, 0.5, 0.0)]))
     assert budget_table(model).reachable == (0.5, 0.5)
     with pytest.raises(InvalidValueError, match="give --budget .* or --budgets .*, not both"):
-        _tool("calibrate_gates").main(["--config-file", QUICKSTART, "--budget", "0.5", "--budgets", "0.4", "0.6",
-                                       "MODEL.WEIGHTS", weights])
+        load_tool("calibrate_gates").main(["--config-file", QUICKSTART, "--budget", "0.5", "--budgets", "0.4", "0.6",
+                                           "MODEL.WEIGHTS", weights])
     with pytest.raises(InvalidValueError, match=r"the budget 0.01 is outside what the gates reach on 16x16 images: "
                        r"0.0\d+ \(every gate closed\) to 1.0\d+ \(every gate open\)"):
-        _tool("calibrate_gates").main(["--config-file", QUICKSTART, "--dataset", "digits", "--no-eval", "--budgets",
-                                       "0.5", "0.01", "MODEL.WEIGHTS", weights])
+        load_tool("calibrate_gates").main(["--config-file", QUICKSTART, "--dataset", "digits", "--no-eval", "--budgets",
+                                           "0.5", "0.01", "MODEL.WEIGHTS", weights])

@@ -1,7 +1,6 @@
 """MSGCCheckpointer: format recognition, strict fits, original-release layouts, conversion tool."""
 import functools
 import http.server
-import importlib.util
 import logging
 import pathlib
 import threading
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import load_tool
 from msgc.checkpoint import CheckpointError, MSGCCheckpointer
 from msgc.config import get_cfg
 from msgc.modeling import build_model
@@ -320,15 +320,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------------------
 # tools/convert_checkpoint.py
 # ---------------------------------------------------------------------------------------------------
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_convert_torchvision_round_trip(tmp_path):
-    convert = _tool("convert_checkpoint")
+    convert = load_tool("convert_checkpoint")
     src, state = tv_file(tmp_path, "resnet50")
     convert.main([src, str(tmp_path / "out" / "r50_msgc.pth")])
     data = torch.load(tmp_path / "out" / "r50_msgc.pth", weights_only=True)
@@ -345,7 +338,7 @@ def test_convert_torchvision_round_trip(tmp_path):
 
 
 def test_convert_release_with_config(tmp_path):
-    convert = _tool("convert_checkpoint")
+    convert = load_tool("convert_checkpoint")
     state = release_state(read_listing("msgc_mobilenetv2_att"))
     src = save_release(tmp_path / "mbv2_att.pth", state)
     (tmp_path / "mbv2.yaml").write_text("MODEL:\n  BACKBONE:\n    NAME: msgc_mobilenetv2\n")

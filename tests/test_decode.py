@@ -1,7 +1,6 @@
 """The input pipeline: torchvision.io decoding against PIL, uint8 transforms, normalisation on the device,
 exact resume with workers on JPEGs, a training step on uint8 batches, worker and decode-device settings,
 and tools/benchmark_data.py (CPU, small generated images)."""
-import importlib.util
 import json
 import logging
 import struct
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from conftest import load_tool
 from msgc.config import get_cfg
 from msgc.data import (CorruptImageError, Normalizer, TestTransform, TrainTransform, build_dataset,
                        build_normalizer, build_test_loader, build_train_loader, check_decode_device,
@@ -24,14 +24,7 @@ from msgc.utils.errors import InvalidValueError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("benchmark_data_under_test", ROOT / "tools" / "benchmark_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark_data = _tool()
+benchmark_data = load_tool("benchmark_data")
 
 
 def photo(seed, size=(40, 30)):

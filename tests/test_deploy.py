@@ -459,13 +459,9 @@ def test_gate_heads_keeps_a_channels_last_input_channels_last(groups, scaled):
 
 def _benchmark_tool(tmp_path):
     """tools/benchmark.py as a module, and a tiny config for it."""
-    import importlib.util
-    import os
+    from conftest import load_tool
 
-    path = os.path.join(os.path.dirname(__file__), "..", "tools", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("benchmark_tool", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("benchmark")
     config = tmp_path / "tiny.yaml"
     config.write_text("MODEL:\n  BACKBONE:\n    NAME: msgc_resnet18\n    STEM: cifar\n    WIDTH_MULT: 0.25\n"
                       "  NUM_CLASSES: 10\n  MSGC:\n    ATTENTION: channel\n")

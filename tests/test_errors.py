@@ -2,7 +2,6 @@
 command lines' own code, run in-process to stay fast); a full disk during a save; checkpoint retention;
 URLs on a machine without internet access; models without gates."""
 import errno
-import importlib.util
 import io
 import logging
 import os
@@ -20,23 +19,16 @@ from msgc.modeling import build_model
 from msgc.utils import file_io
 from msgc.utils.errors import InvalidValueError, UserError, error_line, exit_on_user_error
 
-from conftest import narrow
+from conftest import load_tool, narrow
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 HINT = " (MSGC_DEBUG=1 shows the traceback)"
 
 
-def _module(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train_net():
-    return _module(ROOT / "tools" / "train_net.py", "train_net_under_test")
+    return load_tool("train_net")
 
 
 @pytest.fixture
@@ -339,7 +331,7 @@ def test_unreachable_url_names_the_file_to_put_in_the_cache_and_that_file_works(
 
 def test_analyze_model_prints_the_static_tables_when_the_weights_cannot_be_loaded(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
-    analyze = _module(ROOT / "tools" / "analyze_model.py", "analyze_model_under_test")
+    analyze = load_tool("analyze_model")
     (tmp_path / "c.yaml").write_text("MODEL:\n  DEVICE: cpu\n  NUM_CLASSES: 10\n  WEIGHTS: http://127.0.0.1:9/w.pth\n"
                                      "  BACKBONE:\n    NAME: msgc_resnet18\n    STEM: cifar\n    WIDTH_MULT: 0.25\n"
                                      "INPUT:\n  TEST_SIZE: 16\n")
@@ -359,9 +351,9 @@ def test_analyze_model_prints_the_static_tables_when_the_weights_cannot_be_loade
 # Tools and the detection project
 # ------------------------------------------------------------------------------------------------
 def test_tools_report_bad_input_in_one_line(tmp_path, cli):
-    analyze = _module(ROOT / "tools" / "analyze_model.py", "analyze_model_under_test")
-    convert = _module(ROOT / "tools" / "convert_checkpoint.py", "convert_checkpoint_under_test")
-    benchmark = _module(ROOT / "tools" / "benchmark.py", "benchmark_under_test")
+    analyze = load_tool("analyze_model")
+    convert = load_tool("convert_checkpoint")
+    benchmark = load_tool("benchmark")
 
     def guarded(main, argv):
         with exit_on_user_error():
@@ -381,14 +373,14 @@ def test_tools_report_bad_input_in_one_line(tmp_path, cli):
         code, err = cli(guarded, benchmark.main, ["--config-file", QUICKSTART, "--device", "cuda"])
         assert (code, err) == (2, ["error: --device is 'cuda' but this machine has no CUDA device "
                                    "(torch.cuda.is_available() is False): use --device cpu" + HINT])
-        calibrate = _module(ROOT / "tools" / "calibrate_gates.py", "calibrate_gates_under_test")
+        calibrate = load_tool("calibrate_gates")
         code, err = cli(guarded, calibrate.main, ["--config-file", QUICKSTART, "MODEL.DEVICE", "cuda"])
         assert (code, err) == (2, ["error: MODEL.DEVICE is 'cuda' but this machine has no CUDA device "
                                    "(torch.cuda.is_available() is False): use MODEL.DEVICE cpu" + HINT])
 
 
 def test_detection_train_net_reports_bad_input_in_one_line(tmp_path, cli):
-    det = _module(ROOT / "projects" / "MSGCDetection" / "train_net.py", "detection_train_net_under_test")
+    det = load_tool("train_net", "projects/MSGCDetection")
     config = str(ROOT / "projects" / "MSGCDetection" / "configs" / "toy_faster_rcnn_msgc_R18_FPN.yaml")
     code, err = cli(det.invoke_main, ["--config-file", config, "MODEL.DETECTOR.NAMEE", "x"])
     assert (code, err[0]) == (2, "error: unknown config key 'MODEL.DETECTOR.NAMEE' in the command-line overrides; "

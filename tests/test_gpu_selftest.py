@@ -1,7 +1,6 @@
 """tools/gpu_selftest.py on this machine: without CUDA it skips every CUDA step at once and says so; a
 step that fails or runs past its timeout is recorded and the next one still runs; the JSON and the table
 say the same."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -9,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def selftest():
-    spec = importlib.util.spec_from_file_location("gpu_selftest_under_test", ROOT / "tools" / "gpu_selftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_selftest")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the self-test would run")

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from conftest import load_tool
 from msgc.deploy import runtimes
 from msgc.deploy.runtimes import Job, ModelSpec
 
@@ -180,8 +181,4 @@ def test_layer_rates_are_given_as_a_share_of_the_fma_peak(tmp_path, capsys, keep
 
 
 def _tool():
-    path = os.path.join(os.path.dirname(__file__), "..", "tools", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("benchmark_tool_runtimes", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("benchmark")

@@ -1,5 +1,4 @@
 """tools/spectrum_study.py: its configs, both stages on a tiny Fashion-MNIST, the tables, bad input."""
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -7,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import load_tool
 from test_fashion import fake_fashion
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -14,10 +14,7 @@ CONFIGS = ROOT / "configs" / "spectrum"
 
 
 def study():
-    spec = importlib.util.spec_from_file_location("spectrum_study", ROOT / "tools" / "spectrum_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("spectrum_study")
 
 
 def test_the_study_configs_follow_the_papers_protocol():

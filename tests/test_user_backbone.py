@@ -1,7 +1,6 @@
 """The registration tutorial's example, run as written: the code block of "Registering your own backbone"
 in docs/models.md is executed, built through the registry from a config, trained on the digits, and its numbers are
 checked (static MACs against a count by hand, per-sample MACs, losses, deployment)."""
-import importlib.util
 import json
 import os
 import re
@@ -11,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import load_tool
 from msgc.modeling import BACKBONE_REGISTRY, build_model
 from test_deploy import check_same, randomize
 
@@ -219,10 +219,7 @@ def test_random_gates_and_attention_deploy(cfg, tiny):
 def test_the_analysis_tables_see_its_blocks(cfg, tiny):
     """tools/analyze_model.py: the blocks' row adds the gated work and the generators; the rest is the
     stem, the shortcut and the head; the measured MACs are the model's."""
-    spec = importlib.util.spec_from_file_location("analyze_model", os.path.join(ROOT, "tools",
-                                                                               "analyze_model.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("analyze_model")
     torch.manual_seed(0)
     model = build_model(tiny_cfg(cfg)).eval()
     x, _ = digits(4, seed=4)
