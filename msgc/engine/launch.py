@@ -141,13 +141,14 @@ def _check_processes(per_machine: int, num_machines: int, machine_rank: int, dev
 
 def _run_under_torchrun(main_func, args, device, timeout):
     world_size = int(os.environ["WORLD_SIZE"])
-    comm._LOCAL_RANK = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     if world_size == 1:
+        comm.set_local(local_rank, 1)
         return main_func(*args)
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    comm._LOCAL_SIZE = per_machine
+    comm.set_local(local_rank, per_machine)
     _check_processes(per_machine, 1, 0, device)
-    _use_device(device, comm._LOCAL_RANK, per_machine)
+    _use_device(device, local_rank, per_machine)
     dist.init_process_group(_backend(device), init_method="env://", timeout=timeout)
     return _run_and_leave(main_func, args)
 
@@ -164,7 +165,7 @@ def _worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_u
     bad-input reports (None when this process is the launcher).
     """
     rank = machine_rank * per_machine + local_rank
-    comm._LOCAL_RANK, comm._LOCAL_SIZE = local_rank, per_machine
+    comm.set_local(local_rank, per_machine)
     if reports is not None:
         os.setpgrp()  # a process group of its own, with its data-loader workers: the launcher ends them together
     try:

@@ -4,10 +4,10 @@ import functools
 import torch
 import torch.distributed as dist
 
-__all__ = ["get_world_size", "get_rank", "get_local_rank", "get_local_size", "is_main_process", "synchronize",
-           "all_gather", "all_reduce_sum", "any_process"]
+__all__ = ["get_world_size", "get_rank", "get_local_rank", "get_local_size", "set_local", "is_main_process",
+           "synchronize", "all_gather", "all_reduce_sum", "any_process"]
 
-# set by msgc.engine.launch for the processes of one machine
+# set by msgc.engine.launch (set_local) for the processes of one machine
 _LOCAL_RANK = 0
 _LOCAL_SIZE = 1
 
@@ -31,6 +31,13 @@ def get_local_rank() -> int:
 def get_local_size() -> int:
     """The number of processes of this run on this machine."""
     return _LOCAL_SIZE
+
+
+def set_local(rank: int, size: int):
+    """Record this process's rank among the ``size`` processes of this run on its machine (the launcher's
+    job, before the process group exists)."""
+    global _LOCAL_RANK, _LOCAL_SIZE
+    _LOCAL_RANK, _LOCAL_SIZE = rank, size
 
 
 def is_main_process() -> bool:
