@@ -11,9 +11,8 @@ from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import get_cfg
 from msgc.data import build_normalizer, build_test_loader
 from msgc.engine import DefaultTrainer
-from msgc.engine.defaults import check_mac_target
 from msgc.evaluation import calibrate_gates
-from msgc.modeling import build_model, fold_gate_thresholds, mask_generators, set_gate_thresholds
+from msgc.modeling import build_model, check_mac_target, fold_gate_thresholds, mask_generators, set_gate_thresholds
 from msgc.modeling.layers import Gate
 from msgc.solver import build_gate_noise_schedule
 from msgc.utils.errors import InvalidValueError
@@ -162,7 +161,7 @@ def test_a_mac_target_the_gates_cannot_reach_is_one_line_before_training(caplog)
                        r"closed, grouping 'msgc' of msgc_resnet18 spends 0.0\d+ of the dense MACs at 16x16"):
         DefaultTrainer(cfg)
     cfg = digits_cfg(MODEL__MSGC__GROUPING="static", SOLVER__MAC_TARGET__FINAL="0.3")
-    with caplog.at_level(logging.WARNING, logger="msgc.engine"):
+    with caplog.at_level(logging.WARNING, logger="msgc.modeling"):
         check_mac_target(cfg, build_model(cfg))
     assert "has no effect: grouping 'static' has no gate, its MAC ratio is fixed at 0.5" in caplog.text
 

@@ -9,8 +9,8 @@ import yaml
 from torch import nn
 
 from msgc.config import get_cfg
+from msgc.data import skip_batches
 from msgc.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, hooks
-from msgc.engine.defaults import skip_batches
 from msgc.modeling import BACKBONE_REGISTRY, Backbone, Costs
 from msgc.solver import build_mac_scheduler
 from msgc.utils import comm

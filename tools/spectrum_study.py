@@ -203,7 +203,7 @@ def check(runs: List[Run]):
     ``DATASETS.TEST`` is not the fine-tunings' test set (the long protocol's, validated every epoch)
     is evaluated on that test set after training."""
     from msgc.data import check_dataset
-    from msgc.engine.defaults import check_mac_target
+    from msgc.modeling import check_mac_target
     from msgc.modeling import build_model
     from msgc.solver import check_solver
     from msgc.solver.build import iters_per_epoch

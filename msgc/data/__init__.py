@@ -11,7 +11,7 @@ from .build import (DATASET_REGISTRY, DEFAULT_SAMPLER_SEED, SeededSamples, augme
 from .datasets import digits_split, fashion_mnist_split, stratified_split
 from .decode import CorruptImageError, check_decode_device, load_rgb, read_image
 from .preprocess import Normalizer, build_normalizer, to_device
-from .samplers import InferenceSampler, TrainingSampler, seed_from
+from .samplers import InferenceSampler, TrainingSampler, seed_from, skip_batches
 from .transforms import TestTransform, TrainTransform, build_transform, test_transform, train_transform
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "SeededSamples", "TestTransform", "TrainTransform", "TrainingSampler", "augment_image", "build_dataset",
     "build_loader", "build_normalizer", "build_test_loader", "build_train_loader", "build_transform",
     "check_dataset", "check_decode_device", "cores_per_process", "digits_split", "fashion_mnist_split", "load_rgb",
-    "loader_workers", "read_image", "seed_from", "stratified_split", "test_transform", "to_device", "train_transform",
+    "loader_workers", "read_image", "seed_from", "skip_batches", "stratified_split", "test_transform", "to_device",
+    "train_transform",
 ]

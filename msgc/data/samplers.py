@@ -1,17 +1,19 @@
 """Samplers that split indices across processes: an endless shuffled one for training and an exact one
-for inference.
+for inference; and :func:`skip_batches`, which resumes a loader part-way.
 
 Both take ``rank`` and ``world_size`` from :mod:`msgc.utils.comm` unless given, so tests can simulate
 any number of processes in one.
 """
+import itertools
+
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..utils import comm
 from ..utils.errors import InvalidValueError
 
-__all__ = ["TrainingSampler", "InferenceSampler", "seed_from"]
+__all__ = ["TrainingSampler", "InferenceSampler", "seed_from", "skip_batches"]
 
 
 def _rank_and_world(rank, world_size):
@@ -106,3 +108,35 @@ class InferenceSampler(Sampler):
 
     def __len__(self):
         return self.end - self.begin
+
+
+class _SkippingBatchSampler(Sampler):
+    """Yields the batches of ``batch_sampler`` after the first ``skip``."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+
+def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
+    """The same loader, starting after its first ``num_batches`` batches.
+
+    Only the batch sampler's indices are skipped: no image is read for the skipped batches, so
+    resuming late in a long run costs only the iteration over the skipped indices. The augmentations
+    of the resumed batches are those of the uninterrupted run only if they do not depend on a worker's
+    random state (msgc's own training loader seeds each sample instead, see
+    :class:`msgc.data.SeededSamples`).
+    """
+    if num_batches <= 0:
+        return loader
+    if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
+        raise TypeError("skip_batches needs a DataLoader built with a batch sampler; override "
+                        "build_train_loader(cfg, start_iter) to resume another kind of loader")
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return DataLoader(loader.dataset, batch_sampler=_SkippingBatchSampler(loader.batch_sampler, num_batches),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                      persistent_workers=loader.persistent_workers,
+                      multiprocessing_context=loader.multiprocessing_context, **extra)

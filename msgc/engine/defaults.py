@@ -6,7 +6,6 @@
 import argparse
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import random
@@ -17,14 +16,15 @@ import weakref
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import MSGCCheckpointer
 from ..checkpoint.formats import detect_format, read_checkpoint
+from ..data.samplers import skip_batches
 from ..evaluation import (ClassificationEvaluator, build_budget_table, calibrate_gates, inference_on_dataset,
                           results_table)
 from ..modeling import (BudgetTable, Classifier, build_model, check_budget, fold_gate_thresholds, mask_generators,
                         set_budget, set_budget_table)
+from ..modeling.build import check_mac_target
 from ..solver import build_gate_noise_schedule, build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
 from ..utils import comm
 from ..utils.env import machine_info
@@ -635,59 +635,6 @@ def log_model(model, cfg):
     files = log_files()
     where = f"; printed whole in {files[0]}" if files else ""
     logger.info("Model: %s, %.3f M parameters%s%s", type(model).__name__, params / 1e6, macs, where)
-
-
-class _SkippingBatchSampler(Sampler):
-    """Yields the batches of ``batch_sampler`` after the first ``skip``."""
-
-    def __init__(self, batch_sampler, skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.batch_sampler), self.skip, None)
-
-
-def skip_batches(loader: DataLoader, num_batches: int) -> DataLoader:
-    """The same loader, starting after its first ``num_batches`` batches.
-
-    Only the batch sampler's indices are skipped: no image is read for the skipped batches, so
-    resuming late in a long run costs only the iteration over the skipped indices. The augmentations
-    of the resumed batches are those of the uninterrupted run only if they do not depend on a worker's
-    random state (msgc's own training loader seeds each sample instead, see
-    :class:`msgc.data.SeededSamples`).
-    """
-    if num_batches <= 0:
-        return loader
-    if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
-        raise TypeError("skip_batches needs a DataLoader built with a batch sampler; override "
-                        "build_train_loader(cfg, start_iter) to resume another kind of loader")
-    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
-    return DataLoader(loader.dataset, batch_sampler=_SkippingBatchSampler(loader.batch_sampler, num_batches),
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-                      persistent_workers=loader.persistent_workers,
-                      multiprocessing_context=loader.multiprocessing_context, **extra)
-
-
-def check_mac_target(cfg, model):
-    """Refuse a ``SOLVER.MAC_TARGET.FINAL`` that the model's gates cannot reach at the training size
-    (below the MAC ratio of every gate closed); warn when a model without gates, whose MACs are fixed
-    (a static grouping's fraction), is given a target other than its ratio. Models without
-    ``mac_ratio_range`` (e.g. a detector) are not checked."""
-    if not hasattr(model, "mac_ratio_range"):
-        return
-    final, size = cfg.SOLVER.MAC_TARGET.FINAL, cfg.INPUT.TRAIN_SIZE
-    low, high = model.mac_ratio_range(size, size)
-    grouping = cfg.MODEL.MSGC.GROUPING
-    if high - low < 1e-9:
-        if final < 1.0 and abs(final - low) > 0.02:
-            logger.warning("SOLVER.MAC_TARGET.FINAL=%g has no effect: grouping '%s' has no gate, its MAC ratio is "
-                           "fixed at %.4f", final, grouping, low)
-        return
-    if final < low:
-        raise InvalidValueError(f"SOLVER.MAC_TARGET.FINAL={final:g} cannot be reached: with every gate closed, grouping "
-                                f"'{grouping}' of {cfg.MODEL.BACKBONE.NAME} spends {low:.4f} of the dense MACs at "
-                                f"{size}x{size}")
 
 
 def _check_batch_size(cfg, world=None):
