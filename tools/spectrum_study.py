@@ -44,7 +44,6 @@ every run, the hosts included (after ``--`` where a list option comes last: ``--
 SOLVER.MAX_ITER 300``); a change to stage 2 alone belongs in a copy of the configs (``--configs``).
 Needs matplotlib for the figure: ``pip install -e ".[vis]"``.
 """
-import argparse
 import json
 import logging
 import os

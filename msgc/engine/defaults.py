@@ -4,7 +4,6 @@
 :class:`DefaultTrainer` and overriding its ``build_*`` class methods, or by registering hooks.
 """
 import argparse
-import contextlib
 import functools
 import logging
 import os

@@ -22,7 +22,6 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence
 
-import torch
 
 from ..modeling.budget import BudgetEntry, BudgetTable, check_budget
 from ..modeling.layers import fold_gate_thresholds, mask_generators, set_gate_thresholds
