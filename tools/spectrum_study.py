@@ -251,7 +251,11 @@ def check(runs: List[Run]):
 
 def finished(run: Run) -> bool:
     """Whether the run has its final evaluation (and, when it calibrates, its calibration; when it has a
-    ``test_dataset``, its evaluation on it)."""
+    ``test_dataset``, its evaluation on it). A run of another kind (a subclass of :class:`Run` with its
+    own ``finished()`` method, e.g. a calibration step of tools/budget_study.py) says it itself."""
+    own = getattr(run, "finished", None)
+    if own is not None:
+        return own()
     if final_record(run) is None:
         return False
     if run.test_dataset and not os.path.isfile(run.test_results):
