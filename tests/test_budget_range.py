@@ -8,7 +8,9 @@ import torch
 
 from msgc.config import get_cfg
 from msgc.engine import DefaultTrainer
-from msgc.modeling import build_model, mask_generators, set_budget
+from msgc.deploy import deploy
+from msgc.deploy import native as native_kernels
+from msgc.modeling import BudgetEntry, BudgetTable, build_model, mask_generators, set_budget, set_budget_table
 from msgc.modeling.budget import budget_range
 from msgc.modeling.layers import budget_generators, set_budget_inputs
 from msgc.solver import build_mac_scheduler
@@ -80,6 +82,31 @@ def test_a_lower_budget_measures_fewer_macs_and_per_image_budgets_are_each_image
             alone = model(x[i:i + 1])
         assert torch.allclose(mixed["logits"][i], alone["logits"][0], atol=1e-5)
         assert mixed["macs"][i] == alone["macs"][0]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+@pytest.mark.parametrize("tabled", [False, True], ids=["inputs", "inputs+table"])
+def test_the_deployed_program_feeds_each_images_budget_to_the_generators(native, tabled):
+    if native and not native_kernels.available():
+        pytest.skip(f"native kernels {native_kernels.status()}")
+    cfg, model = quick_model(*RANGE)
+    sloped(model)
+    for g in budget_generators(model):
+        torch.nn.init.constant_(g.budget_hidden, 0.5)
+    if tabled:  # thresholds on top of the budget input, as a calibration of such a model gives
+        set_budget_table(model, BudgetTable([BudgetEntry(0.35, 0.3, 0.35, 0.0), BudgetEntry(0.73, -0.2, 0.73, 0.0)],
+                                            budget_input=True))
+    x = images(cfg)[:6]
+    deployed = deploy(model, native=native, tune=False, budget=0.5)
+    budgets = torch.tensor([0.35, 0.73, 0.5, 0.35, 0.6, 0.73])
+    for request, per_image in ((None, torch.full((6,), 0.5)), (0.4, torch.full((6,), 0.4)), (budgets, budgets)):
+        got = deployed(x, budget=request)
+        set_budget(model, per_image)
+        with torch.no_grad():
+            want = model(x)
+        assert torch.equal(got["macs"], want["macs"].double()), request
+        assert torch.allclose(got["logits"], want["logits"], atol=1e-4), request
+    assert len(set(want["macs"].tolist())) > 2  # the budgets made a difference
 
 
 def test_training_draws_both_ends_in_every_batch_and_aims_the_loss_at_each_budget(tmp_path):
