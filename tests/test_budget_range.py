@@ -205,6 +205,8 @@ def test_the_budget_study_plans_three_ways_and_tabulates_them(tmp_path):
         f"msgc b{b} seed {s}" for b in (0.4, 0.5, 0.6) for s in (0, 1)])
     assert [r.name for r in every] == ["every seed 0", "every seed 1"]
     assert "[0.4, 0.6]" in every[0].opts and every[0].host.name == "host seed 0"
+    assert [r.name for r in tool.order(trained, every, tables, args)][:5] == [
+        "host seed 0", "every seed 0", "msgc b0.6 seed 0", "moved_table seed 0", "every_table seed 0"]
     moved = [t for t in tables if t.method == "moved_table"]
     assert [t.host.name for t in moved] == ["msgc b0.6 seed 0", "msgc b0.6 seed 1"]
     every_tables = [t for t in tables if t.method == "every_table"]

@@ -2,7 +2,8 @@
 """One model, every budget: three ways to serve MAC budgets, compared over seeds on the spectrum study.
 
     python tools/budget_study.py [--jobs 2] [--seeds 0 1 2] [--budgets 0.35 0.45 0.53 0.6 0.73] \\
-        [--moved 0.6] [--configs configs/spectrum] [--output output/budget_study] [--force] [KEY VALUE ...]
+        [--moved 0.6] [--configs configs/spectrum] [--output output/budget_study] [--force] [--report-only] \\
+        [KEY VALUE ...]
 
 On the short protocol of tools/spectrum_study.py (its host, its ``msgc.yaml`` fine-tuning, the same
 run, skip and resume machinery; ``--jobs`` trainings at a time), for each seed:
@@ -20,7 +21,9 @@ selection and calibration use the validation split (``CALIBRATION.DATASET`` of `
 It writes ``<output>/budget_study.json`` (every run's numbers, the table's rows, wall and CPU time),
 ``budget_study.png`` (top-1 against measured MAC ratio, a line per way; mean and sample std over seeds)
 and prints the table: per budget and way, mean ± sample std over seeds, and (c) - (a). KEY VALUE pairs
-go to every training (as in tools/spectrum_study.py). Needs matplotlib.
+go to every training (as in tools/spectrum_study.py). Steps run seed by seed, (c) and (b) before (a)'s
+other budgets, so a study stopped early has whole seeds; ``--report-only`` tabulates what finished.
+Needs matplotlib.
 """
 import json
 import logging
@@ -60,6 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="output/budget_study")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each uses NUM_THREADS threads)")
     parser.add_argument("--force", action="store_true", help="redo runs that already finished")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: the table and figure of the runs that finished")
     add_import_argument(parser)
     parser.add_argument("opts", nargs="*", help="config overrides for every training: KEY VALUE pairs")
     args = parser.parse_intermixed_args(argv)
@@ -143,6 +148,19 @@ def plan(args):
     return trained, list(every.values()), tables
 
 
+def order(trained, every, tables, args) -> list:
+    """Every step, seed by seed, each seed's comparison of (c) with (b) first: its host, (c)'s training,
+    (a)'s model at ``--moved`` (also (b)'s source), both tables, then (a)'s other budgets. Steps start in
+    this order as their dependencies finish, so a study stopped early has whole seeds."""
+    out = []
+    for s in args.seeds:
+        mine = [r for r in trained + every + tables if r.seed == s]
+        key = {"host": 0, "every": 1, "every_table": 3, "moved_table": 3}
+        moved = f"b{args.moved:g}"
+        out += sorted(mine, key=lambda r: key.get(r.method, 2 if r.point == moved else 4))
+    return out
+
+
 def collect(args, trained, tables) -> List[dict]:
     """Every finished measurement: way, seed, budget, test top-1, measured eval MAC ratio."""
     out = []
@@ -208,7 +226,7 @@ def main(argv=None) -> dict:
     trained, every, tables = plan(args)
     spectrum.check(trained + every)
     os.makedirs(args.output, exist_ok=True)
-    runs = trained + every + tables
+    runs = order(trained, every, tables, args)
     for run in runs:
         if not args.force and spectrum.finished(run):
             run.status = "done"
@@ -219,7 +237,12 @@ def main(argv=None) -> dict:
                     os.remove(os.path.join(run.folder, name))
     pending = sum(r.status == "pending" for r in runs)
     start, cpu_start = time.perf_counter(), spectrum._children_cpu()
-    spectrum.train(runs, max(1, args.jobs), os.path.join(args.output, "logs"))
+    if args.report_only:
+        for run in runs:
+            if run.status == "pending":
+                run.status, run.error = "skipped", "--report-only"
+    else:
+        spectrum.train(runs, max(1, args.jobs), os.path.join(args.output, "logs"))
     wall, cpu = time.perf_counter() - start, spectrum._children_cpu() - cpu_start
     measurements = collect(args, trained, tables)
     rows_ = rows(measurements)
