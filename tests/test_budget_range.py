@@ -240,5 +240,6 @@ def test_the_budget_study_plans_three_ways_and_tabulates_them(tmp_path):
     row = next(r for r in rows if r["way"] == "separate" and r["budget"] == 0.5)
     assert row["top1"] == [80.5, 81.5] and row["mac_ratio"] == [0.501, 0.501] and row["seeds"] == [0, 1]
     text = tool.table(rows, args.moved)
-    assert text.count("\n") == 4 and "| 0.5 | 81.00 ± 0.71 / 0.501 ± 0.000 | 80.80 ± 0.71 / 0.500 ± 0.000 | " in text
+    assert text.count("\n") == 4
+    assert "| 0.5 | 81.00 ± 0.71 / 0.501 ± 0.000 | 80.80 ± 0.71 / 0.500 ± 0.000 | " in text
     assert text.endswith("| 70.00 ± 0.00 / 0.610 ± 0.000 | +0.30 |")  # (c) - (a) at 0.6: 81.30 - 81.00

@@ -117,7 +117,8 @@ class FoldedGenerators:
             setattr(self, name, getattr(self, name).to(device))
         self.seconds = [(w.to(device), b.to(device)) for w, b in self.seconds]
         self.gated = [(i, raw.to(device), at) for i, raw, at in self.gated]
-        self.budgeted = {i: (b.to(device), h.to(device), lg.to(device), c) for i, (b, h, lg, c) in self.budgeted.items()}
+        self.budgeted = {i: (b.to(device), h.to(device), lg.to(device), c)
+                         for i, (b, h, lg, c) in self.budgeted.items()}
         return self
 
 

@@ -1,6 +1,7 @@
 """The hooks of a training run: timing, schedules, seeding, checkpoints, evaluation, gate summaries and
 writing metrics."""
 import datetime
+import inspect
 import logging
 import math
 import time
@@ -94,6 +95,11 @@ class MACTargetSchedule(HookBase):
         if not hasattr(model, "set_mac_target"):
             raise TypeError(f"{type(model).__name__} has no set_mac_target(): it cannot follow a MAC-target "
                             "schedule")
+        if scheduler.budget_range is not None and "groups" not in inspect.signature(model.set_mac_target).parameters:
+            from ..utils.errors import InvalidValueError
+
+            raise InvalidValueError(f"MODEL.MSGC.BUDGET_RANGE: {type(model).__name__} takes no per-image MAC targets "
+                                    "(set_mac_target(targets, groups)); train it for one budget (remove the key)")
         self._model = model
         self._scheduler = scheduler
         self._images = images

@@ -25,7 +25,8 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ..modeling.budget import BudgetEntry, BudgetTable, check_budget
-from ..modeling.layers import budget_generators, fold_gate_thresholds, mask_generators, set_budget_inputs, set_gate_thresholds
+from ..modeling.layers import (budget_generators, fold_gate_thresholds, mask_generators, set_budget_inputs,
+                               set_gate_thresholds)
 from ..utils.errors import InvalidValueError
 from .classification import ClassificationEvaluator
 from .evaluator import inference_on_dataset

@@ -26,8 +26,8 @@ from torch import nn
 from ..utils.errors import InvalidValueError
 from .layers import budget_generators, mask_generators, set_budget_inputs, set_gate_thresholds
 
-__all__ = ["BudgetEntry", "BudgetTable", "budget_input", "budget_range", "budget_table", "budget_threshold", "budget_thresholds", "check_budget",
-           "check_budget_range", "set_budget", "set_budget_table"]
+__all__ = ["BudgetEntry", "BudgetTable", "budget_input", "budget_range", "budget_table", "budget_threshold",
+           "budget_thresholds", "check_budget", "check_budget_range", "set_budget", "set_budget_table"]
 
 _ATTRIBUTE = "_msgc_budget_table"
 

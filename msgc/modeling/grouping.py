@@ -18,9 +18,9 @@ GROUPING_REGISTRY.__doc__ = """
 Registry for groupings, selected by ``MODEL.MSGC.GROUPING``.
 
 An entry is a :class:`Grouping` subclass, constructed as ``entry(heads=int, temperature=float,
-gate_bias=float, budget_range=None or (lo, hi))``. Backbones call its ``head_mask`` for every multi-head (grouped) convolution and
-its ``channel_mask`` for every single-head input mask, and build the grouped convolutions with
-``groups = grouping.heads``.
+gate_bias=float)``, and with ``budget_range=(lo, hi)`` when ``MODEL.MSGC.BUDGET_RANGE`` is set.
+Backbones call its ``head_mask`` for every multi-head (grouped) convolution and its ``channel_mask``
+for every single-head input mask, and build the grouped convolutions with ``groups = grouping.heads``.
 """
 
 

@@ -197,6 +197,10 @@ class MaskGenerator(Generator):
     def forward(self, context):
         return self.gate(self.logits(context))
 
+    def extra_repr(self):
+        extra = "" if self.budget_range is None else f", budget_range={list(self.budget_range)}"
+        return super().extra_repr() + extra
+
     def output_bias(self) -> torch.Tensor:
         """The last convolution's bias with the gate's threshold moved into it: the bias of a generator
         whose gates open at logit 0 and decide as this one's do (what deployment folds)."""
