@@ -227,7 +227,8 @@ def runners(cfg, args, model):
             out["train"] = (train_step(model, _msgc_loss, args), "forward + backward + SGD step")
         elif mode == "eval":
             # eval mode at every step: a train run of the same round switches the model to training
-            out["eval"] = (inference_step(lambda x: model.eval()(x), args), "eval mode (closed channels multiplied by 0)")
+            out["eval"] = (inference_step(lambda x: model.eval()(x), args),
+                           "eval mode (closed channels multiplied by 0)")
         else:
             deployed = deploy(model.eval(), native=False if args.no_native else None, isa=args.isa,
                               tune=not args.no_tune, check=False)
@@ -261,7 +262,8 @@ def _memory_format(args):
 def batch_source(args, cfg, size, device):
     """step number -> (images, labels): new random ones each step, or cycled through ``--batches``."""
     def make():
-        return (torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=_memory_format(args)),
+        images = torch.randn(args.batch_size, 3, size, size, device=device)
+        return (images.contiguous(memory_format=_memory_format(args)),
                 torch.randint(cfg.MODEL.NUM_CLASSES, (args.batch_size,), device=device))
 
     if args.batches <= 0:
@@ -562,8 +564,8 @@ def report(result):
             + (f", autocast {result['amp']}" if result.get("amp", "none") != "none" else "")
             + (", channels-last" if result.get("channels_last") else "")
             + (", another process busy" if result.get("contended") else ""))
-    table = tabulate(rows, headers=["run", "median ms", "ms/image", "images/s", "p25-p75", "min", "MMACs/sample", "MAC ratio",
-                                    "executed MMACs", "what"])
+    table = tabulate(rows, headers=["run", "median ms", "ms/image", "images/s", "p25-p75", "min", "MMACs/sample",
+                                    "MAC ratio", "executed MMACs", "what"])
     lines = [head]
     if result.get("cpu"):
         lines.append("CPU: " + describe_cpu(result["cpu"]))
@@ -571,7 +573,8 @@ def report(result):
     for k, v in result["ratios"].items():
         p = result["paired_ratios"].get(k)
         lines.append(f"{k}: {v:.3f}" + ("" if p is None else
-                                         f"  (round by round: median {p['median']:.3f}, IQR {p['p25']:.3f}-{p['p75']:.3f})"))
+                                         f"  (round by round: median {p['median']:.3f}, "
+                                         f"IQR {p['p25']:.3f}-{p['p75']:.3f})"))
     prof = result.get("profile")
     if prof:
         lines.append(f"deployed program, ops timed alone on one image: {prof['total_ms']:.2f} ms")

@@ -27,7 +27,8 @@ from msgc.checkpoint import MSGCCheckpointer
 from msgc.config import load_cfg
 from msgc.engine import DefaultTrainer, add_import_argument, import_user_modules
 from msgc.evaluation import check_budget
-from msgc.modeling import set_budget
+from msgc.modeling import set_budget, set_gate_thresholds
+from msgc.modeling.layers import set_budget_inputs
 from msgc.utils.env import check_device
 from msgc.utils.errors import ArgumentParser, InvalidValueError, MissingFileError, exit_on_user_error
 from msgc.utils.file_io import write_json
@@ -39,8 +40,10 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
     add_import_argument(parser)
-    parser.add_argument("--dataset", default="", help="calibration dataset (its test split); default CALIBRATION.DATASET")
-    parser.add_argument("--budget", type=float, default=None, help="MAC ratio to reach; default SOLVER.MAC_TARGET.FINAL")
+    parser.add_argument("--dataset", default="",
+                        help="calibration dataset (its test split); default CALIBRATION.DATASET")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="MAC ratio to reach; default SOLVER.MAC_TARGET.FINAL")
     parser.add_argument("--budgets", type=budget_list, default=None, metavar="B [B ...]",
                         help="MAC ratios of a budget table (one calibration each), saved with the unchanged model")
     parser.add_argument("--output", default="",
@@ -151,8 +154,9 @@ def budget_table(cfg, args, weights: str) -> dict:
     if not args.no_eval and cfg.DATASETS.TEST:
         record["as_trained"] = DefaultTrainer.test(cfg, model)
         record["at_budgets"] = {}
-        for entry in table.entries:
-            set_budget(model, entry.budget)
+        for entry in table.entries:  # at the threshold found (its MAC ratio may sit beyond the table's reach)
+            set_budget_inputs(model, entry.budget if table.budget_input else None)
+            set_gate_thresholds(model, entry.threshold)
             record["at_budgets"][f"{entry.budget:g}"] = DefaultTrainer.test(cfg, model)
         set_budget(model, None)
     path = save(model, cfg, output_path(weights, args.output, "budgets"), record, budget_table=table.as_dict())

@@ -250,7 +250,11 @@ def check(runs: List[Run]):
 
 def finished(run: Run) -> bool:
     """Whether the run has its final evaluation (and, when it calibrates, its calibration; when it has a
-    ``test_dataset``, its evaluation on it)."""
+    ``test_dataset``, its evaluation on it). A run of another kind (a subclass of :class:`Run` with its
+    own ``finished()`` method, e.g. a calibration step of tools/budget_study.py) says it itself."""
+    own = getattr(run, "finished", None)
+    if own is not None:
+        return own()
     if final_record(run) is None:
         return False
     if run.test_dataset and not os.path.isfile(run.test_results):
@@ -293,7 +297,8 @@ def train(runs: List[Run], jobs: int, log_dir: str):
         while ready and len(running) < jobs:
             run = ready.pop(0)
             pending.remove(run)
-            log = os.path.join(log_dir, "_".join(str(p) for p in (run.method, run.point, f"seed{run.seed}") if p) + ".txt")
+            stem = "_".join(str(p) for p in (run.method, run.point, f"seed{run.seed}") if p)
+            log = os.path.join(log_dir, stem + ".txt")
             os.makedirs(log_dir, exist_ok=True)
             logger.info("training %s (log: %s)", run.name, log)
             handle = open(log, "w")
@@ -407,7 +412,8 @@ def runs_table(results: List[dict]) -> str:
              "|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["method"], r["budget"], r["seed"])):
         if r["method"] in DYNAMIC:
-            lines.append(f"| {r['method']} {r['point']} seed {r['seed']} | {r['budget']:.3f} | {r['mac_ratio_raw']:.4f} / "
+            lines.append(f"| {r['method']} {r['point']} seed {r['seed']} | {r['budget']:.3f} | "
+                         f"{r['mac_ratio_raw']:.4f} / "
                          f"{r['mac_ratio']:.4f} | {r['mac_ratio'] - r['budget']:+.4f} | {r['top1_raw']:.2f} / "
                          f"{r['top1']:.2f} |")
     return "\n".join(lines)
@@ -465,7 +471,8 @@ def main(argv=None):
     out = {"rows": rows_, "runs": hosts + results, "problems": problems, "trained": trained,
            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "opts": args.opts, "jobs": args.jobs,
            "tolerance": args.tolerance, "protocol": args.protocol, "curves": curves}
-    fig = figure([r for r in rows_ if r["method"] != "host"], os.path.join(args.output, "spectrum.png")) if results else None
+    points = [r for r in rows_ if r["method"] != "host"]
+    fig = figure(points, os.path.join(args.output, "spectrum.png")) if results else None
     if curves:
         training_curves_figure({r.name: read_metrics(os.path.join(r.folder, "metrics.json")) for r in validated},
                                os.path.join(args.output, "host_curves.png"))

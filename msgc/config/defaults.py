@@ -45,6 +45,13 @@ _C.MODEL.MSGC.GATE_BIAS = 2.0
 # Weight lambda of the sparsity loss: lambda * (batch mean MACs / dense MACs - target) while the
 # batch is above the current target, else 0.
 _C.MODEL.MSGC.LOSS_WEIGHT = 30.0
+# One model for every MAC budget of a range: [lo, hi] with 0 < lo < hi <= 1 makes the MAC budget an
+# input of the mask generators (msgc.modeling.layers.MaskGenerator), and training samples one budget
+# per batch from the range (lo and hi every third batch each, uniform otherwise) with the MAC target
+# aimed at it (SOLVER.MAC_TARGET's schedule, ending at the sampled budget instead of FINAL). At
+# inference the budget is chosen with TEST.BUDGET, msgc.modeling.set_budget or deploy(..., budget=).
+# [] = the paper's generators, one budget per training (SOLVER.MAC_TARGET.FINAL).
+_C.MODEL.MSGC.BUDGET_RANGE = []
 
 # ---------------------------------------------------------------------------------------------------
 # Input

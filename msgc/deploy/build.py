@@ -14,6 +14,7 @@
         the same program run on that budget's images; outputs put back in the batch's order
 """
 import logging
+import math
 import statistics
 import time
 from typing import Dict, Optional, Tuple
@@ -21,8 +22,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..modeling.budget import Budget, budget_table, budget_threshold
-from ..modeling.layers import mask_generators, per_sample, set_gate_thresholds
+from ..modeling.budget import Budget, budget_input, budget_table, budget_threshold
+from ..modeling.layers import budget_generators, mask_generators, per_sample, set_budget_inputs, set_gate_thresholds
 from . import native as native_kernels
 from .backbones import deploy_backbone
 from .graph import GatesOp, Graph
@@ -86,13 +87,24 @@ class DeployedClassifier(nn.Module):
         self.library, self.tune, self.check = library, tune, check
         self._plans: Dict[Tuple[int, int, int], _Plan] = {}
         self._table = budget_table(model)
+        generators = budget_generators(model)
+        self._coder = generators[0] if generators else None  # a budget-input generator: budget -> its code
         #: the gate threshold of requests without a budget (None: the source model's at deploy)
         self.threshold = None if budget is None else self._threshold_of(budget)
+        #: the budget input of requests without a budget (None: the source model's at deploy)
+        self.budget = None if budget is None else budget_input(budget)
         super().train(False)
 
     def _threshold_of(self, budget: Budget):
         """A budget's threshold: a float, or one per image (a tensor), from the table of deploy time."""
         return budget_threshold(self._source[0], budget, self._table)
+
+    def _code_of(self, budget):
+        """The normalised budget input (:meth:`MaskGenerator.budget_code`) of a budget input (None: the
+        generators' at deploy; a model without budget input: None)."""
+        if self._coder is None or budget is None:
+            return None
+        return self._coder.budget_code(budget)
 
     @property
     def native(self) -> bool:
@@ -211,17 +223,19 @@ class DeployedClassifier(nn.Module):
         if images.dim() != 4 or images.size(1) != 3:
             raise ValueError(f"deployed model: expected images N x 3 x H x W, got shape {tuple(images.shape)}")
         threshold = self.threshold if budget is None else self._threshold_of(budget)
-        if isinstance(threshold, torch.Tensor):
-            per_sample(threshold, images)  # one per image
+        inputs = self.budget if budget is None else budget_input(budget)
+        for values in (threshold, inputs):
+            if isinstance(values, torch.Tensor):
+                per_sample(values, images)  # one per image
         with torch.no_grad():
             plan = self.plan(images)
             if plan.use_source:
-                return self._run_source(images, threshold)
+                return self._run_source(images, threshold, inputs)
             x = images.float().contiguous()
             logits, stats, executed = None, [None] * x.size(0), [None] * x.size(0)
-            for t, index in _groups(threshold):
+            for (t, b), index in _groups(threshold, inputs):
                 for generators in plan.generators:
-                    generators.set_threshold(t)
+                    generators.set_threshold(t, self._code_of(b))
                 part = x if index is None else x.index_select(0, index.to(x.device)).contiguous()
                 out, part_stats, part_executed = self._run(plan, part)
                 if index is None:
@@ -243,32 +257,38 @@ class DeployedClassifier(nn.Module):
             return logits, stats.tolist(), executed.tolist()
         return run_reference(plan.graph, x)
 
-    def _run_source(self, images, threshold=None):
+    def _run_source(self, images, threshold=None, inputs=None):
         model = self._source[0]
         generators = mask_generators(model)
-        before = [g.gate.threshold for g in generators]
+        before = [(g.gate.threshold, g.budget) for g in generators]
         try:
             if threshold is not None:
                 set_gate_thresholds(model, threshold)
+            if inputs is not None:
+                set_budget_inputs(model, inputs)
             out = model(images)
         finally:
-            for g, t in zip(generators, before):
-                g.gate.threshold = t
+            for g, (t, b) in zip(generators, before):
+                g.gate.threshold, g.budget = t, b
         c = model.backbone.complexity(images.size(2), images.size(3))
         full = float(c.main + c.dgc + c.gen)  # masks multiply: every gated convolution runs at full width
         return {"logits": out["logits"], "macs": out["macs"],
                 "executed_macs": torch.full((images.size(0),), full, dtype=torch.float64)}
 
 
-def _groups(threshold):
-    """``(threshold, image indices)`` per distinct threshold of a request (indices None: every image)."""
-    if not isinstance(threshold, torch.Tensor):
-        return [(threshold, None)]
-    values = threshold.tolist()
-    distinct = sorted(set(values))
+def _groups(threshold, inputs=None):
+    """``((threshold, budget input), image indices)`` per distinct pair of a request (indices None: every
+    image); each of the two is one value or one per image (a tensor)."""
+    per_image = [v for v in (threshold, inputs) if isinstance(v, torch.Tensor)]
+    if not per_image:
+        return [((threshold, inputs), None)]
+    n = per_image[0].numel()
+    column = lambda v: v.tolist() if isinstance(v, torch.Tensor) else [v] * n  # noqa: E731
+    keys = list(zip(column(threshold), column(inputs)))
+    distinct = sorted(set(keys), key=lambda k: tuple(-math.inf if v is None else v for v in k))
     if len(distinct) == 1:
         return [(distinct[0], None)]
-    return [(t, torch.tensor([i for i, v in enumerate(values) if v == t])) for t in distinct]
+    return [(k, torch.tensor([i for i, v in enumerate(keys) if v == k])) for k in distinct]
 
 
 def deploy(model: nn.Module, native: Optional[bool] = None, isa: Optional[str] = None, tune: bool = True,

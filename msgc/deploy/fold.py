@@ -1,5 +1,5 @@
 """Folding an eval-mode network's parameters into the deployed layers' weights (done once, at deploy)."""
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -55,31 +55,48 @@ class FoldedGenerators:
         self.w2 = torch.cat([w.view(-1) for w, _ in self.seconds]) if parts else None
         self.b2 = torch.cat([b for _, b in self.seconds]) if parts else None
         self.desc = torch.tensor(desc, dtype=torch.int64).view(-1, self.DESC_FIELDS)
-        #: per mask generator: (its index, its bias without threshold, its bias as folded at deploy)
-        self.gated: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
+        #: per mask generator: (its index, its bias without threshold, its gate's threshold at deploy)
+        self.gated: List[Tuple[int, torch.Tensor, float]] = []
+        #: per mask generator with a budget input (by index): (its first layer's bias without the budget,
+        #: its budget weights of the hidden units and of the logits, the budget's code at deploy)
+        self.budgeted: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
 
     @classmethod
     def of(cls, generators: List[Generator]) -> "FoldedGenerators":
-        parts = []
-        for g in generators:
+        parts, budgeted = [], {}
+        for i, g in enumerate(generators):
             w1, b1 = fold_bn(g.first.weight.flatten(1), g.norm)
             w2 = g.second.weight.detach().float().flatten(1).contiguous()
             bias = g.output_bias() if isinstance(g, MaskGenerator) else g.second.bias.detach()
+            if isinstance(g, MaskGenerator) and g.budget_range is not None:  # the budget input, folded
+                code = _deploy_code(g)
+                hidden, logits = g.budget_hidden.detach().float(), g.budget_logits.detach().float()
+                budgeted[i] = (b1.clone(), hidden, logits, code)
+                b1, bias = b1 + code * hidden, bias.float() + code * logits
             parts.append((w1, b1, w2, bias.float().clone(), g.heads, g.channels, g.macs, 0))  # never the model's
         folded = cls(parts)
-        folded.gated = [(i, g.second.bias.detach().float().clone(), folded.seconds[i][1].clone())
+        folded.gated = [(i, g.second.bias.detach().float().clone(), float(g.gate.threshold))
                         for i, g in enumerate(generators) if isinstance(g, MaskGenerator)]
+        folded.budgeted = budgeted
         return folded
 
-    def set_threshold(self, threshold: Optional[float]) -> None:
+    def set_threshold(self, threshold: Optional[float], code: Optional[float] = None) -> None:
         """Every mask generator's gates open at ``threshold`` (None: at the thresholds of deploy time),
-        by rewriting the output biases in place (``bias - threshold``, as
-        :meth:`msgc.modeling.layers.MaskGenerator.output_bias` folds them)."""
+        and generators with a budget input decide for the normalised budget ``code``
+        (:meth:`msgc.modeling.layers.MaskGenerator.budget_code`; None: the budget of deploy time), by
+        rewriting the biases in place (``bias - threshold + code x budget_logits`` and the first
+        layer's ``bias + code x budget_hidden``, as the eval model adds them)."""
         for i, raw, at_deploy in self.gated:
-            value = at_deploy if threshold is None else raw - threshold
+            value = raw - (at_deploy if threshold is None else threshold)
+            if i in self.budgeted:
+                _, _, logits, deploy_code = self.budgeted[i]
+                value = value + (deploy_code if code is None else code) * logits
             row, rows = int(self.desc[i, 3]), int(self.desc[i, 0])
             self.b2[row:row + rows].copy_(value)
             self.seconds[i][1].copy_(value)
+        for i, (b1, hidden, _, deploy_code) in self.budgeted.items():
+            unit = int(self.desc[i, 1])
+            self.b1[unit:unit + b1.numel()].copy_(b1 + (deploy_code if code is None else code) * hidden)
 
     @classmethod
     def of_squeeze_excitation(cls, se: nn.Module, where: str = "") -> "FoldedGenerators":
@@ -99,8 +116,18 @@ class FoldedGenerators:
         for name in ("w1", "b1", "w2", "b2"):
             setattr(self, name, getattr(self, name).to(device))
         self.seconds = [(w.to(device), b.to(device)) for w, b in self.seconds]
-        self.gated = [(i, raw.to(device), at.to(device)) for i, raw, at in self.gated]
+        self.gated = [(i, raw.to(device), at) for i, raw, at in self.gated]
+        self.budgeted = {i: (b.to(device), h.to(device), lg.to(device), c)
+                         for i, (b, h, lg, c) in self.budgeted.items()}
         return self
+
+
+def _deploy_code(g: MaskGenerator) -> float:
+    """The normalised budget a budget-input generator decides for at deploy (one for every image)."""
+    if isinstance(g.budget, torch.Tensor):
+        raise ValueError("deploy: the model has a budget per image; set one budget for every image (or None) before "
+                         "deploy, and choose per image with deployed(images, budget=[...])")
+    return float(g.budget_code())
 
 
 def to_matrix(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,9 @@ from ..evaluation import (ClassificationEvaluator, build_budget_table, calibrate
                           results_table)
 from ..modeling import (BudgetTable, Classifier, build_model, check_budget, fold_gate_thresholds, mask_generators,
                         set_budget, set_budget_table)
+from ..modeling.budget import budget_range
 from ..modeling.build import check_mac_target
+from ..modeling.layers import set_budget_inputs, set_gate_thresholds
 from ..solver import build_gate_noise_schedule, build_lr_scheduler, build_mac_scheduler, build_optimizer, check_solver
 from ..utils import comm
 from ..utils.env import machine_info
@@ -36,7 +38,8 @@ from . import hooks
 from .launch import launch
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "launch_from_command_line", "check_mac_target",
+__all__ = ["default_argument_parser", "default_setup", "exit_on_user_error", "launch_from_command_line",
+           "check_mac_target",
            "add_import_argument", "import_user_modules", "record_dir", "log_model", "EVAL_SUBDIR",
            "resume_command", "create_ddp_model",
            "broadcast_buffers", "skip_batches", "DefaultTrainer"]
@@ -338,7 +341,8 @@ class DefaultTrainer(TrainerBase):
             hooks.IterationTimer(),
             # before anything draws random numbers in the step
             hooks.IterationSeed(cfg.SEED) if cfg.SEED >= 0 else None,
-            hooks.MACTargetSchedule(model, self.mac_scheduler) if hasattr(model, "set_mac_target") else None,
+            hooks.MACTargetSchedule(model, self.mac_scheduler, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+            if hasattr(model, "set_mac_target") else None,
             hooks.GateNoiseSchedule(model, build_gate_noise_schedule(cfg), self.max_iter),
             hooks.LRScheduler(),
             # checkpoint before evaluating: a crash in the evaluation still leaves this iteration's checkpoint
@@ -383,8 +387,34 @@ class DefaultTrainer(TrainerBase):
         super().train(self.start_iter, self.max_iter)
         broadcast_buffers(self.model)
         if self.cfg.CALIBRATION.DATASET and mask_generators(self.model):
-            self.calibrate_final_model()
+            if budget_range(self.model) is not None:
+                self.calibrate_final_budgets()
+            else:
+                self.calibrate_final_model()
         return self.last_eval_results
+
+    def calibrate_final_budgets(self, points: int = 5) -> dict:
+        """After training a model for a range of budgets (``MODEL.MSGC.BUDGET_RANGE``, with
+        ``CALIBRATION.DATASET`` set): its budget table at ``points`` budgets evenly spaced over the range
+        (:meth:`calibrate_budgets`), saved with the unchanged model as ``model_budgets.pth``, and
+        ``calibration.json``: the table and the evaluation on ``DATASETS.TEST`` at each budget."""
+        cfg, model = self.cfg, hooks.unwrap_model(self.model)
+        lo, hi = budget_range(model)
+        budgets = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
+        table = self.calibrate_budgets(cfg, model, budgets)
+        self.checkpointer.save("model_budgets", tag_last=False, iteration=self.max_iter - 1, cfg=cfg,
+                               budget_table=table.as_dict())
+        record = {"budget_table": table.as_dict(), "weights": os.path.join(cfg.OUTPUT_DIR, "model_budgets.pth"),
+                  "dataset": cfg.DATASETS.TEST, "before": self.last_eval_results, "at_budgets": {}}
+        if cfg.DATASETS.TEST:
+            for entry in table.entries:  # at the threshold found (its MAC ratio may sit beyond the table's reach)
+                set_budget_inputs(model, entry.budget)
+                set_gate_thresholds(model, entry.threshold)
+                record["at_budgets"][f"{entry.budget:g}"] = self.test(cfg, model)
+            set_budget(model, None)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            write_json(os.path.join(cfg.OUTPUT_DIR, "calibration.json"), record, indent=1, sort_keys=True)
+        return record
 
     def calibrate_final_model(self) -> dict:
         """After training (``CALIBRATION.DATASET`` set): calibrate the final model's gates to
@@ -474,8 +504,9 @@ class DefaultTrainer(TrainerBase):
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
         if cfg.TEST.BUDGET:
             set_budget(model, cfg.TEST.BUDGET)
-            logger.info("Evaluating at the MAC budget %.4g (TEST.BUDGET): gate threshold %.5g from the budget table",
-                        cfg.TEST.BUDGET, mask_generators(model)[0].gate.threshold)
+            logger.info("Evaluating at the MAC budget %.4g (TEST.BUDGET): gate threshold %.5g%s", cfg.TEST.BUDGET,
+                        mask_generators(model)[0].gate.threshold,
+                        "" if budget_range(model) is None else ", the budget an input of the generators")
         results = cls.test(cfg, model)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             weights = checkpointer.get_checkpoint_file() if found else cfg.MODEL.WEIGHTS
@@ -561,7 +592,8 @@ class DefaultTrainer(TrainerBase):
             raise MissingFileError(f"MODEL.WEIGHTS: checkpoint {weights} does not exist")
         checkpoint = read_checkpoint(weights)
         detect_format(checkpoint, weights)  # a truncated or foreign file, before anything is written
-        if cfg.TEST.BUDGET and not (isinstance(checkpoint, dict) and "budget_table" in checkpoint):
+        if (cfg.TEST.BUDGET and not cfg.MODEL.MSGC.BUDGET_RANGE
+                and not (isinstance(checkpoint, dict) and "budget_table" in checkpoint)):
             raise InvalidValueError(f"TEST.BUDGET {cfg.TEST.BUDGET:g}: MODEL.WEIGHTS {weights} has no budget table; "
                                     "make one with tools/calibrate_gates.py --budgets 0.3 0.4 ... (or evaluate as "
                                     "trained: TEST.BUDGET 0)")

@@ -1,6 +1,7 @@
 """The hooks of a training run: timing, schedules, seeding, checkpoints, evaluation, gate summaries and
 writing metrics."""
 import datetime
+import inspect
 import logging
 import math
 import time
@@ -12,8 +13,9 @@ from ..utils import comm
 from ..utils.preemption import EXIT_STATUS, Preempted, StopRequest
 from .train_loop import HookBase
 
-__all__ = ["IterationTimer", "LRScheduler", "MACTargetSchedule", "GateNoiseSchedule", "IterationSeed", "PeriodicCheckpointer",
-           "PreemptionCheckpointer", "EvalHook", "BestCheckpointer", "PeriodicWriter", "GateSummary", "unwrap_model"]
+__all__ = ["IterationTimer", "LRScheduler", "MACTargetSchedule", "GateNoiseSchedule", "IterationSeed",
+           "PeriodicCheckpointer", "PreemptionCheckpointer", "EvalHook", "BestCheckpointer", "PeriodicWriter",
+           "GateSummary", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,23 +80,48 @@ class LRScheduler(HookBase):
 class MACTargetSchedule(HookBase):
     """Sets the model's MAC target for each iteration: ``model.set_mac_target(scheduler.target())``.
 
+    For a model trained for a range of budgets (``MODEL.MSGC.BUDGET_RANGE``) it gives each image of the
+    iteration's batch its budget (``scheduler.budgets(images)``) as the generators' input and its target
+    to the model (``set_mac_target(targets, groups)``) before the step, and after the step sets the
+    generators back to their default (the range's upper end), which evaluations between steps use.
+
     Args:
         model: the model (DistributedDataParallel is unwrapped); it must have ``set_mac_target``.
         scheduler: a :class:`msgc.solver.MACTargetScheduler`, stepped after each iteration.
+        images: the images of one process's training batch (needed with a budget range).
     """
 
-    def __init__(self, model, scheduler):
+    def __init__(self, model, scheduler, images: int = 0):
         model = unwrap_model(model)
         if not hasattr(model, "set_mac_target"):
             raise TypeError(f"{type(model).__name__} has no set_mac_target(): it cannot follow a MAC-target "
                             "schedule")
+        if scheduler.budget_range is not None and "groups" not in inspect.signature(model.set_mac_target).parameters:
+            from ..utils.errors import InvalidValueError
+
+            raise InvalidValueError(f"MODEL.MSGC.BUDGET_RANGE: {type(model).__name__} takes no per-image MAC targets "
+                                    "(set_mac_target(targets, groups)); train it for one budget (remove the key)")
         self._model = model
         self._scheduler = scheduler
+        self._images = images
 
     def before_step(self):
-        self._model.set_mac_target(self._scheduler.target())
+        budgets = self._scheduler.budgets(self._images)
+        if budgets is None:
+            self._model.set_mac_target(self._scheduler.target())
+            return
+        from ..modeling.layers import set_budget_inputs
+        from ..solver.mac_scheduler import budget_slots
+
+        set_budget_inputs(self._model, budgets)
+        self._model.set_mac_target(self._scheduler.target(budgets=budgets), groups=budget_slots(len(budgets)))
 
     def after_step(self):
+        if self._scheduler.budget_range is not None:
+            from ..modeling.layers import set_budget_inputs
+
+            set_budget_inputs(self._model, None)
+            self._model.set_mac_target(1.0)
         self._scheduler.step()
 
 

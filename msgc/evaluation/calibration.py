@@ -24,7 +24,8 @@ from typing import Dict, Optional, Sequence
 
 
 from ..modeling.budget import BudgetEntry, BudgetTable, check_budget
-from ..modeling.layers import fold_gate_thresholds, mask_generators, set_gate_thresholds
+from ..modeling.layers import (budget_generators, fold_gate_thresholds, mask_generators, set_budget_inputs,
+                               set_gate_thresholds)
 from ..utils.errors import InvalidValueError
 from .classification import ClassificationEvaluator
 from .evaluator import inference_on_dataset
@@ -76,7 +77,9 @@ def calibrate_gates(model, loader, budget: float, preprocess=None, tolerance: fl
     """Set every gate's threshold of ``model`` so that its mean eval MAC ratio over ``loader`` is
     ``budget`` (within ``tolerance``), and return what was found.
 
-    Thresholds a model already has are folded into its biases first. The threshold found stays on the
+    Thresholds a model already has are folded into its biases first. A model trained for a range of
+    budgets (``MODEL.MSGC.BUDGET_RANGE``) gets ``budget`` as its generators' input, and the threshold
+    tops it up to meet the budget exactly. The threshold found stays on the
     gates (``Gate.threshold``): fold it into the generators' biases with
     :func:`msgc.modeling.fold_gate_thresholds` before saving. A model already within ``tolerance`` of the
     budget is left unchanged (threshold 0). With several processes, each evaluates its shard of
@@ -103,8 +106,11 @@ def calibrate_gates(model, loader, budget: float, preprocess=None, tolerance: fl
         raise InvalidValueError(f"gate calibration needs a model with gates; {type(_inner(model)).__name__} has none "
                                 "(grouping 'dense' or 'static'?)")
     if not hasattr(model, "dense_macs"):
-        raise InvalidValueError(f"gate calibration needs a classifier with dense_macs(h, w); got {type(model).__name__}")
+        raise InvalidValueError("gate calibration needs a classifier with dense_macs(h, w); got "
+                                f"{type(model).__name__}")
     fold_gate_thresholds(model)  # thresholds below are relative to the model as it is
+    if budget_generators(model):  # a model trained for a range of budgets decides for this one
+        set_budget_inputs(model, budget)
     search = _Search(model, loader, budget, preprocess, {} if evaluations is None else evaluations)
     try:
         threshold = search.run(tolerance, max_passes)
@@ -152,10 +158,13 @@ def build_budget_table(model, loader, budgets: Sequence[float], preprocess=None,
     evaluations, entries = {}, []
     for b in sorted(set(budgets), reverse=True):
         set_gate_thresholds(model, 0.0)
+        if budget_generators(model):  # the budget is an input: each budget's evaluations are its own
+            evaluations = {}
         r = calibrate_gates(model, loader, b, preprocess, tolerance, evaluations=evaluations)
         entries.append(BudgetEntry(b, r.threshold, r.mac_ratio, r.top1))
     set_gate_thresholds(model, 0.0)
-    table = BudgetTable(entries, dataset, tolerance)
+    set_budget_inputs(model, None)
+    table = BudgetTable(entries, dataset, tolerance, budget_input=bool(budget_generators(model)))
     logger.info("Budget table on %s (%d evaluations):\n%s", dataset or "the calibration set", len(evaluations),
                 "\n".join(f"  budget {e.budget:.4f}: threshold {e.threshold:9.5g}, MAC ratio {e.mac_ratio:.4f}, "
                           f"top-1 {e.top1:.2f}" for e in table.entries))
@@ -185,7 +194,8 @@ class _Search:
             self.passes += 1
             set_gate_thresholds(self.model, threshold)
             evaluator = ClassificationEvaluator(self.model.dense_macs, topk=(1,))
-            self.results[threshold] = inference_on_dataset(self.model, self.loader, evaluator, preprocess=self.preprocess)
+            self.results[threshold] = inference_on_dataset(self.model, self.loader, evaluator,
+                                                           preprocess=self.preprocess)
         return self.results[threshold]["mac_ratio"]
 
     def excess(self, threshold: float) -> float:

@@ -31,6 +31,9 @@ def check_mac_target(cfg, model):
     if not hasattr(model, "mac_ratio_range"):
         return
     final, size = cfg.SOLVER.MAC_TARGET.FINAL, cfg.INPUT.TRAIN_SIZE
+    key = "SOLVER.MAC_TARGET.FINAL="
+    if cfg.MODEL.MSGC.BUDGET_RANGE:  # the lowest budget that training aims at
+        final, key = min(final, cfg.MODEL.MSGC.BUDGET_RANGE[0]), "MODEL.MSGC.BUDGET_RANGE: "
     low, high = model.mac_ratio_range(size, size)
     grouping = cfg.MODEL.MSGC.GROUPING
     if high - low < 1e-9:
@@ -39,6 +42,6 @@ def check_mac_target(cfg, model):
                            "fixed at %.4f", final, grouping, low)
         return
     if final < low:
-        raise InvalidValueError(f"SOLVER.MAC_TARGET.FINAL={final:g} cannot be reached: with every gate closed, "
+        raise InvalidValueError(f"{key}{final:g} cannot be reached: with every gate closed, "
                                 f"grouping '{grouping}' of {cfg.MODEL.BACKBONE.NAME} spends {low:.4f} of the dense "
                                 f"MACs at {size}x{size}")

@@ -1,6 +1,7 @@
 """The classification model: a backbone, the classification loss and the sparsity (MAC) loss."""
 import logging
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -39,10 +40,18 @@ class Classifier(nn.Module):
         self.mac_loss_weight = mac_loss_weight
         self.register_buffer("mac_target", torch.tensor(1.0), persistent=False)
         self._dense_macs = {}
+        self._image_targets = self._target_groups = None
 
-    def set_mac_target(self, target: float):
-        """The current MAC target as a fraction of the dense host's MACs."""
-        self.mac_target.fill_(float(target))
+    def set_mac_target(self, target, groups: Optional[torch.Tensor] = None):
+        """The current MAC target as a fraction of the dense host's MACs: one number, or (a model trained
+        for a range of budgets) one per image of the next batch with ``groups``, a group index per image
+        (see :meth:`losses`)."""
+        if isinstance(target, torch.Tensor) and target.dim() > 0:
+            self._image_targets, self._target_groups = target.detach().double(), groups
+            self.mac_target.fill_(float(target.mean()))
+        else:
+            self._image_targets = self._target_groups = None
+            self.mac_target.fill_(float(target))
 
     def dense_macs(self, h: int, w: int) -> int:
         """The dense host's MACs at input size h x w."""
@@ -95,6 +104,8 @@ class Classifier(nn.Module):
         out = {"loss_cls": loss_cls, "mac_ratio": ratio.detach(), "mac_target": target.clone()}
         if not ratio.requires_grad:
             self._say_no_gates()
+        elif self._image_targets is not None:
+            out["loss_macs"] = self._grouped_mac_loss(macs / self.dense_macs(*size))
         elif ratio.detach().item() >= target.item():
             out["loss_macs"] = self.mac_loss_weight * (ratio - target)
         else:
@@ -103,6 +114,22 @@ class Classifier(nn.Module):
         if gate_open is not None:
             out["gate_open"] = gate_open
         return out
+
+    def _grouped_mac_loss(self, ratios: torch.Tensor) -> torch.Tensor:
+        """The sparsity loss of per-image targets: per group of images, ``lambda * (mean ratio - mean
+        target)`` while the group is above its target, weighted by the group's share of the batch (one
+        group: the paper's loss)."""
+        targets = self._image_targets.to(ratios.device)
+        if targets.numel() != ratios.numel():
+            raise InvalidValueError(f"{targets.numel()} MAC targets for a batch of {ratios.numel()} images")
+        groups = torch.zeros_like(targets, dtype=torch.long) if self._target_groups is None else self._target_groups
+        loss = ratios.new_zeros(())
+        for g in torch.unique(groups).tolist():
+            member = (groups == g).to(ratios.device)
+            excess = ratios[member].mean() - targets[member].mean().to(ratios.dtype)
+            if excess.detach().item() >= 0:
+                loss = loss + self.mac_loss_weight * excess * (member.sum() / ratios.numel())
+        return loss
 
     def _say_no_gates(self):
         if not getattr(self, "_said_no_gates", False):

@@ -18,9 +18,9 @@ GROUPING_REGISTRY.__doc__ = """
 Registry for groupings, selected by ``MODEL.MSGC.GROUPING``.
 
 An entry is a :class:`Grouping` subclass, constructed as ``entry(heads=int, temperature=float,
-gate_bias=float)``. Backbones call its ``head_mask`` for every multi-head (grouped) convolution and
-its ``channel_mask`` for every single-head input mask, and build the grouped convolutions with
-``groups = grouping.heads``.
+gate_bias=float)``, and with ``budget_range=(lo, hi)`` when ``MODEL.MSGC.BUDGET_RANGE`` is set.
+Backbones call its ``head_mask`` for every multi-head (grouped) convolution and its ``channel_mask``
+for every single-head input mask, and build the grouped convolutions with ``groups = grouping.heads``.
 """
 
 
@@ -30,16 +30,20 @@ class Grouping:
     Attributes:
         name: the registered name.
         heads: the ``groups`` of every gated convolution.
+        budget_range: ``(lo, hi)``: the mask generators take the MAC budget as an input
+            (``MODEL.MSGC.BUDGET_RANGE``); None: the paper's generators.
     """
 
     name = "dense"
 
-    def __init__(self, heads: int = 4, temperature: float = 2.0 / 3.0, gate_bias: float = 2.0):
+    def __init__(self, heads: int = 4, temperature: float = 2.0 / 3.0, gate_bias: float = 2.0,
+                 budget_range: Optional[tuple] = None):
         if heads < 1:
             raise InvalidValueError(f"MODEL.MSGC.HEADS must be >= 1, got {heads}")
         self.heads = heads
         self.temperature = temperature
         self.gate_bias = gate_bias
+        self.budget_range = tuple(budget_range) if budget_range else None
 
     def head_mask(self, in_channels: int, channels: int, reduction: int) -> Optional[nn.Module]:
         """A module mapping a context ``N x in_channels x 1 x 1`` to ``N x heads x channels`` in {0, 1}
@@ -51,7 +55,8 @@ class Grouping:
         return None
 
     def _generator(self, in_channels, channels, heads, reduction):
-        return MaskGenerator(in_channels, channels, heads, reduction, self.temperature, self.gate_bias)
+        return MaskGenerator(in_channels, channels, heads, reduction, self.temperature, self.gate_bias,
+                             self.budget_range)
 
     def __repr__(self):
         return f"{type(self).__name__}(heads={self.heads})"
@@ -130,6 +135,8 @@ class StaticGrouping(Grouping):
 
 
 def build_grouping(name: str, heads: int = 4, temperature: float = 2.0 / 3.0,
-                   gate_bias: float = 2.0) -> Grouping:
-    """Build the grouping registered as ``name`` (an unknown name lists the registered ones)."""
-    return GROUPING_REGISTRY.get(name)(heads=heads, temperature=temperature, gate_bias=gate_bias)
+                   gate_bias: float = 2.0, budget_range: Optional[tuple] = None) -> Grouping:
+    """Build the grouping registered as ``name`` (an unknown name lists the registered ones); with
+    ``budget_range`` its generators take the MAC budget as an input."""
+    extra = {"budget_range": tuple(budget_range)} if budget_range else {}  # registered groupings may not take it
+    return GROUPING_REGISTRY.get(name)(heads=heads, temperature=temperature, gate_bias=gate_bias, **extra)

@@ -19,6 +19,8 @@ __all__ = [
     "MaskGenerator",
     "mask_generators",
     "set_gate_thresholds",
+    "budget_generators",
+    "set_budget_inputs",
     "fold_gate_thresholds",
     "set_gate_noise",
     "AttentionGenerator",
@@ -75,7 +77,8 @@ class Gate(nn.Module):
     def extra_repr(self):
         t = self.threshold
         extra = f", threshold={t.tolist()}" if isinstance(t, torch.Tensor) else (f", threshold={t:.4g}" if t else "")
-        return f"temperature={self.temperature:.4g}" + extra + (f", noise={self.noise:.3g}" if self.noise != 1.0 else "")
+        noise = f", noise={self.noise:.3g}" if self.noise != 1.0 else ""
+        return f"temperature={self.temperature:.4g}" + extra + noise
 
 
 def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -86,10 +89,14 @@ def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return values.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
-def generator_macs(in_channels: int, channels: int, heads: int, reduction: int) -> int:
-    """MACs of one generator per sample, as the reference counts them (the last conv's bias is free)."""
+def generator_macs(in_channels: int, channels: int, heads: int, reduction: int, budget_input: bool = False) -> int:
+    """MACs of one generator per sample, as the reference counts them (the last conv's bias is free).
+
+    A generator with a budget input (:class:`MaskGenerator`, ``MODEL.MSGC.BUDGET_RANGE``) adds one MAC
+    to normalise the budget, one per hidden unit and one per output (its two budget weights)."""
     hidden = in_channels // reduction
-    return (in_channels + 1) * hidden + hidden * channels * heads
+    macs = (in_channels + 1) * hidden + hidden * channels * heads
+    return macs + (1 + hidden + channels * heads if budget_input else 0)
 
 
 class Generator(nn.Module):
@@ -140,16 +147,60 @@ class MaskGenerator(Generator):
 
     The last convolution's bias starts at ``gate_bias`` (2.0 in the paper), so training starts with
     nearly every gate open.
+
+    With ``budget_range = (lo, hi)`` the MAC budget is an input too (one model for every budget of the
+    range, ``MODEL.MSGC.BUDGET_RANGE``): the budget ``b`` (:attr:`budget`), normalised to the range as
+    ``u = (2 b - lo - hi) / (hi - lo)`` (-1 at ``lo``, +1 at ``hi``), is added to the hidden units after
+    the BatchNorm, before the ReLU (weights ``budget_hidden``), and to the logits (weights
+    ``budget_logits``)::
+
+        logits = second(relu(norm(first(context)) + u * budget_hidden)) + u * budget_logits
+
+    Both weights start at 0: the generator starts as the paper's. The budget enters after the
+    BatchNorm, which would remove a term that is constant over a training batch.
+
+    Attributes:
+        budget: the budget the generator decides for: a float, one per sample (a 1-D tensor), or None
+            (the range's upper end). :func:`msgc.modeling.set_budget` sets it.
     """
 
     def __init__(self, in_channels, channels, heads=1, reduction=4, temperature=2.0 / 3.0,
-                 gate_bias=2.0):
+                 gate_bias=2.0, budget_range=None):
         super().__init__(in_channels, channels, heads, reduction, bias=True)
         nn.init.constant_(self.conv[3].bias, gate_bias)
         self.gate = Gate(temperature)
+        self.budget_range = None if not budget_range else (float(budget_range[0]), float(budget_range[1]))
+        self.budget = None
+        if self.budget_range is not None:
+            self.budget_hidden = nn.Parameter(torch.zeros(in_channels // reduction))
+            self.budget_logits = nn.Parameter(torch.zeros(heads * channels))
+            self.macs = generator_macs(in_channels, channels, heads, reduction, budget_input=True)
+
+    def budget_code(self, budget=None):
+        """The normalised budget input ``u`` of ``budget`` (default :attr:`budget`; None: the range's
+        upper end): a float, or a tensor of one per sample."""
+        lo, hi = self.budget_range
+        budget = self.budget if budget is None else budget
+        if budget is None:
+            return 1.0
+        return (2.0 * budget - lo - hi) / (hi - lo)
+
+    def logits(self, context: torch.Tensor) -> torch.Tensor:
+        if self.budget_range is None:
+            return super().logits(context)
+        u = self.budget_code()
+        if isinstance(u, torch.Tensor):
+            u = per_sample(u, context)
+        hidden = self.norm(self.first(context)) + u * self.budget_hidden.view(1, -1, 1, 1)
+        out = self.second(F.relu(hidden)) + u * self.budget_logits.view(1, -1, 1, 1)
+        return out.view(context.size(0), self.heads, self.channels)
 
     def forward(self, context):
         return self.gate(self.logits(context))
+
+    def extra_repr(self):
+        extra = "" if self.budget_range is None else f", budget_range={list(self.budget_range)}"
+        return super().extra_repr() + extra
 
     def output_bias(self) -> torch.Tensor:
         """The last convolution's bias with the gate's threshold moved into it: the bias of a generator
@@ -194,6 +245,22 @@ def fold_gate_thresholds(model: nn.Module):
     the same layout (a checkpoint that any msgc model and the reference load as usual)."""
     for m in mask_generators(model):
         m.fold_threshold()
+
+
+def budget_generators(model: nn.Module):
+    """The mask generators of ``model`` that take the MAC budget as an input (``MODEL.MSGC.BUDGET_RANGE``)."""
+    return [m for m in mask_generators(model) if m.budget_range is not None]
+
+
+def set_budget_inputs(model: nn.Module, budget) -> None:
+    """The MAC budget that every budget-input generator of ``model`` decides for: a float, a 1-D tensor of
+    one per sample, or None (the trained range's upper end)."""
+    if isinstance(budget, torch.Tensor):
+        budget = budget.detach().flatten().double()
+    elif budget is not None:
+        budget = float(budget)
+    for m in budget_generators(model):
+        m.budget = budget
 
 
 def set_gate_noise(model: nn.Module, scale: float):

@@ -1,6 +1,7 @@
 """Builders of the optimizer and of the learning-rate and MAC-target schedules; ``SCHEDULER_REGISTRY``."""
 from fvcore.common.param_scheduler import ParamScheduler
 
+from ..modeling.budget import check_budget_range
 from ..utils.errors import InvalidValueError
 from ..utils.registry import Registry
 from .lr_scheduler import LRScheduleMultiplier, with_warmup
@@ -67,6 +68,10 @@ def check_solver(cfg):
     _require(0.0 < t.FINAL <= 1.0, "SOLVER.MAC_TARGET.FINAL", t.FINAL, "in (0, 1]")
     _require(0.0 <= t.PSTART < t.PSTOP <= 1.0, "SOLVER.MAC_TARGET.PSTART and PSTOP", [t.PSTART, t.PSTOP],
              "0 <= PSTART < PSTOP <= 1 (fractions of the training)")
+    budget_range = check_budget_range(cfg.MODEL.MSGC.BUDGET_RANGE)
+    _require(budget_range is None or t.FINAL < 1.0, "SOLVER.MAC_TARGET.FINAL", t.FINAL,
+             "below 1 with MODEL.MSGC.BUDGET_RANGE", "it sets the target schedule's shape, which then ends at each "
+             "sampled budget (e.g. the range's lower end)")
     n = s.GATE_NOISE
     _require(0.0 <= n.FINAL <= 1.0, "SOLVER.GATE_NOISE.FINAL", n.FINAL, "in [0, 1] (1: the paper's noise, 0: none)")
     _require(0.0 <= n.PSTART < n.PSTOP <= 1.0, "SOLVER.GATE_NOISE.PSTART and PSTOP", [n.PSTART, n.PSTOP],
@@ -89,10 +94,13 @@ def build_gate_noise_schedule(cfg) -> ParamScheduler:
 
 
 def build_mac_scheduler(cfg) -> MACTargetScheduler:
-    """The per-iteration MAC-target scheduler of the config (``SOLVER.MAC_TARGET``)."""
+    """The per-iteration MAC-target scheduler of the config (``SOLVER.MAC_TARGET``; with
+    ``MODEL.MSGC.BUDGET_RANGE``, a budget per iteration and the target aimed at it)."""
     check_solver(cfg)
     schedule = SCHEDULER_REGISTRY.get(cfg.SOLVER.MAC_TARGET.NAME)(cfg, "mac_target")
-    return MACTargetScheduler(schedule, cfg.SOLVER.MAX_ITER)
+    budget_range = check_budget_range(cfg.MODEL.MSGC.BUDGET_RANGE)
+    return MACTargetScheduler(schedule, cfg.SOLVER.MAX_ITER, final=cfg.SOLVER.MAC_TARGET.FINAL,
+                              budget_range=budget_range, seed=max(cfg.SEED, 0))
 
 
 def iters_per_epoch(cfg) -> int:

@@ -167,8 +167,8 @@ class Program:
             macs = op.src.h * op.src.w * op.src.cols + g.macs
             return _OP_GATES, _S["msgc_gates_op"](op.src.id, op.src.cols, g.w1.size(0), len(g), self._hold(g.w1),
                                                    self._hold(g.b1), self._hold(g.desc), g.desc.size(1),
-                                                   self._hold(g.w2), self._hold(g.b2), self.logits_base + op.logits.offset,
-                                                   macs)
+                                                   self._hold(g.w2), self._hold(g.b2),
+                                                   self.logits_base + op.logits.offset, macs)
         if isinstance(op, SetsOp):
             logits = -1 if op.logits is None else self.logits_base + op.logits.offset
             att = -1 if op.att is None else self.logits_base + op.att.offset
@@ -185,8 +185,8 @@ class Program:
             return _OP_AFFINE, _S["msgc_affine_op"](op.src.id, op.dst.id, self._hold(op.scale), self._hold(op.shift),
                                                      op.act, op.macs)
         if isinstance(op, PoolOp):
-            return _OP_POOL, _S["msgc_pool_op"](op.src.id, op.dst.id, int(op.kind == "max"), op.k, op.stride, op.padding,
-                                                 op.macs)
+            return _OP_POOL, _S["msgc_pool_op"](op.src.id, op.dst.id, int(op.kind == "max"), op.k, op.stride,
+                                                 op.padding, op.macs)
         if isinstance(op, HeadOp):
             return _OP_HEAD, _S["msgc_head_op"](op.src.id, self._hold(op.weight), self._hold(op.bias),
                                                  op.weight.size(0))
