@@ -17,7 +17,8 @@ _TOOLS = {}
 def load_tool(name: str, folder: str = "tools"):
     """``<folder>/<name>.py`` (a script, not a package module) as a module, loaded once per test session."""
     if (folder, name) not in _TOOLS:
-        module_name = name if folder == "tools" else f"{folder.replace('/', '_')}_{name}"
+        # not the script's own name: a project's `import train_net` must still find its own script
+        module_name = f"{folder.replace('/', '_')}_{name}_under_test"
         spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, folder, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
