@@ -1,5 +1,4 @@
 """One model for every budget (MODEL.MSGC.BUDGET_RANGE): the budget input, its MACs, training, bad input."""
-import importlib.util
 import json
 import os
 
@@ -15,7 +14,8 @@ from msgc.modeling.layers import budget_generators, set_budget_inputs
 from msgc.solver import build_mac_scheduler
 from msgc.solver.mac_scheduler import sample_budgets
 from msgc.utils.errors import InvalidValueError
-from test_budgets import digits_cfg, images
+from conftest import load_tool
+from test_budgets import assert_each_image_at_its_own_budget, digits_cfg, images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANGE = ["MODEL.MSGC.BUDGET_RANGE", "[0.35, 0.73]"]
@@ -70,17 +70,7 @@ def test_a_lower_budget_measures_fewer_macs_and_per_image_budgets_are_each_image
     at_default = DefaultTrainer.test(cfg, model)["mac_ratio"]
     set_budget(model, 0.73)
     assert DefaultTrainer.test(cfg, model)["mac_ratio"] == at_default  # no budget: the range's upper end
-    x = images(cfg)[:4]
-    budgets = [0.35, 0.73, 0.5, 0.35]
-    set_budget(model, torch.tensor(budgets))
-    with torch.no_grad():
-        mixed = model(x)
-    for i, b in enumerate(budgets):
-        set_budget(model, b)
-        with torch.no_grad():
-            alone = model(x[i:i + 1])
-        assert torch.allclose(mixed["logits"][i], alone["logits"][0], atol=1e-5)
-        assert mixed["macs"][i] == alone["macs"][0]
+    assert_each_image_at_its_own_budget(model, images(cfg)[:4], [0.35, 0.73, 0.5, 0.35])
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
@@ -188,16 +178,8 @@ def test_a_range_without_gates_or_a_budget_outside_it_is_one_line():
         model(torch.randn(3, 3, 16, 16))
 
 
-def _budget_study():
-    spec = importlib.util.spec_from_file_location("budget_study_under_test", os.path.join(ROOT, "tools",
-                                                                                          "budget_study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_budget_study_plans_three_ways_and_tabulates_them(tmp_path):
-    tool = _budget_study()
+    tool = load_tool("budget_study")
     args = tool.parse_args(["--seeds", "0", "1", "--budgets", "0.6", "0.4", "0.5", "--output", str(tmp_path)])
     trained, every, tables = tool.plan(args)
     assert sorted(r.name for r in trained) == sorted(["host seed 0", "host seed 1"] + [

@@ -117,8 +117,12 @@ def test_eval_at_three_budgets_lands_within_002_of_each(tabled, tmp_path):
 def test_a_budget_per_image_equals_each_images_own_budget(tabled):
     cfg, _, tabled_weights, _ = tabled
     model = load(cfg, tabled_weights)
-    x = images(cfg)[:6]
-    budgets = [0.35, 0.7, 0.5, 0.35, 0.62, 0.7]
+    mixed = assert_each_image_at_its_own_budget(model, images(cfg)[:6], [0.35, 0.7, 0.5, 0.35, 0.62, 0.7])
+    assert len(set(mixed["macs"].tolist())) >= 4  # the budgets differ, so do the MACs
+
+
+def assert_each_image_at_its_own_budget(model, x, budgets):
+    """A batch at per-image budgets gives each image the MACs and logits it has alone at its budget."""
     set_budget(model, torch.tensor(budgets))
     with torch.no_grad():
         mixed = model(x)
@@ -128,7 +132,7 @@ def test_a_budget_per_image_equals_each_images_own_budget(tabled):
             alone = model(x[i:i + 1])
         assert torch.equal(mixed["macs"][i:i + 1], alone["macs"])
         assert torch.allclose(mixed["logits"][i:i + 1], alone["logits"], atol=1e-5)
-    assert len(set(mixed["macs"].tolist())) >= 4  # the budgets differ, so do the MACs
+    return mixed
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
