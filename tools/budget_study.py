@@ -34,16 +34,28 @@ import time
 from dataclasses import dataclass, field
 from typing import List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: the spectrum study's machinery
+from msgc.analysis.figures import require_matplotlib, spectrum_figure
+from msgc.config import load_cfg
+from msgc.engine import add_import_argument, exit_on_user_error, import_user_modules
+from msgc.evaluation import check_budget
+from msgc.utils.errors import ArgumentParser, InvalidValueError
+from msgc.utils.file_io import write_json
 
-import spectrum_study as spectrum  # noqa: E402
 
-from msgc.analysis.figures import require_matplotlib, spectrum_figure  # noqa: E402
-from msgc.config import load_cfg  # noqa: E402
-from msgc.engine import add_import_argument, exit_on_user_error, import_user_modules  # noqa: E402
-from msgc.evaluation import check_budget  # noqa: E402
-from msgc.utils.errors import ArgumentParser, InvalidValueError  # noqa: E402
-from msgc.utils.file_io import write_json  # noqa: E402
+def _spectrum_study():
+    """tools/spectrum_study.py, the machinery this study reuses, loaded from its file: putting tools/ on
+    sys.path would let this folder's train_net.py shadow another one (a project's) in the same process."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spectrum_study.py")
+    spec = importlib.util.spec_from_file_location("msgc_tools_spectrum_study", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+spectrum = _spectrum_study()
 
 logger = logging.getLogger("budget_study")
 
