@@ -118,7 +118,7 @@ def test_training_draws_both_ends_in_every_batch_and_aims_the_loss_at_each_budge
         assert torch.equal(budgets, sample_budgets((0.35, 0.73), it, 9, 3))  # a function of the iteration
         assert torch.equal(groups, torch.arange(9) % 3)
         drawn = budgets[groups == 2]
-        assert ((drawn > 0.35) & (drawn < 0.73)).all()
+        assert ((drawn > 0.35) & (drawn < 0.73)).all() and (drawn == drawn[0]).all()  # one drawn budget a batch
         p = min(it / 6 / 0.5, 1.0)  # the linear ramp from 1 to each budget over the first half
         assert torch.allclose(targets, 1 + p * (budgets - 1), atol=1e-12)
     assert budget_generators(trainer.model)[0].budget is None  # after training: the default

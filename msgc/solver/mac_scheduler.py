@@ -15,15 +15,19 @@ def sample_budgets(budget_range: Tuple[float, float], iteration: int, n: int, se
     """The training budgets of the ``n`` images of ``iteration``'s batch for a model trained for every
     budget of ``budget_range`` (``MODEL.MSGC.BUDGET_RANGE``): the sandwich rule of slimmable networks
     inside each batch, image ``j`` at the range's lower end (``j % 3 == 0``), at its upper end
-    (``j % 3 == 1``) or at a budget drawn uniformly from the range (``j % 3 == 2``; from ``seed`` and the
-    iteration alone, so a resumed run draws what the uninterrupted one drew). A float64 tensor of ``n``.
+    (``j % 3 == 1``) or at one budget drawn uniformly from the range for the whole batch (``j % 3 == 2``;
+    from ``seed`` and the iteration alone, so a resumed run draws what the uninterrupted one drew). A
+    float64 tensor of ``n``.
 
     Every batch mixing the budgets keeps the BatchNorm statistics of training those of evaluation (the
     running statistics are a mixture over budgets either way; per-batch budgets would normalise each
-    training batch with one budget's statistics)."""
+    training batch with one budget's statistics). One drawn budget per batch, not one per image, makes
+    the sparsity loss of the drawn group the paper's loss at that budget: with a budget per image the
+    group is held to its targets only on average, and a model so trained undershot every budget inside
+    the range (docs/analysis.md, "Training one model for every budget")."""
     lo, hi = budget_range
-    draw = random.Random(seed * 1_000_003 + iteration)
-    return torch.tensor([(lo, hi, None)[j % 3] or draw.uniform(lo, hi) for j in range(n)], dtype=torch.float64)
+    drawn = random.Random(seed * 1_000_003 + iteration).uniform(lo, hi)
+    return torch.tensor([(lo, hi, drawn)[j % 3] for j in range(n)], dtype=torch.float64)
 
 
 def budget_slots(n: int) -> torch.Tensor:
