@@ -33,6 +33,6 @@ setup(
         # never needed by the package or its tests (they skip what needs them)
         "bench": ["onnxruntime>=1.16", "openvino>=2024.0", "onnx>=1.15"],
         # the tests, and the linter .ci/run runs after them (ruff.toml)
-        "dev": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.5", "ruff>=0.5"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "pycocotools>=2.0.6", "matplotlib>=3.5", "ruff>=0.5"],
     },
 )
