@@ -107,6 +107,25 @@ def test_quick_is_one_seed_two_budgets_and_the_claims_three_methods():
     assert args.methods == tool.PROTOCOLS["short"]["methods"]
 
 
+def test_device_cuda_trains_every_run_on_the_gpu_and_is_one_line_without_one(capsys, monkeypatch):
+    tool = study()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = tool.parse_args(["--protocol", "long", "--device", "cuda", "--jobs", "8", "--seeds", "0", "1", "2",
+                            "--budgets", "0.35", "0.53", "0.6", "0.73", "--", "SOLVER.MAX_ITER", "9"])
+    args.imports = []
+    runs = tool.plan(args)
+    assert len(runs) == 3 + 3 * (1 + 3 * 4 + 1)  # hosts; dense, prune msgc msgc_heads at 4 budgets, static
+    for run in runs:  # every run, hosts included, on the GPU, the user's overrides after it
+        assert run.opts[:4] == ["MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", "9"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        tool.cli(["--device", "cuda"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: --device cuda: torch.cuda.is_available() is False on this machine; run with --device cpu (the "
+        "default), or on a machine with a GPU")
+
+
 def test_bad_budgets_are_one_line_before_anything_trains(tmp_path, capsys):
     fake_fashion(tmp_path / "data")
     configs, opts = tiny_configs(tmp_path, tmp_path / "data")

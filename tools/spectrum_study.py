@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """The spectrum study: channel pruning, static grouping and MSGC at equal measured MACs, over seeds.
 
-    python tools/spectrum_study.py [--protocol short|long] [--jobs 2] [--quick] [--seeds 0 1 2] \\
-        [--budgets 0.35 0.53 0.6 0.73] [--static-heads 2 4 8] [--methods dense prune static msgc msgc_att] \\
-        [--configs configs/spectrum] [--output output/spectrum] [--force] [KEY VALUE ...]
+    python tools/spectrum_study.py [--protocol short|long] [--jobs 2] [--device cpu|cuda] [--quick] \\
+        [--seeds 0 1 2] [--budgets 0.35 0.53 0.6 0.73] [--static-heads 2 4 8] \\
+        [--methods dense prune static msgc msgc_att] [--configs configs/spectrum] [--output output/spectrum] \\
+        [--force] [KEY VALUE ...]
 
 Two protocols (``--protocol``), each a folder of configs and its own defaults of the options below:
 
@@ -26,7 +27,9 @@ Each protocol has two stages (configs in ``--configs``):
    ``<output>/<method>/<point>/seed<s>``.
 
 ``--jobs`` trainings run at a time, each on ``NUM_THREADS`` threads; a run starts when its host has
-finished. A run that already finished is not trained again (``--force`` retrains); an interrupted one
+finished. ``--device cuda`` trains and evaluates every run on the GPU (``MODEL.DEVICE cuda``), the
+``--jobs`` runs side by side on the one GPU (docs/analysis.md: the long protocol with every budget and
+three seeds in one command). A run that already finished is not trained again (``--force`` retrains); an interrupted one
 continues from its last checkpoint. A run that fails is reported with its one-line error (and its
 dependants as skipped); the others go on. Before anything trains, every run's config is built and
 checked: a budget outside (0, 1] or below the MAC ratio of every gate closed is one line.
@@ -99,6 +102,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="folder of the runs and the results (default: output/spectrum, "
                         "output/spectrum_long)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (each uses NUM_THREADS threads)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every run trains (MODEL.DEVICE); with cuda, the --jobs runs share the one GPU")
     parser.add_argument("--tolerance", type=float, default=0.02, help="how close to its budget a run's eval MAC "
                         "ratio must land")
     parser.add_argument("--force", action="store_true", help="retrain runs that already finished")
@@ -117,6 +122,13 @@ def parse_args(argv=None):
             setattr(args, key, value)
     for b in args.budgets:
         check_budget(b, "--budgets")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidValueError("--device cuda: torch.cuda.is_available() is False on this machine; run with "
+                                    "--device cpu (the default), or on a machine with a GPU")
+        args.opts = ["MODEL.DEVICE", "cuda", *args.opts]
     return args
 
 
