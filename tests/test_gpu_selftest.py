@@ -96,8 +96,8 @@ class _StepClock:
 def test_pytest_device_cuda_without_cuda_is_one_usage_line():
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_macs.py", "-n", "0", "--device", "cuda", "-q", "-p",
-                           "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_macs.py", "-n", "0", "--device", "cuda", "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 4  # pytest's usage error
     assert lines == ["ERROR: --device cuda needs a CUDA device: torch.cuda.is_available() is False on this machine; "

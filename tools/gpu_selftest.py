@@ -108,8 +108,8 @@ def plan(args, sizes: Sizes) -> list:
     train = [py, "tools/train_net.py", "--config-file", "configs/msgc_r50.yaml", "--num-gpus", "1"]
     t = sizes.timeouts
     steps = [
-        ("cuda tests", [py, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs", "-n", "0", "-p", "no:cacheprovider"], 120,
-         pytest_note, True),
+        ("cuda tests", [py, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs", "-n", "0", "-p", "no:cacheprovider"],
+         120, pytest_note, True),
         # deploy against eval on CUDA is in test_cuda.py: the 48 variants of test_deployed_equals_eval stay on the CPU
         ("device tests", [py, "-m", "pytest", "tests", "-n", "0", "--device", "cuda", "-m", "device", "-k",
                           "not test_deployed_equals_eval", "-q", "-p", "no:cacheprovider"], 120, pytest_note, True),
