@@ -156,8 +156,9 @@ def build(cfg, args):
     return model
 
 
-def dense_host(cfg, args, train):
-    """The dense host network (:func:`msgc.deploy.runtimes.dense_host`) and a description of it."""
+def dense_host_for_timing(cfg, args, train):
+    """The dense host network (:func:`msgc.deploy.runtimes.dense_host`) ready to time: in training mode, or
+    torchvision's with BatchNorm folded; and a description of it."""
     spec = dense_runtimes.dense_host(cfg, args.config_file, args.opts)
     net = spec.build().to(cfg.MODEL.DEVICE)
     if train:
@@ -231,7 +232,7 @@ def runners(cfg, args, model):
             out["deploy"][0].deployed = deployed
     if args.compare_dense:
         train = args.mode == ["train"]
-        host, what = dense_host(cfg, args, train)
+        host, what = dense_host_for_timing(cfg, args, train)
         if train:
             host = host.to(memory_format=_memory_format(args))
             loss_of = _msgc_loss if isinstance(host, Classifier) else _dense_loss  # this project's, or torchvision's
