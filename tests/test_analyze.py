@@ -1,4 +1,5 @@
-"""tools/analyze_model.py: per-stage MACs that add up to the paper's numbers, and measured gates."""
+"""msgc.analysis.analyze_model and tools/analyze_model.py: per-stage MACs that add up to the paper's numbers, and
+measured gates."""
 import json
 import os
 import pathlib
@@ -8,13 +9,12 @@ import sys
 import pytest
 import torch
 
-from conftest import load_tool
+from msgc.analysis import analyze_model, gated_blocks
 from msgc.config import get_cfg
 from msgc.modeling import build_model
 from msgc.modeling.layers import MaskGenerator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-analyze_model = load_tool("analyze_model")
 
 # the reference's get_flops() at 224x224, heads 4, in MMac: original, possible, main, dgc, mask
 GOLDEN = {
@@ -35,7 +35,7 @@ def make_cfg(backbone, attention="none", **overrides):
 
 @pytest.mark.parametrize("backbone, attention", sorted(GOLDEN))
 def test_stage_rows_add_up_to_golden_totals(backbone, attention):
-    result = analyze_model.analyze(build_model(make_cfg(backbone, attention)), 224)
+    result = analyze_model(build_model(make_cfg(backbone, attention)), 224)
     assert [r["stage"] for r in result["stages"]][:4] == ["res2", "res3", "res4", "res5"]
     for field, golden in zip(FIELDS, GOLDEN[(backbone, attention)]):
         assert round(result["totals_macs"][field] / 1e6, 4) == golden, field
@@ -46,7 +46,7 @@ def test_condensenet_stages_follow_its_dense_blocks():
     cfg = make_cfg("msgc_condensenet", MODEL__BACKBONE__STEM="cifar", MODEL__BACKBONE__WIDTH_MULT=0.25,
                    MODEL__NUM_CLASSES=10)
     model = build_model(cfg)
-    blocks = analyze_model.gated_blocks(model.backbone, 32, 32)
+    blocks = gated_blocks(model.backbone, 32, 32)
     stages = [stage for *_, stage in blocks]
     assert [stages.count(f"dense{i}") for i in range(1, 6)] == [4, 6, 8, 10, 8]
     first_layers = [size for name, _, size, _ in blocks if name.endswith("denselayer_1")]
@@ -64,7 +64,7 @@ def test_measured_macs_and_gates_match_the_model():
                 m.conv[3].weight.zero_()
                 m.conv[3].bias.fill_(-10.0)
     images = [torch.randn(3, 3, 32, 32), torch.randn(2, 3, 32, 32)]
-    result = analyze_model.analyze(model, 32, images)
+    result = analyze_model(model, 32, images)
     with torch.no_grad():
         macs = torch.cat([model(x)["macs"] for x in images])
     assert result["measured"]["images"] == 5

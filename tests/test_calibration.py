@@ -13,7 +13,7 @@ from msgc.data import build_normalizer, build_test_loader
 from msgc.engine import DefaultTrainer
 from msgc.evaluation import calibrate_gates
 from msgc.modeling import build_model, check_mac_target, fold_gate_thresholds, mask_generators, set_gate_thresholds
-from msgc.modeling.layers import Gate
+from msgc.modeling.layers import BinaryGate
 from msgc.solver import build_gate_noise_schedule
 from msgc.utils.errors import InvalidValueError
 
@@ -88,7 +88,7 @@ def test_gate_threshold_moves_the_eval_decision_and_folds_into_the_bias():
 
 
 def test_gate_noise_scale_zero_trains_with_the_eval_decision_and_a_soft_gradient():
-    gate = Gate(temperature=0.5).train()
+    gate = BinaryGate(temperature=0.5).train()
     logits = torch.tensor([-2.0, -0.1, 0.0, 0.3, 3.0], requires_grad=True)
     gate.noise = 0.0
     out = gate(logits)

@@ -5,7 +5,7 @@ from torch import nn
 
 from conftest import narrow
 from msgc.modeling import build_model
-from msgc.modeling.layers import Gate, MaskGenerator
+from msgc.modeling.layers import BinaryGate, MaskGenerator
 
 BACKBONES = ["msgc_resnet18", "msgc_resnet50", "msgc_mobilenetv2", "msgc_condensenet"]
 
@@ -38,7 +38,7 @@ def set_gates(model, value):
 
 
 def test_gate_training_is_binary_with_straight_through_gradient():
-    gate = Gate().train()
+    gate = BinaryGate().train()
     logits = torch.randn(8, 4, 16, requires_grad=True)
     out = gate(logits)
     assert set(out.detach().unique().tolist()) <= {0.0, 1.0}
@@ -47,7 +47,7 @@ def test_gate_training_is_binary_with_straight_through_gradient():
 
 
 def test_gate_eval_is_deterministic_threshold():
-    gate = Gate().eval()
+    gate = BinaryGate().eval()
     logits = torch.randn(8, 4, 16)
     logits[0, 0, 0] = 0.0
     a, b = gate(logits), gate(logits)
@@ -58,7 +58,7 @@ def test_gate_eval_is_deterministic_threshold():
 def test_gate_noise_is_logistic():
     """Training gates open with probability sigmoid(logit): a logit of 0 opens half of them."""
     torch.manual_seed(0)
-    gate = Gate().train()
+    gate = BinaryGate().train()
     assert abs(gate(torch.zeros(100000)).mean().item() - 0.5) < 0.01
     assert abs(gate(torch.full((100000,), 1.0)).mean().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.01
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import load_tool
+from msgc.analysis import analyze_model
 from msgc.modeling import BACKBONE_REGISTRY, build_model
 from test_deploy import check_same, randomize
 
@@ -217,13 +217,12 @@ def test_random_gates_and_attention_deploy(cfg, tiny):
 
 
 def test_the_analysis_tables_see_its_blocks(cfg, tiny):
-    """tools/analyze_model.py: the blocks' row adds the gated work and the generators; the rest is the
-    stem, the shortcut and the head; the measured MACs are the model's."""
-    tool = load_tool("analyze_model")
+    """msgc.analysis.analyze_model (tools/analyze_model.py's tables): the blocks' row adds the gated work and
+    the generators; the rest is the stem, the shortcut and the head; the measured MACs are the model's."""
     torch.manual_seed(0)
     model = build_model(tiny_cfg(cfg)).eval()
     x, _ = digits(4, seed=4)
-    result = tool.analyze(model, 16, [x])
+    result = analyze_model(model, 16, [x])
     blocks, outside = result["stages"]
     main, dgc, gen = by_hand(16)
     shortcut = 16 * 32 * 8 * 8

@@ -54,7 +54,7 @@ from msgc.engine import add_import_argument, import_user_modules
 from msgc.utils.env import check_device, cpu_description, describe_cpu
 from msgc.utils.errors import ArgumentParser, exit_on_user_error
 from msgc.deploy import deploy, native, runtimes as dense_runtimes
-from msgc.engine.train_loop import total_loss
+from msgc.engine.train_loop import backward_and_step, total_loss
 from msgc.modeling import Classifier, build_model
 from msgc.modeling.layers import MaskGenerator
 
@@ -156,8 +156,9 @@ def build(cfg, args):
     return model
 
 
-def dense_host(cfg, args, train):
-    """The dense host network (:func:`msgc.deploy.runtimes.dense_host`) and a description of it."""
+def dense_host_for_timing(cfg, args, train):
+    """The dense host network (:func:`msgc.deploy.runtimes.dense_host`) ready to time: in training mode, or
+    torchvision's with BatchNorm folded; and a description of it."""
     spec = dense_runtimes.dense_host(cfg, args.config_file, args.opts)
     net = spec.build().to(cfg.MODEL.DEVICE)
     if train:
@@ -181,22 +182,15 @@ def autocast(args):
 
 
 def train_step(net, loss_of, args):
-    """One SGD step of ``net`` on ``(x, y)``: ``loss_of(net, x, y)`` under ``--amp``, its gradient scaled
-    for float16."""
+    """One SGD step of ``net`` on ``(x, y)``: ``loss_of(net, x, y)`` under ``--amp``, then the trainers'
+    :func:`msgc.engine.backward_and_step` (the gradient scaled for float16)."""
     opt = sgd(net)
     scaler = torch.amp.GradScaler(torch.device(args.device).type) if args.amp == "float16" else None
 
     def step(x, y):
         with autocast(args):
             loss = loss_of(net, x, y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(loss, opt, scaler)
 
     return step
 
@@ -238,7 +232,7 @@ def runners(cfg, args, model):
             out["deploy"][0].deployed = deployed
     if args.compare_dense:
         train = args.mode == ["train"]
-        host, what = dense_host(cfg, args, train)
+        host, what = dense_host_for_timing(cfg, args, train)
         if train:
             host = host.to(memory_format=_memory_format(args))
             loss_of = _msgc_loss if isinstance(host, Classifier) else _dense_loss  # this project's, or torchvision's

@@ -248,14 +248,14 @@ def main(argv=None) -> dict:
                 if os.path.exists(os.path.join(run.folder, name)):
                     os.remove(os.path.join(run.folder, name))
     pending = sum(r.status == "pending" for r in runs)
-    start, cpu_start = time.perf_counter(), spectrum._children_cpu()
+    start, cpu_start = time.perf_counter(), spectrum.children_cpu()
     if args.report_only:
         for run in runs:
             if run.status == "pending":
                 run.status, run.error = "skipped", "--report-only"
     else:
         spectrum.train(runs, max(1, args.jobs), os.path.join(args.output, "logs"))
-    wall, cpu = time.perf_counter() - start, spectrum._children_cpu() - cpu_start
+    wall, cpu = time.perf_counter() - start, spectrum.children_cpu() - cpu_start
     measurements = collect(args, trained, tables)
     rows_ = rows(measurements)
     problems = [{"run": r.name, "status": r.status, "error": r.error} for r in runs if r.status != "done"]

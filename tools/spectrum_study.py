@@ -448,9 +448,9 @@ def _child_env() -> dict:
     return dict(os.environ, PYTHONPATH=path)
 
 
-def _children_cpu():
+def children_cpu():
     """CPU seconds (user + system) of the finished child processes: on a shared machine the wall time
-    says little, the CPU time what the study costs."""
+    says little, the CPU time what the study costs (the budget study reads it too)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -471,9 +471,9 @@ def main(argv=None):
                 if os.path.exists(os.path.join(run.folder, name)):
                     os.remove(os.path.join(run.folder, name))
     trained = sum(r.status == "pending" for r in runs)
-    start, cpu_start = time.perf_counter(), _children_cpu()
+    start, cpu_start = time.perf_counter(), children_cpu()
     train(runs, max(1, args.jobs), os.path.join(args.output, "logs"))
-    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
+    wall, cpu = time.perf_counter() - start, children_cpu() - cpu_start
     results = [result(r) for r in runs if r.status == "done" and r.method != "host"]
     hosts = [result(r) for r in runs if r.status == "done" and r.method == "host"]
     rows_ = rows(hosts + results, args.tolerance)

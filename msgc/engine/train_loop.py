@@ -16,7 +16,8 @@ from ..data.preprocess import to_device
 from ..utils.errors import InvalidValueError, UserError, one_line
 from ..utils.events import EventStorage, get_event_storage
 
-__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer", "NonFiniteLossError"]
+__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer", "NonFiniteLossError", "backward_and_step",
+           "total_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +197,7 @@ class SimpleTrainer(TrainerBase):
         images, labels, data_time = self.next_batch()
         outputs = self.model(images, labels)
         loss = total_loss(outputs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.write_metrics(outputs, loss, data_time)
-        self.optimizer.step()
+        backward_and_step(loss, self.optimizer, before_step=lambda: self.write_metrics(outputs, loss, data_time))
 
     def write_metrics(self, outputs: dict, loss: torch.Tensor, data_time: float):
         """Log losses and metrics of this step (this process's values); check that the loss is finite."""
@@ -228,6 +226,35 @@ def total_loss(outputs: dict) -> torch.Tensor:
     if not losses:
         raise ValueError(f"the model returned no loss (no key starting with 'loss_'): got {sorted(outputs)}")
     return sum(losses)
+
+
+def backward_and_step(loss: torch.Tensor, optimizer, grad_scaler=None, before_step=None) -> None:
+    """One optimizer step on ``loss``: the gradients cleared, the backward pass, ``before_step()``, the step.
+
+    The step of :class:`SimpleTrainer` and :class:`AMPTrainer`, and of anything that must train exactly as
+    they do (``tools/benchmark.py`` times it).
+
+    Args:
+        loss: the scalar to minimise (e.g. :func:`total_loss` of a model's outputs).
+        optimizer: the optimizer of the parameters that ``loss`` depends on.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast: the loss is scaled before the
+            backward pass, and the step unscales the gradients (skipping the step on overflow) and
+            updates the scale. None: a plain backward pass and step.
+        before_step: called after the backward pass, before the parameters change (the trainers log
+            their metrics there, and stop on a non-finite loss); None: nothing.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if grad_scaler is None:
+        loss.backward()
+    else:
+        grad_scaler.scale(loss).backward()
+    if before_step is not None:
+        before_step()
+    if grad_scaler is None:
+        optimizer.step()
+    else:
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
 
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -264,16 +291,8 @@ class AMPTrainer(SimpleTrainer):
         with torch.autocast(self.device.type, dtype=self.dtype):
             outputs = self.model(images, labels)
             loss = total_loss(outputs)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.grad_scaler is None:
-            loss.backward()
-            self.write_metrics(outputs, loss, data_time)
-            self.optimizer.step()
-        else:
-            self.grad_scaler.scale(loss).backward()
-            self.write_metrics(outputs, loss, data_time)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+        backward_and_step(loss, self.optimizer, self.grad_scaler,
+                          before_step=lambda: self.write_metrics(outputs, loss, data_time))
 
     def state_dict(self) -> dict:
         return {"grad_scaler": self.grad_scaler.state_dict()} if self.grad_scaler is not None else {}

@@ -80,7 +80,7 @@ def calibrate_gates(model, loader, budget: float, preprocess=None, tolerance: fl
     Thresholds a model already has are folded into its biases first. A model trained for a range of
     budgets (``MODEL.MSGC.BUDGET_RANGE``) gets ``budget`` as its generators' input, and the threshold
     tops it up to meet the budget exactly. The threshold found stays on the
-    gates (``Gate.threshold``): fold it into the generators' biases with
+    gates (``BinaryGate.threshold``): fold it into the generators' biases with
     :func:`msgc.modeling.fold_gate_thresholds` before saving. A model already within ``tolerance`` of the
     budget is left unchanged (threshold 0). With several processes, each evaluates its shard of
     ``loader`` and the ratios are combined exactly (:class:`ClassificationEvaluator`); every process

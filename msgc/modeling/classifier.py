@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..utils.errors import InvalidValueError
-from .layers import Gate, mask_generators, set_gate_thresholds
+from .layers import BinaryGate, mask_generators, set_gate_thresholds
 
 __all__ = ["Classifier"]
 
@@ -140,5 +140,5 @@ class Classifier(nn.Module):
 
     def gate_open_ratio(self):
         """Mean fraction of open gates over the gates of the last forward pass (None if no gate)."""
-        values = [m.last_open for m in self.modules() if isinstance(m, Gate) and hasattr(m, "last_open")]
+        values = [m.last_open for m in self.modules() if isinstance(m, BinaryGate) and hasattr(m, "last_open")]
         return torch.stack(values).mean() if values else None

@@ -95,7 +95,8 @@ class _Modules:
 @dataclass(eq=False)
 class Gate(_Modules):
     """A mask (and attention) over ``channels`` input channels of a convolution: one head (a channel
-    gate) or ``heads`` (a head gate: an MSGC convolution)."""
+    gate) or ``heads`` (a head gate: an MSGC convolution). A description: the module that opens and
+    closes channels is the mask generator's :class:`~msgc.modeling.layers.BinaryGate`."""
 
     spec: "BlockSpec"
     kind: str  # "channel" or "heads"

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from ..utils.errors import InvalidValueError
 
 __all__ = [
-    "Gate",
+    "BinaryGate",
     "Generator",
     "MaskGenerator",
     "mask_generators",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-class Gate(nn.Module):
+class BinaryGate(nn.Module):
     """Binary gate with logistic noise and a straight-through estimator.
 
     Training: ``sigmoid((logits - threshold + noise * (log u - log(1 - u))) / temperature)`` with
@@ -168,7 +168,7 @@ class MaskGenerator(Generator):
                  gate_bias=2.0, budget_range=None):
         super().__init__(in_channels, channels, heads, reduction, bias=True)
         nn.init.constant_(self.conv[3].bias, gate_bias)
-        self.gate = Gate(temperature)
+        self.gate = BinaryGate(temperature)
         self.budget_range = None if not budget_range else (float(budget_range[0]), float(budget_range[1]))
         self.budget = None
         if self.budget_range is not None:
@@ -266,7 +266,7 @@ def set_budget_inputs(model: nn.Module, budget) -> None:
 def set_gate_noise(model: nn.Module, scale: float):
     """Scale the logistic noise of every gate of ``model`` in training (1: the paper, 0: none)."""
     for m in model.modules():
-        if isinstance(m, Gate):
+        if isinstance(m, BinaryGate):
             m.noise = float(scale)
 
 

@@ -13,7 +13,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from msgc.modeling.layers import Gate
+from msgc.modeling.layers import BinaryGate
 from msgc.utils.errors import InvalidValueError
 from msgc.utils.registry import Registry
 
@@ -142,7 +142,7 @@ class MSGCDetector(nn.Module):
             self._said_no_gates = True
             logger.info("the backbone's MACs depend on no trained parameter (no gate, or frozen gates): training "
                         "without the sparsity loss loss_macs")
-        gates = [m.last_open for m in self.backbone.modules() if isinstance(m, Gate) and hasattr(m, "last_open")]
+        gates = [m.last_open for m in self.backbone.modules() if isinstance(m, BinaryGate) and hasattr(m, "last_open")]
         if gates:
             out["gate_open"] = torch.stack(gates).mean()
         return out
