@@ -22,9 +22,9 @@ def sample_budgets(budget_range: Tuple[float, float], iteration: int, n: int, se
     Every batch mixing the budgets keeps the BatchNorm statistics of training those of evaluation (the
     running statistics are a mixture over budgets either way; per-batch budgets would normalise each
     training batch with one budget's statistics). One drawn budget per batch, not one per image, makes
-    the sparsity loss of the drawn group the paper's loss at that budget: with a budget per image the
-    group is held to its targets only on average, and a model so trained undershot every budget inside
-    the range (docs/analysis.md, "Training one model for every budget")."""
+    the sparsity loss of the drawn group the paper's loss at that budget (with a budget per image the
+    group is held to its targets only on average). Either way, the budget input alone undershoots the
+    budgets inside the range (docs/analysis.md, "Training one model for every budget")."""
     lo, hi = budget_range
     drawn = random.Random(seed * 1_000_003 + iteration).uniform(lo, hi)
     return torch.tensor([(lo, hi, drawn)[j % 3] for j in range(n)], dtype=torch.float64)
