@@ -102,7 +102,8 @@ def split_key(program: Program, threads: int) -> str:
     """The plan cache's key of a program's thread choice for small batches: its convolutions' shapes
     (which fix the input size), the kernel variant and the thread count."""
     shapes = "|".join(signature(op, 1.0, program.lib.variant, threads) for _, op in program.conv_ops)
-    return f"split/{program.lib.variant}/t{threads}/{hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
+    fused = "/fused" if program.fused else ""
+    return f"split/{program.lib.variant}/t{threads}{fused}/{hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
 
 
 def _open_fraction(program: Program, stats: List[int], op: ConvOp) -> float:
@@ -121,6 +122,11 @@ def tune(program: Program, x: torch.Tensor, threads: int, cache: Optional[PlanCa
     number, kernel, tiles). Returns counts: how many choices were measured and how many came from the cache.
     """
     cache = cache if cache is not None else PlanCache()
+    with program.unfused():  # each convolution timed alone
+        return _tune(program, x, threads, cache, reps, rounds, slow)
+
+
+def _tune(program, x, threads, cache, reps, rounds, slow):
     _, stats, _ = program.run(x[:1], threads=threads, keep=True)
     stats = stats[0].tolist()
     measured = reused = 0

@@ -5,11 +5,12 @@
  * time; this kernel has no per-shape setup. */
 #include "internal.h"
 
-/* one output row oy, channels c0 .. c0 + m - 1 (m <= VL) */
-static inline __attribute__((always_inline)) void dw_row(const float *x, long ldx, int H, int W, int C,
+/* one output row oy, channels c0 .. c0 + m - 1 (m <= VL); x holds the map's rows from xr0 on, y its
+   output rows from yr0 on */
+static inline __attribute__((always_inline)) void dw_row(const float *x, long ldx, int xr0, int H, int W, int C,
                                                          const int k, const int s, int p, const float *w,
-                                                         const float *bias, float *y, long ldy, int Wo, int oy,
-                                                         int c0, int m, int act) {
+                                                         const float *bias, float *y, long ldy, int yr0, int Wo,
+                                                         int oy, int c0, int m, int act) {
   vf wv[9], b = vzero();
   for (int t = 0; t < k * k; t++) wv[t] = m == VL ? vload(w + (long)t * C + c0) : vload_part(w + (long)t * C + c0, m);
   if (bias) b = m == VL ? vload(bias + c0) : vload_part(bias + c0, m);
@@ -20,17 +21,17 @@ static inline __attribute__((always_inline)) void dw_row(const float *x, long ld
       for (int ky = 0; ky < k; ky++) {
         const int iy = oy * s - p + ky;
         if (iy < 0 || iy >= H) continue;
-        const float *xp = x + ((long)iy * W + ox0 * s - p) * ldx + c0;
+        const float *xp = x + ((long)(iy - xr0) * W + ox0 * s - p) * ldx + c0;
         for (int kx = 0; kx < k; kx++)
           for (int r = 0; r < 4; r++) acc[r] += vload(xp + (long)(r * s + kx) * ldx) * wv[ky * k + kx];
       }
-      for (int r = 0; r < 4; r++) vstore(y + ((long)oy * Wo + ox0 + r) * ldy + c0, vact(acc[r], act));
+      for (int r = 0; r < 4; r++) vstore(y + ((long)(oy - yr0) * Wo + ox0 + r) * ldy + c0, vact(acc[r], act));
       continue;
     }
     for (int ky = 0; ky < k; ky++) {
       const int iy = oy * s - p + ky;
       if (iy < 0 || iy >= H) continue;
-      const float *row = x + (long)iy * W * ldx + c0;
+      const float *row = x + (long)(iy - xr0) * W * ldx + c0;
       for (int kx = 0; kx < k; kx++) {
         const vf wk = wv[ky * k + kx];
         for (int r = 0; r < 4; r++) {
@@ -41,7 +42,7 @@ static inline __attribute__((always_inline)) void dw_row(const float *x, long ld
       }
     }
     for (int r = 0; r < nr; r++) {
-      float *yp = y + ((long)oy * Wo + ox0 + r) * ldy + c0;
+      float *yp = y + ((long)(oy - yr0) * Wo + ox0 + r) * ldy + c0;
       if (m == VL) vstore(yp, vact(acc[r], act));
       else vstore_part(yp, vact(acc[r], act), m);
     }
@@ -55,18 +56,33 @@ typedef struct {
   int H, W, C, k, s, p, Wo, nb, act;
 } dw_task;
 
-static void dw_item(void *arg, long it) {
-  const dw_task *d = arg;
+/* output row oy, the vector of channels b */
+static inline void dw_one(const float *x, long ldx, int xr0, int H, int W, int C, int k, int s, int p,
+                          const float *w, const float *bias, float *y, long ldy, int yr0, int Wo, int oy, int b,
+                          int act) {
   /* the last block of a partial vector overlaps its neighbour (the same values written twice):
      whole vectors are much faster than partial ones */
-  const int C = d->C, oy = (int)(it / d->nb), b = (int)(it % d->nb);
   const int c0 = C >= VL && VL * b > C - VL ? C - VL : VL * b, m = C - c0 < VL ? C - c0 : VL;
-  if (d->k == 3 && d->s == 1) /* constants: the tap loops unroll */
-    dw_row(d->x, d->ldx, d->H, d->W, C, 3, 1, d->p, d->w, d->bias, d->y, d->ldy, d->Wo, oy, c0, m, d->act);
-  else if (d->k == 3 && d->s == 2)
-    dw_row(d->x, d->ldx, d->H, d->W, C, 3, 2, d->p, d->w, d->bias, d->y, d->ldy, d->Wo, oy, c0, m, d->act);
+  if (k == 3 && s == 1) /* constants: the tap loops unroll */
+    dw_row(x, ldx, xr0, H, W, C, 3, 1, p, w, bias, y, ldy, yr0, Wo, oy, c0, m, act);
+  else if (k == 3 && s == 2)
+    dw_row(x, ldx, xr0, H, W, C, 3, 2, p, w, bias, y, ldy, yr0, Wo, oy, c0, m, act);
   else
-    dw_row(d->x, d->ldx, d->H, d->W, C, d->k, d->s, d->p, d->w, d->bias, d->y, d->ldy, d->Wo, oy, c0, m, d->act);
+    dw_row(x, ldx, xr0, H, W, C, k, s, p, w, bias, y, ldy, yr0, Wo, oy, c0, m, act);
+}
+
+static void dw_item(void *arg, long it) {
+  const dw_task *d = arg;
+  dw_one(d->x, d->ldx, 0, d->H, d->W, d->C, d->k, d->s, d->p, d->w, d->bias, d->y, d->ldy, 0, d->Wo,
+         (int)(it / d->nb), (int)(it % d->nb), d->act);
+}
+
+void msgc_dw_rows(const float *x, long ldx, int xr0, int H, int W, int C, int k, int s, int p, const float *w,
+                  const float *bias, float *y, long ldy, int oy0, int oy1, int act) {
+  const int Wo = out_size(W, k, s, p), nb = (C + VL - 1) / VL;
+  if (Wo <= 0 || C <= 0) return;
+  for (int oy = oy0; oy < oy1; oy++)
+    for (int b = 0; b < nb; b++) dw_one(x, ldx, xr0, H, W, C, k, s, p, w, bias, y, ldy, oy0, Wo, oy, b, act);
 }
 
 void msgc_dw_run(const float *x, long ldx, int H, int W, int C, int k, int s, int p, const float *w,

@@ -4,8 +4,10 @@ Lowering numbers the buffers and sets, lays out one sample's arena (buffers whos
 share memory), puts every weight in its kernel's layout and fills the op structs of ``msgc.h``. The
 structs keep raw pointers: the :class:`Program` holds every tensor they point into.
 """
+import contextlib
 import ctypes
-from typing import Dict, List, Tuple
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,7 +16,8 @@ from . import abi
 from .library import Library, blocked
 from .openmp import release_openmp_workers
 
-__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR"]
+__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR",
+           "fusable_blocks", "fusion_default", "FUSE_MIN_PIXELS"]
 
 _S = abi.STRUCTS
 #: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs, wide on
@@ -22,7 +25,7 @@ _S = abi.STRUCTS
 KERNEL_WIDE, KERNEL_PIXEL, KERNEL_GATHER, KERNEL_PACKED = 0, 1, 2, 3
 #: added to a tile family: the wide kernel's pixel-major work order (msgc.h)
 TILES_PIXEL_MAJOR = 16
-_OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_HEAD = range(1, 8)
+_OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_HEAD, _OP_FUSED = range(1, 9)
 #: samples of a batch that a thread runs together (at most msgc.h's MSGC_MAX_GROUP)
 GROUP = 4
 
@@ -42,8 +45,10 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _roots(graph: Graph) -> Dict[int, Tuple[int, int]]:
-    """Each root buffer's life (first op, last op) among the ops that read or write it or its views."""
+def _roots(graph: Graph, blocks: Sequence[int] = ()) -> Dict[int, Tuple[int, int]]:
+    """Each root buffer's life (first op, last op) among the ops that read or write it or its views; the
+    input of a fused block (op numbers ``blocks``) lives until the block's last op (the expansion reads
+    it stripe by stripe while the projection writes)."""
     life: Dict[int, List[int]] = {}
 
     def touch(b: Buffer, i: int):
@@ -56,12 +61,14 @@ def _roots(graph: Graph) -> Dict[int, Tuple[int, int]]:
             b = getattr(op, name, None)
             if b is not None:
                 touch(b, i)
+    for i in blocks:
+        touch(graph.ops[i].src, i + 2)
     return life
 
 
-def _layout(graph: Graph) -> Tuple[Dict[int, int], int]:
+def _layout(graph: Graph, blocks: Sequence[int] = ()) -> Tuple[Dict[int, int], int]:
     """Offsets (floats) of the root buffers in a sample's arena: first fit among the live ones."""
-    life = _roots(graph)
+    life = _roots(graph, blocks)
     size = {b.id: b.h * b.w * b.cols for b in graph.buffers}
     placed: List[Tuple[int, int, int]] = []  # (offset, size, last op)
     offsets, top = {}, 0
@@ -87,6 +94,52 @@ def _weight_floats(op) -> int:
     if isinstance(op, HeadOp):
         return op.weight.numel()
     return 0
+
+
+#: inverted residuals whose depthwise output has fewer pixels than this run unfused (their maps fit the
+#: caches anyway, and a stripe of few pixels costs more in calls than it saves)
+FUSE_MIN_PIXELS = 0
+
+
+def fusion_default() -> bool:
+    """Whether programs fuse their inverted residuals: ``MSGC_FUSE`` (``1``: yes, ``0``: no), default yes."""
+    return os.environ.get("MSGC_FUSE", "1") != "0"
+
+
+def _reads(op) -> List[Buffer]:
+    return [b for b in (getattr(op, "src", None), getattr(op, "res", None)) if b is not None]
+
+
+def fusable_blocks(graph: Graph, min_pixels: Optional[int] = None) -> List[int]:
+    """The op numbers i where ops i, i + 1, i + 2 are an inverted residual the native program can run
+    fused: an ungated 1x1 expansion (stride 1), a k x k depthwise (k <= 3) of its output, and a 1x1
+    projection (stride 1) of the depthwise's output, neither intermediate map read by anything else
+    (nor a view); only where the depthwise's output has at least ``min_pixels`` pixels
+    (:data:`FUSE_MIN_PIXELS` by default)."""
+    min_pixels = FUSE_MIN_PIXELS if min_pixels is None else min_pixels
+    ops, out = graph.ops, []
+    readers: Dict[int, int] = {}
+    for op in ops:
+        for b in _reads(op):
+            readers[b.id] = readers.get(b.id, 0) + 1
+    viewed = {b.parent.id for b in graph.buffers if b.parent is not None}
+    for i in range(len(ops) - 2):
+        e, d, p = ops[i], ops[i + 1], ops[i + 2]
+        if not (isinstance(e, ConvOp) and isinstance(d, DepthwiseOp) and isinstance(p, ConvOp)):
+            continue
+        ew, dw, pw = e.weights, d.weights, p.weights
+        if not (ew.kernel == 1 and ew.stride == 1 and ew.padding == 0 and ew.heads == 1 and e.in_set is None
+                and e.res is None and e.host_groups == 1 and d.src is e.dst and p.src is d.dst
+                and pw.kernel == 1 and pw.stride == 1 and pw.padding == 0
+                and dw.kernel <= 3 and dw.kernel > dw.stride and dw.padding < dw.kernel):
+            continue
+        if any(readers.get(b.id, 0) != 1 or b.id in viewed or b.parent is not None or b is graph.features
+               for b in (e.dst, d.dst)):
+            continue
+        if p.dst.h * p.dst.w < min_pixels:
+            continue
+        out.append(i)
+    return out
 
 
 def group_from(graph: Graph, group: int = GROUP) -> int:
@@ -115,10 +168,11 @@ def group_from(graph: Graph, group: int = GROUP) -> int:
 class Program:
     """The native program of a graph, with every tensor its structs point into."""
 
-    def __init__(self, graph: Graph, library: Library):
+    def __init__(self, graph: Graph, library: Library, fuse: Optional[bool] = None):
         self.graph, self.lib = graph, library
         self.keep: List[torch.Tensor] = []
-        offsets, top = _layout(graph)
+        fusable = fusable_blocks(graph)
+        offsets, top = _layout(graph, fusable)
         self.logits_base = top
         farena = top + graph.logits_size
         bufs = (_S["msgc_buf"] * len(graph.buffers))()
@@ -145,16 +199,60 @@ class Program:
             bucket.append(struct)
             if isinstance(op, ConvOp):
                 self.conv_ops.append((i, op))
+        # inverted residuals fused: (op number, conv index of the expansion, fused index), switched by fuse()
+        conv_index = {number: j for j, (number, _) in enumerate(self.conv_ops)}
+        dw_index = {id(op): j for j, op in enumerate(o for o in graph.ops if isinstance(o, DepthwiseOp))}
+        fused = []
+        self.blocks: List[Tuple[int, int, int]] = []
+        for i in fusable:
+            fused.append(_S["msgc_fused_op"](conv_index[i], dw_index[id(graph.ops[i + 1])], conv_index[i + 2],
+                                             int(os.environ.get("MSGC_FUSE_ROWS", "0"))))
+            self.blocks.append((i, conv_index[i], len(fused) - 1))
+        self.fused_ops = (_S["msgc_fused_op"] * len(fused))(*fused) if fused else None
         arrays = {k: (type(v[0]) * len(v))(*v) if v else None for k, v in kinds.items()}
         self.convs = arrays[ConvOp]
-        self.structs = (ops, bufs, sets, arrays)
+        self.ops = ops
+        self.structs = (ops, bufs, sets, arrays, self.fused_ops)
         self.nout = graph.classes
         self.program = _S["msgc_program"](
             len(graph.ops), ctypes.addressof(ops), *(None if arrays[k] is None else ctypes.addressof(arrays[k])
                                                       for k in (ConvOp, GatesOp, SetsOp, DepthwiseOp, AffineOp,
                                                                 PoolOp, HeadOp)),
-            len(graph.buffers), ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena,
-            self.nstats, self.nout, 1, GROUP, group_from(graph))
+            None if self.fused_ops is None else ctypes.addressof(self.fused_ops), len(graph.buffers),
+            ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena, self.nstats,
+            self.nout, 1, GROUP, group_from(graph))
+        self.fused = False
+        self.fuse(fusion_default() if fuse is None else fuse)
+
+    def fuse(self, on: bool = True) -> None:
+        """Run the inverted residuals of :attr:`blocks` fused (one op each, stripe by stripe), or as their
+        three ops. The outputs, stats and executed MACs are the same; op numbers do not change (replaying
+        the expansion's number replays the fused block while fused)."""
+        for number, conv, fused in self.blocks:
+            self.ops[number].kind, self.ops[number].index = (_OP_FUSED, fused) if on else (_OP_CONV, conv)
+        self.fused = bool(on and self.blocks)
+
+    @contextlib.contextmanager
+    def unfused(self):
+        """The program's ops one by one within the block (to time a convolution alone)."""
+        was = self.fused
+        self.fuse(False)
+        try:
+            yield self
+        finally:
+            self.fuse(was)
+
+    def fused_at(self, number: int) -> int:
+        """How many ops op ``number`` stands for while the program runs (3 for a fused block's first op,
+        0 for the others of a fused block, 1 otherwise)."""
+        if not self.fused:
+            return 1
+        for first, _, _ in self.blocks:
+            if number == first:
+                return 3
+            if first < number < first + 3:
+                return 0
+        return 1
 
     def _hold(self, t):
         if t is not None:
