@@ -123,7 +123,71 @@ def tune(program: Program, x: torch.Tensor, threads: int, cache: Optional[PlanCa
     """
     cache = cache if cache is not None else PlanCache()
     with program.unfused():  # each convolution timed alone
-        return _tune(program, x, threads, cache, reps, rounds, slow)
+        counts = _tune(program, x, threads, cache, reps, rounds, slow)
+    if program.fusing and program.blocks:
+        fused = tune_fusion(program, x, threads, cache, reps, rounds, save=not slow)
+        counts = {k: counts[k] + fused[k] for k in counts}
+    return counts
+
+
+def fusion_candidates(program: Program, k: int) -> List[Tuple[int, int]]:
+    """The projection kernels tried for fused block ``k`` of ``program``: its own (chosen for the
+    unfused op) and the wide kernel in both work orders (a stripe has few pixels for the pixel
+    kernel's planes, and the packed kernel computes more than the heads read)."""
+    number = program.blocks[k][0]
+    index = next(j for j, (n, _) in enumerate(program.conv_ops) if n == number + 2)
+    op = program.conv_ops[index][1]
+    own = (op.kernel, op.tiles)
+    return list(dict.fromkeys([own, (KERNEL_WIDE, 0), (KERNEL_WIDE, TILES_PIXEL_MAJOR)]))
+
+
+def tune_fusion(program: Program, x: torch.Tensor, threads: int, cache: PlanCache, reps: int = 3, rounds: int = 3,
+                save: bool = True) -> Dict[str, int]:
+    """Whether each inverted residual of ``program`` runs fused, and with which projection kernel: the
+    block's three ops (with their measured kernels) timed against the fused block with each of
+    :func:`fusion_candidates`, turn by turn; the fastest is kept (and cached per machine, keyed by both
+    convolutions' shapes and open fractions)."""
+    with program.unfused():
+        _, stats, _ = program.run(x[:1], threads=threads, keep=True)
+    stats = stats[0].tolist()
+    conv_index = {n: j for j, (n, _) in enumerate(program.conv_ops)}
+    measured = reused = 0
+    for k, (number, _, _) in enumerate(program.blocks):
+        e, p = program.graph.ops[number], program.graph.ops[number + 2]
+        pj = conv_index[number + 2]
+        key = ("fuse/" + signature(e, 1.0, program.lib.variant, threads) + "|"
+               + signature(p, _open_fraction(program, stats, p), program.lib.variant, threads))
+        cands = fusion_candidates(program, k)
+        hit = cache.entries.get(key)
+        if hit is not None and (not hit[0] or tuple(hit[1:3]) in cands):
+            if hit[0]:
+                program.set_kernel(pj, hit[1], hit[2])
+            program.fuse_block(k, bool(hit[0]))
+            reused += 1
+            continue
+        own = (p.kernel, p.tiles)
+        timings: Dict[tuple, float] = {}
+        for rnd in range(rounds + 1):
+            program.fuse_block(k, False)
+            program.set_kernel(pj, *own)
+            t = sum(min(program.time_op(x, j, reps if rnd else 1, threads)) for j in (number, number + 1, number + 2))
+            if rnd:
+                timings[("unfused",)] = min(timings.get(("unfused",), t), t)
+            program.fuse_block(k, True)
+            for cand in cands:
+                program.set_kernel(pj, *cand)
+                t = min(program.time_op(x, number, reps if rnd else 1, threads))
+                if rnd:
+                    timings[cand] = min(timings.get(cand, t), t)
+        best = min(timings, key=timings.get)
+        on = best != ("unfused",)
+        program.set_kernel(pj, *(best if on else own))
+        program.fuse_block(k, on)
+        cache.entries[key] = [int(on), *(best if on else own), int(timings[best])]
+        measured += 1
+    if measured and save:
+        cache.save()
+    return {"measured": measured, "cached": reused}
 
 
 def _tune(program, x, threads, cache, reps, rounds, slow):

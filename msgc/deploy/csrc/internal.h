@@ -17,7 +17,7 @@ void msgc_parallel(msgc_task_fn fn, void *ctx, long n, int nthreads);
 /* Per-thread scratch memory that grows as needed and is kept between calls: one region per slot.
  * Returns NULL if it cannot be allocated. */
 enum { SCRATCH_GATHER = 0, SCRATCH_PLANES, SCRATCH_PLAN, SCRATCH_SELECT, SCRATCH_ARENA, SCRATCH_PARTIAL,
-       SCRATCH_PACKED, SCRATCH_STRIPE, SCRATCH_EDGE, SCRATCH_SLOTS };
+       SCRATCH_PACKED, SCRATCH_STRIPE, SCRATCH_EDGE, SCRATCH_CHOSEN, SCRATCH_SLOTS };
 void *msgc_scratch(int slot, size_t bytes);
 
 /* Out-of-image taps read zeros from here (longer than any row of channels a kernel reads). */

@@ -496,6 +496,36 @@ static void fused_band(void *arg, long bi) {
   }
 }
 
+/* a one-head 1x1 convolution that computes chosen outputs as one that computes all of its own: the
+   chosen outputs' weights (both layouts) and biases copied once into scratch, so that the stripes do not
+   gather them each */
+static int choose_outputs(msgc_conv_args *a) {
+  if (!a->hd.ocounts) return MSGC_OK;
+  const int m = a->hd.ocounts[0], rows = (int)a->wt.rows, nb = (m + MSGC_BLOCK - 1) / MSGC_BLOCK;
+  const long bfloats = (long)nb * MSGC_BLOCK * rows, pfloats = (long)m * rows;
+  float *mem = msgc_scratch(SCRATCH_CHOSEN, sizeof(float) * (size_t)(bfloats + pfloats + m));
+  if (!mem) return MSGC_ENOMEM;
+  float *blk = mem, *plain = mem + bfloats, *bias = plain + pfloats;
+  const int *oc = a->hd.ocols;
+  for (int b = 0; b < nb; b++)
+    for (int r = 0; r < rows; r++)
+      for (int l = 0; l < MSGC_BLOCK; l++) {
+        const int j = b * MSGC_BLOCK + l;
+        blk[((long)b * rows + r) * MSGC_BLOCK + l] =
+            j < m ? a->wt.blocked[((long)(oc[j] / MSGC_BLOCK) * rows + r) * MSGC_BLOCK + oc[j] % MSGC_BLOCK] : 0.0f;
+      }
+  for (int j = 0; a->wt.plain && j < m; j++)
+    memcpy(plain + (long)j * rows, a->wt.plain + (long)oc[j] * rows, sizeof(float) * (size_t)rows);
+  for (int j = 0; a->wt.bias && j < m; j++) bias[j] = a->wt.bias[oc[j]];
+  a->hd.per_head = m;
+  a->hd.ocounts = 0;
+  a->hd.ocols = 0;
+  a->wt.blocked = blk;
+  a->wt.plain = a->wt.plain ? plain : 0;
+  a->wt.bias = a->wt.bias ? bias : 0;
+  return MSGC_OK;
+}
+
 static int run_fused(state *st, const msgc_fused_op *f) {
   const msgc_program *pg = st->pg;
   const msgc_conv_op *eo = &((const msgc_conv_op *)pg->convs)[f->expand];
@@ -519,6 +549,8 @@ static int run_fused(state *st, const msgc_fused_op *f) {
     return rc ? rc : run_conv(st, po);
   }
   rc = conv_args(st, po, &pa);
+  if (!rc && (ea.hd.heads != 1 || ea.hd.scale || ea.hd.counts)) rc = MSGC_EPLAN;
+  if (!rc) rc = choose_outputs(&ea);
   if (rc) return rc;
   const int c = d.c;
   int R = f->rows;

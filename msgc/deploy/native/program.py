@@ -17,7 +17,7 @@ from .library import Library, blocked
 from .openmp import release_openmp_workers
 
 __all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR",
-           "fusable_blocks", "fusion_default", "FUSE_MIN_PIXELS"]
+           "fusable_blocks", "fusion_default", "worth_fusing", "FUSE_MIN_BYTES"]
 
 _S = abi.STRUCTS
 #: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs, wide on
@@ -96,9 +96,11 @@ def _weight_floats(op) -> int:
     return 0
 
 
-#: inverted residuals whose depthwise output has fewer pixels than this run unfused (their maps fit the
-#: caches anyway, and a stripe of few pixels costs more in calls than it saves)
-FUSE_MIN_PIXELS = 0
+#: without measuring, an inverted residual runs fused where its expanded map (float32, every hidden
+#: channel) exceeds this many bytes: where it does not outgrow a core's L2 cache (14x14 and 7x7 maps,
+#: 28x28 x 192) writing it and reading it back costs little, and the stripes' few pixels per call read
+#: the weights once per stripe instead of once per map
+FUSE_MIN_BYTES = 1 << 20
 
 
 def fusion_default() -> bool:
@@ -110,13 +112,17 @@ def _reads(op) -> List[Buffer]:
     return [b for b in (getattr(op, "src", None), getattr(op, "res", None)) if b is not None]
 
 
-def fusable_blocks(graph: Graph, min_pixels: Optional[int] = None) -> List[int]:
+def worth_fusing(graph: Graph, number: int) -> bool:
+    """The rule without measuring (:data:`FUSE_MIN_BYTES`) for the block at op ``number``."""
+    e = graph.ops[number].dst
+    return e.h * e.w * e.cols * 4 > FUSE_MIN_BYTES
+
+
+def fusable_blocks(graph: Graph) -> List[int]:
     """The op numbers i where ops i, i + 1, i + 2 are an inverted residual the native program can run
     fused: an ungated 1x1 expansion (stride 1), a k x k depthwise (k <= 3) of its output, and a 1x1
     projection (stride 1) of the depthwise's output, neither intermediate map read by anything else
-    (nor a view); only where the depthwise's output has at least ``min_pixels`` pixels
-    (:data:`FUSE_MIN_PIXELS` by default)."""
-    min_pixels = FUSE_MIN_PIXELS if min_pixels is None else min_pixels
+    (nor a view)."""
     ops, out = graph.ops, []
     readers: Dict[int, int] = {}
     for op in ops:
@@ -135,8 +141,6 @@ def fusable_blocks(graph: Graph, min_pixels: Optional[int] = None) -> List[int]:
             continue
         if any(readers.get(b.id, 0) != 1 or b.id in viewed or b.parent is not None or b is graph.features
                for b in (e.dst, d.dst)):
-            continue
-        if p.dst.h * p.dst.w < min_pixels:
             continue
         out.append(i)
     return out
@@ -205,9 +209,11 @@ class Program:
         fused = []
         self.blocks: List[Tuple[int, int, int]] = []
         for i in fusable:
-            fused.append(_S["msgc_fused_op"](conv_index[i], dw_index[id(graph.ops[i + 1])], conv_index[i + 2],
-                                             int(os.environ.get("MSGC_FUSE_ROWS", "0"))))
+            fused.append(_S["msgc_fused_op"](conv_index[i], dw_index[id(graph.ops[i + 1])], conv_index[i + 2], 0))
             self.blocks.append((i, conv_index[i], len(fused) - 1))
+        #: per block of :attr:`blocks`, whether it runs fused while the program fuses (the rule, or tune's
+        #: measured choice)
+        self.block_on = [worth_fusing(graph, i) for i, _, _ in self.blocks]
         self.fused_ops = (_S["msgc_fused_op"] * len(fused))(*fused) if fused else None
         arrays = {k: (type(v[0]) * len(v))(*v) if v else None for k, v in kinds.items()}
         self.convs = arrays[ConvOp]
@@ -221,21 +227,33 @@ class Program:
             None if self.fused_ops is None else ctypes.addressof(self.fused_ops), len(graph.buffers),
             ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena, self.nstats,
             self.nout, 1, GROUP, group_from(graph))
-        self.fused = False
+        self.fusing = self.fused = False
         self.fuse(fusion_default() if fuse is None else fuse)
 
     def fuse(self, on: bool = True) -> None:
-        """Run the inverted residuals of :attr:`blocks` fused (one op each, stripe by stripe), or as their
-        three ops. The outputs, stats and executed MACs are the same; op numbers do not change (replaying
-        the expansion's number replays the fused block while fused)."""
-        for number, conv, fused in self.blocks:
-            self.ops[number].kind, self.ops[number].index = (_OP_FUSED, fused) if on else (_OP_CONV, conv)
-        self.fused = bool(on and self.blocks)
+        """Run the inverted residuals of :attr:`blocks` that :attr:`block_on` marks fused (one op each,
+        stripe by stripe), or every block as its three ops. The outputs, stats and executed MACs are the
+        same; op numbers do not change (replaying the expansion's number replays the fused block while
+        fused)."""
+        for (number, conv, fused), chosen in zip(self.blocks, self.block_on):
+            self.ops[number].kind, self.ops[number].index = (_OP_FUSED, fused) if on and chosen else (_OP_CONV, conv)
+        self.fusing = bool(on)
+        self.fused = bool(on and any(self.block_on))
+
+    def fuse_block(self, k: int, on: bool) -> None:
+        """Whether block ``k`` of :attr:`blocks` runs fused while the program fuses."""
+        self.block_on[k] = bool(on)
+        self.fuse(self.fusing)
+
+    def fuse_rows(self, rows: int) -> None:
+        """Output rows per stripe of every fused block (0: as many as fit the cache, the default)."""
+        for k in range(len(self.blocks)):
+            self.fused_ops[k].rows = rows
 
     @contextlib.contextmanager
     def unfused(self):
         """The program's ops one by one within the block (to time a convolution alone)."""
-        was = self.fused
+        was = self.fusing
         self.fuse(False)
         try:
             yield self
@@ -247,7 +265,9 @@ class Program:
         0 for the others of a fused block, 1 otherwise)."""
         if not self.fused:
             return 1
-        for first, _, _ in self.blocks:
+        for (first, _, _), on in zip(self.blocks, self.block_on):
+            if not on:
+                continue
             if number == first:
                 return 3
             if first < number < first + 3:
