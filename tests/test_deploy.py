@@ -647,3 +647,9 @@ def test_fused_inverted_residuals_equal_the_unfused_ops(cfg, attention):
         out = deployed(x)  # through the deployed model: the eval model's paper MACs
         assert program.fused and torch.equal(out["macs"], want["macs"])
         torch.testing.assert_close(out["logits"], want["logits"], rtol=0, atol=1e-4)
+    # the profile shows a fused block as one row, its depthwise and projection within it
+    from msgc.deploy.profile import profile
+
+    rows = profile(deployed, x, reps=1)
+    assert [r["kind"] for r in rows].count("fused block") == len(program.blocks)
+    assert all(rows[i + j]["ms"] == 0 and rows[i + j]["fused"] for i, _, _ in program.blocks for j in (1, 2))
