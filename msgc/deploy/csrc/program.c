@@ -396,7 +396,7 @@ static int run_head(state *st, const msgc_head_op *o, float *out) {
 /* the window and the stripe are sized for about this many bytes (the L2 cache of one core, with room
    for the stripe's inputs, weights and outputs) */
 #ifndef FUSED_BYTES
-#define FUSED_BYTES (160 * 1024)
+#define FUSED_BYTES (256 * 1024)
 #endif
 
 typedef struct {
