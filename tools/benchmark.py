@@ -407,13 +407,17 @@ def layer_rates(runs, batches):
 
     out = []
     for i, (op, row) in enumerate(zip(ops, rows)):
-        if not isinstance(op, ConvOp) or row.get("fused"):
+        if row.get("fused"):
             continue
         if row["kind"] == "fused block":
-            convs = (op, ops[i + 2])
-            macs = sum(useful_macs(c, stats, where) for c in convs) + depthwise_macs(ops[i + 1], stats, where)
+            block = ops[i:i + plan.program.fused_at(i)]
+            convs = [o for o in block if isinstance(o, ConvOp)]
+            macs = sum(useful_macs(c, stats, where) for c in convs) + sum(
+                depthwise_macs(o, stats, where) for o in block if not isinstance(o, ConvOp))
             ref, dense = sum(onednn_ms(c) for c in convs), sum(dense_macs(c) for c in convs)
         else:
+            if not isinstance(op, ConvOp):
+                continue
             macs, ref, dense = useful_macs(op, stats, where), onednn_ms(op), dense_macs(op)
         out.append({"scope": row["scope"], "op": row["op"], "kernel": row.get("kernel", ""), "kind": row["kind"],
                     "macs": macs, "ms": row["ms"], "gmacs": macs / row["ms"] / 1e6, "onednn_ms": ref,

@@ -51,8 +51,8 @@ def kernel_name(op: ConvOp) -> str:
 def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
     """Per op of ``deployed``'s native program on ``images[:1]``: ``scope`` (block), ``kind``, ``op``
     (kind and shape), ``ms`` (median of ``reps`` replays), and for convolutions the kernel chosen. A fused
-    inverted residual is one row, at its expansion's place (kind ``fused block``, the three ops' time);
-    its depthwise and projection follow with ``ms`` 0 and ``fused`` set."""
+    inverted residual is one row, at its first op's place (kind ``fused block``, the block's time); its
+    other ops follow with ``ms`` 0 and ``fused`` set."""
     if not deployed.native:
         raise ValueError("profile: the deployed model does not run the native program (deploy with native=True)")
     with torch.no_grad():
@@ -68,9 +68,10 @@ def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
             row = {"scope": scope, "kind": kind(op), "op": describe(op), "ms": ms}
             if isinstance(op, ConvOp):
                 row["kernel"] = kernel_name(op)
-            if span == 3:
-                row.update(kind="fused block", kernel=f"{kernel_name(op)} + {kernel_name(ops[i + 2])}",
-                           op=f"fused {describe(op)}, {describe(ops[i + 1])}, {describe(ops[i + 2])}")
+            if span > 1:
+                block = ops[i:i + span]
+                row.update(kind="fused block", op="fused " + ", ".join(describe(o) for o in block),
+                           kernel=" + ".join(kernel_name(o) for o in block if isinstance(o, ConvOp)))
             if span == 0:
                 row["fused"] = True
             rows.append(row)

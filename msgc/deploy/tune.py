@@ -134,8 +134,8 @@ def fusion_candidates(program: Program, k: int) -> List[Tuple[int, int]]:
     """The projection kernels tried for fused block ``k`` of ``program``: its own (chosen for the
     unfused op) and the wide kernel in both work orders (a stripe has few pixels for the pixel
     kernel's planes, and the packed kernel computes more than the heads read)."""
-    number = program.blocks[k][0]
-    index = next(j for j, (n, _) in enumerate(program.conv_ops) if n == number + 2)
+    b = program.blocks[k]
+    index = next(j for j, (n, _) in enumerate(program.conv_ops) if n == b.number + b.span - 1)
     op = program.conv_ops[index][1]
     own = (op.kernel, op.tiles)
     return list(dict.fromkeys([own, (KERNEL_WIDE, 0), (KERNEL_WIDE, TILES_PIXEL_MAJOR)]))
@@ -152,11 +152,13 @@ def tune_fusion(program: Program, x: torch.Tensor, threads: int, cache: PlanCach
     stats = stats[0].tolist()
     conv_index = {n: j for j, (n, _) in enumerate(program.conv_ops)}
     measured = reused = 0
-    for k, (number, _, _) in enumerate(program.blocks):
-        e, p = program.graph.ops[number], program.graph.ops[number + 2]
-        pj = conv_index[number + 2]
-        key = ("fuse/" + signature(e, 1.0, program.lib.variant, threads) + "|"
-               + signature(p, _open_fraction(program, stats, p), program.lib.variant, threads))
+    for k, block in enumerate(program.blocks):
+        number, last = block.number, block.number + block.span - 1
+        e, p = program.graph.ops[number], program.graph.ops[last]
+        pj = conv_index[last]
+        first = signature(e, 1.0, program.lib.variant, threads) if block.span == 3 else (
+            f"dw{e.weights.kernel}s{e.weights.stride}/{e.h}x{e.w}/c{e.weights.out_channels}")
+        key = f"fuse/{first}|" + signature(p, _open_fraction(program, stats, p), program.lib.variant, threads)
         cands = fusion_candidates(program, k)
         hit = cache.entries.get(key)
         if hit is not None and (not hit[0] or tuple(hit[1:3]) in cands):
@@ -170,7 +172,7 @@ def tune_fusion(program: Program, x: torch.Tensor, threads: int, cache: PlanCach
         for rnd in range(rounds + 1):
             program.fuse_block(k, False)
             program.set_kernel(pj, *own)
-            t = sum(min(program.time_op(x, j, reps if rnd else 1, threads)) for j in (number, number + 1, number + 2))
+            t = sum(min(program.time_op(x, j, reps if rnd else 1, threads)) for j in range(number, last + 1))
             if rnd:
                 timings[("unfused",)] = min(timings.get(("unfused",), t), t)
             program.fuse_block(k, True)

@@ -151,12 +151,13 @@ typedef const void *cv;
  * written to the sample's outputs */
 #define MSGC_HEAD_OP(X) X(i32, src) X(cf, weight) X(cf, bias) X(i32, classes)
 
-/* an inverted residual fused (MSGC_OP_FUSED, in the place of its expansion): the 1x1 expansion, depthwise
+/* an inverted residual fused (MSGC_OP_FUSED, in the place of its first op): the 1x1 expansion, depthwise
  * and 1x1 projection of program ops op, op + 1, op + 2 (conv, dw and conv ops number expand, dw,
- * project), computed stripe by stripe of `rows` output rows (0: sized for the cache), the expanded and
- * depthwise rows of a stripe in the thread's scratch; each thread takes a band of stripes. The op
- * stands for the three (the run goes on at op + 3); each of them still runs alone where it is replayed
- * by number. Decisions (which channels each computes) and executed MACs are those of the three ops. */
+ * project; expand -1: a block without expansion, its depthwise and projection ops op, op + 1),
+ * computed stripe by stripe of `rows` output rows (0: sized for the cache), the expanded and depthwise
+ * rows of a stripe in the thread's scratch; each thread takes a band of stripes. The op stands for the
+ * block's ops (the run goes on after them); each of them still runs alone where it is replayed by
+ * number. Decisions (which channels each computes) and executed MACs are those of the ops. */
 #define MSGC_FUSED_OP(X) X(i32, expand) X(i32, dw) X(i32, project) X(i32, rows)
 
 /* input_nchw: the samples are images (C x H x W, planar), copied into buffer 0 (HW x C, in the arena);

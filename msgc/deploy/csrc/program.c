@@ -391,7 +391,8 @@ static int run_head(state *st, const msgc_head_op *o, float *out) {
  * depthwise taps read; rows the previous stripe read too are kept), the depthwise computes the stripe's
  * rows from the window, the projection the stripe's outputs from those. Expanded rows that the
  * depthwise of two bands reads (k - s rows at each boundary) are computed first, once, into a shared
- * buffer: every expanded row is computed exactly once, so the executed MACs are the unfused ops'. */
+ * buffer: every expanded row is computed exactly once, so the executed MACs are the unfused ops'. A
+ * block without expansion (expand -1: its depthwise and projection) reads the block's input in place. */
 
 /* the window and the stripe are sized for about this many bytes (the L2 cache of one core, with room
    for the stripe's inputs, weights and outputs) */
@@ -447,9 +448,32 @@ static void fused_edge(void *arg, long i) { /* the expanded rows of boundary i +
   if (rc) t->rc = rc;
 }
 
+/* a block without expansion: the depthwise reads the block's input in place */
+static void fused_band_dw(fused_task *t, int A, int B, long *exec) {
+  float *D = msgc_scratch(SCRATCH_STRIPE, sizeof(float) * (size_t)t->R * t->Wo * t->c);
+  if (!D) {
+    t->rc = MSGC_ENOMEM;
+    return;
+  }
+  for (int a = A; a < B; a += t->R) {
+    const int b = imin(B, a + t->R);
+    msgc_dw_rows(t->d->x, t->d->ldx, 0, t->H, t->W, t->c, t->k, t->s, t->p, t->d->w, t->d->bias, D, t->c, a, b,
+                 t->dw->act);
+    const int rc = project_rows(t, a, b, D, exec);
+    if (rc) {
+      t->rc = rc;
+      return;
+    }
+  }
+}
+
 static void fused_band(void *arg, long bi) {
   fused_task *t = arg;
   const int A = t->band[bi], B = t->band[bi + 1], W = t->W, c = t->c, k = t->k, s = t->s, p = t->p;
+  if (!t->ea) {
+    fused_band_dw(t, A, B, &t->exec[bi]);
+    return;
+  }
   const long row = (long)W * c;
   const int win = (t->R - 1) * s + k;
   float *E = msgc_scratch(SCRATCH_STRIPE, sizeof(float) * ((size_t)win * row + (size_t)t->R * t->Wo * c));
@@ -528,41 +552,42 @@ static int choose_outputs(msgc_conv_args *a) {
 
 static int run_fused(state *st, const msgc_fused_op *f) {
   const msgc_program *pg = st->pg;
-  const msgc_conv_op *eo = &((const msgc_conv_op *)pg->convs)[f->expand];
+  const int expands = f->expand >= 0;
+  const msgc_conv_op *eo = expands ? &((const msgc_conv_op *)pg->convs)[f->expand] : 0;
   const msgc_conv_op *po = &((const msgc_conv_op *)pg->convs)[f->project];
   const msgc_dw_op *dw = &((const msgc_dw_op *)pg->dws)[f->dw];
   msgc_conv_args ea, pa;
   dw_args d;
-  int rc = conv_args(st, eo, &ea);
+  int rc = expands ? conv_args(st, eo, &ea) : MSGC_OK;
   if (!rc) rc = dw_prepare(st, dw, &d, 1);
   if (rc) return rc;
   const int k = dw->g.k, s = dw->g.s, p = dw->g.p, H = dw->g.h, W = dw->g.w;
   const int Ho = out_size(H, k, s, p), Wo = out_size(W, k, s, p);
-  const bufrt *e = &st->b[eo->dst];
-  /* the three ops one after the other where the stripes do not apply: a depthwise on a copy of some of
-     its input's columns, a geometry other than 1x1, k x k (k <= 3, k - s rows shared by two stripes), 1x1 */
-  if (d.copy || e->cols != d.c || eo->g.k != 1 || eo->g.s != 1 || eo->g.p != 0 || po->g.k != 1 ||
-      po->g.s != 1 || po->g.p != 0 || eo->g.h != H || eo->g.w != W || po->g.h != Ho || po->g.w != Wo ||
-      k - s <= 0 || k > 3 || p > k - 1 || Ho < 1 || Wo < 1) {
-    rc = msgc_conv(&ea);
+  /* the ops one after the other where the stripes do not apply: a depthwise on a copy of some of its
+     input's columns, a geometry other than 1x1, k x k (k <= 3, k - s rows shared by two stripes), 1x1 */
+  if (d.copy || (expands && (st->b[eo->dst].cols != d.c || eo->g.k != 1 || eo->g.s != 1 || eo->g.p != 0 ||
+                             eo->g.h != H || eo->g.w != W)) ||
+      po->g.k != 1 || po->g.s != 1 || po->g.p != 0 || po->g.h != Ho || po->g.w != Wo || k - s <= 0 || k > 3 ||
+      p > k - 1 || Ho < 1 || Wo < 1) {
+    rc = expands ? msgc_conv(&ea) : MSGC_OK;
     if (!rc) rc = run_dw(st, dw);
     return rc ? rc : run_conv(st, po);
   }
   rc = conv_args(st, po, &pa);
-  if (!rc && (ea.hd.heads != 1 || ea.hd.scale || ea.hd.counts)) rc = MSGC_EPLAN;
-  if (!rc) rc = choose_outputs(&ea);
+  if (!rc && expands && (ea.hd.heads != 1 || ea.hd.scale || ea.hd.counts)) rc = MSGC_EPLAN;
+  if (!rc && expands) rc = choose_outputs(&ea);
   if (rc) return rc;
   const int c = d.c;
   int R = f->rows;
   if (R <= 0) { /* the most rows whose window and stripe fit FUSED_BYTES */
-    const long in_row = sizeof(float) * (long)W * c, out_row = sizeof(float) * (long)Wo * c;
+    const long in_row = expands ? sizeof(float) * (long)W * c : 0, out_row = sizeof(float) * (long)Wo * c;
     for (R = 1; R < Ho && ((long)R * s + k) * in_row + (R + 1) * out_row <= FUSED_BYTES;) R++;
   }
   R = imin(R, Ho);
   /* a band per thread, at least 2 output rows each (so that no expanded row is shared by three bands) */
   int nb = st->nthreads > 1 ? st->nthreads : 1;
   nb = imax(1, imin(nb, Ho / 2));
-  const long edge_floats = (long)(k - s) * W * c;
+  const long edge_floats = expands ? (long)(k - s) * W * c : 0;
   const size_t head = sizeof(long) * (size_t)(2 * nb) + sizeof(int) * (size_t)(nb + 2);
   const size_t at = (head + 63) / 64 * 64;
   char *mem = msgc_scratch(SCRATCH_EDGE, at + sizeof(float) * (size_t)((nb - 1) * edge_floats));
@@ -571,9 +596,9 @@ static int run_fused(state *st, const msgc_fused_op *f) {
   int *band = (int *)(exec + 2 * nb);
   for (int i = 0; i < 2 * nb; i++) exec[i] = 0;
   for (int i = 0; i <= nb; i++) band[i] = (int)((long)i * Ho / nb);
-  fused_task t = {&ea, &pa, &d, dw, H, W, Ho, Wo, k, s, p, c, R, nb, band, (float *)(mem + at), edge_floats, exec,
-                  MSGC_OK};
-  if (nb > 1) msgc_parallel(fused_edge, &t, nb - 1, st->nthreads);
+  fused_task t = {expands ? &ea : 0, &pa, &d, dw, H, W, Ho, Wo, k, s, p, c, R, nb, band, (float *)(mem + at),
+                  edge_floats, exec, MSGC_OK};
+  if (expands && nb > 1) msgc_parallel(fused_edge, &t, nb - 1, st->nthreads);
   if (!t.rc) msgc_parallel(fused_band, &t, nb, st->nthreads);
   if (t.rc) return t.rc;
   for (int i = 0; i < 2 * nb - 1; i++) st->executed += exec[i];
@@ -584,7 +609,8 @@ static int run_fused(state *st, const msgc_fused_op *f) {
 /* how many program ops op i stands for */
 static int op_span(const msgc_program *pg, int i) {
   const msgc_op *op = &((const msgc_op *)pg->ops)[i];
-  return op->kind == MSGC_OP_FUSED ? 3 : 1;
+  if (op->kind != MSGC_OP_FUSED) return 1;
+  return ((const msgc_fused_op *)pg->fused)[op->index].expand >= 0 ? 3 : 2;
 }
 
 static int run_op(state *st, int i, float *feats) {

@@ -7,7 +7,7 @@ structs keep raw pointers: the :class:`Program` holds every tensor they point in
 import contextlib
 import ctypes
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ from .library import Library, blocked
 from .openmp import release_openmp_workers
 
 __all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR",
-           "fusable_blocks", "fusion_default", "worth_fusing", "FUSE_MIN_BYTES"]
+           "FusedBlock", "fusable_blocks", "fusion_default", "worth_fusing", "FUSE_MIN_BYTES"]
 
 _S = abi.STRUCTS
 #: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs, wide on
@@ -45,7 +45,7 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _roots(graph: Graph, blocks: Sequence[int] = ()) -> Dict[int, Tuple[int, int]]:
+def _roots(graph: Graph, blocks: Sequence[Tuple[int, int]] = ()) -> Dict[int, Tuple[int, int]]:
     """Each root buffer's life (first op, last op) among the ops that read or write it or its views; the
     input of a fused block (op numbers ``blocks``) lives until the block's last op (the expansion reads
     it stripe by stripe while the projection writes)."""
@@ -61,12 +61,12 @@ def _roots(graph: Graph, blocks: Sequence[int] = ()) -> Dict[int, Tuple[int, int
             b = getattr(op, name, None)
             if b is not None:
                 touch(b, i)
-    for i in blocks:
-        touch(graph.ops[i].src, i + 2)
+    for i, span in blocks:
+        touch(graph.ops[i].src, i + span - 1)
     return life
 
 
-def _layout(graph: Graph, blocks: Sequence[int] = ()) -> Tuple[Dict[int, int], int]:
+def _layout(graph: Graph, blocks: Sequence[Tuple[int, int]] = ()) -> Tuple[Dict[int, int], int]:
     """Offsets (floats) of the root buffers in a sample's arena: first fit among the live ones."""
     life = _roots(graph, blocks)
     size = {b.id: b.h * b.w * b.cols for b in graph.buffers}
@@ -112,37 +112,62 @@ def _reads(op) -> List[Buffer]:
     return [b for b in (getattr(op, "src", None), getattr(op, "res", None)) if b is not None]
 
 
+class FusedBlock(NamedTuple):
+    """An inverted residual of a program: ops ``number`` .. ``number + span - 1`` (span 3: expansion,
+    depthwise, projection; span 2: depthwise, projection), the first op's own kind and index (unfused)
+    and the block's index among the fused ops."""
+
+    number: int
+    span: int
+    kind: int
+    index: int
+    fused: int
+
+
 def worth_fusing(graph: Graph, number: int) -> bool:
-    """The rule without measuring (:data:`FUSE_MIN_BYTES`) for the block at op ``number``."""
-    e = graph.ops[number].dst
-    return e.h * e.w * e.cols * 4 > FUSE_MIN_BYTES
+    """The rule without measuring (:data:`FUSE_MIN_BYTES`) for the block at op ``number``: its largest
+    intermediate map (the expanded one, or the depthwise's output of a block without expansion)."""
+    b = graph.ops[number].dst
+    return b.h * b.w * b.cols * 4 > FUSE_MIN_BYTES
 
 
-def fusable_blocks(graph: Graph) -> List[int]:
-    """The op numbers i where ops i, i + 1, i + 2 are an inverted residual the native program can run
-    fused: an ungated 1x1 expansion (stride 1), a k x k depthwise (k <= 3) of its output, and a 1x1
-    projection (stride 1) of the depthwise's output, neither intermediate map read by anything else
-    (nor a view)."""
+def fusable_blocks(graph: Graph) -> List[Tuple[int, int]]:
+    """(op number i, span) of each inverted residual the native program can run fused: ops i, i + 1,
+    i + 2 an ungated 1x1 expansion (stride 1), a k x k depthwise (k <= 3, k > stride) of its output and a
+    1x1 projection (stride 1) of the depthwise's output (span 3), or, without expansion, ops i, i + 1
+    the depthwise and the projection (span 2); no intermediate map read by anything else (nor a view)."""
     ops, out = graph.ops, []
     readers: Dict[int, int] = {}
     for op in ops:
         for b in _reads(op):
             readers[b.id] = readers.get(b.id, 0) + 1
     viewed = {b.parent.id for b in graph.buffers if b.parent is not None}
-    for i in range(len(ops) - 2):
-        e, d, p = ops[i], ops[i + 1], ops[i + 2]
-        if not (isinstance(e, ConvOp) and isinstance(d, DepthwiseOp) and isinstance(p, ConvOp)):
-            continue
-        ew, dw, pw = e.weights, d.weights, p.weights
-        if not (ew.kernel == 1 and ew.stride == 1 and ew.padding == 0 and ew.heads == 1 and e.in_set is None
-                and e.res is None and e.host_groups == 1 and d.src is e.dst and p.src is d.dst
-                and pw.kernel == 1 and pw.stride == 1 and pw.padding == 0
-                and dw.kernel <= 3 and dw.kernel > dw.stride and dw.padding < dw.kernel):
-            continue
-        if any(readers.get(b.id, 0) != 1 or b.id in viewed or b.parent is not None or b is graph.features
-               for b in (e.dst, d.dst)):
-            continue
-        out.append(i)
+    def one_reader(*bufs):
+        return not any(readers.get(b.id, 0) != 1 or b.id in viewed or b.parent is not None or b is graph.features
+                       for b in bufs)
+
+    def pair(d, p):  # a depthwise and the 1x1 projection of its output
+        if not (isinstance(d, DepthwiseOp) and isinstance(p, ConvOp)):
+            return False
+        dw, pw = d.weights, p.weights
+        return (p.src is d.dst and pw.kernel == 1
+                and pw.stride == 1 and pw.padding == 0 and dw.kernel <= 3 and dw.kernel > dw.stride
+                and dw.padding < dw.kernel)
+
+    i = 0
+    while i < len(ops) - 1:
+        e = ops[i]
+        if (isinstance(e, ConvOp) and i + 2 < len(ops) and pair(ops[i + 1], ops[i + 2]) and ops[i + 1].src is e.dst
+                and e.weights.kernel == 1 and e.weights.stride == 1 and e.weights.padding == 0
+                and e.weights.heads == 1 and e.in_set is None and e.res is None and e.host_groups == 1
+                and one_reader(e.dst, ops[i + 1].dst)):
+            out.append((i, 3))
+            i += 3
+        elif pair(e, ops[i + 1]) and one_reader(e.dst):
+            out.append((i, 2))
+            i += 2
+        else:
+            i += 1
     return out
 
 
@@ -203,17 +228,19 @@ class Program:
             bucket.append(struct)
             if isinstance(op, ConvOp):
                 self.conv_ops.append((i, op))
-        # inverted residuals fused: (op number, conv index of the expansion, fused index), switched by fuse()
+        # inverted residuals fused, switched by fuse()
         conv_index = {number: j for j, (number, _) in enumerate(self.conv_ops)}
         dw_index = {id(op): j for j, op in enumerate(o for o in graph.ops if isinstance(o, DepthwiseOp))}
         fused = []
-        self.blocks: List[Tuple[int, int, int]] = []
-        for i in fusable:
-            fused.append(_S["msgc_fused_op"](conv_index[i], dw_index[id(graph.ops[i + 1])], conv_index[i + 2], 0))
-            self.blocks.append((i, conv_index[i], len(fused) - 1))
+        self.blocks: List[FusedBlock] = []
+        for i, span in fusable:
+            first = i if span == 3 else -1
+            fused.append(_S["msgc_fused_op"](conv_index[first] if span == 3 else -1,
+                                             dw_index[id(graph.ops[i + span - 2])], conv_index[i + span - 1], 0))
+            self.blocks.append(FusedBlock(i, span, ops[i].kind, ops[i].index, len(fused) - 1))
         #: per block of :attr:`blocks`, whether it runs fused while the program fuses (the rule, or tune's
         #: measured choice)
-        self.block_on = [worth_fusing(graph, i) for i, _, _ in self.blocks]
+        self.block_on = [worth_fusing(graph, b.number) for b in self.blocks]
         self.fused_ops = (_S["msgc_fused_op"] * len(fused))(*fused) if fused else None
         arrays = {k: (type(v[0]) * len(v))(*v) if v else None for k, v in kinds.items()}
         self.convs = arrays[ConvOp]
@@ -235,8 +262,9 @@ class Program:
         stripe by stripe), or every block as its three ops. The outputs, stats and executed MACs are the
         same; op numbers do not change (replaying the expansion's number replays the fused block while
         fused)."""
-        for (number, conv, fused), chosen in zip(self.blocks, self.block_on):
-            self.ops[number].kind, self.ops[number].index = (_OP_FUSED, fused) if on and chosen else (_OP_CONV, conv)
+        for b, chosen in zip(self.blocks, self.block_on):
+            self.ops[b.number].kind, self.ops[b.number].index = (_OP_FUSED, b.fused) if on and chosen else (b.kind,
+                                                                                                          b.index)
         self.fusing = bool(on)
         self.fused = bool(on and any(self.block_on))
 
@@ -261,16 +289,16 @@ class Program:
             self.fuse(was)
 
     def fused_at(self, number: int) -> int:
-        """How many ops op ``number`` stands for while the program runs (3 for a fused block's first op,
-        0 for the others of a fused block, 1 otherwise)."""
+        """How many ops op ``number`` stands for while the program runs (a fused block's span for its first
+        op, 0 for its others, 1 otherwise)."""
         if not self.fused:
             return 1
-        for (first, _, _), on in zip(self.blocks, self.block_on):
+        for b, on in zip(self.blocks, self.block_on):
             if not on:
                 continue
-            if number == first:
-                return 3
-            if first < number < first + 3:
+            if number == b.number:
+                return b.span
+            if b.number < number < b.number + b.span:
                 return 0
         return 1
 
