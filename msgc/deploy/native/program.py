@@ -97,10 +97,10 @@ def _weight_floats(op) -> int:
 
 
 #: without measuring, an inverted residual runs fused where its expanded map (float32, every hidden
-#: channel) exceeds this many bytes: where it does not outgrow a core's L2 cache (14x14 and 7x7 maps,
-#: 28x28 x 192) writing it and reading it back costs little, and the stripes' few pixels per call read
-#: the weights once per stripe instead of once per map
-FUSE_MIN_BYTES = 1 << 20
+#: channel; without expansion the depthwise's output) exceeds this many bytes (a core's L2 cache on Zen
+#: 3): where it fits (14x14 and 7x7 maps) writing it and reading it back costs little, and the stripes'
+#: few pixels per call read the weights once per stripe instead of once per map
+FUSE_MIN_BYTES = 1 << 19
 
 
 def fusion_default() -> bool:
