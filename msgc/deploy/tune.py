@@ -143,10 +143,11 @@ def fusion_candidates(program: Program, k: int) -> List[Tuple[int, int]]:
 
 def tune_fusion(program: Program, x: torch.Tensor, threads: int, cache: PlanCache, reps: int = 3, rounds: int = 3,
                 save: bool = True) -> Dict[str, int]:
-    """Whether each inverted residual of ``program`` runs fused, and with which projection kernel: the
-    block's three ops (with their measured kernels) timed against the fused block with each of
-    :func:`fusion_candidates`, turn by turn; the fastest is kept (and cached per machine, keyed by both
-    convolutions' shapes and open fractions)."""
+    """Whether each inverted residual of ``program`` runs fused, and with which kernels: the block's ops
+    (with their measured kernels) timed against the fused block with each of :func:`fusion_candidates`
+    for the projection, turn by turn; where fused is fastest, then the fused block with each wide tile
+    family and work order for the expansion (its stripes have fewer pixels than its map). The fastest is
+    kept (and cached per machine, keyed by both convolutions' shapes and open fractions)."""
     with program.unfused():
         _, stats, _ = program.run(x[:1], threads=threads, keep=True)
     stats = stats[0].tolist()
@@ -160,10 +161,16 @@ def tune_fusion(program: Program, x: torch.Tensor, threads: int, cache: PlanCach
             f"dw{e.weights.kernel}s{e.weights.stride}/{e.h}x{e.w}/c{e.weights.out_channels}")
         key = f"fuse/{first}|" + signature(p, _open_fraction(program, stats, p), program.lib.variant, threads)
         cands = fusion_candidates(program, k)
+        ej = conv_index[number] if block.span == 3 else None
+        ecands = [(e.kernel, e.tiles)] + [(KERNEL_WIDE, f + order) for f in range(program.lib.tile_families)
+                                          for order in (0, TILES_PIXEL_MAJOR)] if ej is not None else []
+        ecands = list(dict.fromkeys(ecands))
         hit = cache.entries.get(key)
-        if hit is not None and (not hit[0] or tuple(hit[1:3]) in cands):
+        if hit is not None and (not hit[0] or (tuple(hit[1:3]) in cands and (ej is None or tuple(hit[4:6]) in ecands))):
             if hit[0]:
                 program.set_kernel(pj, hit[1], hit[2])
+                if ej is not None:
+                    program.set_kernel(ej, hit[4], hit[5])
             program.fuse_block(k, bool(hit[0]))
             reused += 1
             continue
@@ -185,7 +192,21 @@ def tune_fusion(program: Program, x: torch.Tensor, threads: int, cache: PlanCach
         on = best != ("unfused",)
         program.set_kernel(pj, *(best if on else own))
         program.fuse_block(k, on)
-        cache.entries[key] = [int(on), *(best if on else own), int(timings[best])]
+        entry = [int(on), *(best if on else own), int(timings[best])]
+        if on and ej is not None:  # the expansion's kernel on the stripes
+            etimes: Dict[tuple, float] = {}
+            for rnd in range(rounds + 1):
+                for cand in ecands:
+                    program.set_kernel(ej, *cand)
+                    t = min(program.time_op(x, number, reps if rnd else 1, threads))
+                    if rnd:
+                        etimes[cand] = min(etimes.get(cand, t), t)
+            ebest = min(etimes, key=etimes.get)
+            program.set_kernel(ej, *ebest)
+            entry = [1, *best, int(etimes[ebest]), *ebest]
+        elif ej is not None:
+            entry += [e.kernel, e.tiles]
+        cache.entries[key] = entry
         measured += 1
     if measured and save:
         cache.save()
