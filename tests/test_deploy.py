@@ -604,3 +604,54 @@ def test_a_call_on_two_threads_ends_pytorchs_idle_openmp_team_first(cfg, monkeyp
     base, with_team, ok, released, restarted = map(int, out[:5])
     assert with_team > base and ok == 1 and released < with_team and restarted > released, out
     assert out[5] == "True"
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernels")
+@pytest.mark.parametrize("attention", ["none", "channel"])
+def test_fused_inverted_residuals_equal_the_unfused_ops(cfg, attention):
+    """MobileNetV2's inverted residuals fused (expansion, depthwise and projection stripe by stripe, the
+    first block's depthwise and projection; threads taking bands of rows: msgc/deploy/csrc/program.c)
+    give the outputs, stats and executed MACs of their ops one after the other: stride-1 and stride-2
+    blocks on odd and even maps, one stripe per block or stripes of 1 to 3 rows, on 1 and 2 threads
+    (bands, the rows two bands share computed once), batches of 1 and 3, every projection kernel."""
+    from msgc.deploy.native.program import KERNEL_GATHER, KERNEL_PACKED, KERNEL_PIXEL, KERNEL_WIDE
+
+    model = randomize(small(cfg, "msgc_mobilenetv2", "msgc", attention))
+    for size in (17, 16):
+        g = torch.Generator().manual_seed(size)
+        x = torch.randn(3, 3, size, size, generator=g) + 2 * torch.randn(3, 3, 1, 1, generator=g)
+        with torch.no_grad():
+            want = model(x)
+        deployed = deploy(model, tune=False)
+        program = deployed.plan(x).program
+        strides = {program.graph.ops[b.number + b.span - 2].weights.stride for b in program.blocks}
+        assert [b.span for b in program.blocks] == [2] + [3] * 16 and strides == {1, 2}
+        program.block_on = [True] * len(program.blocks)  # the rule leaves such small maps unfused
+        last = {b.number + b.span - 1 for b in program.blocks}
+        projections = [j for j, (n, _) in enumerate(program.conv_ops) if n in last]
+        for kernel in (KERNEL_PIXEL, KERNEL_WIDE, KERNEL_PACKED, KERNEL_GATHER):
+            for j in projections:
+                program.set_kernel(j, kernel, 0)
+            for threads in (1, 2):
+                for n in (1, 3):
+                    batch = x[:n].contiguous()
+                    program.fuse(False)
+                    logits, stats, executed = program.run(batch, threads=threads)
+                    for rows in (0, 1, 2, 3):
+                        program.fuse(True)
+                        program.fuse_rows(rows)
+                        got = program.run(batch, threads=threads)
+                        torch.testing.assert_close(got[0], logits, rtol=0, atol=1e-6)
+                        assert torch.equal(got[1], stats) and torch.equal(got[2], executed)
+                        torch.testing.assert_close(got[0], want["logits"][:n], rtol=0, atol=1e-4)
+        program.fuse_rows(0)
+        out = deployed(x)  # through the deployed model: the eval model's paper MACs
+        assert program.fused and torch.equal(out["macs"], want["macs"])
+        torch.testing.assert_close(out["logits"], want["logits"], rtol=0, atol=1e-4)
+    # the profile shows a fused block as one row, its depthwise and projection within it
+    from msgc.deploy.profile import profile
+
+    rows = profile(deployed, x, reps=1)
+    assert [r["kind"] for r in rows].count("fused block") == len(program.blocks)
+    assert all(rows[j]["ms"] == 0 and rows[j]["fused"] for b in program.blocks
+               for j in range(b.number + 1, b.number + b.span))

@@ -365,9 +365,21 @@ def onednn_ms(op, reps=20) -> float:
     return statistics.median(times)
 
 
+def depthwise_macs(op, stats, where) -> float:
+    """The multiply-adds of a depthwise convolution on the channels it computes (the union of its set)."""
+    wt = op.weights
+    ho, wo = op.dst.h, op.dst.w
+    c = wt.out_channels
+    if op.set is not None and op.set.masked:
+        c = stats[where[op.set] + op.set.heads]
+    return float(ho * wo * c * wt.kernel ** 2)
+
+
 def layer_rates(runs, batches):
     """Every convolution of the deployed program on one image: the MACs its gates leave, its time alone
-    and rate, and oneDNN's time and rate on the dense layer of the same shape."""
+    and rate, and oneDNN's time and rate on the dense layer of the same shape. A fused inverted residual
+    is one row (its expansion, depthwise and projection: kind ``fused block``), against oneDNN's two 1x1
+    convolutions of its shape (the depthwise left out of oneDNN's time and MACs)."""
     from msgc.deploy.graph import ConvOp
     from msgc.deploy.profile import profile
 
@@ -380,19 +392,32 @@ def layer_rates(runs, batches):
     _, stats, _ = plan.program.run(x.float().contiguous())
     stats = stats[0].tolist()
     where = dict(plan.graph.stats_layout())
-    out = []
-    for op, row in zip(plan.graph.ops, rows):
-        if not isinstance(op, ConvOp):
-            continue
+    ops = plan.graph.ops
+
+    def dense_macs(op):
         wt = op.weights
         ho, wo = op.out_hw
-        dense_macs = float(ho * wo * wt.out_channels * wt.in_channels * wt.kernel ** 2)
-        macs, ref = useful_macs(op, stats, where), onednn_ms(op)
+        return float(ho * wo * wt.out_channels * wt.in_channels * wt.kernel ** 2)
+
+    out = []
+    for i, (op, row) in enumerate(zip(ops, rows)):
+        if row.get("fused"):
+            continue
+        if row["kind"] == "fused block":
+            block = ops[i:i + plan.program.fused_at(i)]
+            convs = [o for o in block if isinstance(o, ConvOp)]
+            macs = sum(useful_macs(c, stats, where) for c in convs) + sum(
+                depthwise_macs(o, stats, where) for o in block if not isinstance(o, ConvOp))
+            ref, dense = sum(onednn_ms(c) for c in convs), sum(dense_macs(c) for c in convs)
+        else:
+            if not isinstance(op, ConvOp):
+                continue
+            macs, ref, dense = useful_macs(op, stats, where), onednn_ms(op), dense_macs(op)
         out.append({"scope": row["scope"], "op": row["op"], "kernel": row.get("kernel", ""), "kind": row["kind"],
                     "macs": macs, "ms": row["ms"], "gmacs": macs / row["ms"] / 1e6, "onednn_ms": ref,
-                    "onednn_gmacs": dense_macs / ref / 1e6, "dense_macs": dense_macs})
+                    "onednn_gmacs": dense / ref / 1e6, "dense_macs": dense})
     totals = {}
-    for kind in ("gated conv", "dense conv"):
+    for kind in ("gated conv", "dense conv", "fused block"):
         sel = [r for r in out if r["kind"] == kind]
         if sel:
             ms, ref = sum(r["ms"] for r in sel), sum(r["onednn_ms"] for r in sel)

@@ -43,9 +43,16 @@ def kind(op) -> str:
             PoolOp: "pooling", HeadOp: "classifier"}.get(type(op), type(op).__name__)
 
 
+def kernel_name(op: ConvOp) -> str:
+    return ("wide", "pixel", "gather", "packed")[op.kernel] + (
+        "" if op.kernel == 1 else f"/{op.tiles % 16}" + ("/pixel-major" if op.tiles & 16 else ""))
+
+
 def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
     """Per op of ``deployed``'s native program on ``images[:1]``: ``scope`` (block), ``kind``, ``op``
-    (kind and shape), ``ms`` (median of ``reps`` replays), and for convolutions the kernel chosen."""
+    (kind and shape), ``ms`` (median of ``reps`` replays), and for convolutions the kernel chosen. A fused
+    inverted residual is one row, at its first op's place (kind ``fused block``, the block's time); its
+    other ops follow with ``ms`` 0 and ``fused`` set."""
     if not deployed.native:
         raise ValueError("profile: the deployed model does not run the native program (deploy with native=True)")
     with torch.no_grad():
@@ -54,12 +61,19 @@ def profile(deployed, images: torch.Tensor, reps: int = 7) -> List[Dict]:
         program = plan.program
         program.run(x, keep=True)
         rows = []
-        for i, (op, scope) in enumerate(zip(plan.graph.ops, plan.graph.scopes)):
-            ns = program.time_op(x, i, reps)
-            row = {"scope": scope, "kind": kind(op), "op": describe(op), "ms": statistics.median(ns) / 1e6}
+        ops = plan.graph.ops
+        for i, (op, scope) in enumerate(zip(ops, plan.graph.scopes)):
+            span = program.fused_at(i)
+            ms = statistics.median(program.time_op(x, i, reps)) / 1e6 if span else 0.0
+            row = {"scope": scope, "kind": kind(op), "op": describe(op), "ms": ms}
             if isinstance(op, ConvOp):
-                row["kernel"] = ("wide", "pixel", "gather", "packed")[op.kernel] + (
-                    "" if op.kernel == 1 else f"/{op.tiles % 16}" + ("/pixel-major" if op.tiles & 16 else ""))
+                row["kernel"] = kernel_name(op)
+            if span > 1:
+                block = ops[i:i + span]
+                row.update(kind="fused block", op="fused " + ", ".join(describe(o) for o in block),
+                           kernel=" + ".join(kernel_name(o) for o in block if isinstance(o, ConvOp)))
+            if span == 0:
+                row["fused"] = True
             rows.append(row)
     return rows
 

@@ -102,7 +102,8 @@ def split_key(program: Program, threads: int) -> str:
     """The plan cache's key of a program's thread choice for small batches: its convolutions' shapes
     (which fix the input size), the kernel variant and the thread count."""
     shapes = "|".join(signature(op, 1.0, program.lib.variant, threads) for _, op in program.conv_ops)
-    return f"split/{program.lib.variant}/t{threads}/{hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
+    fused = "/fused" if program.fused else ""
+    return f"split/{program.lib.variant}/t{threads}{fused}/{hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
 
 
 def _open_fraction(program: Program, stats: List[int], op: ConvOp) -> float:
@@ -121,6 +122,98 @@ def tune(program: Program, x: torch.Tensor, threads: int, cache: Optional[PlanCa
     number, kernel, tiles). Returns counts: how many choices were measured and how many came from the cache.
     """
     cache = cache if cache is not None else PlanCache()
+    with program.unfused():  # each convolution timed alone
+        counts = _tune(program, x, threads, cache, reps, rounds, slow)
+    if program.fusing and program.blocks:
+        fused = tune_fusion(program, x, threads, cache, reps, rounds, save=not slow)
+        counts = {k: counts[k] + fused[k] for k in counts}
+    return counts
+
+
+def fusion_candidates(program: Program, k: int) -> List[Tuple[int, int]]:
+    """The projection kernels tried for fused block ``k`` of ``program``: its own (chosen for the
+    unfused op) and the wide kernel in both work orders (a stripe has few pixels for the pixel
+    kernel's planes, and the packed kernel computes more than the heads read)."""
+    b = program.blocks[k]
+    index = next(j for j, (n, _) in enumerate(program.conv_ops) if n == b.number + b.span - 1)
+    op = program.conv_ops[index][1]
+    own = (op.kernel, op.tiles)
+    return list(dict.fromkeys([own, (KERNEL_WIDE, 0), (KERNEL_WIDE, TILES_PIXEL_MAJOR)]))
+
+
+def tune_fusion(program: Program, x: torch.Tensor, threads: int, cache: PlanCache, reps: int = 3, rounds: int = 3,
+                save: bool = True) -> Dict[str, int]:
+    """Whether each inverted residual of ``program`` runs fused, and with which kernels: the block's ops
+    (with their measured kernels) timed against the fused block with each of :func:`fusion_candidates`
+    for the projection, turn by turn; where fused is fastest, then the fused block with each wide tile
+    family and work order for the expansion (its stripes have fewer pixels than its map). The fastest is
+    kept (and cached per machine, keyed by both convolutions' shapes and open fractions)."""
+    with program.unfused():
+        _, stats, _ = program.run(x[:1], threads=threads, keep=True)
+    stats = stats[0].tolist()
+    conv_index = {n: j for j, (n, _) in enumerate(program.conv_ops)}
+    measured = reused = 0
+    for k, block in enumerate(program.blocks):
+        number, last = block.number, block.number + block.span - 1
+        e, p = program.graph.ops[number], program.graph.ops[last]
+        pj = conv_index[last]
+        first = signature(e, 1.0, program.lib.variant, threads) if block.span == 3 else (
+            f"dw{e.weights.kernel}s{e.weights.stride}/{e.h}x{e.w}/c{e.weights.out_channels}")
+        key = f"fuse/{first}|" + signature(p, _open_fraction(program, stats, p), program.lib.variant, threads)
+        cands = fusion_candidates(program, k)
+        ej = conv_index[number] if block.span == 3 else None
+        ecands = [(e.kernel, e.tiles)] + [(KERNEL_WIDE, f + order) for f in range(program.lib.tile_families)
+                                          for order in (0, TILES_PIXEL_MAJOR)] if ej is not None else []
+        ecands = list(dict.fromkeys(ecands))
+        hit = cache.entries.get(key)
+        if hit is not None and (not hit[0] or (tuple(hit[1:3]) in cands and (ej is None or tuple(hit[4:6]) in ecands))):
+            if hit[0]:
+                program.set_kernel(pj, hit[1], hit[2])
+                if ej is not None:
+                    program.set_kernel(ej, hit[4], hit[5])
+            program.fuse_block(k, bool(hit[0]))
+            reused += 1
+            continue
+        own = (p.kernel, p.tiles)
+        timings: Dict[tuple, float] = {}
+        for rnd in range(rounds + 1):
+            program.fuse_block(k, False)
+            program.set_kernel(pj, *own)
+            t = sum(min(program.time_op(x, j, reps if rnd else 1, threads)) for j in range(number, last + 1))
+            if rnd:
+                timings[("unfused",)] = min(timings.get(("unfused",), t), t)
+            program.fuse_block(k, True)
+            for cand in cands:
+                program.set_kernel(pj, *cand)
+                t = min(program.time_op(x, number, reps if rnd else 1, threads))
+                if rnd:
+                    timings[cand] = min(timings.get(cand, t), t)
+        best = min(timings, key=timings.get)
+        on = best != ("unfused",)
+        program.set_kernel(pj, *(best if on else own))
+        program.fuse_block(k, on)
+        entry = [int(on), *(best if on else own), int(timings[best])]
+        if on and ej is not None:  # the expansion's kernel on the stripes
+            etimes: Dict[tuple, float] = {}
+            for rnd in range(rounds + 1):
+                for cand in ecands:
+                    program.set_kernel(ej, *cand)
+                    t = min(program.time_op(x, number, reps if rnd else 1, threads))
+                    if rnd:
+                        etimes[cand] = min(etimes.get(cand, t), t)
+            ebest = min(etimes, key=etimes.get)
+            program.set_kernel(ej, *ebest)
+            entry = [1, *best, int(etimes[ebest]), *ebest]
+        elif ej is not None:
+            entry += [e.kernel, e.tiles]
+        cache.entries[key] = entry
+        measured += 1
+    if measured and save:
+        cache.save()
+    return {"measured": measured, "cached": reused}
+
+
+def _tune(program, x, threads, cache, reps, rounds, slow):
     _, stats, _ = program.run(x[:1], threads=threads, keep=True)
     stats = stats[0].tolist()
     measured = reused = 0

@@ -44,7 +44,8 @@ typedef struct {
 #define ROW_ENTRIES 8
 
 typedef struct {
-  int Ho, Wo, npix, kk, heads, nch, pixel_major;
+  int Ho, Wo, npix, kk, heads, nch, pixel_major, fixed;
+  long whole_hw;           /* the whole map's pixels (attention into the inputs or the weights) */
   long items, copies;      /* work items; floats of copies */
   head_plan *hp;
   chunk *ch;
@@ -101,7 +102,8 @@ static int plan_wide(const msgc_conv_args *a, conv_plan *pl) {
   for (int h = 0; h < hd->heads; h++) {
     head_plan *p = &pl->hp[h];
     /* the gather kernel copies every head's inputs (contiguous columns for the tiles) */
-    p->infold = p->n > 0 && ((hd->scale && (long)pl->kk * p->m > hw) || a->wt.kernel == MSGC_KERNEL_GATHER);
+    p->infold = p->n > 0 &&
+                ((hd->scale && (long)pl->kk * p->m > pl->whole_hw) || a->wt.kernel == MSGC_KERNEL_GATHER);
     p->gathered = hd->ocounts || (hd->scale && !p->infold);
     p->g0 = g0;
     g0 += (p->gathered ? blocks16(p->m) * MSGC_BLOCK * p->n * pl->kk + p->m : 0) + (p->infold ? hw * p->n : 0);
@@ -339,15 +341,18 @@ static long executed_macs(const msgc_conv_args *a, const conv_plan *pl, int pixe
   for (int h = 0; h < pl->heads; h++) {
     const head_plan *p = &pl->hp[h];
     macs += (long)pl->npix * p->m * ((long)p->n * pl->kk + (a->bn != 0));
-    if (a->hd.scale) macs += pixel || p->infold ? hw * p->n : (long)p->n * pl->kk * p->m;
+    if (a->hd.scale && (pixel || p->infold)) macs += hw * p->n;
+    else if (a->hd.scale && pl->fixed) macs += (long)p->n * pl->kk * p->m;
   }
   return macs;
 }
 
-i32 msgc_conv(const msgc_conv_args *a) {
+i32 msgc_conv(const msgc_conv_args *a) { return msgc_conv_part(a, (long)a->g.h * a->g.w, 1); }
+
+i32 msgc_conv_part(const msgc_conv_args *a, long whole_hw, int fixed) {
   const msgc_geom *g = &a->g;
   const msgc_heads *hd = &a->hd;
-  if (a->wt.kernel == MSGC_KERNEL_PACKED && hd->heads > 1) return msgc_conv_packed(a);
+  if (a->wt.kernel == MSGC_KERNEL_PACKED && hd->heads > 1) return msgc_conv_packed(a, whole_hw, fixed);
   const int pixel = a->wt.kernel == MSGC_KERNEL_PIXEL;  /* else wide (MSGC_KERNEL_GATHER: on copied inputs) */
   conv_plan pl = {0};
   pl.Ho = out_size(g->h, g->k, g->s, g->p);
@@ -355,6 +360,8 @@ i32 msgc_conv(const msgc_conv_args *a) {
   pl.npix = pl.Ho * pl.Wo;
   pl.kk = g->k * g->k;
   pl.heads = hd->heads;
+  pl.whole_hw = whole_hw;
+  pl.fixed = fixed;
   pl.pixel_major = !pixel && (a->wt.tiles & MSGC_TILES_PIXEL_MAJOR) != 0;
   if (pl.Ho <= 0 || pl.Wo <= 0 || hd->heads <= 0) return MSGC_OK;
   if (pl.kk > MSGC_MAX_TAPS || (pixel && g->s != 1)) return MSGC_ETOOLARGE;

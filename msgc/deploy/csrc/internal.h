@@ -17,7 +17,7 @@ void msgc_parallel(msgc_task_fn fn, void *ctx, long n, int nthreads);
 /* Per-thread scratch memory that grows as needed and is kept between calls: one region per slot.
  * Returns NULL if it cannot be allocated. */
 enum { SCRATCH_GATHER = 0, SCRATCH_PLANES, SCRATCH_PLAN, SCRATCH_SELECT, SCRATCH_ARENA, SCRATCH_PARTIAL,
-       SCRATCH_PACKED, SCRATCH_SLOTS };
+       SCRATCH_PACKED, SCRATCH_STRIPE, SCRATCH_EDGE, SCRATCH_CHOSEN, SCRATCH_SLOTS };
 void *msgc_scratch(int slot, size_t bytes);
 
 /* Out-of-image taps read zeros from here (longer than any row of channels a kernel reads). */
@@ -89,13 +89,24 @@ int msgc_pixel_rows(int left);         /* output channels of the tile for `left`
 pixel_tile_fn msgc_pixel_tile(int rows);
 
 /* ---- the packed kernel: a multi-head convolution as one head over the union of its inputs ---- */
-i32 msgc_conv_packed(const msgc_conv_args *a);
+i32 msgc_conv_packed(const msgc_conv_args *a, long whole_hw, int fixed);
+
+/* msgc_conv on a part of a map (a stripe of rows of a 1x1 convolution's HW x C matrix): decisions that
+ * depend on the map's size (attention into the inputs or the weights) are taken for whole_hw pixels,
+ * and the executed MACs that do not grow with the pixels (attention folded into weights) are counted
+ * only where fixed is set (once per map). msgc_conv(a) is msgc_conv_part(a, h * w, 1). */
+i32 msgc_conv_part(const msgc_conv_args *a, long whole_hw, int fixed);
 
 /* ---- shared pieces ---------------------------------------------------------------------------------- */
 
 /* x's c columns (row stride ldx, columns by index or not) into zero-padded planes of (h + 2p + 2) x
  * (w + 2p) + 64 floats, times scale (NULL: 1) */
 void msgc_make_plane(const float *x, long ldx, int h, int w, int p, long plane_len, float scale, float *plane);
+
+/* output rows oy0 .. oy1 - 1 of the depthwise kernel, on this thread, from input rows that start at row
+ * xr0 of the map (x points at row xr0; only the rows the outputs read are touched) into y (at row oy0) */
+void msgc_dw_rows(const float *x, long ldx, int xr0, int H, int W, int C, int k, int s, int p, const float *w,
+                  const float *bias, float *y, long ldy, int oy0, int oy1, int act);
 
 /* the depthwise kernel on contiguous columns */
 void msgc_dw_run(const float *x, long ldx, int H, int W, int C, int k, int s, int p, const float *w,

@@ -29,7 +29,8 @@ enum { MSGC_KERNEL_WIDE = 0, MSGC_KERNEL_PIXEL = 1, MSGC_KERNEL_GATHER = 2, MSGC
    a block of output pixels, every chunk of its head on the same inputs: for few inputs, many outputs) */
 enum { MSGC_TILES_FAMILY = 15, MSGC_TILES_PIXEL_MAJOR = 16 };
 /* program ops */
-enum { MSGC_OP_GATES = 1, MSGC_OP_SETS, MSGC_OP_CONV, MSGC_OP_DW, MSGC_OP_AFFINE, MSGC_OP_POOL, MSGC_OP_HEAD };
+enum { MSGC_OP_GATES = 1, MSGC_OP_SETS, MSGC_OP_CONV, MSGC_OP_DW, MSGC_OP_AFFINE, MSGC_OP_POOL, MSGC_OP_HEAD,
+       MSGC_OP_FUSED };
 /* poolings */
 enum { MSGC_POOL_AVG = 0, MSGC_POOL_MAX = 1 };
 /* what a conv op computes (msgc_conv_op.out_mode) */
@@ -150,14 +151,23 @@ typedef const void *cv;
  * written to the sample's outputs */
 #define MSGC_HEAD_OP(X) X(i32, src) X(cf, weight) X(cf, bias) X(i32, classes)
 
+/* an inverted residual fused (MSGC_OP_FUSED, in the place of its first op): the 1x1 expansion, depthwise
+ * and 1x1 projection of program ops op, op + 1, op + 2 (conv, dw and conv ops number expand, dw,
+ * project; expand -1: a block without expansion, its depthwise and projection ops op, op + 1),
+ * computed stripe by stripe of `rows` output rows (0: sized for the cache), the expanded and depthwise
+ * rows of a stripe in the thread's scratch; each thread takes a band of stripes. The op stands for the
+ * block's ops (the run goes on after them); each of them still runs alone where it is replayed by
+ * number. Decisions (which channels each computes) and executed MACs are those of the ops. */
+#define MSGC_FUSED_OP(X) X(i32, expand) X(i32, dw) X(i32, project) X(i32, rows)
+
 /* input_nchw: the samples are images (C x H x W, planar), copied into buffer 0 (HW x C, in the arena);
  * otherwise buffer 0 is the sample itself (HW x C, rows x_ld apart). nout: outputs per sample. A thread
  * runs up to group (<= MSGC_MAX_GROUP) samples together: each alone through the ops before group_from,
  * then op by op over the group. */
 #define MSGC_PROGRAM(X) \
   X(i32, n_ops) X(cv, ops) X(cv, convs) X(cv, gates) X(cv, sets_ops) X(cv, dws) X(cv, affines) X(cv, pools) \
-  X(cv, heads) X(i32, n_bufs) X(cv, bufs) X(i32, n_sets) X(cv, sets) X(i64, farena) X(i64, iarena) \
-  X(i32, nstats) X(i32, nout) X(i32, input_nchw) X(i32, group) X(i32, group_from)
+  X(cv, heads) X(cv, fused) X(i32, n_bufs) X(cv, bufs) X(i32, n_sets) X(cv, sets) X(i64, farena) \
+  X(i64, iarena) X(i32, nstats) X(i32, nout) X(i32, input_nchw) X(i32, group) X(i32, group_from)
 
 /* run samples [0, n): sample i's input at x + i * x_stride, its outputs (logits) to out + i * nout,
  * stats to stats + i * nstats, executed MACs to executed[i]. With op >= 0, run only that op, reps
@@ -183,8 +193,8 @@ typedef const void *cv;
   S(msgc_sets_args, MSGC_SETS_ARGS) S(msgc_buf, MSGC_BUF) S(msgc_set, MSGC_SET) S(msgc_op, MSGC_OP) \
   S(msgc_conv_op, MSGC_CONV_OP) S(msgc_gates_op, MSGC_GATES_OP) S(msgc_sets_op, MSGC_SETS_OP) \
   S(msgc_dw_op, MSGC_DW_OP) S(msgc_affine_op, MSGC_AFFINE_OP) S(msgc_pool_op, MSGC_POOL_OP) \
-  S(msgc_head_op, MSGC_HEAD_OP) S(msgc_program, MSGC_PROGRAM) S(msgc_run_args, MSGC_RUN_ARGS) \
-  S(msgc_info, MSGC_INFO) S(msgc_peak_args, MSGC_PEAK_ARGS)
+  S(msgc_head_op, MSGC_HEAD_OP) S(msgc_fused_op, MSGC_FUSED_OP) S(msgc_program, MSGC_PROGRAM) \
+  S(msgc_run_args, MSGC_RUN_ARGS) S(msgc_info, MSGC_INFO) S(msgc_peak_args, MSGC_PEAK_ARGS)
 
 #define MSGC_FIELD_DECL(type, name) type name;
 #define MSGC_STRUCT_DECL(name, FIELDS) typedef struct name { FIELDS(MSGC_FIELD_DECL) } name;

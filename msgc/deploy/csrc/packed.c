@@ -48,7 +48,7 @@ static void pack_block(void *arg, long b) {
   }
 }
 
-i32 msgc_conv_packed(const msgc_conv_args *a) {
+i32 msgc_conv_packed(const msgc_conv_args *a, long whole_hw, int fixed) {
   const msgc_heads *hd = &a->hd;
   const int heads = hd->heads, kk = a->g.k * a->g.k, xcols = a->io.xcols;
   int n_in = 0, M = 0;
@@ -93,7 +93,7 @@ i32 msgc_conv_packed(const msgc_conv_args *a) {
   b.wt.rows = U;
   b.wt.bias = bias;
   b.wt.kernel = MSGC_KERNEL_WIDE;
-  for (int h = 0; a->executed && hd->scale && h < heads; h++) /* attention folded into the packed weights */
+  for (int h = 0; fixed && a->executed && hd->scale && h < heads; h++) /* attention folded into the packed weights */
     *a->executed += (long)(hin0[h + 1] - hin0[h]) * kk * (hd->ocounts ? hd->ocounts[h] : hd->per_head);
-  return msgc_conv(&b);
+  return msgc_conv_part(&b, whole_hw, fixed);
 }

@@ -15,6 +15,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "internal.h"
@@ -133,7 +134,9 @@ static int run_gates(state *st, const msgc_gates_op *o) {
   return msgc_generators(&a);
 }
 
-static int run_conv(state *st, const msgc_conv_op *o) {
+/* the arguments of a convolution op for this sample (what it computes is decided here); its output's
+   tags are set as running it leaves them */
+static int conv_args(state *st, const msgc_conv_op *o, msgc_conv_args *out) {
   const bufrt *src = &st->b[o->src];
   bufrt *dst = &st->b[o->dst];
   msgc_conv_args a = {0};
@@ -197,16 +200,32 @@ static int run_conv(state *st, const msgc_conv_op *o) {
   dst->cols = outputs;
   dst->tag = tag;
   dst->tag_set = o->out_set;
-  return msgc_conv(&a);
+  *out = a;
+  return MSGC_OK;
 }
 
-static int run_dw(state *st, const msgc_dw_op *o) {
+static int run_conv(state *st, const msgc_conv_op *o) {
+  msgc_conv_args a;
+  const int rc = conv_args(st, o, &a);
+  return rc ? rc : msgc_conv(&a);
+}
+
+/* what a depthwise op reads for this sample: x (ldx), c channels, weights and biases (of the union's
+   channels, selected into scratch, where it computes only those) */
+typedef struct {
+  const float *x, *w, *bias;
+  long ldx;
+  int c, tag, copy;
+} dw_args;
+
+/* a depthwise op's arguments for this sample, its output's tags set; copy: whether it reads a copy of
+   some of its input's columns (made here unless `nocopy`: then d->copy tells the caller, nothing is
+   copied and the tags are not set) */
+static int dw_prepare(state *st, const msgc_dw_op *o, dw_args *d, int nocopy) {
   const bufrt *src = &st->b[o->src];
   bufrt *dst = &st->b[o->dst];
-  const int k = o->g.k, kk = k * k, ho = out_size(o->g.h, k, o->g.s, o->g.p), wo = out_size(o->g.w, k, o->g.s, o->g.p);
-  const float *x = src->data, *w = o->weight, *bias = o->bias;
-  long ldx = src->ld;
-  int c = src->cols, tag = TAG_FULL;
+  const int k = o->g.k, kk = k * k;
+  *d = (dw_args){src->data, o->weight, o->bias, src->ld, src->cols, TAG_FULL, 0};
   const setrt *s = o->set >= 0 ? &st->s[o->set] : 0;
   if (s && s->masked) {
     const int full = ((const msgc_set *)st->pg->sets)[o->set].channels;
@@ -214,33 +233,50 @@ static int run_dw(state *st, const msgc_dw_op *o) {
        copied column costs about twice a computed one, so from a full input only a union of under a
        third of the channels is taken (else every channel is computed) */
     if (s->n_uni < full && (src->tag != TAG_FULL || 3 * s->n_uni < full)) {
-      c = s->n_uni;
+      const int c = s->n_uni;
       const long hw = (long)o->g.h * o->g.w;
-      float *mem = msgc_scratch(SCRATCH_SELECT, sizeof(float) * ((size_t)(kk + 1) * c + (src->tag == TAG_FULL ? hw * c : 0)));
+      d->copy = src->tag == TAG_FULL;
+      if (d->copy && nocopy) return MSGC_OK;
+      float *mem = msgc_scratch(SCRATCH_SELECT, sizeof(float) * ((size_t)(kk + 1) * c + (d->copy ? hw * c : 0)));
       if (!mem) return MSGC_ENOMEM;
       float *wsel = mem, *bsel = mem + (long)kk * c;
       for (int t = 0; t < kk; t++)
         for (int j = 0; j < c; j++) wsel[(long)t * c + j] = o->weight[(long)t * full + s->uni[j]];
-      for (int j = 0; j < c; j++) bsel[j] = bias ? bias[s->uni[j]] : 0.0f;
-      w = wsel;
-      bias = bsel;
-      if (src->tag == TAG_FULL) {
+      for (int j = 0; j < c; j++) bsel[j] = o->bias ? o->bias[s->uni[j]] : 0.0f;
+      d->c = c;
+      d->w = wsel;
+      d->bias = bsel;
+      if (d->copy) {
         float *xs = bsel + c;
         for (long q = 0; q < hw; q++)
-          for (int j = 0; j < c; j++) xs[q * c + j] = src->data[q * ldx + s->uni[j]];
-        x = xs;
-        ldx = c;
+          for (int j = 0; j < c; j++) xs[q * c + j] = src->data[q * src->ld + s->uni[j]];
+        d->x = xs;
+        d->ldx = c;
       } else if (src->tag != TAG_UNION || src->tag_set != o->set) {
         return MSGC_EPLAN;
       }
-      tag = TAG_UNION;
+      d->tag = TAG_UNION;
     }
   }
-  msgc_dw_run(x, ldx, o->g.h, o->g.w, c, k, o->g.s, o->g.p, w, bias, dst->data, dst->ld, o->act, st->nthreads);
-  dst->cols = c;
-  dst->tag = tag;
+  dst->cols = d->c;
+  dst->tag = d->tag;
   dst->tag_set = o->set;
-  st->executed += (long)ho * wo * c * (kk + (o->bn != 0));
+  return MSGC_OK;
+}
+
+static long dw_macs(const msgc_dw_op *o, int c) {
+  const int k = o->g.k, ho = out_size(o->g.h, k, o->g.s, o->g.p), wo = out_size(o->g.w, k, o->g.s, o->g.p);
+  return (long)ho * wo * c * (k * k + (o->bn != 0));
+}
+
+static int run_dw(state *st, const msgc_dw_op *o) {
+  dw_args d;
+  const int rc = dw_prepare(st, o, &d, 0);
+  if (rc) return rc;
+  const bufrt *dst = &st->b[o->dst];
+  msgc_dw_run(d.x, d.ldx, o->g.h, o->g.w, d.c, o->g.k, o->g.s, o->g.p, d.w, d.bias, dst->data, dst->ld, o->act,
+              st->nthreads);
+  st->executed += dw_macs(o, d.c);
   return MSGC_OK;
 }
 
@@ -349,6 +385,234 @@ static int run_head(state *st, const msgc_head_op *o, float *out) {
   return MSGC_OK;
 }
 
+/* ---- an inverted residual, fused ------------------------------------------------------------------
+ * Band by band of output rows (a thread each), stripe by stripe of `rows` output rows within a band:
+ * the expansion computes the stripe's new expanded rows into the thread's window (the rows its
+ * depthwise taps read; rows the previous stripe read too are kept), the depthwise computes the stripe's
+ * rows from the window, the projection the stripe's outputs from those. Expanded rows that the
+ * depthwise of two bands reads (k - s rows at each boundary) are computed first, once, into a shared
+ * buffer: every expanded row is computed exactly once, so the executed MACs are the unfused ops'. A
+ * block without expansion (expand -1: its depthwise and projection) reads the block's input in place. */
+
+/* the window and the stripe are sized for about this many bytes (the L2 cache of one core, with room
+   for the stripe's inputs, weights and outputs) */
+#ifndef FUSED_BYTES
+#define FUSED_BYTES (256 * 1024)
+#endif
+
+typedef struct {
+  const msgc_conv_args *ea, *pa; /* the expansion's and the projection's arguments on their whole maps */
+  const dw_args *d;
+  const msgc_dw_op *dw;
+  int H, W, Ho, Wo, k, s, p, c, R, nbands;
+  const int *band;   /* band i: output rows band[i] .. band[i + 1] - 1 */
+  float *edge;       /* boundary i + 1: its k - s expanded rows at edge + i * edge_floats */
+  long edge_floats;
+  long *exec;        /* executed MACs per band, then per boundary */
+  volatile int rc;
+} fused_task;
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int imax(int a, int b) { return a > b ? a : b; }
+
+/* expanded rows r0 .. r1 - 1 into y (c columns) */
+static int expand_rows(const fused_task *t, int r0, int r1, float *y, long *exec) {
+  if (r1 <= r0) return MSGC_OK;
+  msgc_conv_args a = *t->ea;
+  a.g.h = r1 - r0;
+  a.io.x += (long)r0 * t->W * a.io.ldx;
+  a.io.y = y;
+  a.io.ldy = t->c;
+  a.nthreads = 1;
+  a.executed = (int64_t *)exec;
+  return msgc_conv_part(&a, (long)t->H * t->W, r0 == 0);
+}
+
+/* the projection of output rows a0 .. a1 - 1 from their depthwise rows x (c columns) */
+static int project_rows(const fused_task *t, int a0, int a1, const float *x, long *exec) {
+  msgc_conv_args a = *t->pa;
+  a.g.h = a1 - a0;
+  a.io.x = x;
+  a.io.ldx = t->c;
+  a.io.y += (long)a0 * t->Wo * a.io.ldy;
+  if (a.io.res) a.io.res += (long)a0 * t->Wo * a.io.ldres;
+  a.nthreads = 1;
+  a.executed = (int64_t *)exec;
+  return msgc_conv_part(&a, (long)t->Ho * t->Wo, a0 == 0);
+}
+
+static void fused_edge(void *arg, long i) { /* the expanded rows of boundary i + 1 */
+  fused_task *t = arg;
+  const int B = t->band[i + 1], r0 = B * t->s - t->p, r1 = imin(t->H, (B - 1) * t->s - t->p + t->k);
+  const int rc = expand_rows(t, r0, r1, t->edge + i * t->edge_floats, &t->exec[t->nbands + i]);
+  if (rc) t->rc = rc;
+}
+
+/* a block without expansion: the depthwise reads the block's input in place */
+static void fused_band_dw(fused_task *t, int A, int B, long *exec) {
+  float *D = msgc_scratch(SCRATCH_STRIPE, sizeof(float) * (size_t)t->R * t->Wo * t->c);
+  if (!D) {
+    t->rc = MSGC_ENOMEM;
+    return;
+  }
+  for (int a = A; a < B; a += t->R) {
+    const int b = imin(B, a + t->R);
+    msgc_dw_rows(t->d->x, t->d->ldx, 0, t->H, t->W, t->c, t->k, t->s, t->p, t->d->w, t->d->bias, D, t->c, a, b,
+                 t->dw->act);
+    const int rc = project_rows(t, a, b, D, exec);
+    if (rc) {
+      t->rc = rc;
+      return;
+    }
+  }
+}
+
+static void fused_band(void *arg, long bi) {
+  fused_task *t = arg;
+  const int A = t->band[bi], B = t->band[bi + 1], W = t->W, c = t->c, k = t->k, s = t->s, p = t->p;
+  if (!t->ea) {
+    fused_band_dw(t, A, B, &t->exec[bi]);
+    return;
+  }
+  const long row = (long)W * c;
+  const int win = (t->R - 1) * s + k;
+  float *E = msgc_scratch(SCRATCH_STRIPE, sizeof(float) * ((size_t)win * row + (size_t)t->R * t->Wo * c));
+  if (!E) {
+    t->rc = MSGC_ENOMEM;
+    return;
+  }
+  float *D = E + win * row;
+  long *exec = &t->exec[bi];
+  /* rows below lo_end come from the boundary at A, rows from hi_start on from the one at B */
+  const int lo_end = A > 0 ? imin(t->H, (A - 1) * s - p + k) : 0, hi_start = B < t->Ho ? B * s - p : t->H;
+  const float *lo_edge = A > 0 ? t->edge + (bi - 1) * t->edge_floats : 0, *hi_edge = t->edge + bi * t->edge_floats;
+  int e0 = 0, e1 = 0; /* the window holds expanded rows e0 .. e1 - 1 */
+  for (int a = A; a < B; a += t->R) {
+    const int b = imin(B, a + t->R);
+    const int wa = imax(0, a * s - p), wb = imin(t->H, (b - 1) * s - p + k);
+    if (e1 > wa) { /* keep the rows this stripe reads too */
+      if (wa > e0) memmove(E, E + (wa - e0) * row, sizeof(float) * (size_t)((e1 - wa) * row));
+    } else {
+      e1 = wa;
+    }
+    e0 = wa;
+    int r = e1;
+    for (; r < wb && r < lo_end; r++)
+      memcpy(E + (r - e0) * row, lo_edge + (r - (A * s - p)) * row, sizeof(float) * (size_t)row);
+    const int ce = imin(wb, hi_start);
+    if (r < ce) {
+      const int rc = expand_rows(t, r, ce, E + (r - e0) * row, exec);
+      if (rc) {
+        t->rc = rc;
+        return;
+      }
+      r = ce;
+    }
+    for (; r < wb; r++)
+      memcpy(E + (r - e0) * row, hi_edge + (r - (B * s - p)) * row, sizeof(float) * (size_t)row);
+    e1 = wb;
+    msgc_dw_rows(E, c, e0, t->H, W, c, k, s, p, t->d->w, t->d->bias, D, c, a, b, t->dw->act);
+    const int rc = project_rows(t, a, b, D, exec);
+    if (rc) {
+      t->rc = rc;
+      return;
+    }
+  }
+}
+
+/* a one-head 1x1 convolution that computes chosen outputs as one that computes all of its own: the
+   chosen outputs' weights (both layouts) and biases copied once into scratch, so that the stripes do not
+   gather them each */
+static int choose_outputs(msgc_conv_args *a) {
+  if (!a->hd.ocounts) return MSGC_OK;
+  const int m = a->hd.ocounts[0], rows = (int)a->wt.rows, nb = (m + MSGC_BLOCK - 1) / MSGC_BLOCK;
+  const long bfloats = (long)nb * MSGC_BLOCK * rows, pfloats = (long)m * rows;
+  float *mem = msgc_scratch(SCRATCH_CHOSEN, sizeof(float) * (size_t)(bfloats + pfloats + m));
+  if (!mem) return MSGC_ENOMEM;
+  float *blk = mem, *plain = mem + bfloats, *bias = plain + pfloats;
+  const int *oc = a->hd.ocols;
+  for (int b = 0; b < nb; b++)
+    for (int r = 0; r < rows; r++)
+      for (int l = 0; l < MSGC_BLOCK; l++) {
+        const int j = b * MSGC_BLOCK + l;
+        blk[((long)b * rows + r) * MSGC_BLOCK + l] =
+            j < m ? a->wt.blocked[((long)(oc[j] / MSGC_BLOCK) * rows + r) * MSGC_BLOCK + oc[j] % MSGC_BLOCK] : 0.0f;
+      }
+  for (int j = 0; a->wt.plain && j < m; j++)
+    memcpy(plain + (long)j * rows, a->wt.plain + (long)oc[j] * rows, sizeof(float) * (size_t)rows);
+  for (int j = 0; a->wt.bias && j < m; j++) bias[j] = a->wt.bias[oc[j]];
+  a->hd.per_head = m;
+  a->hd.ocounts = 0;
+  a->hd.ocols = 0;
+  a->wt.blocked = blk;
+  a->wt.plain = a->wt.plain ? plain : 0;
+  a->wt.bias = a->wt.bias ? bias : 0;
+  return MSGC_OK;
+}
+
+static int run_fused(state *st, const msgc_fused_op *f) {
+  const msgc_program *pg = st->pg;
+  const int expands = f->expand >= 0;
+  const msgc_conv_op *eo = expands ? &((const msgc_conv_op *)pg->convs)[f->expand] : 0;
+  const msgc_conv_op *po = &((const msgc_conv_op *)pg->convs)[f->project];
+  const msgc_dw_op *dw = &((const msgc_dw_op *)pg->dws)[f->dw];
+  msgc_conv_args ea, pa;
+  dw_args d;
+  int rc = expands ? conv_args(st, eo, &ea) : MSGC_OK;
+  if (!rc) rc = dw_prepare(st, dw, &d, 1);
+  if (rc) return rc;
+  const int k = dw->g.k, s = dw->g.s, p = dw->g.p, H = dw->g.h, W = dw->g.w;
+  const int Ho = out_size(H, k, s, p), Wo = out_size(W, k, s, p);
+  /* the ops one after the other where the stripes do not apply: a depthwise on a copy of some of its
+     input's columns, a geometry other than 1x1, k x k (k <= 3, k - s rows shared by two stripes), 1x1 */
+  if (d.copy || (expands && (st->b[eo->dst].cols != d.c || eo->g.k != 1 || eo->g.s != 1 || eo->g.p != 0 ||
+                             eo->g.h != H || eo->g.w != W)) ||
+      po->g.k != 1 || po->g.s != 1 || po->g.p != 0 || po->g.h != Ho || po->g.w != Wo || k - s <= 0 || k > 3 ||
+      p > k - 1 || Ho < 1 || Wo < 1) {
+    rc = expands ? msgc_conv(&ea) : MSGC_OK;
+    if (!rc) rc = run_dw(st, dw);
+    return rc ? rc : run_conv(st, po);
+  }
+  rc = conv_args(st, po, &pa);
+  if (!rc && expands && (ea.hd.heads != 1 || ea.hd.scale || ea.hd.counts)) rc = MSGC_EPLAN;
+  if (!rc && expands) rc = choose_outputs(&ea);
+  if (rc) return rc;
+  const int c = d.c;
+  int R = f->rows;
+  if (R <= 0) { /* the most rows whose window and stripe fit FUSED_BYTES */
+    const long in_row = expands ? sizeof(float) * (long)W * c : 0, out_row = sizeof(float) * (long)Wo * c;
+    for (R = 1; R < Ho && ((long)R * s + k) * in_row + (R + 1) * out_row <= FUSED_BYTES;) R++;
+  }
+  R = imin(R, Ho);
+  /* a band per thread, at least 2 output rows each (so that no expanded row is shared by three bands) */
+  int nb = st->nthreads > 1 ? st->nthreads : 1;
+  nb = imax(1, imin(nb, Ho / 2));
+  const long edge_floats = expands ? (long)(k - s) * W * c : 0;
+  const size_t head = sizeof(long) * (size_t)(2 * nb) + sizeof(int) * (size_t)(nb + 2);
+  const size_t at = (head + 63) / 64 * 64;
+  char *mem = msgc_scratch(SCRATCH_EDGE, at + sizeof(float) * (size_t)((nb - 1) * edge_floats));
+  if (!mem) return MSGC_ENOMEM;
+  long *exec = (long *)mem;
+  int *band = (int *)(exec + 2 * nb);
+  for (int i = 0; i < 2 * nb; i++) exec[i] = 0;
+  for (int i = 0; i <= nb; i++) band[i] = (int)((long)i * Ho / nb);
+  fused_task t = {expands ? &ea : 0, &pa, &d, dw, H, W, Ho, Wo, k, s, p, c, R, nb, band, (float *)(mem + at),
+                  edge_floats, exec, MSGC_OK};
+  if (expands && nb > 1) msgc_parallel(fused_edge, &t, nb - 1, st->nthreads);
+  if (!t.rc) msgc_parallel(fused_band, &t, nb, st->nthreads);
+  if (t.rc) return t.rc;
+  for (int i = 0; i < 2 * nb - 1; i++) st->executed += exec[i];
+  st->executed += dw_macs(dw, c);
+  return MSGC_OK;
+}
+
+/* how many program ops op i stands for */
+static int op_span(const msgc_program *pg, int i) {
+  const msgc_op *op = &((const msgc_op *)pg->ops)[i];
+  if (op->kind != MSGC_OP_FUSED) return 1;
+  return ((const msgc_fused_op *)pg->fused)[op->index].expand >= 0 ? 3 : 2;
+}
+
 static int run_op(state *st, int i, float *feats) {
   const msgc_program *pg = st->pg;
   const msgc_op *op = &((const msgc_op *)pg->ops)[i];
@@ -360,6 +624,7 @@ static int run_op(state *st, int i, float *feats) {
     case MSGC_OP_AFFINE: return run_affine(st, &((const msgc_affine_op *)pg->affines)[op->index]);
     case MSGC_OP_POOL: return run_pool(st, &((const msgc_pool_op *)pg->pools)[op->index]);
     case MSGC_OP_HEAD: return run_head(st, &((const msgc_head_op *)pg->heads)[op->index], feats);
+    case MSGC_OP_FUSED: return run_fused(st, &((const msgc_fused_op *)pg->fused)[op->index]);
     default: return MSGC_EPLAN;
   }
 }
@@ -435,10 +700,13 @@ static int run_group(const msgc_run_args *a, int first, int count, int nthreads)
     st[k].nthreads = nthreads;
     load_input(&st[k], a, first + k);
   }
-  const int split = count > 1 && pg->group_from < pg->n_ops ? pg->group_from : pg->n_ops;
+  int split = count > 1 && pg->group_from < pg->n_ops ? pg->group_from : pg->n_ops;
+  for (int op = 0; op < split; op += op_span(pg, op)) /* not inside a fused block: at its start */
+    if (op + op_span(pg, op) > split) split = op;
   for (int k = 0; k < count && !rc; k++)
-    for (int op = 0; op < split && !rc; op++) rc = run_op(&st[k], op, a->out + (long)(first + k) * pg->nout);
-  for (int op = split; op < pg->n_ops && !rc; op++)
+    for (int op = 0; op < split && !rc; op += op_span(pg, op))
+      rc = run_op(&st[k], op, a->out + (long)(first + k) * pg->nout);
+  for (int op = split; op < pg->n_ops && !rc; op += op_span(pg, op))
     for (int k = 0; k < count && !rc; k++) rc = run_op(&st[k], op, a->out + (long)(first + k) * pg->nout);
   for (int k = 0; k < count && !rc; k++) {
     if (a->stats) record_stats(&st[k], a->stats + (long)(first + k) * pg->nstats);

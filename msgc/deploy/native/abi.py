@@ -39,9 +39,10 @@ FIELDS: List[Tuple[str, str]] = [
     ("msgc_affine_op", "i32 src; i32 dst; cf scale; cf shift; i32 act; i32 macs"),
     ("msgc_pool_op", "i32 src; i32 dst; i32 kind; i32 k; i32 s; i32 p; i32 macs"),
     ("msgc_head_op", "i32 src; cf weight; cf bias; i32 classes"),
+    ("msgc_fused_op", "i32 expand; i32 dw; i32 project; i32 rows"),
     ("msgc_program", "i32 n_ops; cv ops; cv convs; cv gates; cv sets_ops; cv dws; cv affines; cv pools; cv heads; "
-                     "i32 n_bufs; cv bufs; i32 n_sets; cv sets; i64 farena; i64 iarena; i32 nstats; i32 nout; "
-                     "i32 input_nchw; i32 group; i32 group_from"),
+                     "cv fused; i32 n_bufs; cv bufs; i32 n_sets; cv sets; i64 farena; i64 iarena; i32 nstats; "
+                     "i32 nout; i32 input_nchw; i32 group; i32 group_from"),
     ("msgc_run_args", "cv program; i32 n; cf x; i64 x_stride; i64 x_ld; wf out; wi stats; wl executed; "
                       "i32 nthreads; i32 keep; i32 op; i32 reps; wl times"),
     ("msgc_info", "wi out"),

@@ -4,8 +4,10 @@ Lowering numbers the buffers and sets, lays out one sample's arena (buffers whos
 share memory), puts every weight in its kernel's layout and fills the op structs of ``msgc.h``. The
 structs keep raw pointers: the :class:`Program` holds every tensor they point into.
 """
+import contextlib
 import ctypes
-from typing import Dict, List, Tuple
+import os
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,7 +16,8 @@ from . import abi
 from .library import Library, blocked
 from .openmp import release_openmp_workers
 
-__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR"]
+__all__ = ["Program", "KERNEL_WIDE", "KERNEL_PIXEL", "KERNEL_GATHER", "KERNEL_PACKED", "TILES_PIXEL_MAJOR",
+           "FusedBlock", "fusable_blocks", "fusion_default", "worth_fusing", "FUSE_MIN_BYTES"]
 
 _S = abi.STRUCTS
 #: the conv kernels (msgc.h): wide on inputs in place, pixel (stride 1), wide on copied inputs, wide on
@@ -22,7 +25,7 @@ _S = abi.STRUCTS
 KERNEL_WIDE, KERNEL_PIXEL, KERNEL_GATHER, KERNEL_PACKED = 0, 1, 2, 3
 #: added to a tile family: the wide kernel's pixel-major work order (msgc.h)
 TILES_PIXEL_MAJOR = 16
-_OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_HEAD = range(1, 8)
+_OP_GATES, _OP_SETS, _OP_CONV, _OP_DW, _OP_AFFINE, _OP_POOL, _OP_HEAD, _OP_FUSED = range(1, 9)
 #: samples of a batch that a thread runs together (at most msgc.h's MSGC_MAX_GROUP)
 GROUP = 4
 
@@ -42,8 +45,10 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _roots(graph: Graph) -> Dict[int, Tuple[int, int]]:
-    """Each root buffer's life (first op, last op) among the ops that read or write it or its views."""
+def _roots(graph: Graph, blocks: Sequence[Tuple[int, int]] = ()) -> Dict[int, Tuple[int, int]]:
+    """Each root buffer's life (first op, last op) among the ops that read or write it or its views; the
+    input of a fused block (op numbers ``blocks``) lives until the block's last op (the expansion reads
+    it stripe by stripe while the projection writes)."""
     life: Dict[int, List[int]] = {}
 
     def touch(b: Buffer, i: int):
@@ -56,12 +61,14 @@ def _roots(graph: Graph) -> Dict[int, Tuple[int, int]]:
             b = getattr(op, name, None)
             if b is not None:
                 touch(b, i)
+    for i, span in blocks:
+        touch(graph.ops[i].src, i + span - 1)
     return life
 
 
-def _layout(graph: Graph) -> Tuple[Dict[int, int], int]:
+def _layout(graph: Graph, blocks: Sequence[Tuple[int, int]] = ()) -> Tuple[Dict[int, int], int]:
     """Offsets (floats) of the root buffers in a sample's arena: first fit among the live ones."""
-    life = _roots(graph)
+    life = _roots(graph, blocks)
     size = {b.id: b.h * b.w * b.cols for b in graph.buffers}
     placed: List[Tuple[int, int, int]] = []  # (offset, size, last op)
     offsets, top = {}, 0
@@ -87,6 +94,81 @@ def _weight_floats(op) -> int:
     if isinstance(op, HeadOp):
         return op.weight.numel()
     return 0
+
+
+#: without measuring, an inverted residual runs fused where its expanded map (float32, every hidden
+#: channel; without expansion the depthwise's output) exceeds this many bytes (a core's L2 cache on Zen
+#: 3): where it fits (14x14 and 7x7 maps) writing it and reading it back costs little, and the stripes'
+#: few pixels per call read the weights once per stripe instead of once per map
+FUSE_MIN_BYTES = 1 << 19
+
+
+def fusion_default() -> bool:
+    """Whether programs fuse their inverted residuals: ``MSGC_FUSE`` (``1``: yes, ``0``: no), default yes."""
+    return os.environ.get("MSGC_FUSE", "1") != "0"
+
+
+def _reads(op) -> List[Buffer]:
+    return [b for b in (getattr(op, "src", None), getattr(op, "res", None)) if b is not None]
+
+
+class FusedBlock(NamedTuple):
+    """An inverted residual of a program: ops ``number`` .. ``number + span - 1`` (span 3: expansion,
+    depthwise, projection; span 2: depthwise, projection), the first op's own kind and index (unfused)
+    and the block's index among the fused ops."""
+
+    number: int
+    span: int
+    kind: int
+    index: int
+    fused: int
+
+
+def worth_fusing(graph: Graph, number: int) -> bool:
+    """The rule without measuring (:data:`FUSE_MIN_BYTES`) for the block at op ``number``: its largest
+    intermediate map (the expanded one, or the depthwise's output of a block without expansion)."""
+    b = graph.ops[number].dst
+    return b.h * b.w * b.cols * 4 > FUSE_MIN_BYTES
+
+
+def fusable_blocks(graph: Graph) -> List[Tuple[int, int]]:
+    """(op number i, span) of each inverted residual the native program can run fused: ops i, i + 1,
+    i + 2 an ungated 1x1 expansion (stride 1), a k x k depthwise (k <= 3, k > stride) of its output and a
+    1x1 projection (stride 1) of the depthwise's output (span 3), or, without expansion, ops i, i + 1
+    the depthwise and the projection (span 2); no intermediate map read by anything else (nor a view)."""
+    ops, out = graph.ops, []
+    readers: Dict[int, int] = {}
+    for op in ops:
+        for b in _reads(op):
+            readers[b.id] = readers.get(b.id, 0) + 1
+    viewed = {b.parent.id for b in graph.buffers if b.parent is not None}
+    def one_reader(*bufs):
+        return not any(readers.get(b.id, 0) != 1 or b.id in viewed or b.parent is not None or b is graph.features
+                       for b in bufs)
+
+    def pair(d, p):  # a depthwise and the 1x1 projection of its output
+        if not (isinstance(d, DepthwiseOp) and isinstance(p, ConvOp)):
+            return False
+        dw, pw = d.weights, p.weights
+        return (p.src is d.dst and pw.kernel == 1
+                and pw.stride == 1 and pw.padding == 0 and dw.kernel <= 3 and dw.kernel > dw.stride
+                and dw.padding < dw.kernel)
+
+    i = 0
+    while i < len(ops) - 1:
+        e = ops[i]
+        if (isinstance(e, ConvOp) and i + 2 < len(ops) and pair(ops[i + 1], ops[i + 2]) and ops[i + 1].src is e.dst
+                and e.weights.kernel == 1 and e.weights.stride == 1 and e.weights.padding == 0
+                and e.weights.heads == 1 and e.in_set is None and e.res is None and e.host_groups == 1
+                and one_reader(e.dst, ops[i + 1].dst)):
+            out.append((i, 3))
+            i += 3
+        elif pair(e, ops[i + 1]) and one_reader(e.dst):
+            out.append((i, 2))
+            i += 2
+        else:
+            i += 1
+    return out
 
 
 def group_from(graph: Graph, group: int = GROUP) -> int:
@@ -115,10 +197,11 @@ def group_from(graph: Graph, group: int = GROUP) -> int:
 class Program:
     """The native program of a graph, with every tensor its structs point into."""
 
-    def __init__(self, graph: Graph, library: Library):
+    def __init__(self, graph: Graph, library: Library, fuse: Optional[bool] = None):
         self.graph, self.lib = graph, library
         self.keep: List[torch.Tensor] = []
-        offsets, top = _layout(graph)
+        fusable = fusable_blocks(graph)
+        offsets, top = _layout(graph, fusable)
         self.logits_base = top
         farena = top + graph.logits_size
         bufs = (_S["msgc_buf"] * len(graph.buffers))()
@@ -145,16 +228,79 @@ class Program:
             bucket.append(struct)
             if isinstance(op, ConvOp):
                 self.conv_ops.append((i, op))
+        # inverted residuals fused, switched by fuse()
+        conv_index = {number: j for j, (number, _) in enumerate(self.conv_ops)}
+        dw_index = {id(op): j for j, op in enumerate(o for o in graph.ops if isinstance(o, DepthwiseOp))}
+        fused = []
+        self.blocks: List[FusedBlock] = []
+        for i, span in fusable:
+            first = i if span == 3 else -1
+            fused.append(_S["msgc_fused_op"](conv_index[first] if span == 3 else -1,
+                                             dw_index[id(graph.ops[i + span - 2])], conv_index[i + span - 1], 0))
+            self.blocks.append(FusedBlock(i, span, ops[i].kind, ops[i].index, len(fused) - 1))
+        #: per block of :attr:`blocks`, whether it runs fused while the program fuses (the rule, or tune's
+        #: measured choice)
+        self.block_on = [worth_fusing(graph, b.number) for b in self.blocks]
+        self.fused_ops = (_S["msgc_fused_op"] * len(fused))(*fused) if fused else None
         arrays = {k: (type(v[0]) * len(v))(*v) if v else None for k, v in kinds.items()}
         self.convs = arrays[ConvOp]
-        self.structs = (ops, bufs, sets, arrays)
+        self.ops = ops
+        self.structs = (ops, bufs, sets, arrays, self.fused_ops)
         self.nout = graph.classes
         self.program = _S["msgc_program"](
             len(graph.ops), ctypes.addressof(ops), *(None if arrays[k] is None else ctypes.addressof(arrays[k])
                                                       for k in (ConvOp, GatesOp, SetsOp, DepthwiseOp, AffineOp,
                                                                 PoolOp, HeadOp)),
-            len(graph.buffers), ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena,
-            self.nstats, self.nout, 1, GROUP, group_from(graph))
+            None if self.fused_ops is None else ctypes.addressof(self.fused_ops), len(graph.buffers),
+            ctypes.addressof(bufs), len(graph.sets), ctypes.addressof(sets), farena, iarena, self.nstats,
+            self.nout, 1, GROUP, group_from(graph))
+        self.fusing = self.fused = False
+        self.fuse(fusion_default() if fuse is None else fuse)
+
+    def fuse(self, on: bool = True) -> None:
+        """Run the inverted residuals of :attr:`blocks` that :attr:`block_on` marks fused (one op each,
+        stripe by stripe), or every block as its three ops. The outputs, stats and executed MACs are the
+        same; op numbers do not change (replaying the expansion's number replays the fused block while
+        fused)."""
+        for b, chosen in zip(self.blocks, self.block_on):
+            self.ops[b.number].kind, self.ops[b.number].index = (_OP_FUSED, b.fused) if on and chosen else (b.kind,
+                                                                                                          b.index)
+        self.fusing = bool(on)
+        self.fused = bool(on and any(self.block_on))
+
+    def fuse_block(self, k: int, on: bool) -> None:
+        """Whether block ``k`` of :attr:`blocks` runs fused while the program fuses."""
+        self.block_on[k] = bool(on)
+        self.fuse(self.fusing)
+
+    def fuse_rows(self, rows: int) -> None:
+        """Output rows per stripe of every fused block (0: as many as fit the cache, the default)."""
+        for k in range(len(self.blocks)):
+            self.fused_ops[k].rows = rows
+
+    @contextlib.contextmanager
+    def unfused(self):
+        """The program's ops one by one within the block (to time a convolution alone)."""
+        was = self.fusing
+        self.fuse(False)
+        try:
+            yield self
+        finally:
+            self.fuse(was)
+
+    def fused_at(self, number: int) -> int:
+        """How many ops op ``number`` stands for while the program runs (a fused block's span for its first
+        op, 0 for its others, 1 otherwise)."""
+        if not self.fused:
+            return 1
+        for b, on in zip(self.blocks, self.block_on):
+            if not on:
+                continue
+            if number == b.number:
+                return b.span
+            if b.number < number < b.number + b.span:
+                return 0
+        return 1
 
     def _hold(self, t):
         if t is not None:
