@@ -36,7 +36,7 @@ from typing import List
 
 from msgc.analysis.figures import require_matplotlib, spectrum_figure
 from msgc.config import load_cfg
-from msgc.engine import add_import_argument, exit_on_user_error, import_user_modules
+from msgc.engine import add_import_argument, import_user_modules
 from msgc.evaluation import check_budget
 from msgc.utils.errors import ArgumentParser, InvalidValueError
 from msgc.utils.file_io import write_json
@@ -288,11 +288,7 @@ def main(argv=None) -> dict:
 
 def cli(argv=None):
     """:func:`main` with bad input as one line (exit status 2); a failed run makes the exit status 1."""
-    with exit_on_user_error():
-        out = main(argv)
-    if out["problems"]:
-        sys.exit(1)
-    return out
+    return spectrum.run_main(main, argv)
 
 
 if __name__ == "__main__":

@@ -506,14 +506,20 @@ def main(argv=None):
     return out
 
 
-def cli(argv=None):
-    """:func:`main` with bad input (and a missing matplotlib) reported as one line and exit status 2; a run
-    that failed makes the exit status 1 (the others' results are written)."""
+def run_main(main_func, argv=None) -> dict:
+    """``main_func(argv)`` (this study's or another that reuses it) with bad input (and a missing
+    matplotlib) reported as one line and exit status 2; a run that failed makes the exit status 1 (the
+    others' results are written)."""
     with exit_on_user_error():
-        out = main(argv)
+        out = main_func(argv)
     if out["problems"]:
         sys.exit(1)
     return out
+
+
+def cli(argv=None):
+    """:func:`main` as a command: see :func:`run_main`."""
+    return run_main(main, argv)
 
 
 if __name__ == "__main__":
